@@ -1,0 +1,54 @@
+"""Losses as pure tensor functions (torch only): GVPO, the GRPO family, Group-Robust PO, KL."""
+
+from megatron_gvpo.algorithms.group_robust import (
+    GroupRobustWeights,
+    domain_robust_gvpo_loss,
+    gr_dpo_loss,
+    gr_ipo_loss,
+)
+from megatron_gvpo.algorithms.grpo import (
+    DAPOConfig,
+    DrGRPOConfig,
+    GRPOConfig,
+    GSPOConfig,
+    PolicyLossConfig,
+    dapo_loss,
+    dr_grpo_loss,
+    group_advantages,
+    grpo_loss,
+    gspo_loss,
+    overlong_penalty,
+)
+from megatron_gvpo.algorithms.gvpo import (
+    GVPOGroupStats,
+    gvpo_group_stats,
+    gvpo_loss,
+    gvpo_loss_terms,
+)
+from megatron_gvpo.algorithms.kl import kl_estimate, kl_k1, kl_k2, kl_k3
+
+__all__ = [
+    "DAPOConfig",
+    "DrGRPOConfig",
+    "GRPOConfig",
+    "GSPOConfig",
+    "GVPOGroupStats",
+    "GroupRobustWeights",
+    "PolicyLossConfig",
+    "dapo_loss",
+    "domain_robust_gvpo_loss",
+    "dr_grpo_loss",
+    "gr_dpo_loss",
+    "gr_ipo_loss",
+    "group_advantages",
+    "grpo_loss",
+    "gspo_loss",
+    "gvpo_group_stats",
+    "gvpo_loss",
+    "gvpo_loss_terms",
+    "kl_estimate",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "overlong_penalty",
+]

@@ -1,0 +1,107 @@
+"""Megatron-Core ``dist_checkpointing`` of the actor, loadable under any TP x PP layout.
+
+A converted checkpoint folder holds::
+
+    megatron_gvpo.json   what is needed to rebuild the model (padded vocab, precision, HF arch)
+    hf/                  HF config.json, generation config and tokenizer files (to convert back)
+    model/               the dist_checkpointing weights
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
+
+from megatron_gvpo.bridge.mapping import is_checkpoint_only
+from megatron_gvpo.models.hf_config import HFArch, read_hf_config
+
+META_FILE = "megatron_gvpo.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CheckpointMeta:
+    padded_vocab_size: int
+    precision: str
+    source: str = ""
+    format_version: int = FORMAT_VERSION
+
+
+def read_meta(ckpt_dir: str | Path) -> tuple[CheckpointMeta, HFArch]:
+    """Metadata and HF architecture of a converted checkpoint; clear error when it is not one."""
+    ckpt_dir = Path(ckpt_dir)
+    meta_file = ckpt_dir / META_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(
+            f"{ckpt_dir}: not a megatron_gvpo checkpoint ({META_FILE} missing); "
+            "create one with tools/convert_hf_to_mcore.py"
+        )
+    raw = json.loads(meta_file.read_text())
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_file}: format_version {raw.get('format_version')} != {FORMAT_VERSION}"
+        )
+    meta = CheckpointMeta(**{k: raw[k] for k in CheckpointMeta.__dataclass_fields__})
+    if not (ckpt_dir / "model").is_dir():
+        raise FileNotFoundError(f"{ckpt_dir}/model: dist_checkpointing weights missing")
+    return meta, read_hf_config(ckpt_dir / "hf")
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_model(
+    model: torch.nn.Module, out_dir: str | Path, meta: CheckpointMeta, hf_dir: str | Path
+) -> None:
+    """Collectively save ``model`` into ``out_dir`` (written to a temporary folder, then renamed).
+
+    A crash mid-write leaves any previous ``out_dir`` untouched.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if _is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "model").mkdir(parents=True)
+        from megatron_gvpo.bridge.hf_io import copy_side_files
+
+        copy_side_files(hf_dir, tmp / "hf")
+        (tmp / META_FILE).write_text(json.dumps(meta.__dict__, indent=2) + "\n")
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+    _barrier()
+    if _is_rank0():
+        old = out_dir.with_name(out_dir.name + ".old")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    """Load weights saved by :func:`save_model` into this rank's stage/shard (any TP x PP)."""
+    sharded = model.sharded_state_dict()
+    state, missing, _unexpected = dist_checkpointing.load(
+        sharded, str(Path(ckpt_dir) / "model"), strict=StrictHandling.RETURN_ALL
+    )
+    missing = [k for k in missing if not is_checkpoint_only(k)]
+    if missing:
+        raise KeyError(f"{ckpt_dir}/model: checkpoint lacks {', '.join(sorted(missing)[:8])}")
+    result = model.load_state_dict(state, strict=False)
+    not_loaded = [k for k in result.missing_keys if not is_checkpoint_only(k)]
+    if not_loaded:
+        raise KeyError(f"{ckpt_dir}/model: no weights loaded for {', '.join(not_loaded[:8])}")

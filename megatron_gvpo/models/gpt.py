@@ -1,0 +1,173 @@
+"""Megatron-Core ``GPTModel`` from an HF architecture (llama, mistral, qwen2, qwen3)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_gvpo.models.hf_config import HFArch, check_parallel_layout, padded_vocab_size
+from megatron_gvpo.models.specs import layer_spec, te_available
+
+logger = logging.getLogger(__name__)
+
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """How to build the actor: precision, spec, vocab padding, sequence length."""
+
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    transformer_impl: str = "auto"  # auto | transformer_engine | local
+    make_vocab_size_divisible_by: int = 128
+    padded_vocab_size: int | None = None  # set from a checkpoint so TP changes keep its shape
+    max_sequence_length: int | None = None
+    recompute_granularity: str | None = None  # None | "full" | "selective"
+    use_cpu_initialization: bool | None = None  # default: True without CUDA
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self.precision not in _PRECISIONS:
+            raise ValueError(
+                f"model.precision={self.precision!r} is not one of {', '.join(_PRECISIONS)}"
+            )
+        return _PRECISIONS[self.precision]
+
+
+def transformer_config(
+    arch: HFArch, cfg: ModelConfig, tp: int, pp: int, perform_initialization: bool = True
+) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` equivalent to the HF architecture (dropout off for RL)."""
+    check_parallel_layout(arch, tp, pp)
+    dtype = cfg.dtype
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.add_qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        autocast_dtype=dtype,
+        perform_initialization=perform_initialization,
+        use_cpu_initialization=(
+            not on_gpu if cfg.use_cpu_initialization is None else cfg.use_cpu_initialization
+        ),
+        # Fused kernels need CUDA (and apex/TE); keep them off on the CPU.
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        recompute_granularity=cfg.recompute_granularity,
+        recompute_method="uniform" if cfg.recompute_granularity == "full" else None,
+        recompute_num_layers=1 if cfg.recompute_granularity == "full" else None,
+    )
+
+
+def build_gpt_model(
+    arch: HFArch,
+    cfg: ModelConfig,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    perform_initialization: bool = True,
+) -> GPTModel:
+    """Build this rank's GPTModel stage under the initialised parallel_state groups.
+
+    ``perform_initialization=False`` skips random init when weights are loaded right after.
+    """
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    config = transformer_config(arch, cfg, tp, pp, perform_initialization)
+    use_te = _resolve_impl(cfg.transformer_impl)
+    vocab = cfg.padded_vocab_size or padded_vocab_size(
+        arch.vocab_size, tp, cfg.make_vocab_size_divisible_by
+    )
+    if vocab % tp or vocab < arch.vocab_size:
+        raise ValueError(
+            f"model.padded_vocab_size={vocab} must be >= vocab_size={arch.vocab_size} "
+            f"and divisible by tp={tp}"
+        )
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    rope_scaling = arch.rope_scaling or {}
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch, use_te, config),
+        vocab_size=vocab,
+        max_sequence_length=cfg.max_sequence_length or arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta)
+        if float(arch.rope_theta).is_integer()
+        else arch.rope_theta,
+        rope_scaling=bool(rope_scaling),
+        rope_scaling_factor=rope_scaling.get("factor", 8.0),
+    )
+    if rope_scaling:
+        _set_llama3_inv_freq(model, arch)
+    model.true_vocab_size = arch.vocab_size
+    return model
+
+
+def _resolve_impl(impl: str) -> bool:
+    if impl == "auto":
+        return te_available()
+    if impl == "transformer_engine":
+        if not te_available():
+            raise RuntimeError(
+                "model.transformer_impl=transformer_engine needs CUDA and transformer_engine; "
+                "install the 'gpu' extra or use model.transformer_impl=local"
+            )
+        return True
+    if impl == "local":
+        return False
+    raise ValueError(f"model.transformer_impl={impl!r}: use auto, transformer_engine or local")
+
+
+def llama3_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    """RoPE inverse frequencies with Llama-3 scaling for any factor/low/high/original settings."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * torch.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled).float()
+
+
+def _set_llama3_inv_freq(model: GPTModel, arch: HFArch) -> None:
+    """megatron-core hard-codes low=1, high=4, original=8192; apply the config's own values."""
+    rope = getattr(model, "rotary_pos_emb", None)
+    if rope is None:
+        return
+    inv = llama3_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling)
+    rope.inv_freq = inv.to(rope.inv_freq.device)

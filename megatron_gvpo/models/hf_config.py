@@ -1,0 +1,161 @@
+"""Read a Hugging Face ``config.json`` into the facts a Megatron GPTModel needs, with clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_REQUIRED = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class HFArch:
+    """Architecture of a supported decoder-only HF model (llama, mistral, qwen2, qwen3)."""
+
+    model_type: str
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    norm_epsilon: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # llama3-style: factor, low/high_freq_factor, original_max
+    tie_word_embeddings: bool = False
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    max_position_embeddings: int = 4096
+    torch_dtype: str = "float32"
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.torch_dtype]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("raw")
+        return d
+
+
+def read_hf_config(path: str | Path) -> HFArch:
+    """Parse ``config.json`` (a file or the folder holding it); raise ValueError naming file and field."""
+    path = Path(path)
+    cfg_file = path / "config.json" if path.is_dir() else path
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file}: no config.json found")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
+    return arch_from_dict(raw, source=str(cfg_file))
+
+
+def arch_from_dict(raw: dict, source: str = "config.json") -> HFArch:
+    """Build an :class:`HFArch` from a config dict; ``source`` names it in errors."""
+    missing = [k for k in _REQUIRED if k not in raw or raw[k] is None]
+    if missing:
+        raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
+    model_type = raw["model_type"]
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{source}: model_type {model_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ValueError(
+            f"{source}: hidden_act {raw['hidden_act']!r} is not supported (need 'silu')"
+        )
+    if raw.get("mlp_bias"):
+        raise ValueError(f"{source}: mlp_bias=true is not supported")
+    if model_type == "qwen2" and raw.get("use_sliding_window"):
+        raise ValueError(f"{source}: use_sliding_window=true is not supported")
+
+    heads = int(raw["num_attention_heads"])
+    hidden = int(raw["hidden_size"])
+    head_dim = raw.get("head_dim") or hidden // heads
+    rope = dict(raw.get("rope_parameters") or {})
+    scaling = raw.get("rope_scaling") or None
+    if scaling:  # transformers 4.x spelling
+        rope.update(scaling)
+    rope_theta = float(raw.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(
+            f"{source}: rope type {rope_type!r} is not supported (supported: default, llama3)"
+        )
+    rope_scaling = None
+    if rope_type == "llama3":
+        rope_scaling = {
+            "factor": float(rope["factor"]),
+            "low_freq_factor": float(rope.get("low_freq_factor", 1.0)),
+            "high_freq_factor": float(rope.get("high_freq_factor", 4.0)),
+            "original_max_position_embeddings": int(
+                rope.get("original_max_position_embeddings", 8192)
+            ),
+        }
+    dtype = str(raw.get("dtype") or raw.get("torch_dtype") or "float32").replace("torch.", "")
+    if dtype not in _DTYPES:
+        raise ValueError(f"{source}: dtype {dtype!r} is not supported ({', '.join(_DTYPES)})")
+    return HFArch(
+        model_type=model_type,
+        hidden_size=hidden,
+        ffn_hidden_size=int(raw["intermediate_size"]),
+        num_layers=int(raw["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_query_groups=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        vocab_size=int(raw["vocab_size"]),
+        norm_epsilon=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        add_qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
+        qk_layernorm=model_type == "qwen3",
+        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        torch_dtype=dtype,
+        raw=raw,
+    )
+
+
+def check_parallel_layout(arch: HFArch, tp: int, pp: int, source: str = "config.json") -> None:
+    """Raise ValueError when the model cannot be split over ``tp`` x ``pp``; name the fields."""
+    problems = []
+    if arch.num_attention_heads % tp:
+        problems.append(
+            f"num_attention_heads={arch.num_attention_heads} is not divisible by tp={tp}"
+        )
+    if arch.num_query_groups % tp:
+        problems.append(f"num_key_value_heads={arch.num_query_groups} is not divisible by tp={tp}")
+    if arch.ffn_hidden_size % tp:
+        problems.append(f"intermediate_size={arch.ffn_hidden_size} is not divisible by tp={tp}")
+    if arch.num_layers % pp:
+        problems.append(f"num_hidden_layers={arch.num_layers} is not divisible by pp={pp}")
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+
+
+def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int:
+    """Pad the vocabulary to a multiple of lcm(``divisible_by``, ``tp``).
+
+    Unlike Megatron-LM's ``divisible_by * tp``, the result does not change with TP for any TP that
+    divides ``divisible_by``, so one checkpoint loads under TP 1, 2, 4, 8 without reshaping the
+    embedding. Padded rows are masked out of every logprob.
+    """
+    multiple = math.lcm(divisible_by, tp)
+    return ((vocab_size + multiple - 1) // multiple) * multiple

@@ -1,0 +1,144 @@
+"""Run megatron-core on a machine without CUDA (gloo backend, CPU tensors).
+
+megatron-core assumes CUDA in a few places: tensors created with ``device="cuda"`` or
+``torch.cuda.current_device()``, optimizer type checks against ``'torch.cuda.FloatTensor'``,
+``torch.cuda.synchronize``/streams, and the CUDA RNG tracker. This module bridges exactly those
+with a process-wide ``TorchFunctionMode`` that maps CUDA devices to the CPU, plus a handful of
+``torch.cuda`` functions. It is a portability layer for correctness tests and the CPU demo, not
+for speed, and it is enabled only when CUDA is absent (see :func:`enable_cpu_compat`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+_CPU = torch.device("cpu")
+_TYPE_STRINGS = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+    "torch.DoubleTensor": "torch.cuda.DoubleTensor",
+    "torch.LongTensor": "torch.cuda.LongTensor",
+    "torch.IntTensor": "torch.cuda.IntTensor",
+    "torch.ByteTensor": "torch.cuda.ByteTensor",
+    "torch.BoolTensor": "torch.cuda.BoolTensor",
+}
+
+_mode: _CudaToCpuMode | None = None
+
+
+def _is_cuda_device(device: object) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is how megatron passes torch.cuda.current_device(); on CPU it means "the GPU".
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _map_device(device: object) -> object:
+    return _CPU if _is_cuda_device(device) else device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites every ``device=cuda`` (and ``.cuda()``/``.to("cuda")``) to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = _map_device(kwargs["device"])
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _TYPE_STRINGS.get(name, name)
+        if func is torch.Tensor.to and len(args) >= 2 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        if func in (torch.Tensor.pin_memory, torch.Tensor.record_stream):
+            return args[0] if func is torch.Tensor.pin_memory else None
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stand-in for ``torch.cuda.Stream``: every operation is already synchronous on the CPU."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def wait_event(self, *args, **kwargs):
+        return None
+
+    def record_event(self, *args, **kwargs):
+        return _NullEvent()
+
+
+class _NullEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def wait(self, *args, **kwargs):
+        return None
+
+    def query(self):
+        return True
+
+
+def _patch_cuda_namespace() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.synchronize = lambda *a, **k: None
+    cuda.set_device = lambda *a, **k: None
+    cuda.device_count = lambda: 0
+    cuda.Stream = _NullStream
+    cuda.Event = _NullEvent
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.empty_cache = lambda: None
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    cuda.manual_seed = lambda seed: None
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    # The RNG tracker swaps "CUDA" generator states; on the CPU there is one generator.
+    mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def enable_cpu_compat() -> bool:
+    """Install the CUDA->CPU bridge once per process when CUDA is absent; return whether active."""
+    global _mode
+    if torch.cuda.is_available():
+        return False
+    if _mode is None:
+        _patch_cuda_namespace()
+        _mode = _CudaToCpuMode()
+        _mode.__enter__()
+        logger.info("CUDA not available: megatron-core runs on CPU through the compat layer")
+    return True
+
+
+def cpu_compat_active() -> bool:
+    return _mode is not None

@@ -1,0 +1,99 @@
+"""Process groups: torch.distributed (NCCL with CUDA, gloo without) and megatron-core parallel_state."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from megatron_gvpo.parallel.cpu_compat import enable_cpu_compat
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout; DP is whatever world size is left over."""
+
+    tp: int = 1
+    pp: int = 1
+    seed: int = 1234
+    timeout_minutes: int = 30
+
+
+def validate_layout(cfg: ParallelConfig, world_size: int) -> None:
+    """Raise a ValueError naming the flag when TP x PP does not divide the world size."""
+    if cfg.tp < 1 or cfg.pp < 1:
+        raise ValueError(f"parallel.tp={cfg.tp} and parallel.pp={cfg.pp} must both be >= 1")
+    if world_size % (cfg.tp * cfg.pp) != 0:
+        raise ValueError(
+            f"parallel.tp * parallel.pp = {cfg.tp} x {cfg.pp} = {cfg.tp * cfg.pp} does not divide "
+            f"the world size {world_size}"
+        )
+
+
+def device() -> torch.device:
+    """The device this rank computes on (its GPU, else the CPU)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def initialize(cfg: ParallelConfig) -> None:
+    """Initialise torch.distributed from torchrun's env (or a single process) and megatron's groups.
+
+    Without CUDA, the CPU compatibility layer is enabled first so megatron-core runs on gloo.
+    Calling it again with the same layout is a no-op; a different layout re-creates the groups.
+    """
+    on_cpu = enable_cpu_compat()
+    if not dist.is_initialized():
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        validate_layout(cfg, world_size)
+        if world_size == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if not on_cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="gloo" if on_cpu else "nccl",
+            world_size=world_size,
+            rank=rank,
+            timeout=timedelta(minutes=cfg.timeout_minutes),
+        )
+    validate_layout(cfg, dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        if (
+            parallel_state.get_tensor_model_parallel_world_size() == cfg.tp
+            and parallel_state.get_pipeline_model_parallel_world_size() == cfg.pp
+        ):
+            return
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tp,
+        pipeline_model_parallel_size=cfg.pp,
+        distributed_timeout_minutes=cfg.timeout_minutes,
+        create_gloo_process_groups=True,
+    )
+    # Same seed on every rank; megatron offsets the TP-sharded init stream by TP rank itself.
+    torch.manual_seed(cfg.seed)
+    model_parallel_cuda_manual_seed(cfg.seed)
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and torch.distributed (safe to call twice)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

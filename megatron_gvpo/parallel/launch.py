@@ -1,0 +1,50 @@
+"""Run a function on N local ranks: directly under torchrun, else by spawning CPU/GPU workers.
+
+Lets ``python tools/convert_hf_to_mcore.py --tp 2 --pp 2`` work without torchrun, while
+``torchrun --nproc_per_node 4 tools/...`` (or srun) keeps full control of the ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+import torch.multiprocessing as mp
+
+
+def under_launcher() -> bool:
+    """True when torchrun/srun already started this process as one rank of a job."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def _worker(local_rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    fn(*args)
+
+
+def run_on_ranks(fn: Callable, world_size: int, *args) -> None:
+    """Call ``fn(*args)`` on every rank; spawns ``world_size`` local processes if needed."""
+    if under_launcher():
+        env_ws = int(os.environ["WORLD_SIZE"])
+        if env_ws != world_size:
+            raise ValueError(
+                f"launched with WORLD_SIZE={env_ws} but the requested layout needs {world_size} ranks"
+            )
+        fn(*args)
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if world_size == 1:
+        _worker(0, 1, port, fn, args)
+        return
+    mp.start_processes(
+        _worker, args=(world_size, port, fn, args), nprocs=world_size, start_method="spawn"
+    )
