@@ -101,7 +101,9 @@ def worker(args) -> None:
         grads = {k: v for d in gathered for k, v in d.items()}
     if dist.get_rank() == 0:
         ref, ref_grads = hf_reference(hf_dir, batches, _DTYPES[args.ref_precision], args.grad)
-        diffs = [(a.float() - b).abs().max().item() for a, b in zip(logprobs, ref, strict=True)]
+        diffs = [
+            (a.float().cpu() - b).abs().max().item() for a, b in zip(logprobs, ref, strict=True)
+        ]
         result = {
             "max_abs_diff": max(diffs),
             "tokens": sum(r.numel() for r in ref),

@@ -34,7 +34,7 @@ def build_from_hf(
 ) -> tuple[torch.nn.Module, HFArch]:
     """GPTModel stage for this rank with weights read from HF safetensors (collective-free)."""
     arch, reader = validate_hf_dir(hf_dir, *_layout())
-    cfg = cfg or ModelConfig(precision=_precision_of(arch))
+    cfg = cfg or ModelConfig(precision=precision_of(arch))
     model = build_gpt_model(arch, cfg, perform_initialization=False)
     load_hf_weights(model, reader, arch)
     return model, arch
@@ -54,5 +54,6 @@ def build_from_checkpoint(
     return model, arch
 
 
-def _precision_of(arch: HFArch) -> str:
+def precision_of(arch: HFArch) -> str:
+    """The ``model.precision`` name of the HF checkpoint's own dtype."""
     return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[arch.torch_dtype]

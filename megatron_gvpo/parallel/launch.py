@@ -29,6 +29,13 @@ def _worker(local_rank: int, world_size: int, port: int, fn: Callable, args: tup
     fn(*args)
 
 
+def is_rank0() -> bool:
+    """True on global rank 0 (or when torch.distributed is not initialised)."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def run_on_ranks(fn: Callable, world_size: int, *args) -> None:
     """Call ``fn(*args)`` on every rank; spawns ``world_size`` local processes if needed."""
     if under_launcher():
