@@ -13,6 +13,8 @@ including the gradient of the logits (same size in every variant).
   not writable, a psutil thread samples RSS every millisecond instead.
 
 Usage: python tools/bench_logprobs.py [--tokens 8192 --vocab 32768 --chunk-sizes 4096,1024]
+The naive reference computes log-probs only; the ours+entropy rows also return the entropy and
+backpropagate through it, so their ratio to naive overstates our cost for the same work.
 Prints one JSON line per variant, then a summary line per dtype and chunk size.
 """
 
@@ -114,6 +116,8 @@ def child(args: argparse.Namespace) -> None:
     """Run one variant in this (fresh) process and print one JSON line."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype]
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     def inputs(n: int, v: int):
         gen = torch.Generator(device=device).manual_seed(0)
@@ -158,6 +162,7 @@ def child(args: argparse.Namespace) -> None:
                 "tokens": args.tokens,
                 "vocab": args.vocab,
                 "device": str(device),
+                "threads": torch.get_num_threads(),
                 "method": meter.method,
                 "peak_mib": round(peak / MiB, 1),
                 "peak_minus_grad_mib": round((peak - grad_bytes) / MiB, 1),
@@ -177,6 +182,7 @@ def main() -> None:
     p.add_argument("--chunk-sizes", default="4096,1024", help="chunk sizes to run ours with")
     p.add_argument("--no-entropy", action="store_true", help="skip the ours+entropy variant")
     p.add_argument("--repeats", type=int, default=2, help="runs per variant; time_s is the min")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="naive", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="bf16", help=argparse.SUPPRESS)
@@ -206,6 +212,7 @@ def main() -> None:
                 f"--tokens={args.tokens}",
                 f"--vocab={args.vocab}",
                 f"--repeats={args.repeats}",
+                f"--threads={args.threads}",
             ]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if out.returncode != 0:

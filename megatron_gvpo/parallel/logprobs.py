@@ -52,11 +52,16 @@ def _local_target(
 def _tempered_minus(
     chunk: torch.Tensor, shift: torch.Tensor, temperature: float, cdt: torch.dtype
 ) -> torch.Tensor:
-    """New ``cdt`` tensor ``chunk / T - shift[:, None]``: upcast and shift fused in one pass."""
-    out = torch.sub(chunk, (shift * temperature).unsqueeze(-1)).to(cdt)
+    """New ``cdt`` tensor ``chunk / T - shift[:, None]``, one upcast copy then in-place ops.
+
+    (A mixed-dtype ``torch.sub(chunk, shift)`` would save a pass on CUDA, but on CPU it
+    materialises an extra float32 copy of the chunk.) ``copy=True``: an input already in ``cdt``
+    must not be modified.
+    """
+    out = chunk.to(cdt, copy=True)
     if temperature != 1.0:
         out.div_(temperature)
-    return out
+    return out.sub_(shift.unsqueeze(-1))
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -182,7 +187,7 @@ def vocab_parallel_logprobs(
     tp_group: dist.ProcessGroup | None = None,
     true_vocab_size: int | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities (and entropy) of ``target`` under vocab-parallel ``logits``.
@@ -201,8 +206,8 @@ def vocab_parallel_logprobs(
             affect the result (they are left out of the softmax, i.e. treated as -inf, and get a
             zero gradient). None: no padding.
         temperature: logits are divided by it before the softmax.
-        chunk_size: tokens per chunk; memory beyond the inputs and the logits' gradient is about
-            two float32 ``[chunk_size, V_local]`` buffers.
+        chunk_size: tokens per chunk. Memory beyond the inputs and the logits' gradient is one
+            float32 ``[chunk_size, V_local]`` buffer (two with ``return_entropy``).
         return_entropy: also return the entropy of the tempered distribution.
 
     Returns:
