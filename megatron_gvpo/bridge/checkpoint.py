@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from megatron_gvpo.bridge.hf_io import copy_side_files
 from megatron_gvpo.bridge.mapping import is_checkpoint_only
 from megatron_gvpo.models.hf_config import HFArch, read_hf_config
 
@@ -76,8 +77,6 @@ def save_model(
     if _is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "model").mkdir(parents=True)
-        from megatron_gvpo.bridge.hf_io import copy_side_files
-
         copy_side_files(hf_dir, tmp / "hf")
         (tmp / META_FILE).write_text(json.dumps(meta.__dict__, indent=2) + "\n")
     _barrier()
