@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +20,13 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_gvpo.bridge.checkpoint import read_meta  # noqa: E402
-from megatron_gvpo.bridge.hf_io import copy_side_files, write_index, write_safetensors_shard  # noqa: E402
+from megatron_gvpo.bridge.hf_io import (  # noqa: E402
+    copy_side_files,
+    publish_dir,
+    staging_dir,
+    write_index,
+    write_safetensors_shard,
+)
 from megatron_gvpo.bridge.loader import build_from_checkpoint  # noqa: E402
 from megatron_gvpo.bridge.weights import iter_hf_tensors  # noqa: E402
 from megatron_gvpo.models.hf_config import check_parallel_layout  # noqa: E402
@@ -32,7 +37,7 @@ from megatron_gvpo.parallel.launch import is_rank0, run_on_ranks  # noqa: E402
 def worker(args) -> None:
     initialize(ParallelConfig(tp=1, pp=args.pp))
     out = Path(args.out_dir)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = staging_dir(out)
     if is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         copy_side_files(Path(args.mcore_dir) / "hf", tmp)
@@ -56,11 +61,7 @@ def worker(args) -> None:
         if args.pp > 1:
             weight_map = {k: v for names, _ in gathered for k, v in names.items()}
             write_index(tmp, weight_map, sum(size for _, size in gathered))
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_dir(out)
         print(
             json.dumps({"out_dir": str(out), "tensors": sum(len(n) for n, _ in gathered)}),
             flush=True,

@@ -10,7 +10,6 @@ A converted checkpoint folder holds::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,10 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
-from megatron_gvpo.bridge.hf_io import copy_side_files
+from megatron_gvpo.bridge.hf_io import copy_side_files, publish_dir, staging_dir
 from megatron_gvpo.bridge.mapping import is_checkpoint_only
 from megatron_gvpo.models.hf_config import HFArch, read_hf_config
+from megatron_gvpo.parallel.launch import is_rank0
 
 META_FILE = "megatron_gvpo.json"
 FORMAT_VERSION = 1
@@ -56,10 +56,6 @@ def read_meta(ckpt_dir: str | Path) -> tuple[CheckpointMeta, HFArch]:
     return meta, read_hf_config(ckpt_dir / "hf")
 
 
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -73,8 +69,8 @@ def save_model(
     A crash mid-write leaves any previous ``out_dir`` untouched.
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if _is_rank0():
+    tmp = staging_dir(out_dir)
+    if is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "model").mkdir(parents=True)
         copy_side_files(hf_dir, tmp / "hf")
@@ -82,12 +78,8 @@ def save_model(
     _barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
     _barrier()
-    if _is_rank0():
-        old = out_dir.with_name(out_dir.name + ".old")
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+    if is_rank0():
+        publish_dir(out_dir)
     _barrier()
 
 

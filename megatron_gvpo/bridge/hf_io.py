@@ -111,6 +111,22 @@ def write_safetensors_shard(tensors: dict[str, torch.Tensor], path: str | Path) 
     os.replace(tmp, path)
 
 
+def staging_dir(final: str | Path) -> Path:
+    """The temporary sibling a folder is written into before :func:`publish_dir` renames it."""
+    final = Path(final)
+    return final.with_name(final.name + ".tmp")
+
+
+def publish_dir(final: str | Path) -> None:
+    """Swap the finished staging folder in for ``final``; a crash before this leaves ``final`` whole."""
+    final = Path(final)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging_dir(final), final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_index(out_dir: str | Path, weight_map: dict[str, str], total_size: int) -> None:
     """Write ``model.safetensors.index.json`` for a sharded checkpoint."""
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
