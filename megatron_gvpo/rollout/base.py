@@ -1,0 +1,120 @@
+"""The contract between the trainer and a rollout engine (SGLang servers or the local transformers model).
+
+Engines take token ids and return token ids: tokenisation and chat templates stay in ``data/``.
+Weights arrive as HF-named full tensors in buckets, the same stream for every backend.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+FinishReason = Literal["stop", "length", "abort"]
+NamedTensors = list[tuple[str, torch.Tensor]]
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings shared by every engine (SGLang's ``sampling_params`` names)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"sampling.top_k must be -1 (off) or >= 1, got {self.top_k}")
+
+
+@dataclass
+class GenerateRequest:
+    """One prompt and how many responses to draw for it (its group)."""
+
+    prompt_ids: list[int]
+    n: int
+    seed: int | None = None  # response j samples with response_seed(seed, j)
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError("GenerateRequest.prompt_ids is empty")
+        if self.n < 1:
+            raise ValueError(f"GenerateRequest.n must be >= 1, got {self.n}")
+
+
+@dataclass
+class Sample:
+    """One response. ``logprobs[t]`` is the engine's log p(response_ids[t] | prefix) of the
+    temperature-scaled distribution (before top-p/top-k truncation), as SGLang reports it."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: FinishReason
+    weight_version: int = -1
+
+
+def response_seed(seed: int | None, j: int) -> int | None:
+    """The sampling seed of response ``j`` of a request seeded with ``seed`` (None: unseeded)."""
+    if seed is None:
+        return None
+    return (seed * 1_000_003 + j) % (2**31 - 1)
+
+
+class RolloutEngine(abc.ABC):
+    """What the trainer calls; every method is called from one process (the driver rank)."""
+
+    @abc.abstractmethod
+    def generate(
+        self, requests: Sequence[GenerateRequest], sampling: SamplingParams
+    ) -> list[list[Sample]]:
+        """Return, per request and in request order, its ``n`` responses in response order."""
+
+    @abc.abstractmethod
+    def update_weights(self, buckets: Iterable[NamedTensors], version: int) -> None:
+        """Load HF-named full tensors, one bucket at a time, and tag the engine with ``version``.
+
+        A name the engine's architecture does not have is an error naming that tensor.
+        """
+
+    @property
+    @abc.abstractmethod
+    def weight_version(self) -> int:
+        """The version passed to the last successful ``update_weights`` (-1 before any)."""
+
+    def pause_generation(self) -> None:
+        """Stop taking new work (before a weight update); a no-op where nothing runs concurrently."""
+        return None
+
+    def continue_generation(self) -> None:
+        """Resume after ``pause_generation``."""
+        return None
+
+    def release_memory(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
+        """Give accelerator memory back to a colocated trainer; a no-op where nothing is held."""
+        return None
+
+    def resume_memory(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
+        """Take back what ``release_memory`` gave."""
+        return None
+
+    @abc.abstractmethod
+    def health(self) -> bool:
+        """True when the engine can generate now."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Stop every process this engine started; safe to call twice."""
