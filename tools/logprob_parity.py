@@ -20,7 +20,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_gvpo.bridge.loader import build_from_checkpoint, build_from_hf  # noqa: E402
-from megatron_gvpo.bridge.weights import iter_hf_tensors  # noqa: E402
+from megatron_gvpo.bridge.weights import gather_hf_tensors  # noqa: E402
 from megatron_gvpo.models.forward import MicroBatch, compute_logprobs, forward_backward  # noqa: E402
 from megatron_gvpo.models.gpt import ModelConfig  # noqa: E402
 from megatron_gvpo.models.hf_config import read_hf_config  # noqa: E402
@@ -95,10 +95,7 @@ def worker(args) -> None:
         ddp.zero_grad_buffer()
         forward_backward(ddp, mbs, lambda lp, ent, mb: (lp.sum(), {}), forward_only=False)
         grads = {n: p.main_grad for n, p in model.named_parameters()}
-        stage = dict(iter_hf_tensors(model, arch, tensors=grads))
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, stage if _tp_rank0() else {})
-        grads = {k: v for d in gathered for k, v in d.items()}
+        grads = gather_hf_tensors(model, arch, tensors=grads)
     if dist.get_rank() == 0:
         ref, ref_grads = hf_reference(hf_dir, batches, _DTYPES[args.ref_precision], args.grad)
         diffs = [
@@ -131,12 +128,6 @@ def worker(args) -> None:
             )
         print(json.dumps(result), flush=True)
     destroy()
-
-
-def _tp_rank0() -> bool:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_rank() == 0
 
 
 def main(argv=None) -> None:

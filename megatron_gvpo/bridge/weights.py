@@ -69,3 +69,21 @@ def iter_hf_tensors(
         local = param if tensors is None else tensors[name]
         full = tp_gather(gname, local.detach(), group)
         yield from mcore_to_hf(gname, full, arch).items()
+
+
+def gather_hf_tensors(
+    model: torch.nn.Module, arch: HFArch, tensors: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every HF tensor of the whole model on every rank (collective; small models: tests, tools)."""
+    import torch.distributed as dist
+
+    stage = {k: v.cpu() for k, v in iter_hf_tensors(model, arch, tensors)}
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return stage
+    leader = (
+        parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+    gathered: list[dict] = [{}] * dist.get_world_size()
+    dist.all_gather_object(gathered, stage if leader else {})
+    return {k: v for d in gathered for k, v in d.items()}

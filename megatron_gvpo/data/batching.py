@@ -1,0 +1,171 @@
+"""Place a step's samples on DP ranks and micro-batches, and pack each micro-batch into one row.
+
+Every rank computes the same plan from the step's sample lengths and group ids (cheap, no
+communication), so global normalisers (groups, sequences, tokens) are known everywhere before
+any forward. Whole prompt groups go to one DP rank, balanced by tokens; within a rank groups are
+kept whole in one micro-batch when they fit the token budget, so GVPO's group means can be taken
+inside the loss. A group larger than the budget (or ``keep_groups_whole=False``) is split, and the
+trainer then takes group means from a detached pass over the whole step.
+
+A packed micro-batch is one row ``[1, T]`` of concatenated ``prompt + response`` sequences with
+per-sequence positions and ``cu_seqlens`` (padding forms its own segment). ``T`` is the same for
+every micro-batch of the step, as megatron's pipeline schedule needs one shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepPlan:
+    """Sample indices per DP rank and micro-batch, and the packed row length of the step."""
+
+    micro_batches: list[list[list[int]]]  # [dp_rank][micro_batch] -> step sample indices
+    seq_len: int
+    groups_whole: bool  # every group lies inside one micro-batch
+
+    @property
+    def num_micro_batches(self) -> int:
+        return len(self.micro_batches[0])
+
+
+@dataclass
+class PackedSequences:
+    """One packed micro-batch row and where each sample's response tokens sit in it.
+
+    ``response_index[i, j]`` is the position in the ``[T - 1]`` logprob row (position ``t``
+    scores token ``t + 1``) of sample ``i``'s ``j``-th response token; ``response_mask`` marks the
+    real entries (responses have different lengths).
+    """
+
+    tokens: torch.Tensor  # [1, T] int64
+    position_ids: torch.Tensor  # [1, T] int64, restarting at 0 for every sequence
+    cu_seqlens: torch.Tensor  # [segments + 1] int32, padding is the last segment
+    max_seqlen: int
+    response_index: torch.Tensor  # [n, L] int64
+    response_mask: torch.Tensor  # [n, L] bool
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _groups_in_order(group_ids: list[int]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(group_ids):
+        groups.setdefault(g, []).append(i)
+    return groups
+
+
+def plan_step(
+    lengths: list[int],
+    group_ids: list[int],
+    dp_size: int,
+    max_tokens_per_microbatch: int,
+    keep_groups_whole: bool = True,
+    pad_multiple: int = 8,
+) -> StepPlan:
+    """Deterministic placement of a step's samples (``lengths`` = prompt + response tokens).
+
+    Groups go whole to the DP rank with the fewest tokens so far (largest first). On each rank,
+    micro-batches are filled first-fit up to ``max_tokens_per_microbatch`` with whole groups, or
+    with single samples when a group does not fit or ``keep_groups_whole`` is False. Ranks with
+    fewer micro-batches get empty ones, so every rank runs the same number.
+    """
+    if len(lengths) != len(group_ids):
+        raise ValueError(f"{len(lengths)} lengths but {len(group_ids)} group ids")
+    if dp_size < 1:
+        raise ValueError(f"dp_size must be >= 1, got {dp_size}")
+    too_long = [i for i, n in enumerate(lengths) if n > max_tokens_per_microbatch]
+    if too_long:
+        i = too_long[0]
+        raise ValueError(
+            f"sample {i} has {lengths[i]} tokens, more than "
+            f"trainer.max_tokens_per_microbatch={max_tokens_per_microbatch}"
+        )
+    groups = list(_groups_in_order(group_ids).values())
+    tokens = [sum(lengths[i] for i in g) for g in groups]
+    rank_groups: list[list[list[int]]] = [[] for _ in range(dp_size)]
+    rank_tokens = [0] * dp_size
+    for gi in sorted(range(len(groups)), key=lambda j: (-tokens[j], j)):
+        r = min(range(dp_size), key=lambda k: (rank_tokens[k], k))
+        rank_groups[r].append(groups[gi])
+        rank_tokens[r] += tokens[gi]
+
+    per_rank = []
+    for glist in rank_groups:
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for g in glist:
+            size = sum(lengths[i] for i in g)
+            if keep_groups_whole and size <= max_tokens_per_microbatch:
+                units = [g]
+            else:
+                units = [[i] for i in g]
+            for unit in units:
+                need = sum(lengths[i] for i in unit)
+                b = next((k for k, free in enumerate(room) if free >= need), None)
+                if b is None:
+                    bins.append([])
+                    room.append(max_tokens_per_microbatch)
+                    b = len(bins) - 1
+                bins[b].extend(unit)
+                room[b] -= need
+        per_rank.append(bins)
+    n_mb = max(1, max(len(b) for b in per_rank))
+    for bins in per_rank:
+        bins.extend([] for _ in range(n_mb - len(bins)))
+    longest = max([sum(lengths[i] for i in b) for bins in per_rank for b in bins] + [1])
+    return StepPlan(per_rank, _round_up(longest, pad_multiple), _groups_whole(per_rank, group_ids))
+
+
+def _groups_whole(per_rank: list[list[list[int]]], group_ids: list[int]) -> bool:
+    home: dict[int, tuple[int, int]] = {}
+    for r, bins in enumerate(per_rank):
+        for m, b in enumerate(bins):
+            for i in b:
+                if home.setdefault(group_ids[i], (r, m)) != (r, m):
+                    return False
+    return True
+
+
+def pack_sequences(
+    prompts: list[list[int]], responses: list[list[int]], seq_len: int, pad_id: int = 0
+) -> PackedSequences:
+    """Concatenate ``prompt + response`` sequences into one row of ``seq_len`` tokens."""
+    total = sum(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    if total > seq_len:
+        raise ValueError(f"{total} tokens do not fit a packed row of {seq_len}")
+    tokens = torch.full((1, seq_len), pad_id, dtype=torch.long)
+    pos = torch.zeros((1, seq_len), dtype=torch.long)
+    cu = [0]
+    max_resp = max([len(r) for r in responses] + [1])
+    index = torch.zeros((len(prompts), max_resp), dtype=torch.long)
+    mask = torch.zeros((len(prompts), max_resp), dtype=torch.bool)
+    start = 0
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        if not p:
+            raise ValueError(f"sample {i} has an empty prompt; a response needs a prefix")
+        n = len(p) + len(r)
+        tokens[0, start : start + n] = torch.tensor(p + r, dtype=torch.long)
+        pos[0, start : start + n] = torch.arange(n)
+        # Response token j sits at row position start+len(p)+j and is scored one step earlier.
+        index[i, : len(r)] = torch.arange(len(r)) + start + len(p) - 1
+        mask[i, : len(r)] = True
+        start += n
+        cu.append(start)
+    if start < seq_len:
+        pos[0, start:] = torch.arange(seq_len - start)
+        cu.append(seq_len)
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
+    return PackedSequences(
+        tokens=tokens,
+        position_ids=pos,
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+        max_seqlen=max(lens),
+        response_index=index,
+        response_mask=mask,
+    )

@@ -1,0 +1,163 @@
+"""A round's samples as the actor sees them: packed Megatron micro-batches and per-sample tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+from torch import Tensor
+
+from megatron_gvpo.data.batching import StepPlan, pack_sequences, plan_step
+from megatron_gvpo.models.forward import MicroBatch, compute_logprobs
+
+# Per-sample token tensors (one 1-D tensor of response length per sample), padded per micro-batch.
+_TOKEN_KEYS = ("old_logprobs", "ref_logprobs")
+# Per-sample scalars, one [N] tensor each.
+_SAMPLE_KEYS = ("group_ids", "rewards", "advantages", "domains")
+
+
+@dataclass
+class RolloutBatch:
+    """Samples of a round (or of one optimizer step), identical on every rank.
+
+    ``old_logprobs``/``ref_logprobs``: per-sample response-token logprobs under theta' and the
+    reference, filled by ``response_token_logprobs``; ``advantages`` and ``domains`` are set when
+    the loss uses them. ``extras`` is batch-level bookkeeping, carried over as is by ``select``.
+    """
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    group_ids: Tensor
+    rewards: Tensor
+    old_logprobs: list[Tensor] | None = None
+    ref_logprobs: list[Tensor] | None = None
+    advantages: Tensor | None = None
+    domains: Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids, strict=True)]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return sum(len(r) for r in self.response_ids)
+
+    def select(self, indices: list[int]) -> RolloutBatch:
+        """The sub-batch of ``indices`` (for one mini-batch step of a round)."""
+        idx = torch.tensor(indices, dtype=torch.long)
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None or f.name == "extras":
+                kw[f.name] = v
+            elif isinstance(v, Tensor):
+                kw[f.name] = v[idx]
+            else:
+                kw[f.name] = [v[i] for i in indices]
+        return RolloutBatch(**kw)
+
+
+def plan_for(batch: RolloutBatch, max_tokens_per_microbatch: int, keep_groups_whole: bool = True):
+    """``data.batching.plan_step`` over this batch for the current DP size."""
+    return plan_step(
+        batch.lengths,
+        batch.group_ids.tolist(),
+        parallel_state.get_data_parallel_world_size(),
+        max_tokens_per_microbatch,
+        keep_groups_whole=keep_groups_whole,
+    )
+
+
+def build_micro_batches(batch: RolloutBatch, plan: StepPlan, pad_id: int = 0) -> list[MicroBatch]:
+    """This DP rank's packed micro-batches, each carrying its samples' tensors in ``extra``."""
+    rank = parallel_state.get_data_parallel_rank()
+    out = []
+    for ids in plan.micro_batches[rank]:
+        packed = pack_sequences(
+            [batch.prompt_ids[i] for i in ids],
+            [batch.response_ids[i] for i in ids],
+            plan.seq_len,
+            pad_id,
+        )
+        cu = packed.cu_seqlens
+        params = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=packed.max_seqlen,
+            max_seqlen_kv=packed.max_seqlen,
+        )
+        idx = torch.tensor(ids, dtype=torch.long)
+        extra = {
+            "sample_ids": idx,
+            "response_index": packed.response_index,
+            "response_mask": packed.response_mask,
+        }
+        for key in _SAMPLE_KEYS:
+            v = getattr(batch, key)
+            if v is not None:
+                extra[key] = v[idx]
+        width = packed.response_index.shape[1]
+        for key in _TOKEN_KEYS:
+            v = getattr(batch, key)
+            if v is not None:
+                extra[key] = _pad_rows([v[i] for i in ids], width)
+        out.append(MicroBatch(packed.tokens, packed.position_ids, params, extra))
+    return out
+
+
+def response_logprobs(logprobs: Tensor, mb: MicroBatch) -> Tensor:
+    """Per-sample response-token logprobs ``[n, L]`` (0 where masked) from a packed row ``[1, T-1]``."""
+    index = mb.extra["response_index"].to(logprobs.device)
+    mask = mb.extra["response_mask"].to(logprobs.device)
+    picked = logprobs[0][index.flatten()].view_as(index)
+    return torch.where(mask, picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
+
+
+def sequence_logprobs(logprobs: Tensor, mb: MicroBatch) -> Tensor:
+    """Summed response-token logprobs ``[n]`` (token *sum*, as GVPO defines s)."""
+    return response_logprobs(logprobs, mb).sum(-1)
+
+
+def _pad_rows(rows: list[Tensor], width: int) -> Tensor:
+    out = torch.zeros(len(rows), width, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, : r.numel()] = r
+    return out
+
+
+@torch.no_grad()
+def response_token_logprobs(
+    model: torch.nn.Module, batch: RolloutBatch, plan: StepPlan, temperature: float = 1.0
+) -> list[Tensor]:
+    """Per-sample response-token logprobs of ``batch`` under ``model``, on every rank.
+
+    Each DP rank scores its micro-batches; a sum all-reduce over DP of the zero-filled flat
+    vector of all response tokens then gives every rank every sample (so later steps may place
+    samples on other ranks).
+    """
+    micro_batches = build_micro_batches(batch, plan)
+    offsets = [0]
+    for r in batch.response_ids:
+        offsets.append(offsets[-1] + len(r))
+    flat = torch.zeros(offsets[-1], dtype=torch.float32)
+    for lp, mb in zip(
+        compute_logprobs(model, micro_batches, temperature), micro_batches, strict=True
+    ):
+        rows = response_logprobs(lp, mb).float().cpu()
+        for row, i in zip(rows, mb.extra["sample_ids"].tolist(), strict=True):
+            n = offsets[i + 1] - offsets[i]
+            flat[offsets[i] : offsets[i + 1]] = row[:n]
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dev = next(model.parameters()).device
+        flat = flat.to(dev)
+        dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+        flat = flat.cpu()
+    return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(batch))]

@@ -1,0 +1,133 @@
+"""torchrun worker: parameter gradients of one GVPO/GRPO/DAPO step at a given (TP, PP, DP) layout.
+
+Run by tests/test_loss_layout.py as
+``python -m torch.distributed.run --nproc_per_node W <this file> --hf-dir H --tp T --pp P ...``.
+Every rank builds the same synthetic step batch (``make_batch``), places it with
+``data.batching.plan_step`` under a token budget, runs the real training path (megatron DDP,
+``forward_backward``, ``trainer.loss``) once per loss and rank 0 saves the HF-named gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from safetensors.torch import save_file
+
+from megatron_gvpo.algorithms.config import AlgorithmConfig
+from megatron_gvpo.algorithms.grpo import group_advantages
+from megatron_gvpo.bridge.loader import build_from_hf
+from megatron_gvpo.bridge.weights import gather_hf_tensors
+from megatron_gvpo.models.forward import forward_backward
+from megatron_gvpo.models.gpt import ModelConfig
+from megatron_gvpo.parallel.ddp import wrap_with_ddp
+from megatron_gvpo.parallel.initialize import ParallelConfig, destroy, initialize
+from megatron_gvpo.parallel.launch import is_rank0
+from megatron_gvpo.trainer.batch import (
+    RolloutBatch,
+    build_micro_batches,
+    plan_for,
+    response_token_logprobs,
+)
+from megatron_gvpo.trainer.loss import (
+    GVPOMicroBatchLoss,
+    PolicyMicroBatchLoss,
+    count_groups,
+    gvpo_step_stats,
+)
+
+GROUP_SIZES = (4, 1, 3, 5, 2, 4, 3)  # variable sizes, one singleton
+BETA = 0.1
+
+
+def make_batch(vocab: int, seed: int = 0) -> RolloutBatch:
+    """Synthetic step batch: random prompts/responses, rewards (one group all-equal). theta' and
+    reference logprobs are set by ``with_old_and_ref`` as the model's own plus ``extras`` noise,
+    so GRPO's ratios straddle the clip range."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, responses, gids, rewards = [], [], [], []
+    for gi, k in enumerate(GROUP_SIZES):
+        prompt = torch.randint(
+            0, vocab, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g
+        )
+        for _ in range(k):
+            n = int(torch.randint(1, 13, (1,), generator=g))
+            prompts.append(prompt.tolist())
+            responses.append(torch.randint(0, vocab, (n,), generator=g).tolist())
+            gids.append(100 + 7 * gi)  # arbitrary, non-contiguous ids
+            rewards.append(0.5 if gi == 2 else float(torch.rand((), generator=g)))
+    rewards_t = torch.tensor(rewards, dtype=torch.float32)
+    gids_t = torch.tensor(gids, dtype=torch.long)
+
+    # Interleave samples of different groups so placement really moves them around.
+    order = torch.randperm(len(prompts), generator=g).tolist()
+    batch = RolloutBatch(
+        prompt_ids=prompts,
+        response_ids=responses,
+        group_ids=gids_t,
+        rewards=rewards_t,
+        advantages=group_advantages(rewards_t, gids_t),
+    ).select(order)
+
+    def noise(scale: float) -> list[torch.Tensor]:
+        return [scale * torch.randn(len(r), generator=g) for r in batch.response_ids]
+
+    batch.extras = {"old_noise": noise(0.15), "ref_noise": noise(0.3)}
+    return batch
+
+
+def with_old_and_ref(batch: RolloutBatch, own: list[torch.Tensor]) -> RolloutBatch:
+    """theta' = own logprobs + old_noise, reference = own + ref_noise (per response token)."""
+    batch.old_logprobs = [a + b for a, b in zip(own, batch.extras["old_noise"], strict=True)]
+    batch.ref_logprobs = [a + b for a, b in zip(own, batch.extras["ref_noise"], strict=True)]
+    return batch
+
+
+def step_grads(ddp, arch, batch, loss_name: str, budget: int, split: bool) -> dict:
+    plan = plan_for(batch, budget, keep_groups_whole=not split)
+    mbs = build_micro_batches(batch, plan)
+    if loss_name in ("gvpo", "gvpo_nostats"):
+        stats = None
+        if not plan.groups_whole and loss_name == "gvpo":
+            stats = gvpo_step_stats(ddp, mbs, len(batch), batch.rewards, batch.group_ids, BETA)
+        loss = GVPOMicroBatchLoss(BETA, count_groups(batch.group_ids), stats)
+    else:
+        cfg = AlgorithmConfig(name=loss_name, ref_model="synthetic")
+        loss = PolicyMicroBatchLoss(cfg, len(batch), batch.num_response_tokens)
+    ddp.zero_grad_buffer()
+    forward_backward(ddp, mbs, loss)
+    model = ddp.module
+    grads = {n: p.main_grad for n, p in model.named_parameters()}
+    info = {"micro_batches": len(mbs), "groups_whole": plan.groups_whole}
+    return gather_hf_tensors(model, arch, tensors=grads), info
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--hf-dir", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--budget", type=int, default=4096, help="max tokens per micro-batch")
+    p.add_argument("--split", action="store_true", help="let groups span micro-batches/ranks")
+    p.add_argument(
+        "--losses", default="gvpo,grpo,dapo", help="gvpo_nostats: a wrong variant (control)"
+    )
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    initialize(ParallelConfig(tp=args.tp, pp=args.pp, seed=1))
+    model, arch = build_from_hf(args.hf_dir, ModelConfig(precision="fp32"))
+    ddp = wrap_with_ddp(model)
+    batch = make_batch(arch.vocab_size)
+    plan = plan_for(batch, args.budget, keep_groups_whole=not args.split)
+    batch = with_old_and_ref(batch, response_token_logprobs(ddp, batch, plan))
+    out, infos = {}, {}
+    for name in args.losses.split(","):
+        grads, infos[name] = step_grads(ddp, arch, batch, name, args.budget, args.split)
+        out.update({f"{name}/{k}": v.clone() for k, v in grads.items()})
+    if is_rank0():
+        save_file(out, args.out, metadata={k: str(v) for k, v in infos.items()})
+    destroy()
+
+
+if __name__ == "__main__":
+    main()
