@@ -1,0 +1,102 @@
+"""Fault isolation for reward functions: a raise or a hang costs one sample, not the run.
+
+Timeouts run each call in a daemon thread and stop *waiting* for it at the deadline. Python
+cannot kill a thread: a hung call keeps its thread (and some CPU, and the GIL now and then) until
+it returns, but being a daemon it does not block interpreter exit (a ThreadPoolExecutor worker
+would: executors join their threads at exit). The slot it held is given to the next call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+class RewardTimeout(TimeoutError):
+    """A reward call ran past its deadline and was abandoned."""
+
+
+_PENDING = object()
+Outcome = tuple[Any, "BaseException | None"]  # (value, None) or (None, error)
+
+
+def _call(fn: Callable, arg: Any) -> Outcome:
+    try:
+        return fn(arg), None
+    except Exception as e:  # any reward failure scores 0; the caller counts it
+        return None, e
+
+
+def call_guarded(
+    fn: Callable, args: Sequence[Any], timeout_s: float | None, num_workers: int = 4
+) -> list[Outcome]:
+    """``fn(a)`` for each ``a`` in order; each outcome is (value, None) or (None, error).
+
+    ``timeout_s=None`` runs inline in the calling thread (needed by signal-based timeouts, which
+    only work in the main thread). Otherwise at most ``num_workers`` calls run at once, each in
+    its own daemon thread, and one still running ``timeout_s`` after it started gets a
+    ``RewardTimeout`` outcome.
+    """
+    if timeout_s is None:
+        return [_call(fn, a) for a in args]
+    n = len(args)
+    results: list[Any] = [_PENDING] * n
+    cond = threading.Condition()
+
+    def target(i: int) -> None:
+        try:
+            out: Outcome = (fn(args[i]), None)
+        except BaseException as e:  # our own thread: report, never propagate
+            out = (None, e)
+        with cond:
+            if results[i] is _PENDING:  # not already given up on
+                results[i] = out
+            cond.notify()
+
+    deadlines: dict[int, float] = {}  # in flight: index -> deadline
+    next_i = 0
+    with cond:
+        while next_i < n or deadlines:
+            while next_i < n and len(deadlines) < num_workers:
+                deadlines[next_i] = time.monotonic() + timeout_s
+                threading.Thread(
+                    target=target, args=(next_i,), daemon=True, name=f"reward-{next_i}"
+                ).start()
+                next_i += 1
+            now = time.monotonic()
+            for i, deadline in list(deadlines.items()):
+                if results[i] is not _PENDING:
+                    del deadlines[i]
+                elif now >= deadline:
+                    results[i] = (None, RewardTimeout(f"no result after {timeout_s:g} s"))
+                    del deadlines[i]
+            if deadlines and (next_i == n or len(deadlines) >= num_workers):
+                cond.wait(max(0.0, min(deadlines.values()) - now))
+    return results
+
+
+class RateLimitedLogger:
+    """Logs at most one warning per ``interval_s`` and says how many it held back meanwhile."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0) -> None:
+        self.logger = logger
+        self.interval_s = interval_s
+        self._last = -float("inf")
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def warning(self, msg: str) -> bool:
+        """Log ``msg`` unless one was logged less than ``interval_s`` ago; True when logged."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.interval_s:
+                self._suppressed += 1
+                return False
+            if self._suppressed:
+                msg = f"{msg} ({self._suppressed} similar warnings suppressed)"
+            self._last, self._suppressed = now, 0
+        self.logger.warning(msg)
+        return True

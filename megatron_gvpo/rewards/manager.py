@@ -1,0 +1,193 @@
+"""Configured rewards and their weighted sum: what the trainer calls once per batch of samples."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from megatron_gvpo.rewards.base import RewardConfig, RewardInput, RewardStats
+from megatron_gvpo.rewards.guard import RateLimitedLogger, call_guarded
+from megatron_gvpo.rewards.registry import bind_reward
+
+logger = logging.getLogger(__name__)
+
+
+def _as_score(value: Any) -> float | None:
+    """A finite float from a reward's return value, or None when it is not a valid score."""
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _as_list(value: Any) -> list | None:
+    """A batched reward's return value as a list (list, tuple, array, tensor), else None."""
+    if isinstance(value, (str, bytes, Mapping)):
+        return None
+    try:
+        return list(value)
+    except TypeError:
+        return None
+
+
+class Reward:
+    """One configured reward: the bound function, its guard, counters and warning throttle."""
+
+    def __init__(self, cfg: RewardConfig, warn_interval_s: float = 60.0) -> None:
+        self.cfg = cfg
+        self.key = cfg.key
+        self.fn, self.batched = bind_reward(cfg)
+        self._warn = RateLimitedLogger(logger, warn_interval_s)
+
+    def score(self, inputs: Sequence[RewardInput]) -> tuple[list[float], RewardStats]:
+        """Unweighted scores (0 for failed samples) and this call's counters."""
+        n = len(inputs)
+        stats = RewardStats(samples=n)
+        scores = [0.0] * n
+        if n == 0:
+            return scores, stats
+        if self.batched:
+            [(value, err)] = call_guarded(self.fn, [list(inputs)], self.cfg.timeout_s, 1)
+            values = None if err is not None else _as_list(value)
+            if err is None and (values is None or len(values) != n):
+                got = type(value).__name__ if values is None else f"{len(values)} scores"
+                err = ValueError(f"batched reward returned {got} for {n} inputs")
+            outcomes = [(v, None) for v in values] if err is None else [(None, err)] * n
+        else:
+            outcomes = call_guarded(self.fn, list(inputs), self.cfg.timeout_s, self.cfg.num_workers)
+        first_error: BaseException | None = None
+        for i, (value, err) in enumerate(outcomes):
+            x = None if err is not None else _as_score(value)
+            if x is not None:
+                scores[i] = x
+                continue
+            if isinstance(err, TimeoutError):
+                stats.timeouts += 1
+            else:
+                stats.errors += 1
+            if first_error is None:
+                first_error = err or ValueError(f"not a finite score: {value!r}")
+        stats.extra = self._pop_counters()
+        if stats.failures:
+            self._warn.warning(
+                f"reward '{self.key}': {stats.failures}/{n} samples scored 0 "
+                f"({stats.errors} errors, {stats.timeouts} timeouts); first: {first_error!r}"
+            )
+        return scores, stats
+
+    def _pop_counters(self) -> dict[str, int]:
+        pop = getattr(self.fn, "pop_counters", None)
+        if pop is None:
+            return {}
+        try:
+            return {str(k): int(v) for k, v in pop().items()}
+        except Exception as e:  # counters are diagnostics: never fail the batch for them
+            self._warn.warning(f"reward '{self.key}': pop_counters failed: {e!r}")
+            return {}
+
+    def close(self) -> None:
+        """Release what the scorer holds (HTTP sessions), where it has a ``close``."""
+        close = getattr(self.fn, "close", None)
+        if callable(close):
+            close()
+
+
+@dataclass
+class RewardResult:
+    """Scores of one batch: the weighted sum, each reward's own scores, and counters."""
+
+    scores: list[float]  # sum over rewards of weight * score
+    per_reward: dict[str, list[float]]  # unweighted; 0 where the sample is outside its domains
+    stats: dict[str, RewardStats]
+    means: dict[str, float] = field(default_factory=dict)  # over the samples each reward scored
+
+    def metrics(self, prefix: str = "reward") -> dict[str, float]:
+        """Flat ``{prefix}/{key}/{counter}`` numbers for TensorBoard / metrics.jsonl."""
+        out: dict[str, float] = {}
+        if self.scores:
+            out[f"{prefix}/total/mean"] = sum(self.scores) / len(self.scores)
+        for key, stats in self.stats.items():
+            if key in self.means:
+                out[f"{prefix}/{key}/mean"] = self.means[key]
+            for name, v in stats.as_dict().items():
+                out[f"{prefix}/{key}/{name}"] = float(v)
+        return out
+
+
+_CONFIG_FIELDS = {f.name for f in fields(RewardConfig)}
+
+
+def _to_config(c: RewardConfig | Mapping[str, Any], i: int) -> RewardConfig:
+    if isinstance(c, RewardConfig):
+        return c
+    if not isinstance(c, Mapping):
+        raise ValueError(
+            f"rewards[{i}] must be a RewardConfig or a mapping, got {type(c).__name__}"
+        )
+    unknown = sorted(set(c) - _CONFIG_FIELDS)
+    if unknown:
+        raise ValueError(f"rewards[{i}]: unknown fields {unknown}; known: {sorted(_CONFIG_FIELDS)}")
+    if "name" not in c:
+        raise ValueError(f"rewards[{i}]: missing field 'name'")
+    return RewardConfig(**c)
+
+
+class RewardManager:
+    """The weighted sum of several rewards; construction validates every config and fails early."""
+
+    def __init__(
+        self, configs: Sequence[RewardConfig | Mapping[str, Any]], warn_interval_s: float = 60.0
+    ) -> None:
+        cfgs = [_to_config(c, i) for i, c in enumerate(configs)]
+        if not cfgs:
+            raise ValueError("rewards: at least one reward must be configured")
+        keys = [c.key for c in cfgs]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"rewards: duplicate reward keys {dup}; give each a distinct 'tag'")
+        self.rewards: list[Reward] = []
+        try:
+            for c in cfgs:
+                self.rewards.append(Reward(c, warn_interval_s))
+        except Exception:
+            self.close()
+            raise
+        self.totals: dict[str, RewardStats] = {k: RewardStats() for k in keys}
+
+    def __call__(self, inputs: Sequence[RewardInput]) -> RewardResult:
+        """Score ``inputs``; failures score 0 and are counted, they never raise."""
+        n = len(inputs)
+        total = [0.0] * n
+        per_reward: dict[str, list[float]] = {}
+        stats: dict[str, RewardStats] = {}
+        means: dict[str, float] = {}
+        for r in self.rewards:
+            domains = r.cfg.domains
+            idx = [i for i in range(n) if domains is None or inputs[i].domain in domains]
+            sub, st = r.score([inputs[i] for i in idx])
+            full = [0.0] * n
+            for i, x in zip(idx, sub, strict=True):
+                full[i] = x
+                total[i] += r.cfg.weight * x
+            per_reward[r.key], stats[r.key] = full, st
+            if idx:
+                means[r.key] = sum(sub) / len(sub)
+            self.totals[r.key].add(st)
+        return RewardResult(scores=total, per_reward=per_reward, stats=stats, means=means)
+
+    def close(self) -> None:
+        """Close every reward that holds resources."""
+        for r in self.rewards:
+            r.close()
+
+    def __enter__(self) -> RewardManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,191 @@
+"""Remote reward model client: batched JSON POSTs with a time-out, bounded retries and backoff.
+
+Request body (POST ``url``; ``query``/``prompts``/``labels`` are the names OpenRLHF's remote RM
+servers read, the rest are ours)::
+
+    {"query": [prompt + response, ...], "prompts": [...], "responses": [...],
+     "labels": [str | null, ...], "domains": [str | null, ...], "metadata": [{...}, ...]}
+
+``metadata`` is sent only with ``send_metadata=True``. Response: ``{"rewards": [float, ...]}``,
+one per query, in order (the key is ``score_key``); a null or non-finite entry fails that sample.
+Connection errors, time-outs, 429 and 5xx are retried up to ``max_retries`` times with
+exponential backoff; other 4xx and malformed bodies are not. A request that still fails scores
+its samples 0 (counted as errors). ``request_timeout_s`` bounds the connect and each socket read,
+not the whole transfer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import requests
+
+from megatron_gvpo.rewards.base import RewardInput
+from megatron_gvpo.rewards.guard import RateLimitedLogger
+from megatron_gvpo.rewards.registry import register_reward
+
+logger = logging.getLogger(__name__)
+
+
+class _Malformed(ValueError):
+    """The server answered 2xx with a body that does not follow the schema."""
+
+
+class RemoteReward:
+    """Batched, concurrent client of a remote reward model; one instance per configured reward."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        batch_size: int = 64,
+        max_concurrency: int = 4,
+        request_timeout_s: float = 60.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+        score_key: str = "rewards",
+        send_metadata: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        if not url or not isinstance(url, str):
+            raise ValueError("'kwargs.url' is required (the reward server's http(s) endpoint)")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"'kwargs.url' must start with http:// or https://, got {url!r}")
+        for field, value, low in (
+            ("batch_size", batch_size, 1),
+            ("max_concurrency", max_concurrency, 1),
+            ("max_retries", max_retries, 0),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"'kwargs.{field}' must be an int >= {low}, got {value!r}")
+        if not request_timeout_s > 0:
+            raise ValueError(f"'kwargs.request_timeout_s' must be > 0, got {request_timeout_s}")
+        self.url, self.batch_size, self.max_concurrency = url, batch_size, max_concurrency
+        self.request_timeout_s, self.max_retries = float(request_timeout_s), max_retries
+        self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
+        self.score_key, self.send_metadata = score_key, send_metadata
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._warn = RateLimitedLogger(logger, 60.0)
+
+    def __call__(self, inputs: Sequence[RewardInput]) -> list[float | None]:
+        chunks = [inputs[i : i + self.batch_size] for i in range(0, len(inputs), self.batch_size)]
+        if len(chunks) <= 1 or self.max_concurrency == 1:
+            results = [self._score_chunk(c) for c in chunks]
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.max_concurrency, "remote-reward")
+            results = list(self._pool.map(self._score_chunk, chunks))
+        return [x for r in results for x in r]
+
+    def body(self, chunk: Sequence[RewardInput]) -> dict[str, Any]:
+        """The JSON request body for ``chunk`` (schema in the module docstring)."""
+        body: dict[str, Any] = {
+            "query": [x.prompt + x.response for x in chunk],
+            "prompts": [x.prompt for x in chunk],
+            "responses": [x.response for x in chunk],
+            "labels": [x.label for x in chunk],
+            "domains": [x.domain for x in chunk],
+        }
+        if self.send_metadata:
+            body["metadata"] = [x.metadata for x in chunk]
+        return body
+
+    def _score_chunk(self, chunk: Sequence[RewardInput]) -> list[float | None]:
+        try:
+            data = json.dumps(self.body(chunk))
+        except (TypeError, ValueError) as e:
+            self._count("failed_requests")
+            self._warn.warning(f"remote reward {self.url}: request not JSON-serialisable: {e}")
+            return [None] * len(chunk)
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self._count("retries")
+                delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+                time.sleep(delay * (0.5 + 0.5 * random.random()))
+            try:
+                return self._post(data, len(chunk))
+            except _Malformed as e:
+                self._count("malformed")
+                error: Exception = e
+                break
+            except requests.Timeout as e:
+                self._count("http_timeouts")
+                error = e
+            except requests.HTTPError as e:
+                self._count("http_errors")
+                error = e
+                status = e.response.status_code if e.response is not None else 0
+                if status != 429 and status < 500:
+                    break
+            except requests.RequestException as e:  # connection refused, reset, ...
+                self._count("connection_errors")
+                error = e
+        self._count("failed_requests")
+        self._warn.warning(f"remote reward {self.url}: {len(chunk)} samples unscored: {error!r}")
+        return [None] * len(chunk)
+
+    def _post(self, data: str, n: int) -> list[float | None]:
+        self._count("requests")
+        resp = self._session().post(
+            self.url, data=data, headers=self.headers, timeout=self.request_timeout_s
+        )
+        resp.raise_for_status()
+        try:
+            payload = resp.json()
+        except ValueError as e:
+            raise _Malformed(f"response is not JSON: {resp.text[:200]!r}") from e
+        scores = payload.get(self.score_key) if isinstance(payload, dict) else None
+        if not isinstance(scores, list) or len(scores) != n:
+            raise _Malformed(f"expected {{{self.score_key!r}: [{n} floats]}}, got {payload!r:.200}")
+        return [_finite(s) for s in scores]
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
+    def pop_counters(self) -> dict[str, int]:
+        """requests, retries, http_timeouts, http_errors, malformed, ... since the last pop."""
+        with self._lock:
+            out, self._counts = dict(self._counts), Counter()
+        return out
+
+    def close(self) -> None:
+        """Stop the request threads and close the HTTP sessions."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for s in sessions:
+            s.close()
+
+
+def _finite(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x) if math.isfinite(x) else None
+
+
+register_reward("remote", batched=True, factory=True)(RemoteReward)
