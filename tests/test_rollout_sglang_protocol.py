@@ -1,0 +1,406 @@
+"""SGLangEngine against a PROTOCOL FAKE of SGLang's HTTP server (tests/sglang_fake_server.py).
+
+SGLang itself cannot run here (no GPU; its package needs sgl_kernel), so nothing in this file talks
+to SGLang: the fake follows SGLang's documented request/response shapes, validates every field and
+injects faults. What these tests prove is the client's side of the protocol, not SGLang's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from megatron_gvpo.rollout.base import GenerateRequest, SamplingParams, response_seed
+from megatron_gvpo.rollout.sglang import (
+    SGLangConfig,
+    SGLangEngine,
+    SGLangError,
+    flatten_bucket,
+    sglang_flattened_bucket_serializer,
+    unflatten_bucket,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sglang_fake_server import (  # noqa: E402
+    FakeSGLangServer,
+    decode_standin_bucket,
+    encode_standin_bucket,
+    fake_tokens,
+)
+
+FAKE = str(Path(__file__).with_name("sglang_fake_server.py"))
+FAST = dict(
+    health_poll_s=0.05, health_timeout_s=2.0, connect_timeout_s=1.0, request_timeout_s=5.0,
+    startup_timeout_s=30.0, sync_timeout_s=60.0, backoff_s=0.01, backoff_max_s=0.05,
+    shutdown_grace_s=5.0, max_concurrency=8,
+)
+SAMPLING = SamplingParams(max_new_tokens=12, temperature=1.0)
+CONTROL = {"/generate", "/health_generate", "/health", "/get_server_info", "/abort_request"}
+
+
+def attach(*fakes, **kw) -> SGLangEngine:
+    return SGLangEngine(SGLangConfig(urls=[f.url for f in fakes], **{**FAST, **kw}))
+
+
+def sync_paths(fake_or_log) -> list[str]:
+    entries = fake_or_log.state.log if hasattr(fake_or_log, "state") else fake_or_log
+    return [e["path"] for e in entries if e["path"] not in CONTROL]
+
+
+def expected(prompt, seed, j, params=SAMPLING, **extra):
+    sp = {"max_new_tokens": params.max_new_tokens, "stop_token_ids": params.stop_token_ids,
+          "stop": params.stop, "sampling_seed": response_seed(seed, j), **extra}
+    return fake_tokens(prompt, sp)
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return d
+
+
+def get(url: str, path: str):
+    return requests.get(url + path, timeout=10).json()
+
+
+# -- pure pieces -----------------------------------------------------------------------------------
+
+
+def test_flatten_bucket_round_trip_one_flat_tensor_per_dtype():
+    g = torch.Generator().manual_seed(0)
+    bucket = [
+        ("a", torch.randn(3, 4, generator=g)),
+        ("b", torch.randn(5, generator=g).bfloat16()),
+        ("c", torch.tensor(2.5)),
+        ("d", torch.randn(2, 1, 3, generator=g).bfloat16()),
+        ("e", torch.empty(0, 7)),
+    ]
+    groups = flatten_bucket(bucket)
+    assert [flat.dtype for flat, _ in groups] == [torch.float32, torch.bfloat16]
+    assert all(flat.dim() == 1 for flat, _ in groups)
+    f32_metas = groups[0][1]
+    assert [(m.name, m.start, m.end) for m in f32_metas] == [
+        ("a", 0, 12), ("c", 12, 13), ("e", 13, 13)]
+    back = dict(pair for flat, metas in groups for pair in unflatten_bucket(flat, metas))
+    assert set(back) == {n for n, _ in bucket}
+    for name, t in bucket:
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape
+        assert torch.equal(back[name], t)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is not None, reason="sglang installed")
+def test_real_serializer_without_sglang_explains_what_is_missing():
+    flat, metas = flatten_bucket([("w", torch.ones(2))])[0]
+    with pytest.raises(RuntimeError, match="weight_sync='tensor' needs SGLang's serializer"):
+        sglang_flattened_bucket_serializer(flat, metas, 1)
+
+
+def test_protocol_fake_rejects_unknown_missing_and_mistyped_fields():
+    with FakeSGLangServer() as fake:
+        ok = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}
+        assert requests.post(fake.url + "/generate", json=ok, timeout=5).status_code == 200
+        bad = [
+            {**ok, "surprise": 1},
+            {"sampling_params": {}},
+            {**ok, "input_ids": [1, "2"]},
+            {**ok, "sampling_params": {"max_new_tokens": 2, "temprature": 1.0}},
+            {**ok, "sampling_params": {"no_stop_trim": 1}},
+            {**ok, "return_logprob": "yes"},
+        ]
+        for body in bad:
+            r = requests.post(fake.url + "/generate", json=body, timeout=5)
+            assert r.status_code == 400, body
+        r = requests.post(fake.url + "/update_weights_from_disk", json={}, timeout=5)
+        assert r.status_code == 400 and "missing field 'model_path'" in r.text
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+
+def test_generate_n_responses_in_order_with_per_response_seeds():
+    reqs = [GenerateRequest([5, 6, 7], n=3, seed=11), GenerateRequest([8], n=1, seed=12),
+            GenerateRequest([9, 9], n=4, seed=13)]
+    with FakeSGLangServer() as fake, attach(fake) as eng:
+        out = eng.generate(reqs, SAMPLING)
+        bodies = [e["body"] for e in fake.state.log if e["path"] == "/generate"]
+    assert [len(g) for g in out] == [3, 1, 4]
+    for req, group in zip(reqs, out, strict=True):
+        for j, s in enumerate(group):
+            ids, lps, finish, text = expected(req.prompt_ids, req.seed, j)
+            assert s.prompt_ids == req.prompt_ids
+            assert s.response_ids == ids and s.text == text and s.finish_reason == finish["type"]
+            assert s.logprobs == pytest.approx(lps)
+    assert len(bodies) == 8
+    seeds = sorted(b["sampling_params"]["sampling_seed"] for b in bodies)
+    want = sorted(response_seed(r.seed, j) for r in reqs for j in range(r.n))
+    assert seeds == want and len(set(seeds)) == 8
+    assert all(b["sampling_params"]["n"] == 1 and b["return_logprob"] is True
+               and b["logprob_start_len"] == -1 for b in bodies)
+    assert len({b["rid"] for b in bodies}) == 8
+
+
+def test_unseeded_request_sends_no_sampling_seed():
+    with FakeSGLangServer() as fake, attach(fake) as eng:
+        out = eng.generate([GenerateRequest([1, 2], n=2)], SAMPLING)
+        bodies = [e["body"] for e in fake.state.log if e["path"] == "/generate"]
+    assert len(out[0]) == 2
+    assert all("sampling_seed" not in b["sampling_params"] for b in bodies)
+
+
+def test_finish_reasons_stop_token_stop_string_and_length():
+    sp = SamplingParams(max_new_tokens=20, stop_token_ids=[7])
+    reqs = [GenerateRequest([i, i + 1], n=1, seed=i) for i in range(24)]
+    with FakeSGLangServer() as fake, attach(fake) as eng:
+        out = [g[0] for g in eng.generate(reqs, sp)]
+        strs = [g[0] for g in eng.generate(reqs[:8], SamplingParams(max_new_tokens=30,
+                                                                    stop=["e"]))]
+    kinds = {s.finish_reason for s in out}
+    assert kinds == {"stop", "length"}
+    for s in out:
+        if s.finish_reason == "stop":
+            assert s.response_ids[-1] == 7 and 7 not in s.response_ids[:-1]
+        else:
+            assert len(s.response_ids) == 20 and 7 not in s.response_ids
+    stopped = [s for s in strs if s.finish_reason == "stop"]
+    assert stopped and all(s.text.endswith("e") and s.text.count("e") == 1 for s in stopped)
+
+
+def test_requests_spread_over_servers():
+    with FakeSGLangServer() as a, FakeSGLangServer() as b, attach(a, b) as eng:
+        out = eng.generate([GenerateRequest([1, 2, 3], n=8, seed=1)], SAMPLING)
+        counts = [a.state.generates, b.state.generates]
+    assert len(out[0]) == 8 and sum(counts) == 8 and min(counts) >= 2
+
+
+# -- faults ----------------------------------------------------------------------------------------
+
+
+def test_500_then_success_is_retried_and_counted():
+    with FakeSGLangServer(fail_generate=2) as fake, attach(fake) as eng:
+        out = eng.generate([GenerateRequest([4, 4], n=1, seed=3)], SAMPLING)
+        stats = eng.stats
+    assert out[0][0].response_ids == expected([4, 4], 3, 0)[0]
+    assert stats["server_errors"] == 2 and stats["retries"] == 2
+    assert stats["generate_requests"] == 3
+
+
+def test_retries_are_bounded():
+    with FakeSGLangServer(fail_generate=100) as fake, attach(fake, max_retries=2) as eng:
+        with pytest.raises(SGLangError, match="failed 3 times"):
+            eng.generate([GenerateRequest([4], n=1, seed=3)], SAMPLING)
+        assert fake.state.generates == 3
+
+
+def test_timeout_is_retried_and_the_request_aborted():
+    with FakeSGLangServer(slow_generate=1, slow_s=1.5) as fake, \
+            attach(fake, request_timeout_s=0.3) as eng:
+        out = eng.generate([GenerateRequest([2, 3], n=1, seed=5)], SAMPLING)
+        stats = eng.stats
+        log = list(fake.state.log)
+    assert out[0][0].response_ids == expected([2, 3], 5, 0)[0]
+    assert stats["timeouts"] == 1 and stats["retries"] == 1
+    gen_rids = [e["body"]["rid"] for e in log if e["path"] == "/generate"]
+    aborted = [e["body"]["rid"] for e in log if e["path"] == "/abort_request"]
+    assert aborted == gen_rids[:1]
+
+
+def test_connection_dropped_mid_generation_is_retried_exactly_once():
+    reqs = [GenerateRequest([i], n=2, seed=i) for i in range(3)]
+    with FakeSGLangServer(drop_generate=2) as fake, attach(fake) as eng:
+        out = eng.generate(reqs, SAMPLING)
+        stats = eng.stats
+    assert stats["connection_errors"] == 2 and stats["retries"] == 2
+    for req, group in zip(reqs, out, strict=True):
+        assert [s.response_ids for s in group] == [expected(req.prompt_ids, req.seed, j)[0]
+                                                   for j in range(2)]
+
+
+def test_exited_server_is_restarted_and_every_sample_arrives_once(model_dir, tmp_path):
+    marker = tmp_path / "crashed"
+    cfg = SGLangConfig(
+        model_path=str(model_dir), launch_command=[
+            sys.executable, FAKE, "--fake-generate-delay", "0.2",
+            "--fake-exit-after-generates", "3", "--fake-crash-marker", str(marker)],
+        log_dir=str(tmp_path / "logs"), **FAST,
+    )
+    reqs = [GenerateRequest([i, 1], n=2, seed=100 + i) for i in range(6)]
+    eng = SGLangEngine(cfg)
+    try:
+        first_pid = eng._servers[0].proc.pid
+        out = eng.generate(reqs, SAMPLING)
+        stats = eng.stats
+        proc = eng._servers[0].proc
+        assert proc.pid != first_pid and proc.poll() is None
+    finally:
+        eng.shutdown()
+        eng.shutdown()  # twice is fine
+    assert marker.exists() and stats["restarts"] == 1 and stats["connection_errors"] >= 1
+    got = [s.response_ids for g in out for s in g]
+    want = [expected(r.prompt_ids, r.seed, j)[0] for r in reqs for j in range(2)]
+    assert got == want
+    assert proc.poll() is not None  # shut down
+
+
+# -- start-up errors -------------------------------------------------------------------------------
+
+
+def test_unreachable_url_fails_fast_naming_it():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(SGLangError, match=f"127.0.0.1:{port}"):
+        SGLangEngine(SGLangConfig(urls=[f"http://127.0.0.1:{port}"], **FAST))
+    assert time.monotonic() - t0 < 5
+
+
+def test_missing_model_path_fails_before_starting_anything(tmp_path):
+    missing = tmp_path / "no_such_model"
+    t0 = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="no_such_model"):
+        SGLangEngine(SGLangConfig(model_path=str(missing), launch_command=["false"], **FAST))
+    assert time.monotonic() - t0 < 2
+
+
+def test_server_that_exits_at_start_up_reports_its_log(model_dir, tmp_path):
+    cfg = SGLangConfig(model_path=str(model_dir), launch_command=[sys.executable, FAKE],
+                       extra_args=["--no-such-flag"], log_dir=str(tmp_path), **FAST)
+    with pytest.raises(SGLangError, match="(?s)exit.* code 2.*unrecognized arguments: --no-such"):
+        SGLangEngine(cfg)
+
+
+# -- weight sync -----------------------------------------------------------------------------------
+
+
+def _buckets():
+    g = torch.Generator().manual_seed(1)
+    return [
+        [("model.layers.0.w", torch.randn(4, 3, generator=g)),
+         ("model.norm.weight", torch.randn(3, generator=g).bfloat16())],
+        [("lm_head.weight", torch.randn(2, 3, generator=g))],
+    ]
+
+
+def _assert_received(received: dict, buckets) -> None:
+    sent = {n: t for b in buckets for n, t in b}
+    assert set(received) == set(sent)
+    for n, t in sent.items():
+        got = received[n]
+        if isinstance(got, dict):  # from /fake/weights
+            assert got["dtype"] == str(t.dtype).removeprefix("torch.")
+            assert got["shape"] == list(t.shape)
+            assert got["values"] == t.float().flatten().tolist()
+        else:
+            assert got.dtype == t.dtype and torch.equal(got, t)
+
+
+def test_colocated_tensor_sync_request_sequence():
+    with FakeSGLangServer(tp_size=2) as fake, \
+            SGLangEngine(SGLangConfig(urls=[fake.url], **FAST),
+                         serializer=encode_standin_bucket) as eng:
+        buckets = _buckets()
+        eng.update_weights(iter(buckets), version=3)
+        assert eng.weight_version == 3
+        log = list(fake.state.log)
+        received = dict(fake.state.weights)
+        sample = eng.generate([GenerateRequest([1], n=1, seed=1)], SAMPLING)[0][0]
+    assert sync_paths(log) == ["/pause_generation"] + ["/update_weights_from_tensor"] * 3 + [
+        "/flush_cache", "/continue_generation", "/get_weight_version"]
+    posts = [e["body"] for e in log if e["path"] == "/update_weights_from_tensor"]
+    assert all(len(b["serialized_named_tensors"]) == 2 and b["load_format"] == "flattened_bucket"
+               and b["weight_version"] == "3" and b["flush_cache"] is False for b in posts)
+    assert [sorted(decode_standin_bucket(b["serialized_named_tensors"][1])) for b in posts] == [
+        ["model.layers.0.w"], ["model.norm.weight"], ["lm_head.weight"]]
+    _assert_received(received, buckets)
+    assert sample.weight_version == 3
+
+
+def test_disk_sync_writes_hf_folder_and_posts_its_path(tmp_path, model_dir):
+    with FakeSGLangServer() as a, FakeSGLangServer() as b, \
+            attach(a, b, weight_sync="disk", sync_dir=str(tmp_path / "sync"),
+                   model_path=str(model_dir)) as eng:
+        buckets = _buckets()
+        eng.update_weights(buckets, version=7)
+        logs = [list(a.state.log), list(b.state.log)]
+        received = dict(b.state.weights)
+    folder = tmp_path / "sync" / "weights"
+    assert (folder / "model.safetensors.index.json").is_file()
+    assert (folder / "config.json").is_file()  # side files copied from model_path
+    assert not (tmp_path / "sync" / "weights.tmp").exists()
+    for log in logs:
+        assert sync_paths(log) == ["/pause_generation", "/update_weights_from_disk",
+                                   "/flush_cache", "/continue_generation", "/get_weight_version"]
+        body = next(e["body"] for e in log if e["path"] == "/update_weights_from_disk")
+        assert body == {"model_path": str(folder), "weight_version": "7"}
+    _assert_received(received, buckets)
+
+
+def test_distributed_sync_broadcasts_real_tensors_over_gloo(model_dir, tmp_path):
+    cfg = SGLangConfig(model_path=str(model_dir), num_servers=2, weight_sync="distributed",
+                       launch_command=[sys.executable, FAKE], log_dir=str(tmp_path), **FAST)
+    with SGLangEngine(cfg) as eng:
+        first, second = _buckets(), [[("model.norm.weight", torch.ones(3).bfloat16())]]
+        eng.update_weights(first, version=1)
+        eng.update_weights(second, version=2)
+        logs = [get(u, "/fake/log")["log"] for u in eng.urls]
+        weights = [get(u, "/fake/weights") for u in eng.urls]
+    inits = [next(e["body"] for e in log if e["path"] == "/init_weights_update_group")
+             for log in logs]
+    assert sorted(i["rank_offset"] for i in inits) == [1, 2]
+    assert {i["world_size"] for i in inits} == {3} and {i["backend"] for i in inits} == {"gloo"}
+    for log, w in zip(logs, weights, strict=True):
+        assert sync_paths(log) == [
+            "/pause_generation", "/init_weights_update_group",
+            "/update_weights_from_distributed", "/update_weights_from_distributed",
+            "/flush_cache", "/continue_generation", "/get_weight_version",
+            "/pause_generation", "/update_weights_from_distributed",
+            "/flush_cache", "/continue_generation", "/get_weight_version"]
+        ups = [e["body"] for e in log if e["path"] == "/update_weights_from_distributed"]
+        assert ups[0]["names"] == ["model.layers.0.w", "model.norm.weight"]
+        assert ups[0]["dtypes"] == ["float32", "bfloat16"] and ups[0]["shapes"] == [[4, 3], [3]]
+        assert ups[2]["weight_version"] == "2"
+        _assert_received(w, [first[0][:1], first[1], second[0]])
+
+
+def test_stale_weight_version_raises():
+    with FakeSGLangServer(stale_version=True) as fake, \
+            SGLangEngine(SGLangConfig(urls=[fake.url], **FAST),
+                         serializer=encode_standin_bucket) as eng:
+        with pytest.raises(SGLangError, match="reports weight version 'stale'.*version 4"):
+            eng.update_weights(_buckets(), version=4)
+        assert eng.weight_version == -1
+        assert fake.state.paused is False  # generation continued despite the failure
+
+
+def test_release_and_resume_memory_send_tags():
+    with FakeSGLangServer() as fake, attach(fake) as eng:
+        eng.release_memory()
+        assert fake.state.released == {"weights", "kv_cache"}
+        eng.resume_memory(["kv_cache"])
+        assert fake.state.released == {"weights"}
+        bodies = [(e["path"], e["body"]) for e in fake.state.log if "memory" in e["path"]]
+    assert bodies == [("/release_memory_occupation", {"tags": ["weights", "kv_cache"]}),
+                      ("/resume_memory_occupation", {"tags": ["kv_cache"]})]
+
+
+def test_router_mode_generates_via_router_and_syncs_workers(tmp_path):
+    with FakeSGLangServer() as router, FakeSGLangServer() as worker, SGLangEngine(
+            SGLangConfig(router_url=router.url, urls=[worker.url], weight_sync="disk",
+                         sync_dir=str(tmp_path), **FAST)) as eng:
+        eng.generate([GenerateRequest([3], n=2, seed=0)], SAMPLING)
+        eng.update_weights(_buckets(), version=1)
+        assert eng.health()
+        router_paths, worker_paths = set(router.state.paths()), set(worker.state.paths())
+    assert "/generate" in router_paths and "/update_weights_from_disk" not in router_paths
+    assert "/update_weights_from_disk" in worker_paths and "/generate" not in worker_paths
