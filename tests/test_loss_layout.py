@@ -1,7 +1,8 @@
 """One optimizer step's gradients are the same whatever the parallel layout, and are the right ones.
 
 The worker (``dist_workers/loss_layout_worker.py``) runs the real training path (megatron DDP,
-packed micro-batches, ``trainer.loss``) for GVPO, GRPO (with k3 KL) and DAPO on one synthetic step
+packed micro-batches, ``trainer.loss``) for GVPO, GRPO (with k3 KL), DAPO and domain-robust
+GVPO on one synthetic step
 batch with variable group sizes (a singleton, an all-equal-reward group). References:
 
 - layout invariance: (TP, PP, DP) = (2,1,2), (1,2,2), (2,2,1) with several micro-batches against
@@ -31,7 +32,7 @@ LAYOUTS = {
     "tp1_pp2_dp2": (1, 2, 4, ["--budget", "48", "--split"]),
     "tp2_pp2_dp1": (2, 2, 4, ["--budget", "40", "--split"]),
 }
-LOSSES = ("gvpo", "grpo", "dapo")
+LOSSES = ("gvpo", "grpo", "dapo", "gr_gvpo")
 
 
 def _worker_module():

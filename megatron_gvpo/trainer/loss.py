@@ -9,6 +9,8 @@ the step's batch, whatever the TP, PP and DP sizes, the token budget and the pla
 GVPO also needs group means of delta = beta (s - s') over the whole step. When every group lies in
 one micro-batch (``StepPlan.groups_whole``) the loss takes them from the micro-batch itself; else
 ``gvpo_step_stats`` runs a detached forward over the step and all-reduces per-sample s over DP.
+Domain-robust GVPO (``gr_gvpo``) always needs the step's s: its alpha update uses every domain's
+loss before the first backward (on a round's first update s = s', so no extra pass is needed).
 
 Micro-batch ``extra`` keys (built by ``trainer.batch.build_micro_batches``): ``sample_ids`` [n]
 (indices into the step batch), ``response_index``/``response_mask`` [n, L] (see
@@ -19,14 +21,21 @@ Micro-batch ``extra`` keys (built by ``trainer.batch.build_micro_batches``): ``s
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import Tensor
 
 from megatron_gvpo.algorithms.config import AlgorithmConfig
+from megatron_gvpo.algorithms.group_robust import domain_robust_gvpo_loss
 from megatron_gvpo.algorithms.grpo import dapo_loss, dr_grpo_loss, grpo_loss, gspo_loss
-from megatron_gvpo.algorithms.gvpo import GVPOGroupStats, gvpo_group_stats, gvpo_loss_terms
+from megatron_gvpo.algorithms.gvpo import (
+    GVPOGroupStats,
+    gvpo_group_stats,
+    gvpo_loss_terms,
+    gvpo_sample_losses,
+)
 from megatron_gvpo.models.forward import MicroBatch, compute_logprobs
 from megatron_gvpo.trainer.batch import response_logprobs, sequence_logprobs
 
@@ -102,27 +111,18 @@ def _metrics(loss: Tensor, diag: dict[str, Tensor], extra: dict) -> dict[str, Te
 
 
 @torch.no_grad()
-def gvpo_step_stats(
+def step_seq_logprobs(
     model: torch.nn.Module,
     micro_batches: list[MicroBatch],
     num_samples: int,
-    rewards: Tensor,
-    group_ids: Tensor,
-    beta: float,
     temperature: float = 1.0,
-    seq_logprobs: Tensor | None = None,
-) -> GVPOGroupStats:
-    """Group statistics of the whole step at the current theta, identical on every rank.
+) -> tuple[Tensor, Tensor]:
+    """``(s, s')`` [N] float64 of the whole step at the current theta, identical on every rank.
 
-    A forward-only pass over this rank's micro-batches gives s (and s') of its samples; a sum
-    all-reduce over DP of ``[2, N]`` zero-filled vectors (each sample lives on one DP rank) gives
-    every rank the whole step's. Pass ``seq_logprobs`` [N] instead when s is already known at this
-    theta (the round's first step, where theta = theta' and s = s').
+    A forward-only pass over this rank's micro-batches gives its samples; a sum all-reduce over DP
+    of ``[2, N]`` zero-filled vectors (each sample lives on one DP rank) gives every rank all of
+    them: the detached exchange of GVPO's delta (group ids are known everywhere already).
     """
-    rewards = rewards.to(torch.float64)
-    if seq_logprobs is not None:
-        s = seq_logprobs.to(torch.float64)
-        return gvpo_group_stats(s, s, rewards, group_ids, beta)
     out = torch.zeros(2, num_samples, dtype=torch.float64)
     logprobs = compute_logprobs(model, micro_batches, temperature=temperature)
     for lp, mb in zip(logprobs, micro_batches, strict=True):
@@ -133,4 +133,69 @@ def gvpo_step_stats(
         out = out.to(logprobs[0].device if logprobs else out.device)
         dist.all_reduce(out, group=parallel_state.get_data_parallel_group())
         out = out.cpu()
-    return gvpo_group_stats(out[0], out[1], rewards, group_ids, beta)
+    return out[0], out[1]
+
+
+def gvpo_step_stats(
+    model: torch.nn.Module,
+    micro_batches: list[MicroBatch],
+    num_samples: int,
+    rewards: Tensor,
+    group_ids: Tensor,
+    beta: float,
+    temperature: float = 1.0,
+) -> GVPOGroupStats:
+    """Group statistics of the whole step at the current theta (see ``step_seq_logprobs``)."""
+    s, old = step_seq_logprobs(model, micro_batches, num_samples, temperature)
+    return gvpo_group_stats(s, old, rewards.to(torch.float64), group_ids, beta)
+
+
+class GRGVPOMicroBatchLoss:
+    """Domain-robust GVPO on one micro-batch: sum_d alpha_d L_d with the step's alpha.
+
+    Build it with :meth:`for_step`, which takes the whole step's detached (s, s'), updates alpha
+    once (Group-Robust mirror ascent on per-domain GVPO losses) and keeps the step-wide group
+    statistics, per-domain loss sums and counted groups that every micro-batch shares.
+    """
+
+    def __init__(self, beta, weights, group_stats, domain_loss_sums, domain_counts):
+        self.beta = beta
+        self.weights = weights
+        self.group_stats = group_stats
+        self.domain_loss_sums = domain_loss_sums
+        self.domain_counts = domain_counts
+
+    @classmethod
+    @torch.no_grad()
+    def for_step(cls, s, old, rewards, group_ids, domains, weights, beta) -> GRGVPOMicroBatchLoss:
+        rewards = rewards.to(torch.float64)
+        stats = gvpo_group_stats(s, old, rewards, group_ids, beta)
+        q, _, counted = gvpo_sample_losses(s, old, rewards, group_ids, beta, group_stats=stats)
+        d = weights.num_groups
+        sums = torch.zeros(d, dtype=torch.float64).index_add_(0, domains, q.double())
+        # One count per prompt group with k >= 2, in its domain.
+        _, first = np.unique(group_ids.numpy(), return_index=True)
+        first = torch.as_tensor(first)
+        first = first[counted[first]]
+        counts = torch.bincount(domains[first], minlength=d).double()
+        weights.update(sums, counts)
+        return cls(beta, weights, stats, sums, counts)
+
+    def __call__(self, logprobs: Tensor, entropy: Tensor | None, mb: MicroBatch):
+        x = mb.extra
+        s = sequence_logprobs(logprobs, mb)
+        dev = s.device
+        loss, diag = domain_robust_gvpo_loss(
+            s,
+            x["old_logprobs"].to(dev).sum(-1),
+            x["rewards"].to(dev),
+            x["group_ids"].to(dev),
+            x["domains"].to(dev),
+            self.weights,
+            self.beta,
+            update_weights=False,
+            group_stats=self.group_stats,
+            domain_loss_sums=self.domain_loss_sums,
+            domain_counts=self.domain_counts,
+        )
+        return loss, _metrics(loss, diag, x)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_gvpo.algorithms.config import AlgorithmConfig
+from megatron_gvpo.algorithms.group_robust import GroupRobustWeights
 from megatron_gvpo.algorithms.grpo import group_advantages
 from megatron_gvpo.bridge.loader import build_from_hf
 from megatron_gvpo.bridge.weights import gather_hf_tensors
@@ -30,10 +31,12 @@ from megatron_gvpo.trainer.batch import (
     response_token_logprobs,
 )
 from megatron_gvpo.trainer.loss import (
+    GRGVPOMicroBatchLoss,
     GVPOMicroBatchLoss,
     PolicyMicroBatchLoss,
     count_groups,
     gvpo_step_stats,
+    step_seq_logprobs,
 )
 
 GROUP_SIZES = (4, 1, 3, 5, 2, 4, 3)  # variable sizes, one singleton
@@ -67,6 +70,7 @@ def make_batch(vocab: int, seed: int = 0) -> RolloutBatch:
         group_ids=gids_t,
         rewards=rewards_t,
         advantages=group_advantages(rewards_t, gids_t),
+        domains=torch.tensor([(g - 100) // 7 % 2 for g in gids]),  # two data domains
     ).select(order)
 
     def noise(scale: float) -> list[torch.Tensor]:
@@ -91,6 +95,12 @@ def step_grads(ddp, arch, batch, loss_name: str, budget: int, split: bool) -> di
         if not plan.groups_whole and loss_name == "gvpo":
             stats = gvpo_step_stats(ddp, mbs, len(batch), batch.rewards, batch.group_ids, BETA)
         loss = GVPOMicroBatchLoss(BETA, count_groups(batch.group_ids), stats)
+    elif loss_name == "gr_gvpo":
+        s, old = step_seq_logprobs(ddp, mbs, len(batch))
+        weights = GroupRobustWeights(2, eta_alpha=0.5)
+        loss = GRGVPOMicroBatchLoss.for_step(
+            s, old, batch.rewards, batch.group_ids, batch.domains, weights, BETA
+        )
     else:
         cfg = AlgorithmConfig(name=loss_name, ref_model="synthetic")
         loss = PolicyMicroBatchLoss(cfg, len(batch), batch.num_response_tokens)
@@ -110,7 +120,7 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=4096, help="max tokens per micro-batch")
     p.add_argument("--split", action="store_true", help="let groups span micro-batches/ranks")
     p.add_argument(
-        "--losses", default="gvpo,grpo,dapo", help="gvpo_nostats: a wrong variant (control)"
+        "--losses", default="gvpo,grpo,dapo,gr_gvpo", help="gvpo_nostats: a wrong variant (control)"
     )
     p.add_argument("--out", required=True)
     args = p.parse_args()
