@@ -1,0 +1,27 @@
+"""Hydra entry point: ``python -m megatron_gvpo.train [group=option] [key=value ...]``.
+
+Also the console script ``megatron-gvpo-train``. Runs the embedded CPU demo by default; under
+``torchrun`` every rank runs it. The config is checked whole before any model is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    from megatron_gvpo.trainer.config import run_config_from_dict
+    from megatron_gvpo.trainer.loop import train
+
+    raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    train(run_config_from_dict(raw))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Training checkpoints in the run directory: atomic, resumable, the last K kept.
+
+    <run_dir>/checkpoints/step_000040/
+        model_optim/          megatron-core dist_checkpointing: model and optimizer, any layout
+        trainer_state.json    step, scheduler, sampler position, replay buffer, robust alpha, ...
+        rng_rank<r>.safetensors  + rng_rank<r>.json   torch / python / numpy RNG of every rank
+        hf/                   (trainer.export_hf) an HF checkpoint of the actor
+
+Each checkpoint is written into ``step_N.tmp`` and renamed when complete, so a crash or a kill
+during a write leaves the previous checkpoints whole; ``.tmp`` folders are never loaded. Nothing
+here unpickles: the state is JSON and safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from safetensors.torch import load_file, save_file
+
+from megatron_gvpo.bridge.hf_io import publish_dir, staging_dir
+from megatron_gvpo.parallel.launch import is_rank0
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None (unfinished ``.tmp`` are skipped)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    steps = [(s, p) for s, p in steps if (p / "trainer_state.json").is_file()]
+    return max(steps)[1] if steps else None
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    v, state, gauss = meta["python"]
+    random.setstate((v, tuple(state), gauss))
+    name, keys, *rest = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+    export_hf: Callable[[Path], None] | None = None,
+) -> Path:
+    """Collectively write the checkpoint of ``step``; returns its folder. Rank 0 writes JSON."""
+    final = checkpoint_root(run_dir) / f"step_{step:06d}"
+    tmp = staging_dir(final)
+    if is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "model_optim").mkdir(parents=True)
+    _barrier()
+    model_sd = model.sharded_state_dict()
+    state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
+    dist_checkpointing.save(state, str(tmp / "model_optim"))
+    tensors, meta = _rng_state()
+    save_file(tensors, str(tmp / f"rng_rank{_rank()}.safetensors"))
+    (tmp / f"rng_rank{_rank()}.json").write_text(json.dumps(meta))
+    if export_hf is not None:
+        export_hf(tmp / "hf")
+    _barrier()
+    if is_rank0():
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}))
+        publish_dir(final)
+        _prune(checkpoint_root(run_dir), keep_last)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
+    for _, p in done[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG from ``ckpt``; return the trainer state."""
+    ckpt = Path(ckpt)
+    model_sd = model.sharded_state_dict()
+    sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
+    state = dist_checkpointing.load(sharded, str(ckpt / "model_optim"))
+    model.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    rng = ckpt / f"rng_rank{_rank()}.safetensors"
+    if rng.is_file():
+        _set_rng_state(load_file(str(rng)), json.loads(rng.with_suffix(".json").read_text()))
+    return json.loads((ckpt / "trainer_state.json").read_text())

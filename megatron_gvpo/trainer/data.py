@@ -1,0 +1,61 @@
+"""The run's prompts: ``data.*`` -> a tokenised dataset and a resumable sampler.
+
+``data.builtin=toy_addition`` (the demo) writes the built-in task as JSONL into the run directory
+and then reads it like any user file, so the demo exercises the same loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_gvpo.data.prompts import DataConfig, Prompt, load_prompts, resolve_files
+from megatron_gvpo.data.sampler import PromptSampler
+from megatron_gvpo.data.tokenizer import load_tokenizer
+from megatron_gvpo.data.toy import generate_toy_dataset, write_jsonl
+
+BUILTINS = ("toy_addition",)
+
+
+@dataclass
+class DataSection(DataConfig):
+    """``data.*``: the loader's fields plus the built-in task switch."""
+
+    builtin: str | None = None  # "toy_addition": generate the demo task (data.path is ignored)
+    builtin_size: int = 2000  # rows of the built-in task
+
+    def __post_init__(self) -> None:
+        if self.builtin is not None and self.builtin not in BUILTINS:
+            raise ValueError(f"data.builtin={self.builtin!r} is not one of {', '.join(BUILTINS)}")
+
+    def check_files(self) -> None:
+        """A missing data file fails here, before any model is built."""
+        if self.builtin is None:
+            resolve_files(self.path)
+
+
+class PromptSource:
+    """Tokenised prompts and the sampler that deals them out, ``prompts_per_step`` at a time."""
+
+    def __init__(self, cfg: DataSection, model_path: str, run_dir: Path, batch_size: int):
+        if cfg.builtin == "toy_addition":
+            path = run_dir / "data" / "toy_addition.jsonl"
+            if not path.is_file():
+                write_jsonl(generate_toy_dataset(cfg.builtin_size, seed=cfg.seed), path)
+            cfg = DataSection(**{**cfg.__dict__, "path": str(path), "builtin": None})
+        self.tokenizer = load_tokenizer(model_path)
+        self.dataset = load_prompts(cfg, self.tokenizer)
+        self.sampler = PromptSampler(len(self.dataset), batch_size, cfg.shuffle, cfg.seed)
+        self.domains = self.dataset.domains() or ["default"]
+
+    def next_batch(self) -> list[Prompt]:
+        return [self.dataset[i] for i in self.sampler.next_batch()]
+
+    def domain_index(self, domain: str | None) -> int:
+        return self.domains.index(domain) if domain in self.domains else 0
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)

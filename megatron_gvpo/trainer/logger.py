@@ -1,0 +1,100 @@
+"""Where a step's metrics go: TensorBoard, ``metrics.jsonl``, a one-line summary, a reward plot.
+
+Only rank 0 writes. On resume, lines of ``metrics.jsonl`` past the resumed step are dropped, so
+the file always describes one consistent run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+SUMMARY_KEYS = (
+    ("reward/mean", "reward {:.3f}"),
+    ("loss", "loss {:.4g}"),
+    ("response_length/mean", "len {:.1f}"),
+    ("rollout/logprob_abs_diff/mean", "lp_diff {:.1e}"),
+    ("time/step", "{:.1f}s"),
+)
+
+
+class MetricsLogger:
+    """TensorBoard scalars + JSON lines + stdout summary (+ PNG of the reward curve)."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.jsonl = self.run_dir / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate(resume_step)
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def _truncate(self, resume_step: int) -> None:
+        if not self.jsonl.is_file():
+            return
+        keep = [
+            line
+            for line in self.jsonl.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= resume_step
+        ]
+        self.jsonl.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in sorted(metrics.items())}}
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+        parts = [fmt.format(row[k]) for k, fmt in SUMMARY_KEYS if isinstance(row.get(k), float)]
+        print(f"step {step}: " + " | ".join(parts), flush=True)
+
+    def plot(self, key: str = "reward/mean") -> Path | None:
+        """Write ``<run_dir>/reward_curve.png`` from metrics.jsonl (all steps so far)."""
+        if not self.enabled or not self.jsonl.is_file():
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        xs = [r["step"] for r in rows if key in r]
+        ys = [r[key] for r in rows if key in r]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(xs, ys, marker=".", lw=1)
+        if len(ys) >= 5:
+            w = 5
+            smooth = [
+                sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1])
+                for i in range(len(ys))
+            ]
+            ax.plot(xs, smooth, lw=2, label="mean of last 5")
+            ax.legend()
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out = self.run_dir / "reward_curve.png"
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _plain(v: Any) -> Any:
+    """Tensors and numpy scalars as Python numbers, for JSON."""
+    return v.item() if hasattr(v, "item") else v
