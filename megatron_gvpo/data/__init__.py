@@ -1,0 +1,1 @@
+"""Prompt datasets, chat templates, the resumable prompt sampler and the toy demo task."""

@@ -1,0 +1,80 @@
+"""Deterministic, resumable prompt sampler: one permutation per epoch from (seed, epoch).
+
+Batches run on across epoch boundaries (each prompt appears once per epoch), so any batch size
+works. ``state_dict()`` is (epoch, position) plus what must match on resume; a sampler restored
+from it hands out exactly the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+
+class PromptSampler:
+    """Hands out batches of prompt indices in ``range(num_prompts)``."""
+
+    def __init__(self, num_prompts: int, batch_size: int, shuffle: bool = True, seed: int = 0):
+        if num_prompts < 1:
+            raise ValueError(f"PromptSampler needs at least one prompt, got {num_prompts}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if seed < 0:
+            raise ValueError(f"data.seed must be >= 0, got {seed}")
+        self.num_prompts, self.batch_size = num_prompts, batch_size
+        self.shuffle, self.seed = shuffle, seed
+        self.epoch, self.position = 0, 0
+        self._order_epoch, self._order = -1, np.arange(0)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The order of all prompt indices in ``epoch``: a function of (seed, epoch) only."""
+        if not self.shuffle:
+            return np.arange(self.num_prompts)
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+        return rng.permutation(self.num_prompts)
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            self._order_epoch, self._order = epoch, self.epoch_order(epoch)
+        return self._order
+
+    def next_batch(self) -> list[int]:
+        """The next ``batch_size`` indices, rolling into the next epoch(s) when one runs out."""
+        batch: list[int] = []
+        while len(batch) < self.batch_size:
+            take = min(self.batch_size - len(batch), self.num_prompts - self.position)
+            order = self._order_of(self.epoch)
+            batch.extend(order[self.position : self.position + take].tolist())
+            self.position += take
+            if self.position == self.num_prompts:
+                self.epoch, self.position = self.epoch + 1, 0
+        return batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the sampler is (epoch, position) and what a resumed sampler must share."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_prompts": self.num_prompts,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; the dataset size, seed and shuffle flag must be unchanged
+        (else the saved position points into a different order). The batch size may change."""
+        for key in ("num_prompts", "seed", "shuffle"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"sampler state was saved with {key}={state[key]!r}, this run has "
+                    f"{getattr(self, key)!r}: resuming would not continue the same prompt order"
+                )
+        if not 0 <= state["position"] < self.num_prompts or state["epoch"] < 0:
+            raise ValueError(f"sampler state out of range: {state}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
