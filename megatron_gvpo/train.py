@@ -6,6 +6,7 @@ Also the console script ``megatron-gvpo-train``. Runs the embedded CPU demo by d
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -16,6 +17,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    # megatron-core logs every DDP bucket and optimizer field at INFO; keep the run's own lines.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     from megatron_gvpo.trainer.config import run_config_from_dict
     from megatron_gvpo.trainer.loop import train
 

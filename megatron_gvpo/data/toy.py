@@ -94,7 +94,7 @@ def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
     """Write rows as JSON lines, atomically (temporary name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several ranks may write at once
     with open(tmp, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

@@ -121,7 +121,11 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict
     """Restore model, optimizer and this rank's RNG from ``ckpt``; return the trainer state."""
     ckpt = Path(ckpt)
     model_sd = model.sharded_state_dict()
-    sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
+    # is_loading: the optimizer creates its (empty) state first, so there is something to fill.
+    sharded = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True),
+    }
     state = dist_checkpointing.load(sharded, str(ckpt / "model_optim"))
     model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
