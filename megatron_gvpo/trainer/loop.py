@@ -77,10 +77,11 @@ class Trainer:
         self.cfg = cfg
         t = cfg.trainer
         self.run_dir = Path(t.run_dir)
-        # Cheap parts first: a bad data file or reward spec fails before any model is built.
+        # Cheap parts first: a bad reward spec or data file fails before any model is built
+        # (the config itself was validated whole by run_config_from_dict).
+        self.rewards = build_rewards(cfg.reward) if is_rank0() else None
         self.model_path = resolve_model_path(cfg.model)
         self.prompts = PromptSource(cfg.data, self.model_path, self.run_dir, t.prompts_per_step)
-        self.rewards = build_rewards(cfg.reward) if is_rank0() else None
         initialize(cfg.parallel)
         self.model, self.arch = self._build_model()
         self.ddp = wrap_with_ddp(self.model, use_distributed_optimizer=t.use_distributed_optimizer)

@@ -1,0 +1,236 @@
+"""The training loop end to end, run as users run it: ``python -m megatron_gvpo.train ...``.
+
+The demo model is built once per session by the trainer itself (into a temporary cache) and
+reused. Everything runs on CPU; the TP2 x PP2 run uses torchrun with 4 gloo ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, free_port
+
+# Keys that differ between two identical runs only because they measure wall time.
+_TIMING = ("time/", "sync/", "throughput/", "rollout/tokens_per_s", "rollout/generate_s")
+
+
+def _env(cache: Path, extra_path: Path | None = None) -> dict:
+    env = dict(os.environ, MEGATRON_GVPO_CACHE=str(cache), OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        str(p) for p in (REPO, extra_path, env.get("PYTHONPATH")) if p
+    )
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env
+
+
+def _train_cmd(*overrides: str, nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "megatron_gvpo.train", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "megatron_gvpo.train",
+        *overrides,
+    ]
+
+
+def train(cache: Path, *overrides: str, nproc: int = 1, ok: bool = True, extra_path=None):
+    proc = subprocess.run(
+        _train_cmd(*overrides, nproc=nproc),
+        env=_env(cache, extra_path),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def comparable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(_TIMING)}
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> Path:
+    """A cache holding the demo model, built by the trainer's own first-use path."""
+    cache = tmp_path_factory.mktemp("cache")
+    run = tmp_path_factory.mktemp("first_run")
+    proc = train(cache, f"trainer.run_dir={run}", "trainer.max_steps=1")
+    assert "building the demo model" in proc.stdout
+    assert (cache / "toy_addition_v1" / "model.safetensors").is_file()
+    return cache
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["gvpo", "grpo"])
+def test_demo_learns(demo_cache, tmp_path, algorithm):
+    """README's main command (the defaults), 60 steps: the reward curve rises by >= 0.2."""
+    run = tmp_path / "run"
+    train(demo_cache, f"trainer.run_dir={run}", f"algorithm={algorithm}")
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    first = sum(r["reward/mean"] for r in rows[:10]) / 10
+    last = sum(r["reward/mean"] for r in rows[-10:]) / 10
+    assert last - first >= 0.2, (first, last)
+    for key in ("loss", "rollout/logprob_abs_diff/mean", "time/rollout", "time/train", "grad_norm"):
+        assert all(key in r for r in rows), key
+    # Engine and actor see the same weights after every sync: fp32 logprobs agree closely.
+    assert max(r["rollout/logprob_abs_diff/max"] for r in rows) < 1e-4
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "reward_curve.png").stat().st_size > 1000
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_000040", "step_000060"]  # save_interval 20, keep_last 2
+
+
+_SLOW_REWARD = """
+import time
+from megatron_gvpo.data.toy import toy_reward
+
+def score(sample):
+    time.sleep(0.03)  # slow enough that a kill lands inside a step
+    return toy_reward(sample.response, sample.label or "")
+"""
+_SMALL = ("trainer.prompts_per_step=8", "rollout.n_samples_per_prompt=4", "trainer.save_interval=3")
+
+
+@pytest.mark.slow
+def test_resume_after_kill_gives_identical_metrics(demo_cache, tmp_path):
+    (tmp_path / "slow_reward.py").write_text(_SLOW_REWARD)
+    reward = 'reward.rewards=[{name: "slow_reward:score"}]'
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    common = (*_SMALL, "trainer.max_steps=6", reward)
+    train(demo_cache, f"trainer.run_dir={straight}", *common, extra_path=tmp_path)
+
+    proc = subprocess.Popen(
+        _train_cmd(f"trainer.run_dir={killed}", *common),
+        env=_env(demo_cache, tmp_path),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpt = killed / "checkpoints" / "step_000003" / "trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.is_file()
+    assert not (killed / "checkpoints" / "step_000006").exists(), "killed too late"
+
+    out = train(demo_cache, f"trainer.run_dir={killed}", *common, extra_path=tmp_path)
+    assert "resumed from" in out.stdout and "step_000003" in out.stdout
+    a, b = metrics(straight), metrics(killed)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for x, y in zip(a, b, strict=True):
+        assert comparable(x) == comparable(y), x["step"]
+
+
+@pytest.mark.slow
+def test_unfinished_checkpoint_write_leaves_previous_loadable(demo_cache, tmp_path):
+    """What a kill during a write leaves (a ``.tmp`` folder) is never loaded; the last complete
+    checkpoint is."""
+    run = tmp_path / "run"
+    train(demo_cache, f"trainer.run_dir={run}", *_SMALL, "trainer.max_steps=3")
+    partial = run / "checkpoints" / "step_000006.tmp"
+    shutil.copytree(run / "checkpoints" / "step_000003" / "model_optim", partial / "model_optim")
+    for f in (partial / "model_optim").iterdir():
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(f.read_bytes()[:50])  # truncated mid-write
+    out = train(demo_cache, f"trainer.run_dir={run}", *_SMALL, "trainer.max_steps=4")
+    assert "step_000003 at step 3" in out.stdout
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+
+
+_FLAKY_REWARD = """
+from megatron_gvpo.data.toy import toy_reward
+
+CALLS = [0]
+
+def score(sample):
+    CALLS[0] += 1
+    if CALLS[0] % 3 == 0:
+        raise RuntimeError("flaky reward")
+    return toy_reward(sample.response, sample.label or "")
+"""
+
+
+@pytest.mark.slow
+def test_reward_that_raises_on_a_third_is_counted_and_the_run_goes_on(demo_cache, tmp_path):
+    (tmp_path / "flaky_reward.py").write_text(_FLAKY_REWARD)
+    run = tmp_path / "run"
+    reward = 'reward.rewards=[{name: "flaky_reward:score"}]'
+    train(
+        demo_cache,
+        f"trainer.run_dir={run}",
+        *_SMALL,
+        "trainer.max_steps=3",
+        reward,
+        extra_path=tmp_path,
+    )
+    rows = metrics(run)
+    assert len(rows) == 3
+    for r in rows:
+        samples = r["reward_fn/flaky_reward:score/samples"]
+        errors = r["reward_fn/flaky_reward:score/errors"]
+        assert samples == 32 and abs(errors - samples / 3) <= 1
+
+
+@pytest.mark.slow
+def test_demo_runs_at_tp2_pp2_under_torchrun(demo_cache, tmp_path):
+    """Same first step as one process: same engine samples and rewards, same loss to 1e-5."""
+    one, four = tmp_path / "one", tmp_path / "four"
+    args = (*_SMALL, "trainer.max_steps=2")
+    train(demo_cache, f"trainer.run_dir={one}", *args)
+    train(demo_cache, f"trainer.run_dir={four}", "parallel=tp2pp2", *args, nproc=4)
+    a, b = metrics(one)[0], metrics(four)[0]
+    assert a["reward/mean"] == b["reward/mean"]
+    assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]) + 1e-9
+    assert (four / "checkpoints" / "step_000002" / "trainer_state.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["algorithm=ppo"], "algorithm/ppo"),
+        (["algorithm.name=ppo"], "algorithm.name"),
+        (["algorithm.beta=0"], "algorithm.beta"),
+        (["algorithm=dapo", "algorithm.eps_high=0.1"], "algorithm.eps_high"),
+        (["algorithm=grpo", "algorithm.ref_model=null"], "algorithm.kl_beta"),
+        (["algorithm=gr_gvpo", "data.domain_key=null"], "data.domain_key"),
+        (["parallel.tp=2"], "parallel.tp"),
+        (["data=jsonl", "data.path=/nonexistent/prompts.jsonl"], "data.path"),
+        (["trainer.max_steps=0"], "trainer.max_steps"),
+        (["trainer.bogus=1"], "trainer.bogus"),
+        (['reward.rewards=[{name: "no_such_module:fn"}]'], "no_such_module"),
+    ],
+)
+def test_bad_config_fails_before_any_model_is_built(tmp_path, overrides, key):
+    cache = tmp_path / "empty_cache"  # a model build would show up here
+    proc = train(cache, f"trainer.run_dir={tmp_path / 'run'}", *overrides, ok=False)
+    assert proc.returncode != 0
+    assert key in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert not cache.exists() or not any(cache.iterdir())
+    assert not (tmp_path / "run" / "checkpoints").exists()
