@@ -121,7 +121,14 @@ def test_resume_after_kill_gives_identical_metrics(demo_cache, tmp_path):
     (tmp_path / "slow_reward.py").write_text(_SLOW_REWARD)
     reward = 'reward.rewards=[{name: "slow_reward:score"}]'
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    common = (*_SMALL, "trainer.max_steps=6", reward)
+    # Replay and two updates per round: the buffer and the scheduler must resume exactly too.
+    common = (
+        *_SMALL,
+        "trainer.max_steps=6",
+        "trainer.replay_ratio=0.5",
+        "trainer.updates_per_round=2",
+        reward,
+    )
     train(demo_cache, f"trainer.run_dir={straight}", *common, extra_path=tmp_path)
 
     proc = subprocess.Popen(
@@ -162,6 +169,40 @@ def test_unfinished_checkpoint_write_leaves_previous_loadable(demo_cache, tmp_pa
     out = train(demo_cache, f"trainer.run_dir={run}", *_SMALL, "trainer.max_steps=4")
     assert "step_000003 at step 3" in out.stdout
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_split_groups_replay_and_hf_export(demo_cache, tmp_path):
+    """Groups split over micro-batches (step-wide group statistics), GVPO replay, two updates per
+    round, a length filter, and an HF export that transformers loads."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    train(
+        demo_cache,
+        f"trainer.run_dir={run}",
+        *_SMALL,
+        "trainer.max_steps=4",
+        "trainer.save_interval=4",
+        "trainer.replay_ratio=0.5",
+        "trainer.updates_per_round=2",
+        "trainer.keep_groups_whole=false",
+        "trainer.max_tokens_per_microbatch=32",
+        "trainer.min_response_tokens=3",
+        "trainer.export_hf=true",
+    )
+    rows = metrics(run)
+    assert rows[0].get("replay/groups", 0) == 0 and all(r["replay/groups"] > 0 for r in rows[1:])
+    assert all(r["rollout/logprob_abs_diff/max"] < 1e-4 for r in rows)
+    hf = run / "checkpoints" / "step_000004" / "hf"
+    model = AutoModelForCausalLM.from_pretrained(str(hf))
+    start = load_file(str(demo_cache / "toy_addition_v1" / "model.safetensors"))
+    trained = dict(model.named_parameters())
+    assert set(start) == set(trained)
+    changed = [n for n, w in start.items() if not torch.equal(w, trained[n].detach())]
+    assert changed  # the exported weights are the trained ones, not the starting ones
 
 
 _FLAKY_REWARD = """

@@ -279,7 +279,7 @@ class Trainer:
             for i, row in enumerate(rows)
         ]
         clock = time.perf_counter()
-        groups = self.engine.generate(requests, sampling)
+        groups = _generate_with_progress(self.engine, requests, sampling, r.max_batch_size)
         gen_s = time.perf_counter() - clock
         clock = time.perf_counter()
         inputs = [(row, s) for row, group in zip(rows, groups, strict=True) for s in group]
@@ -427,6 +427,22 @@ class Trainer:
         return {"sync/seconds": seconds, "sync/gb_per_s": nbytes / 1e9 / max(seconds, 1e-9)}
 
 
+def _generate_with_progress(engine, requests, sampling, max_batch_size: int):
+    """``engine.generate`` in chunks of about ``max_batch_size`` responses, with a rich progress
+    bar when stdout is a terminal (nothing is drawn in logs or under CI)."""
+    from rich.progress import Progress
+
+    per = max(1, max_batch_size // max(1, requests[0].n)) if requests else 1
+    chunks = [requests[i : i + per] for i in range(0, len(requests), per)]
+    groups = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task("rollout", total=sum(q.n for q in requests))
+        for chunk in chunks:
+            groups += engine.generate(chunk, sampling)
+            progress.advance(task, sum(q.n for q in chunk))
+    return groups
+
+
 def _offsets(groups):
     start = 0
     for g in groups:
@@ -466,6 +482,7 @@ def _logprob_mismatch(actor: list[torch.Tensor], engine: list[list[float]]) -> d
         return {}
     d = torch.cat(diffs)
     return {
+        "rollout/logprob_abs_diff": d.mean().item(),
         "rollout/logprob_abs_diff/mean": d.mean().item(),
         "rollout/logprob_abs_diff/max": d.max().item(),
     }
