@@ -57,11 +57,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(worker: Path, nproc: int, *args: str, timeout: int = 300):
-    """``torchrun --nproc_per_node nproc worker args`` on loopback; return the finished process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    cmd = [
+def torchrun_cmd(nproc: int, *target: str) -> list[str]:
+    """``torchrun --nproc_per_node nproc target...`` on loopback with a free port."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -71,9 +69,15 @@ def run_torchrun(worker: Path, nproc: int, *args: str, timeout: int = 300):
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        str(worker),
-        *args,
+        *target,
     ]
+
+
+def run_torchrun(worker: Path, nproc: int, *args: str, timeout: int = 300):
+    """``torchrun --nproc_per_node nproc worker args`` on loopback; return the finished process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    cmd = torchrun_cmd(nproc, str(worker), *args)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, torchrun_cmd
 
 # Keys that differ between two identical runs only because they measure wall time.
 _TIMING = ("time/", "sync/", "throughput/", "rollout/tokens_per_s", "rollout/generate_s")
@@ -35,20 +35,7 @@ def _env(cache: Path, extra_path: Path | None = None) -> dict:
 def _train_cmd(*overrides: str, nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "megatron_gvpo.train", *overrides]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "megatron_gvpo.train",
-        *overrides,
-    ]
+    return torchrun_cmd(nproc, "-m", "megatron_gvpo.train", *overrides)
 
 
 def train(cache: Path, *overrides: str, nproc: int = 1, ok: bool = True, extra_path=None):

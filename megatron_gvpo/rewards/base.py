@@ -11,6 +11,8 @@ the counts it returns (retries, parse errors, ...) are added to its ``RewardStat
 from __future__ import annotations
 
 import math
+import threading
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,3 +110,20 @@ class RewardStats:
             "failures": self.failures,
             **self.extra,
         }
+
+
+class EventCounts:
+    """Thread-safe counters a scorer reports through ``pop_counters()`` (reset on each pop)."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            self._counts[key] += 1
+
+    def pop(self) -> dict[str, int]:
+        with self._lock:
+            out, self._counts = dict(self._counts), Counter()
+        return out

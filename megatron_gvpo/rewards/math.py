@@ -16,12 +16,11 @@ from __future__ import annotations
 import functools
 import re
 import threading
-from collections import Counter
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
 
-from megatron_gvpo.rewards.base import RewardInput
+from megatron_gvpo.rewards.base import EventCounts, RewardInput
 from megatron_gvpo.rewards.registry import register_reward
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -72,18 +71,14 @@ class MathReward:
             )
         self.timeout_seconds = timeout_seconds
         self.last_number_fallback = last_number_fallback
-        self._counts: Counter[str] = Counter()
-        self._lock = threading.Lock()
+        self._events = EventCounts()
 
     def _count(self, key: str) -> None:
-        with self._lock:
-            self._counts[key] += 1
+        self._events.add(key)
 
     def pop_counters(self) -> dict[str, int]:
         """``no_answer``, ``last_number`` (fallback used), ``answer_errors`` since the last pop."""
-        with self._lock:
-            out, self._counts = dict(self._counts), Counter()
-        return out
+        return self._events.pop()
 
     def __call__(self, inp: RewardInput) -> float:
         if inp.label is None or not str(inp.label).strip():

@@ -22,14 +22,13 @@ import math
 import random
 import threading
 import time
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import requests
 
-from megatron_gvpo.rewards.base import RewardInput
+from megatron_gvpo.rewards.base import EventCounts, RewardInput
 from megatron_gvpo.rewards.guard import RateLimitedLogger
 from megatron_gvpo.rewards.registry import register_reward
 
@@ -74,7 +73,7 @@ class RemoteReward:
         self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
         self.score_key, self.send_metadata = score_key, send_metadata
         self.headers = {"Content-Type": "application/json", **(headers or {})}
-        self._counts: Counter[str] = Counter()
+        self._events = EventCounts()
         self._lock = threading.Lock()
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
@@ -162,14 +161,11 @@ class RemoteReward:
         return session
 
     def _count(self, key: str) -> None:
-        with self._lock:
-            self._counts[key] += 1
+        self._events.add(key)
 
     def pop_counters(self) -> dict[str, int]:
         """requests, retries, http_timeouts, http_errors, malformed, ... since the last pop."""
-        with self._lock:
-            out, self._counts = dict(self._counts), Counter()
-        return out
+        return self._events.pop()
 
     def close(self) -> None:
         """Stop the request threads and close the HTTP sessions."""
