@@ -143,6 +143,42 @@ def test_resume_after_kill_gives_identical_metrics(demo_cache, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigusr1_saves_the_current_step_and_exits_for_requeue(demo_cache, tmp_path):
+    """Slurm's ``--signal=USR1@T`` warning: finish the step, checkpoint it, exit 0; then resume."""
+    (tmp_path / "slow_reward.py").write_text(_SLOW_REWARD)
+    run = tmp_path / "run"
+    args = (
+        f"trainer.run_dir={run}",
+        *_SMALL,
+        "trainer.save_interval=100",
+        'reward.rewards=[{name: "slow_reward:score"}]',
+    )
+    proc = subprocess.Popen(
+        _train_cmd(*args, "trainer.max_steps=50"),
+        env=_env(demo_cache, tmp_path),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    log = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log.is_file() and len(log.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    last = metrics(run)[-1]["step"]
+    assert 2 <= last < 50 and "exiting to be resumed" in out
+    assert (run / "checkpoints" / f"step_{last:06d}" / "trainer_state.json").is_file()
+    out = train(demo_cache, *args, f"trainer.max_steps={last + 1}", extra_path=tmp_path)
+    assert f"at step {last}" in out.stdout
+    assert [r["step"] for r in metrics(run)] == list(range(1, last + 2))
+
+
+@pytest.mark.slow
 def test_unfinished_checkpoint_write_leaves_previous_loadable(demo_cache, tmp_path):
     """What a kill during a write leaves (a ``.tmp`` folder) is never loaded; the last complete
     checkpoint is."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -31,7 +32,7 @@ from megatron_gvpo.bridge.loader import build_from_checkpoint, build_from_hf
 from megatron_gvpo.models.forward import forward_backward
 from megatron_gvpo.models.gpt import ModelConfig
 from megatron_gvpo.parallel.ddp import wrap_with_ddp
-from megatron_gvpo.parallel.initialize import destroy, initialize
+from megatron_gvpo.parallel.initialize import destroy, device, initialize
 from megatron_gvpo.parallel.launch import is_rank0
 from megatron_gvpo.rewards import RewardInput
 from megatron_gvpo.rollout.base import GenerateRequest, RolloutEngine, SamplingParams
@@ -208,16 +209,24 @@ class Trainer:
     # -------------------------------------------------------------------------------- round
 
     def fit(self) -> None:
+        """Rounds until ``trainer.max_steps``, or until SIGUSR1/SIGTERM (Slurm's warning before
+        a time limit or preemption): then the current step finishes, is saved, and we exit."""
         t = self.cfg.trainer
+        stop = _StopSignal()
         self.sync_weights()
         while self.step < t.max_steps:
             self.step += 1
             metrics = self.round()
             self.logger.log(self.step, metrics)
-            if self.step % t.save_interval == 0 or self.step == t.max_steps:
+            stopping = stop.agreed()
+            if self.step % t.save_interval == 0 or self.step == t.max_steps or stopping:
                 self.save()
             if t.plot and is_rank0() and (self.step % 10 == 0 or self.step == t.max_steps):
                 self.logger.plot()
+            if stopping:
+                if is_rank0():
+                    print(f"stop signal: saved step {self.step}, exiting to be resumed", flush=True)
+                break
         self.close()
 
     def close(self) -> None:
@@ -425,6 +434,25 @@ class Trainer:
                 pass
         seconds = time.perf_counter() - clock
         return {"sync/seconds": seconds, "sync/gb_per_s": nbytes / 1e9 / max(seconds, 1e-9)}
+
+
+class _StopSignal:
+    """Records SIGUSR1/SIGTERM; ``agreed()`` is True on every rank once any rank got one."""
+
+    def __init__(self) -> None:
+        self.received = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def agreed(self) -> bool:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self.received
+        flag = torch.tensor([float(self.received)], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def _generate_with_progress(engine, requests, sampling, max_batch_size: int):
