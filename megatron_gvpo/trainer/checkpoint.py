@@ -28,6 +28,7 @@ from megatron.core import dist_checkpointing
 from safetensors.torch import load_file, save_file
 
 from megatron_gvpo.bridge.hf_io import publish_dir, staging_dir
+from megatron_gvpo.bridge.mapping import is_checkpoint_only
 from megatron_gvpo.parallel.launch import is_rank0
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -127,7 +128,11 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True),
     }
     state = dist_checkpointing.load(sharded, str(ckpt / "model_optim"))
-    model.load_state_dict(state["model"], strict=False)
+    inner = model.module if hasattr(model, "module") else model  # megatron DDP returns nothing
+    result = inner.load_state_dict(state["model"], strict=False)
+    missing = [k for k in result.missing_keys if not is_checkpoint_only(k)]
+    if missing:
+        raise KeyError(f"{ckpt}/model_optim: no weights for {', '.join(missing[:8])}")
     optimizer.load_state_dict(state["optimizer"])
     rng = ckpt / f"rng_rank{_rank()}.safetensors"
     if rng.is_file():
