@@ -128,8 +128,7 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True),
     }
     state = dist_checkpointing.load(sharded, str(ckpt / "model_optim"))
-    inner = model.module if hasattr(model, "module") else model  # megatron DDP returns nothing
-    result = inner.load_state_dict(state["model"], strict=False)
+    result = torch.nn.Module.load_state_dict(model, state["model"], strict=False)
     missing = [k for k in result.missing_keys if not is_checkpoint_only(k)]
     if missing:
         raise KeyError(f"{ckpt}/model_optim: no weights for {', '.join(missing[:8])}")
