@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_gvpo.models.fp8 import FP8Config
 from megatron_gvpo.models.hf_config import HFArch, check_parallel_layout, padded_vocab_size
 from megatron_gvpo.models.specs import layer_spec, te_available
 
@@ -30,6 +31,7 @@ class ModelConfig:
     max_sequence_length: int | None = None
     recompute_granularity: str | None = None  # None | "full" | "selective"
     use_cpu_initialization: bool | None = None  # default: True without CUDA
+    fp8: FP8Config = field(default_factory=FP8Config)  # FP8 GEMMs through Transformer Engine
 
     @property
     def dtype(self) -> torch.dtype:
@@ -46,6 +48,8 @@ def transformer_config(
     """Megatron ``TransformerConfig`` equivalent to the HF architecture (dropout off for RL)."""
     check_parallel_layout(arch, tp, pp)
     dtype = cfg.dtype
+    cfg.fp8.validate(cfg.precision, cfg.transformer_impl)
+    cfg.fp8.check_layers(arch.num_layers, pp)
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=arch.num_layers,
@@ -83,6 +87,7 @@ def transformer_config(
         recompute_granularity=cfg.recompute_granularity,
         recompute_method="uniform" if cfg.recompute_granularity == "full" else None,
         recompute_num_layers=1 if cfg.recompute_granularity == "full" else None,
+        **cfg.fp8.transformer_config_kwargs(),
     )
 
 

@@ -64,14 +64,21 @@ class RolloutBatch:
         return RolloutBatch(**kw)
 
 
-def plan_for(batch: RolloutBatch, max_tokens_per_microbatch: int, keep_groups_whole: bool = True):
-    """``data.batching.plan_step`` over this batch for the current DP size."""
+def plan_for(
+    batch: RolloutBatch,
+    max_tokens_per_microbatch: int,
+    keep_groups_whole: bool = True,
+    pad_multiple: int = 8,
+) -> StepPlan:
+    """``data.batching.plan_step`` over this batch for the current DP size (FP8 GEMMs in
+    Transformer Engine need the packed length padded to a multiple of 16)."""
     return plan_step(
         batch.lengths,
         batch.group_ids.tolist(),
         parallel_state.get_data_parallel_world_size(),
         max_tokens_per_microbatch,
         keep_groups_whole=keep_groups_whole,
+        pad_multiple=pad_multiple,
     )
 
 

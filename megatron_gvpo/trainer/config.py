@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_gvpo.algorithms.config import AlgorithmConfig, check_domains
+from megatron_gvpo.models.fp8 import FP8Config
 from megatron_gvpo.parallel.initialize import ParallelConfig, validate_layout
 from megatron_gvpo.trainer.data import DataSection
 
@@ -25,6 +26,11 @@ class ModelSection:
     transformer_impl: str = "auto"
     recompute_granularity: str | None = None
     trust_remote_code: bool = False
+    fp8: FP8Config = field(default_factory=FP8Config)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fp8, dict):  # from Hydra: the model.fp8 sub-tree
+            self.fp8 = FP8Config.from_dict(self.fp8, prefix="model.fp8")
 
 
 @dataclass
@@ -113,13 +119,18 @@ def _section(cls: type, raw: dict | None, prefix: str) -> Any:
         raise ValueError(msg if msg.startswith(f"{prefix}.") else f"{prefix}: {msg}") from None
 
 
-def run_config_from_dict(raw: dict) -> RunConfig:
-    """Build and check the whole config from a plain dict (``OmegaConf.to_container``)."""
+def sections_from_dict(raw: dict) -> RunConfig:
+    """The config's dataclasses from a plain dict; unknown keys fail, values are not checked."""
     unknown = sorted(set(raw) - set(_SECTION_TYPES) - {"hydra"})
     if unknown:
         raise ValueError(f"unknown config group {unknown[0]!r}")
     sections = {k: _section(cls, raw.get(k), k) for k, cls in _SECTION_TYPES.items()}
-    cfg = RunConfig(**sections)
+    return RunConfig(**sections)
+
+
+def run_config_from_dict(raw: dict) -> RunConfig:
+    """Build and check the whole config from a plain dict (``OmegaConf.to_container``)."""
+    cfg = sections_from_dict(raw)
     validate(cfg)
     return cfg
 
@@ -167,6 +178,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     )
     if m.precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"model.precision={m.precision!r}: fp32, bf16 or fp16")
+    if m.transformer_impl not in ("auto", "transformer_engine", "local"):
+        raise ValueError(
+            f"model.transformer_impl={m.transformer_impl!r}: auto, transformer_engine or local"
+        )
+    m.fp8.validate(m.precision, m.transformer_impl)  # hardware checks too: fail before any model
     if m.path is not None and not Path(m.path).exists():
         raise FileNotFoundError(f"model.path={m.path}: no such file or directory")
     if not cfg.reward.rewards:

@@ -103,6 +103,11 @@ class Trainer:
             if is_rank0()
             else None
         )
+        # SGLang on the training GPUs (CUDA-IPC weight sync): release its memory while training.
+        self._colocated = (
+            cfg.rollout.backend == "sglang"
+            and cfg.rollout.sglang.get("weight_sync", "tensor") == "tensor"
+        )
         self.step = 0
         self._resume()
         self.logger = MetricsLogger(self.run_dir, is_rank0(), resume_step=self.step)
@@ -118,6 +123,7 @@ class Trainer:
             precision=m.precision,
             transformer_impl=m.transformer_impl,
             recompute_granularity=m.recompute_granularity,
+            fp8=m.fp8,
         )
         return build_from_checkpoint(path, cfg) if is_ckpt else build_from_hf(path, cfg)
 
@@ -236,12 +242,14 @@ class Trainer:
         destroy()
 
     def round(self) -> dict:
-        cfg, t = self.cfg, self.cfg.trainer
+        cfg = self.cfg
         times: dict[str, float] = {}
         clock = time.perf_counter()
 
         rows = self.prompts.next_batch()
         rollout = self._rollout(rows) if is_rank0() else None
+        if self.engine is not None and self._colocated:
+            self.engine.release_memory()  # the engine shares the GPUs: give them to training
         times["time/rollout"] = time.perf_counter() - clock
         rollout = _broadcast(rollout)
         metrics = dict(rollout["metrics"])
@@ -249,7 +257,7 @@ class Trainer:
 
         batch, engine_lps = self._assemble(rows, rollout, metrics)
         clock = time.perf_counter()
-        plan = plan_for(batch, t.max_tokens_per_microbatch, t.keep_groups_whole)
+        plan = self._plan(batch)
         temperature = cfg.algorithm.temperature
         batch.old_logprobs = response_token_logprobs(self.ddp, batch, plan, temperature)
         if self.reference is not None:
@@ -373,7 +381,7 @@ class Trainer:
             if not chosen:
                 break
             sub = batch.select([i for i, g in enumerate(gids) if g in chosen])
-            plan = plan_for(sub, t.max_tokens_per_microbatch, t.keep_groups_whole)
+            plan = self._plan(sub)
             mbs = build_micro_batches(sub, plan)
             loss_fn = self._loss(sub, plan, mbs, first_update=u == 0)
             self.ddp.zero_grad_buffer()
@@ -389,6 +397,11 @@ class Trainer:
         out["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         out["lr"] = lrs[-1] if lrs else 0.0
         return out
+
+    def _plan(self, batch: RolloutBatch):
+        t = self.cfg.trainer
+        pad = 16 if self.cfg.model.fp8.enabled else 8
+        return plan_for(batch, t.max_tokens_per_microbatch, t.keep_groups_whole, pad)
 
     def _loss(self, sub: RolloutBatch, plan, mbs, first_update: bool):
         a = self.cfg.algorithm
@@ -428,6 +441,8 @@ class Trainer:
                 yield bucket
 
         if self.engine is not None:
+            if self._colocated and self.step > 0:
+                self.engine.resume_memory()
             self.engine.update_weights(counted(), version=self.step)
         else:
             for _ in counted():

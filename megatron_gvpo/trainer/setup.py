@@ -59,4 +59,16 @@ def build_engine(r: RolloutSection, model_path: str, trust_remote_code: bool) ->
         )
     from megatron_gvpo.rollout.sglang import SGLangConfig, SGLangEngine
 
-    return SGLangEngine(SGLangConfig(**{"model_path": model_path, **r.sglang}))
+    return SGLangEngine(SGLangConfig(**sglang_kwargs(r, model_path)))
+
+
+def sglang_kwargs(r: RolloutSection, model_path: str) -> dict:
+    """``SGLangConfig`` fields: ``rollout.sglang``, plus ``quantization: fp8`` for FP8 sync.
+
+    With ``rollout.fp8=true`` weights arrive as blockwise e4m3, so servers we start are told to
+    run FP8 unless ``rollout.sglang.quantization`` is set explicitly (null included).
+    """
+    kwargs = {"model_path": model_path, **r.sglang}
+    if r.fp8:
+        kwargs.setdefault("quantization", "fp8")
+    return kwargs
