@@ -479,20 +479,21 @@ def make_plan(
     return plan
 
 
+# The memory a training GPU holds, one row each in the table (plus "reserve" and "total").
+COMPONENTS = (
+    "weights",
+    "gradients",
+    "optimizer",
+    "reference_weights",
+    "activations",
+    "logprob_buffers",
+    "fp8_weight_copies",
+    "local_engine",
+)
+
+
 def _why(i: int, st: dict, s: Settings, budget: float, colocated: float) -> str:
-    parts = {
-        k: st[k]
-        for k in (
-            "weights",
-            "gradients",
-            "optimizer",
-            "reference_weights",
-            "activations",
-            "logprob_buffers",
-            "fp8_weight_copies",
-            "local_engine",
-        )
-    }
+    parts = {k: st[k] for k in COMPONENTS}
     worst = max(parts, key=parts.get)
     hints = {
         "activations": "model.recompute_granularity=full, a smaller "
@@ -527,21 +528,7 @@ def format_table(plan: Plan) -> str:
     cols = [f"stage {i}" for i in plan.stages]
     rows = [
         ("parameters (M)", lambda st: f"{st['params'] / 1e6:,.1f}"),
-        *[
-            (k, lambda st, k=k: f"{st[k] / GiB:.2f}")
-            for k in (
-                "weights",
-                "gradients",
-                "optimizer",
-                "reference_weights",
-                "activations",
-                "logprob_buffers",
-                "fp8_weight_copies",
-                "local_engine",
-                "reserve",
-                "total",
-            )
-        ],
+        *[(k, lambda st, k=k: f"{st[k] / GiB:.2f}") for k in (*COMPONENTS, "reserve", "total")],
         ("micro-batches in flight", lambda st: str(st["in_flight_microbatches"])),
     ]
     width = max(len(r[0]) for r in rows) + 2
