@@ -396,6 +396,11 @@ class Trainer:
         out = {k: sum(m.get(k, 0.0) for m in per_update) / len(per_update) for k in keys}
         out["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         out["lr"] = lrs[-1] if lrs else 0.0
+        if self.robust is not None:
+            alpha = self.robust.alpha.tolist()
+            out.update(
+                {f"robust/alpha/{d}": x for d, x in zip(self.prompts.domains, alpha, strict=True)}
+            )
         return out
 
     def _plan(self, batch: RolloutBatch):
