@@ -263,6 +263,27 @@ def test_reward_that_raises_on_a_third_is_counted_and_the_run_goes_on(demo_cache
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["dr_grpo", "dapo", "gspo", "gr_gvpo"])
+def test_every_algorithm_trains(demo_cache, tmp_path, algorithm):
+    run = tmp_path / "run"
+    train(
+        demo_cache,
+        f"trainer.run_dir={run}",
+        f"algorithm={algorithm}",
+        *_SMALL,
+        "trainer.max_steps=2",
+    )
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] > 0 for r in rows)
+    if algorithm == "gr_gvpo":  # Group-Robust alpha over the task's two domains
+        alpha = [rows[-1]["robust/alpha/carry"], rows[-1]["robust/alpha/nocarry"]]
+        assert abs(sum(alpha) - 1) < 1e-9 and alpha != [0.5, 0.5]
+        assert "worst_group_loss" in rows[-1]
+    else:
+        assert "clip_fraction" in rows[-1] and "ratio_mean" in rows[-1]
+
+
+@pytest.mark.slow
 def test_demo_runs_at_tp2_pp2_under_torchrun(demo_cache, tmp_path):
     """Same first step as one process: same engine samples and rewards, same loss to 1e-5."""
     one, four = tmp_path / "one", tmp_path / "four"
