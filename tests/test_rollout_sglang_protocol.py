@@ -404,3 +404,88 @@ def test_router_mode_generates_via_router_and_syncs_workers(tmp_path):
         router_paths, worker_paths = set(router.state.paths()), set(worker.state.paths())
     assert "/generate" in router_paths and "/update_weights_from_disk" not in router_paths
     assert "/update_weights_from_disk" in worker_paths and "/generate" not in worker_paths
+
+
+# -- per-stage distributed sync (pipeline parallelism) --------------------------------------------
+
+
+def _stage_buckets(stage: int) -> list:
+    g = torch.Generator().manual_seed(100 + stage)
+    return [
+        [(f"model.layers.{stage}.a", torch.randn(3, 2, generator=g)),
+         (f"model.layers.{stage}.b", torch.randn(4, generator=g).bfloat16())],
+        [(f"model.layers.{stage}.c", torch.randn(2, 2, generator=g))],
+    ]
+
+
+def _stage_main(spec, stage: int, version: int) -> None:
+    """One trainer 'stage' process: its own sender, its own buckets."""
+    from megatron_gvpo.rollout.sglang import StageWeightSender
+
+    sender = StageWeightSender(spec, stage)
+    try:
+        assert sender.send(iter(_stage_buckets(stage)), version) == 3
+    finally:
+        sender.close()
+
+
+def test_per_stage_senders_feed_servers_over_their_own_groups(model_dir, tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    # fakes in their own processes, as SGLang servers are (torch names groups per process)
+    cfg = SGLangConfig(model_path=str(model_dir), num_servers=2, weight_sync="distributed",
+                       dist_backend="gloo", launch_command=[sys.executable, FAKE],
+                       log_dir=str(tmp_path), **FAST)
+    with SGLangEngine(cfg) as eng:
+        spec = eng.stage_sync_spec()
+        assert spec.world_size == 3 and spec.urls == tuple(eng.urls)
+        eng.begin_update(5)
+        procs = [ctx.Process(target=_stage_main, args=(spec, k, 5)) for k in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0, 0]
+        eng.finish_update(5)
+        assert eng.weight_version == 5 and eng.stats["weight_syncs"] == 1
+        assert eng.stage_sync_spec() == spec  # same servers: groups are reused
+        logs = [get(u, "/fake/log")["log"] for u in eng.urls]
+        weights = [get(u, "/fake/weights") for u in eng.urls]
+    names = {f"{spec.group_name}_pp0", f"{spec.group_name}_pp1"}
+    sent = _stage_buckets(0) + _stage_buckets(1)
+    for log, w in zip(logs, weights, strict=True):
+        paths = sync_paths(log)
+        assert paths[0] == "/pause_generation"
+        assert paths[-3:] == ["/flush_cache", "/continue_generation", "/get_weight_version"]
+        assert sorted(paths[1:-3]) == sorted(
+            ["/init_weights_update_group"] * 2 + ["/update_weights_from_distributed"] * 4)
+        inits = [e["body"] for e in log if e["path"] == "/init_weights_update_group"]
+        assert {i["group_name"] for i in inits} == names
+        assert len({i["master_port"] for i in inits}) == 2  # one store per stage
+        middle = [e for e in log if e["path"] not in CONTROL][1:-3]
+        for name in names:  # each group exists before its updates
+            order = [e["path"] for e in middle if e["body"]["group_name"] == name]
+            assert order == ["/init_weights_update_group"] + [
+                "/update_weights_from_distributed"] * 2
+        ups = [e["body"] for e in log if e["path"] == "/update_weights_from_distributed"]
+        received = [n for u in ups for n in u["names"]]
+        assert sorted(received) == sorted(n for bucket in sent for n, _ in bucket)  # once each
+        assert all(u["weight_version"] == "5" and u["flush_cache"] is False for u in ups)
+        _assert_received(w, sent)
+
+
+def test_begin_finish_update_control_flow_and_stale_version():
+    with FakeSGLangServer() as fake, attach(fake, weight_sync="distributed") as eng:
+        eng.begin_update(2)
+        assert fake.state.paused
+        eng.abort_update()
+        assert not fake.state.paused and eng.weight_version == -1
+        eng.begin_update(2)
+        fake.state.faults["stale_version"] = True
+        with pytest.raises(SGLangError, match="reports weight version"):
+            eng.finish_update(2)
+        assert not fake.state.paused and eng.weight_version == -1
+        assert sync_paths(fake) == [
+            "/pause_generation", "/continue_generation", "/pause_generation", "/flush_cache",
+            "/continue_generation", "/get_weight_version"]

@@ -296,6 +296,34 @@ def test_demo_runs_at_tp2_pp2_under_torchrun(demo_cache, tmp_path):
     assert (four / "checkpoints" / "step_000002" / "trainer_state.json").is_file()
 
 
+@pytest.mark.slow
+def test_sglang_backend_with_per_stage_sync_against_the_protocol_fake(demo_cache, tmp_path):
+    """The trainer drives SGLangEngine at PP2 x DP2 with weight_sync=distributed: each pipeline
+    stage broadcasts its own buckets (gloo). The servers are tests/sglang_fake_server.py, a
+    PROTOCOL FAKE (fake tokens, no model): this checks the wiring, not SGLang."""
+    run = tmp_path / "run"
+    fake = [sys.executable, str(REPO / "tests" / "sglang_fake_server.py")]
+    train(
+        demo_cache,
+        f"trainer.run_dir={run}",
+        "parallel.pp=2",
+        "rollout=sglang",
+        "rollout.device=cpu",
+        "rollout.max_new_tokens=4",
+        "rollout.n_samples_per_prompt=4",
+        "trainer.prompts_per_step=4",
+        "trainer.max_steps=2",
+        "rollout.sglang.weight_sync=distributed",
+        f"++rollout.sglang.launch_command=[{','.join(fake)}]",
+        "++rollout.sglang.dist_backend=gloo",
+        "++rollout.sglang.startup_timeout_s=60",
+        nproc=4,
+    )
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["sync/gb_per_s"] > 0 and r["response_length/mean"] == 4 for r in rows)
+
+
 @pytest.mark.parametrize(
     "overrides,key",
     [

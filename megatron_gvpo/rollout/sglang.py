@@ -265,6 +265,124 @@ class _UpdateGroup:
         self.pg.broadcast([t], opts).wait()
 
 
+def _distributed_payload(bucket: NamedTensors, group_name: str, version: int) -> dict:
+    """The ``/update_weights_from_distributed`` body for one bucket."""
+    return {
+        "names": [n for n, _ in bucket],
+        "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+        "shapes": [list(t.shape) for _, t in bucket],
+        "group_name": group_name,
+        "flush_cache": False,
+        "weight_version": str(version),
+    }
+
+
+def _broadcast_bucket(group: _UpdateGroup, bucket: NamedTensors, futures: list[Future]) -> None:
+    """Broadcast a bucket's tensors while the servers' POSTs (``futures``) receive them."""
+    try:
+        for _, t in bucket:
+            group.broadcast(t)
+    except Exception as e:
+        for f in futures:  # a server that refused the request explains the hang best
+            if f.done() and f.exception() is not None:
+                raise f.exception() from e
+        raise
+    for f in futures:
+        f.result()
+
+
+@dataclass(frozen=True)
+class StageSyncSpec:
+    """What a pipeline stage's source rank needs to feed the servers itself (picklable).
+
+    Built by :meth:`SGLangEngine.stage_sync_spec` on rank 0 and broadcast to the other ranks.
+    ``group_name`` changes when a server was restarted, so stage groups are then rebuilt.
+    """
+
+    urls: tuple[str, ...]
+    tp_sizes: tuple[int, ...]
+    master_address: str
+    master_port: int  # 0: a free port per stage; else stage k uses master_port + 1 + k
+    backend: str
+    group_name: str
+    connect_timeout_s: float
+    sync_timeout_s: float
+
+    @property
+    def world_size(self) -> int:
+        return 1 + sum(self.tp_sizes)
+
+
+class StageWeightSender:
+    """Feeds one PP stage's buckets to every server over the stage's own update group.
+
+    Usable on any trainer rank (no engine needed): the group is ``<group_name>_pp<stage>``, with
+    this rank as its rank 0 and the servers' ranks after it, built on the first :meth:`send`.
+    The engine on rank 0 pauses generation before and flushes, checks and continues after.
+    """
+
+    def __init__(self, spec: StageSyncSpec, stage: int, master_address: str | None = None):
+        self.spec, self.stage = spec, stage
+        self.master_address = master_address or spec.master_address
+        self.group_name = f"{spec.group_name}_pp{stage}"
+        self._group: _UpdateGroup | None = None
+        self._pool = ThreadPoolExecutor(max(1, len(spec.urls)), thread_name_prefix="stage_sync")
+
+    def _post(self, url: str, path: str, payload: dict) -> Any:
+        try:
+            r = requests.post(f"{url}{path}", json=payload,
+                              timeout=(self.spec.connect_timeout_s, self.spec.sync_timeout_s))
+        except requests.exceptions.RequestException as e:
+            raise SGLangError(f"POST {url}{path}: {e}") from e
+        if r.status_code >= 400:
+            raise SGLangError(f"POST {url}{path} -> {r.status_code}: {r.text[:2000]}")
+        return r.json()
+
+    def _ensure_group(self) -> _UpdateGroup:
+        if self._group is not None:
+            return self._group
+        spec = self.spec
+        port = spec.master_port + 1 + self.stage if spec.master_port else 0
+        group = _UpdateGroup(self.master_address, port, spec.world_size, self.group_name,
+                             spec.backend, timedelta(seconds=spec.sync_timeout_s))
+        offsets = [1 + sum(spec.tp_sizes[:k]) for k in range(len(spec.urls))]
+        futures = [
+            self._pool.submit(self._post, url, "/init_weights_update_group", {
+                "master_address": self.master_address, "master_port": group.port,
+                "rank_offset": off, "world_size": spec.world_size,
+                "group_name": self.group_name, "backend": spec.backend,
+            })
+            for url, off in zip(spec.urls, offsets, strict=True)
+        ]
+        group.join()
+        for f in futures:
+            f.result()
+        self._group = group
+        return group
+
+    def send(self, buckets: Iterable[NamedTensors], version: int) -> int:
+        """Broadcast every bucket (one POST per server per bucket); returns the tensor count."""
+        group = self._ensure_group()
+        count = 0
+        for bucket in buckets:
+            if not bucket:
+                continue
+            count += len(bucket)
+            payload = _distributed_payload(bucket, group.name, version)
+            futures = [self._pool.submit(self._post, url, "/update_weights_from_distributed",
+                                         payload) for url in self.spec.urls]
+            try:
+                _broadcast_bucket(group, bucket, futures)
+            except Exception:
+                self._group = None  # a broken group is rebuilt on the next send
+                raise
+        return count
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._group = None
+
+
 # ---------------------------------------------------------------------------------------------
 # Servers
 
@@ -400,6 +518,8 @@ class SGLangEngine(RolloutEngine):
         self._group: _UpdateGroup | None = None
         self._group_epochs: dict[int, int] = {}
         self._group_count = 0
+        self._stage_epochs: dict[int, int] | None = None
+        self._stage_group = ""
         self._last_disk_dir: str | None = None
         self._stats = dict.fromkeys(
             ("generate_requests", "retries", "timeouts", "connection_errors", "server_errors",
@@ -728,16 +848,27 @@ class SGLangEngine(RolloutEngine):
 
     def update_weights(self, buckets: Iterable[NamedTensors], version: int) -> None:
         """Pause, load every bucket (tensor/distributed/disk), flush, continue, check version."""
-        self._check_open()
-        servers = [s for s in self._servers if not s.failed]
-        if not servers:
-            raise SGLangError("no SGLang server left to update")
+        servers = self._update_targets()
         sync = {"tensor": self._sync_tensor, "distributed": self._sync_distributed,
                 "disk": self._sync_disk}[self.cfg.weight_sync]
-        self.pause_generation()
-        done = False
+        self.begin_update(version)
         try:
             sync(servers, buckets, version)
+        except BaseException:
+            self.abort_update()
+            raise
+        self.finish_update(version)
+
+    def begin_update(self, version: int) -> None:
+        """First step of a sync driven from outside (per-stage senders): pause generation."""
+        self._update_targets()
+        self.pause_generation()
+
+    def finish_update(self, version: int) -> None:
+        """Last step of a sync: flush, continue generation, check every server's version."""
+        servers = self._update_targets()
+        done = False
+        try:
             self._each(servers, lambda s: self._call(s, "GET", "/flush_cache"))
             done = True
         finally:
@@ -752,6 +883,39 @@ class SGLangEngine(RolloutEngine):
             s.stale = False
         self._version = version
         self._bump("weight_syncs")
+
+    def abort_update(self) -> None:
+        """After a failed sync: let generation continue (best effort); the version stays."""
+        try:
+            self.continue_generation()
+        except SGLangError:
+            log.exception("continue_generation failed after a failed weight sync")
+
+    def stage_sync_spec(self) -> StageSyncSpec:
+        """What per-stage senders need; a new ``group_name`` after a server was restarted."""
+        servers = self._update_targets()
+        epochs = {s.index: s.epoch for s in servers}
+        if epochs != self._stage_epochs:
+            self._group_count += 1
+            self._stage_group = f"{self.cfg.group_name}_{self._group_count}"
+            self._stage_epochs = epochs
+        cfg = self.cfg
+        return StageSyncSpec(
+            urls=tuple(s.url for s in servers),
+            tp_sizes=tuple(self._tp_size(s) for s in servers),
+            master_address=cfg.dist_master_address, master_port=cfg.dist_master_port,
+            backend=self._backend(), group_name=self._stage_group,
+            connect_timeout_s=cfg.connect_timeout_s, sync_timeout_s=cfg.sync_timeout_s,
+        )
+
+    def _update_targets(self) -> list[_Server]:
+        servers = self._live()
+        if not servers:
+            raise SGLangError("no SGLang server left to update")
+        return servers
+
+    def _backend(self) -> str:
+        return self.cfg.dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
 
     def _check_version(self, s: _Server, version: int) -> None:
         got = self._call(s, "GET", "/get_weight_version")
@@ -797,28 +961,15 @@ class SGLangEngine(RolloutEngine):
             if not bucket:
                 continue
             count += len(bucket)
-            payload = {
-                "names": [n for n, _ in bucket],
-                "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket],
-                "group_name": group.name,
-                "flush_cache": False,
-                "weight_version": str(version),
-            }
+            payload = _distributed_payload(bucket, group.name, version)
             futures = [self._pool.submit(self._call, s, "POST", "/update_weights_from_distributed",
                                          payload, timeout=self.cfg.sync_timeout_s, retry=False)
                        for s in servers]
             try:
-                for _, t in bucket:
-                    group.broadcast(t)
-            except Exception as e:
+                _broadcast_bucket(group, bucket, futures)
+            except Exception:
                 self._group = None  # a broken group is rebuilt on the next sync
-                for f in futures:  # a server that refused the request explains the hang best
-                    if f.done() and f.exception() is not None:
-                        raise f.exception() from e
                 raise
-            for f in futures:
-                f.result()
         _require_tensors(count)
 
     def _ensure_group(self, servers: list[_Server]) -> _UpdateGroup:
@@ -827,7 +978,7 @@ class SGLangEngine(RolloutEngine):
         if self._group is not None and epochs == self._group_epochs:
             return self._group
         cfg = self.cfg
-        backend = cfg.dist_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        backend = self._backend()
         tps = [self._tp_size(s) for s in servers]
         world = 1 + sum(tps)
         self._group_count += 1

@@ -11,8 +11,10 @@ so only the rollout, the reward and the engine live on rank 0 alone.
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
+import socket
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -27,7 +29,12 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_gvpo.algorithms.group_robust import GroupRobustWeights
 from megatron_gvpo.algorithms.grpo import group_advantages
 from megatron_gvpo.algorithms.gvpo import gvpo_group_stats
-from megatron_gvpo.bridge.export import ExportConfig, bucket_nbytes, iter_buckets_on_rank0
+from megatron_gvpo.bridge.export import (
+    ExportConfig,
+    bucket_nbytes,
+    iter_buckets_on_rank0,
+    iter_stage_buckets,
+)
 from megatron_gvpo.bridge.loader import build_from_checkpoint, build_from_hf
 from megatron_gvpo.models.forward import forward_backward
 from megatron_gvpo.models.gpt import ModelConfig
@@ -36,6 +43,7 @@ from megatron_gvpo.parallel.initialize import destroy, device, initialize
 from megatron_gvpo.parallel.launch import is_rank0
 from megatron_gvpo.rewards import RewardInput
 from megatron_gvpo.rollout.base import GenerateRequest, RolloutEngine, SamplingParams
+from megatron_gvpo.rollout.sglang import StageSyncSpec, StageWeightSender
 from megatron_gvpo.trainer.batch import (
     RolloutBatch,
     build_micro_batches,
@@ -108,6 +116,13 @@ class Trainer:
             cfg.rollout.backend == "sglang"
             and cfg.rollout.sglang.get("weight_sync", "tensor") == "tensor"
         )
+        # Disaggregated SGLang with PP: each stage's source rank feeds the servers itself.
+        self._per_stage_sync = (
+            cfg.rollout.backend == "sglang"
+            and cfg.rollout.sglang.get("weight_sync", "tensor") == "distributed"
+            and cfg.parallel.pp > 1
+        )
+        self._sender: StageWeightSender | None = None
         self.step = 0
         self._resume()
         self.logger = MetricsLogger(self.run_dir, is_rank0(), resume_step=self.step)
@@ -239,6 +254,8 @@ class Trainer:
         self.logger.close()
         if self.engine is not None:
             self.engine.shutdown()
+        if self._sender is not None:
+            self._sender.close()
         destroy()
 
     def round(self) -> dict:
@@ -436,6 +453,8 @@ class Trainer:
         """Export the actor (TP gather, PP stage by stage, buckets) into rank 0's engine."""
         r = self.cfg.rollout
         cfg = ExportConfig(bucket_bytes=r.bucket_mb << 20, fp8=r.fp8)
+        if self._per_stage_sync:
+            return self._sync_weights_per_stage(cfg)
         clock = time.perf_counter()
         nbytes = 0
 
@@ -454,6 +473,69 @@ class Trainer:
                 pass
         seconds = time.perf_counter() - clock
         return {"sync/seconds": seconds, "sync/gb_per_s": nbytes / 1e9 / max(seconds, 1e-9)}
+
+    def _sync_weights_per_stage(self, cfg: ExportConfig) -> dict:
+        """Each PP stage's source rank (TP 0 of rank 0's data replica) broadcasts its own
+        stage's buckets to the servers; rank 0's engine pauses before and finishes after."""
+        clock = time.perf_counter()
+        version = self.step
+        spec, rank0_host = _broadcast(
+            (self.engine.stage_sync_spec(), socket.gethostname()) if is_rank0() else None
+        )
+        if is_rank0():
+            self.engine.begin_update(version)
+        dist.barrier()
+        nbytes, error = 0, None
+        in_replica = (
+            parallel_state.get_data_parallel_rank() == 0
+            and parallel_state.get_context_parallel_rank() == 0
+        )
+        if in_replica:
+            buckets = iter_stage_buckets(self.ddp, self.arch, cfg)
+            if parallel_state.get_tensor_model_parallel_rank() == 0:
+                nbytes, error = self._send_stage(spec, rank0_host, buckets, version)
+            for _ in buckets:  # TP peers, or a failed sender: finish the TP gathers
+                pass
+        stats = torch.tensor([float(error is not None), float(nbytes)], device=device())
+        dist.all_reduce(stats)
+        failed, nbytes = stats.tolist()
+        if is_rank0():
+            if failed:
+                self.engine.abort_update()
+            else:
+                self.engine.finish_update(version)
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError("weight sync failed on another pipeline stage's source rank")
+        seconds = time.perf_counter() - clock
+        return {"sync/seconds": seconds, "sync/gb_per_s": nbytes / 1e9 / max(seconds, 1e-9)}
+
+    def _send_stage(self, spec: StageSyncSpec, rank0_host: str, buckets, version: int):
+        """Stream this stage's buckets through its sender; returns (bytes, error or None)."""
+        if self._sender is None or self._sender.spec != spec:
+            if self._sender is not None:
+                self._sender.close()
+            # the servers reach this rank's store: rank 0's address on its node, else our own
+            address = os.environ.get("GVPO_SYNC_ADDRESS") or (
+                spec.master_address if socket.gethostname() == rank0_host
+                else socket.gethostbyname(socket.gethostname())
+            )
+            stage = parallel_state.get_pipeline_model_parallel_rank()
+            self._sender = StageWeightSender(spec, stage, address)
+        nbytes = 0
+
+        def counted():
+            nonlocal nbytes
+            for bucket in buckets:
+                nbytes += bucket_nbytes(bucket)
+                yield bucket
+
+        try:
+            self._sender.send(counted(), version)
+        except Exception as e:  # reported after every rank has finished the stage
+            return nbytes, e
+        return nbytes, None
 
 
 class _StopSignal:
