@@ -37,7 +37,12 @@ from megatron_gvpo.models.gpt import ModelConfig, build_gpt_model  # noqa: E402
 from megatron_gvpo.models.hf_config import arch_from_dict  # noqa: E402
 from megatron_gvpo.models.tiny import tiny_hf_config  # noqa: E402
 from megatron_gvpo.parallel.ddp import wrap_with_ddp  # noqa: E402
-from megatron_gvpo.parallel.initialize import ParallelConfig, destroy, initialize  # noqa: E402
+from megatron_gvpo.parallel.initialize import (  # noqa: E402
+    ParallelConfig,
+    destroy,
+    device,
+    initialize,
+)
 from megatron_gvpo.parallel.launch import is_rank0, run_on_ranks  # noqa: E402
 from megatron_gvpo.trainer.batch import (  # noqa: E402
     RolloutBatch,
@@ -92,6 +97,7 @@ def loss_only(mbs, batch, fake_logprobs) -> None:
     for lp, mb in zip(fake_logprobs, mbs, strict=True):
         s[0, mb.extra["sample_ids"]] = sequence_logprobs(lp.detach(), mb).double()
         s[1, mb.extra["sample_ids"]] = mb.extra["old_logprobs"].double().sum(-1)
+    s = s.to(device())
     dist.all_reduce(s)
     stats = gvpo_group_stats(s[0], s[1], batch.rewards.double(), batch.group_ids, BETA)
     loss_fn = GVPOMicroBatchLoss(BETA, count_groups(batch.group_ids), stats)
@@ -133,7 +139,7 @@ def worker(args) -> None:
     }
     worst = {}
     for k, v in local.items():
-        t = torch.tensor([v], dtype=torch.float64)
+        t = torch.tensor([v], dtype=torch.float64, device=device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         worst[k] = t.item()
     if is_rank0():

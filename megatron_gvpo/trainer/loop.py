@@ -518,7 +518,8 @@ class Trainer:
                 self._sender.close()
             # the servers reach this rank's store: rank 0's address on its node, else our own
             address = os.environ.get("GVPO_SYNC_ADDRESS") or (
-                spec.master_address if socket.gethostname() == rank0_host
+                spec.master_address
+                if socket.gethostname() == rank0_host
                 else socket.gethostbyname(socket.gethostname())
             )
             stage = parallel_state.get_pipeline_model_parallel_rank()
@@ -645,11 +646,11 @@ def _loss_metrics(results: list[dict]) -> dict[str, float]:
                 local[i] += float(r[k])
     present = torch.tensor([float(any(k in r for r in results)) for k in keys])
     if dist.is_initialized() and dist.get_world_size() > 1:
+        both = torch.stack([local, present.double()]).to(device())
         if parallel_state.get_tensor_model_parallel_rank() != 0:
-            local.zero_()  # the TP ranks of the last stage hold copies
-            present.zero_()
-        dist.all_reduce(local)
-        dist.all_reduce(present)
+            both.zero_()  # the TP ranks of the last stage hold copies
+        dist.all_reduce(both)
+        local, present = both.cpu()
     tot = dict(zip(keys, local.tolist(), strict=True))
     seen = {k for k, p in zip(keys, present.tolist(), strict=True) if p > 0}
     out = {k: tot[k] for k in _ADDITIVE if k in seen}
