@@ -37,11 +37,10 @@ from megatron_gvpo.bridge.export import (  # noqa: E402
     iter_buckets_on_rank0,
 )
 from megatron_gvpo.bridge.loader import build_from_hf  # noqa: E402
+from megatron_gvpo.models.gpt import PRECISIONS  # noqa: E402
 from megatron_gvpo.models.tiny import save_tiny_hf_model  # noqa: E402
 from megatron_gvpo.parallel.initialize import ParallelConfig, destroy, initialize  # noqa: E402
 from megatron_gvpo.parallel.launch import run_on_ranks  # noqa: E402
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _timed(fn) -> float:
@@ -88,7 +87,7 @@ def worker(args) -> None:
     model, arch = build_from_hf(args.hf_dir)
     cfg = ExportConfig(
         bucket_bytes=int(args.bucket_mb * (1 << 20)),
-        dtype=_DTYPES[args.export_dtype] if args.export_dtype else None,
+        dtype=PRECISIONS[args.export_dtype] if args.export_dtype else None,
         fp8=args.fp8,
     )
     engine = None
@@ -153,8 +152,8 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--dtype", choices=list(_DTYPES), default="bf16", help="model dtype")
-    p.add_argument("--export-dtype", choices=list(_DTYPES), help="cast while exporting")
+    p.add_argument("--dtype", choices=list(PRECISIONS), default="bf16", help="model dtype")
+    p.add_argument("--export-dtype", choices=list(PRECISIONS), help="cast while exporting")
     p.add_argument("--fp8", action="store_true", help="blockwise FP8 projections")
     p.add_argument("--bucket-mb", type=float, default=512)
     p.add_argument("--tp", type=int, default=1)
@@ -169,7 +168,7 @@ def main(argv=None) -> None:
                 save_tiny_hf_model(
                     Path(tmp) / "model",
                     args.family,
-                    dtype=_DTYPES[args.dtype],
+                    dtype=PRECISIONS[args.dtype],
                     hidden_size=args.hidden,
                     intermediate_size=args.intermediate,
                     num_hidden_layers=args.layers,

@@ -22,13 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_gvpo.bridge.loader import build_from_checkpoint, build_from_hf  # noqa: E402
 from megatron_gvpo.bridge.weights import gather_hf_tensors  # noqa: E402
 from megatron_gvpo.models.forward import MicroBatch, compute_logprobs, forward_backward  # noqa: E402
-from megatron_gvpo.models.gpt import ModelConfig  # noqa: E402
+from megatron_gvpo.models.gpt import PRECISIONS, ModelConfig  # noqa: E402
 from megatron_gvpo.models.hf_config import read_hf_config  # noqa: E402
 from megatron_gvpo.parallel.ddp import wrap_with_ddp  # noqa: E402
 from megatron_gvpo.parallel.initialize import ParallelConfig, destroy, initialize  # noqa: E402
 from megatron_gvpo.parallel.launch import run_on_ranks  # noqa: E402
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     "Group variance policy optimization keeps the optimum of KL-regularised reward maximisation.",
@@ -97,7 +96,7 @@ def worker(args) -> None:
         grads = {n: p.main_grad for n, p in model.named_parameters()}
         grads = gather_hf_tensors(model, arch, tensors=grads)
     if dist.get_rank() == 0:
-        ref, ref_grads = hf_reference(hf_dir, batches, _DTYPES[args.ref_precision], args.grad)
+        ref, ref_grads = hf_reference(hf_dir, batches, PRECISIONS[args.ref_precision], args.grad)
         diffs = [
             (a.float().cpu() - b).abs().max().item() for a, b in zip(logprobs, ref, strict=True)
         ]
@@ -138,9 +137,9 @@ def main(argv=None) -> None:
     p.add_argument("--mcore-dir", help="load the actor from this converted checkpoint instead")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--precision", choices=list(_DTYPES), default="fp32")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     p.add_argument(
-        "--ref-precision", choices=list(_DTYPES), default=None, help="default: --precision"
+        "--ref-precision", choices=list(PRECISIONS), default=None, help="default: --precision"
     )
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--batch", type=int, default=2)

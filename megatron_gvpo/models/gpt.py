@@ -17,7 +17,7 @@ from megatron_gvpo.models.specs import layer_spec, te_available
 
 logger = logging.getLogger(__name__)
 
-_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -35,11 +35,11 @@ class ModelConfig:
 
     @property
     def dtype(self) -> torch.dtype:
-        if self.precision not in _PRECISIONS:
+        if self.precision not in PRECISIONS:
             raise ValueError(
-                f"model.precision={self.precision!r} is not one of {', '.join(_PRECISIONS)}"
+                f"model.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}"
             )
-        return _PRECISIONS[self.precision]
+        return PRECISIONS[self.precision]
 
 
 def transformer_config(

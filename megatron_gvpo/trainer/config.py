@@ -14,6 +14,7 @@ from typing import Any
 
 from megatron_gvpo.algorithms.config import AlgorithmConfig, check_domains
 from megatron_gvpo.models.fp8 import FP8Config
+from megatron_gvpo.models.gpt import PRECISIONS
 from megatron_gvpo.parallel.initialize import ParallelConfig, validate_layout
 from megatron_gvpo.trainer.data import DataSection
 
@@ -176,8 +177,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _positive(
         "rollout", n_samples_per_prompt=r.n_samples_per_prompt, max_new_tokens=r.max_new_tokens
     )
-    if m.precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"model.precision={m.precision!r}: fp32, bf16 or fp16")
+    if m.precision not in PRECISIONS:
+        raise ValueError(f"model.precision={m.precision!r}: {', '.join(PRECISIONS)}")
     if m.transformer_impl not in ("auto", "transformer_engine", "local"):
         raise ValueError(
             f"model.transformer_impl={m.transformer_impl!r}: auto, transformer_engine or local"

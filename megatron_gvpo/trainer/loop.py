@@ -131,16 +131,19 @@ class Trainer:
 
     def _build_model(self, path: str | None = None):
         """This rank's stage from an HF folder or a converted checkpoint (default: the actor's)."""
-        m = self.cfg.model
         path = Path(path or self.model_path)
         is_ckpt = (path / "megatron_gvpo.json").is_file()
-        cfg = ModelConfig(
+        cfg = self._model_config()
+        return build_from_checkpoint(path, cfg) if is_ckpt else build_from_hf(path, cfg)
+
+    def _model_config(self) -> ModelConfig:
+        m = self.cfg.model
+        return ModelConfig(
             precision=m.precision,
             transformer_impl=m.transformer_impl,
             recompute_granularity=m.recompute_granularity,
             fp8=m.fp8,
         )
-        return build_from_checkpoint(path, cfg) if is_ckpt else build_from_hf(path, cfg)
 
     def _optimizer_config(self) -> OptimizerConfig:
         t, m = self.cfg.trainer, self.cfg.model
@@ -154,9 +157,7 @@ class Trainer:
             clip_grad=t.clip_grad,
             bf16=m.precision == "bf16",
             fp16=m.precision == "fp16",
-            params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-                m.precision
-            ],
+            params_dtype=self._model_config().dtype,
             use_distributed_optimizer=t.use_distributed_optimizer,
         )
 
