@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_gvpo.bridge.hf_io import copy_side_files, publish_dir, staging_dir
 from megatron_gvpo.bridge.mapping import is_checkpoint_only
 from megatron_gvpo.models.hf_config import HFArch, read_hf_config
-from megatron_gvpo.parallel.launch import is_rank0
+from megatron_gvpo.parallel.launch import barrier, is_rank0
 
 META_FILE = "megatron_gvpo.json"
 FORMAT_VERSION = 1
@@ -56,11 +55,6 @@ def read_meta(ckpt_dir: str | Path) -> tuple[CheckpointMeta, HFArch]:
     return meta, read_hf_config(ckpt_dir / "hf")
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save_model(
     model: torch.nn.Module, out_dir: str | Path, meta: CheckpointMeta, hf_dir: str | Path
 ) -> None:
@@ -75,12 +69,12 @@ def save_model(
         (tmp / "model").mkdir(parents=True)
         copy_side_files(hf_dir, tmp / "hf")
         (tmp / META_FILE).write_text(json.dumps(meta.__dict__, indent=2) + "\n")
-    _barrier()
+    barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
-    _barrier()
+    barrier()
     if is_rank0():
         publish_dir(out_dir)
-    _barrier()
+    barrier()
 
 
 def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:

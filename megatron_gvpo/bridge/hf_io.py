@@ -133,6 +133,28 @@ def write_index(out_dir: str | Path, weight_map: dict[str, str], total_size: int
     Path(out_dir, INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def write_bucket_shards(buckets, out_dir: str | Path) -> int:
+    """Write HF-named tensor buckets as ``model-0000k.safetensors`` shards (one per non-empty
+    bucket) plus the index into ``out_dir``; returns the number of tensors. A name seen twice is
+    an error."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k, bucket in enumerate(b for b in buckets if b):
+        shard = f"model-{k + 1:05d}.safetensors"
+        tensors = {}
+        for name, t in bucket:
+            if name in weight_map or name in tensors:
+                raise ValueError(f"tensor {name!r} appears twice in the exported buckets")
+            tensors[name] = t.detach().cpu()
+            total += t.numel() * t.element_size()
+        write_safetensors_shard(tensors, out_dir / shard)
+        weight_map.update(dict.fromkeys(tensors, shard))
+    write_index(out_dir, weight_map, total)
+    return len(weight_map)
+
+
 def copy_side_files(src: str | Path, dst: str | Path) -> None:
     """Copy config, generation config and tokenizer files (whichever exist) from src to dst."""
     Path(dst).mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,14 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def barrier() -> None:
+    """``dist.barrier()`` when torch.distributed is initialised, else nothing."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def run_on_ranks(fn: Callable, world_size: int, *args) -> None:
     """Call ``fn(*args)`` on every rank; spawns ``world_size`` local processes if needed."""
     if under_launcher():

@@ -40,8 +40,7 @@ from megatron_gvpo.bridge.hf_io import (
     copy_side_files,
     publish_dir,
     staging_dir,
-    write_index,
-    write_safetensors_shard,
+    write_bucket_shards,
 )
 from megatron_gvpo.rollout.base import (
     GenerateRequest,
@@ -1006,21 +1005,7 @@ class SGLangEngine(RolloutEngine):
         final = Path(self.cfg.sync_dir) / "weights"
         stage = staging_dir(final)
         shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir(parents=True)
-        weight_map: dict[str, str] = {}
-        total = 0
-        for k, bucket in enumerate(b for b in buckets if b):
-            shard = f"model-{k + 1:05d}.safetensors"
-            tensors = {}
-            for name, t in bucket:
-                if name in weight_map or name in tensors:
-                    raise ValueError(f"update_weights: tensor {name!r} appears twice")
-                tensors[name] = t.detach().cpu()
-                total += t.numel() * t.element_size()
-            write_safetensors_shard(tensors, stage / shard)
-            weight_map.update(dict.fromkeys(tensors, shard))
-        _require_tensors(len(weight_map))
-        write_index(stage, weight_map, total)
+        _require_tensors(write_bucket_shards(buckets, stage))
         if self.cfg.model_path and Path(self.cfg.model_path).is_dir():
             copy_side_files(self.cfg.model_path, stage)
         publish_dir(final)

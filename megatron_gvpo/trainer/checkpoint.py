@@ -29,14 +29,9 @@ from safetensors.torch import load_file, save_file
 
 from megatron_gvpo.bridge.hf_io import publish_dir, staging_dir
 from megatron_gvpo.bridge.mapping import is_checkpoint_only
-from megatron_gvpo.parallel.launch import is_rank0
+from megatron_gvpo.parallel.launch import barrier, is_rank0
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rank() -> int:
@@ -94,7 +89,7 @@ def save_checkpoint(
     if is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "model_optim").mkdir(parents=True)
-    _barrier()
+    barrier()
     model_sd = model.sharded_state_dict()
     state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
     dist_checkpointing.save(state, str(tmp / "model_optim"))
@@ -103,12 +98,12 @@ def save_checkpoint(
     (tmp / f"rng_rank{_rank()}.json").write_text(json.dumps(meta))
     if export_hf is not None:
         export_hf(tmp / "hf")
-    _barrier()
+    barrier()
     if is_rank0():
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}))
         publish_dir(final)
         _prune(checkpoint_root(run_dir), keep_last)
-    _barrier()
+    barrier()
     return final
 
 

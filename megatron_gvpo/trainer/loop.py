@@ -35,6 +35,7 @@ from megatron_gvpo.bridge.export import (
     iter_buckets_on_rank0,
     iter_stage_buckets,
 )
+from megatron_gvpo.bridge.hf_io import copy_side_files, write_bucket_shards
 from megatron_gvpo.bridge.loader import build_from_checkpoint, build_from_hf
 from megatron_gvpo.models.forward import forward_backward
 from megatron_gvpo.models.gpt import ModelConfig
@@ -215,18 +216,14 @@ class Trainer:
         )
 
     def _export_hf(self, out_dir: Path) -> None:
-        from megatron_gvpo.bridge.hf_io import copy_side_files, write_index, write_safetensors_shard
-
-        weight_map, total = {}, 0
-        for i, bucket in enumerate(iter_buckets_on_rank0(self.ddp, self.arch, ExportConfig())):
-            name = f"model-{i + 1:05d}.safetensors"
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_safetensors_shard(dict(bucket), out_dir / name)
-            weight_map.update({k: name for k, _ in bucket})
-            total += bucket_nbytes(bucket)
+        """Collective: rank 0 writes the actor as an HF checkpoint (shards, index, side files)."""
+        buckets = iter_buckets_on_rank0(self.ddp, self.arch, ExportConfig())
         if is_rank0():
-            write_index(out_dir, weight_map, total)
+            write_bucket_shards(buckets, out_dir)
             copy_side_files(self.model_path, out_dir)
+        else:
+            for _ in buckets:  # take part in the gathers and sends
+                pass
 
     # -------------------------------------------------------------------------------- round
 
