@@ -49,6 +49,7 @@ from megatron_gvpo.trainer.batch import (  # noqa: E402
     build_micro_batches,
     plan_for,
     sequence_logprobs,
+    sum_over_dp,
 )
 from megatron_gvpo.trainer.loss import (  # noqa: E402
     GVPOMicroBatchLoss,
@@ -97,8 +98,7 @@ def loss_only(mbs, batch, fake_logprobs) -> None:
     for lp, mb in zip(fake_logprobs, mbs, strict=True):
         s[0, mb.extra["sample_ids"]] = sequence_logprobs(lp.detach(), mb).double()
         s[1, mb.extra["sample_ids"]] = mb.extra["old_logprobs"].double().sum(-1)
-    s = s.to(device())
-    dist.all_reduce(s)
+    s = sum_over_dp(s, device())
     stats = gvpo_group_stats(s[0], s[1], batch.rewards.double(), batch.group_ids, BETA)
     loss_fn = GVPOMicroBatchLoss(BETA, count_groups(batch.group_ids), stats)
     for lp, mb in zip(fake_logprobs, mbs, strict=True):

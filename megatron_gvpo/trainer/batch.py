@@ -133,6 +133,18 @@ def sequence_logprobs(logprobs: Tensor, mb: MicroBatch) -> Tensor:
     return response_logprobs(logprobs, mb).sum(-1)
 
 
+def sum_over_dp(t: Tensor, device: torch.device) -> Tensor:
+    """Sum ``t`` over the data-parallel ranks (collectives run on ``device``); returned on CPU.
+
+    The exchange of per-sample values: each sample lives on one DP rank, the others hold zeros.
+    """
+    if parallel_state.get_data_parallel_world_size() == 1:
+        return t
+    t = t.to(device)
+    dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return t.cpu()
+
+
 def _pad_rows(rows: list[Tensor], width: int) -> Tensor:
     out = torch.zeros(len(rows), width, dtype=torch.float32)
     for i, r in enumerate(rows):
@@ -162,9 +174,5 @@ def response_token_logprobs(
         for row, i in zip(rows, mb.extra["sample_ids"].tolist(), strict=True):
             n = offsets[i + 1] - offsets[i]
             flat[offsets[i] : offsets[i + 1]] = row[:n]
-    if parallel_state.get_data_parallel_world_size() > 1:
-        dev = next(model.parameters()).device
-        flat = flat.to(dev)
-        dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
-        flat = flat.cpu()
+    flat = sum_over_dp(flat, next(model.parameters()).device)
     return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(batch))]

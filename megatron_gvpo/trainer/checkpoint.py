@@ -47,9 +47,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return None
-    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
-    steps = [(s, p) for s, p in steps if (p / "trainer_state.json").is_file()]
-    return max(steps)[1] if steps else None
+    steps = [p for p in _step_dirs(root) if (p / "trainer_state.json").is_file()]
+    return steps[-1] if steps else None
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Published ``step_N`` folders of ``root``, oldest first (``.tmp`` staging folders excluded)."""
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -108,8 +113,7 @@ def save_checkpoint(
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    done = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
-    for _, p in done[:-keep_last]:
+    for p in _step_dirs(root)[:-keep_last]:
         shutil.rmtree(p, ignore_errors=True)
 
 

@@ -60,7 +60,6 @@ from megatron_gvpo.trainer.loss import (
     GVPOMicroBatchLoss,
     PolicyMicroBatchLoss,
     count_groups,
-    gvpo_step_stats,
     step_seq_logprobs,
 )
 from megatron_gvpo.trainer.replay import ReplayBuffer
@@ -265,10 +264,11 @@ class Trainer:
         rollout = self._rollout(rows) if is_rank0() else None
         if self.engine is not None and self._colocated:
             self.engine.release_memory()  # the engine shares the GPUs: give them to training
-        times["time/rollout"] = time.perf_counter() - clock
         rollout = _broadcast(rollout)
         metrics = dict(rollout["metrics"])
+        # _rollout also scores; keep the phases apart so time/step counts each second once.
         times["time/reward"] = rollout["reward_seconds"]
+        times["time/rollout"] = time.perf_counter() - clock - times["time/reward"]
 
         batch, engine_lps = self._assemble(rows, rollout, metrics)
         clock = time.perf_counter()
@@ -427,25 +427,25 @@ class Trainer:
         a = self.cfg.algorithm
         if a.name == "gvpo":
             stats = None
-            if not plan.groups_whole:
-                if first_update:  # theta = theta': s = s', no extra forward pass
-                    old = torch.stack([x.double().sum() for x in sub.old_logprobs])
-                    stats = gvpo_group_stats(old, old, sub.rewards.double(), sub.group_ids, a.beta)
-                else:
-                    stats = gvpo_step_stats(
-                        self.ddp, mbs, len(sub), sub.rewards, sub.group_ids, a.beta, a.temperature
-                    )
+            if not plan.groups_whole:  # group means over the whole step, not the micro-batch
+                s, old = self._step_seq_logprobs(sub, mbs, first_update)
+                stats = gvpo_group_stats(s, old, sub.rewards.double(), sub.group_ids, a.beta)
             return GVPOMicroBatchLoss(a.beta, count_groups(sub.group_ids), stats)
         if a.name == "gr_gvpo":
-            if first_update:
-                s = old = torch.stack([x.double().sum() for x in sub.old_logprobs])
-            else:
-                s, old = step_seq_logprobs(self.ddp, mbs, len(sub), a.temperature)
+            s, old = self._step_seq_logprobs(sub, mbs, first_update)
             return GRGVPOMicroBatchLoss.for_step(
                 s, old, sub.rewards, sub.group_ids, sub.domains, self.robust, a.beta
             )
         num_seq = sum(1 for r in sub.response_ids if r)
         return PolicyMicroBatchLoss(a, num_seq, sub.num_response_tokens)
+
+    def _step_seq_logprobs(self, sub: RolloutBatch, mbs, first_update: bool):
+        """``(s, s')`` of the step's samples at the current theta. On a round's first update
+        theta = theta', so s = s' and no forward pass is needed."""
+        if first_update:
+            old = torch.stack([x.double().sum() for x in sub.old_logprobs])
+            return old, old
+        return step_seq_logprobs(self.ddp, mbs, len(sub), self.cfg.algorithm.temperature)
 
     def sync_weights(self) -> dict:
         """Export the actor (TP gather, PP stage by stage, buckets) into rank 0's engine."""

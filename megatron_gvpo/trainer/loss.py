@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 from torch import Tensor
 
 from megatron_gvpo.algorithms.config import AlgorithmConfig
@@ -37,7 +35,7 @@ from megatron_gvpo.algorithms.gvpo import (
     gvpo_sample_losses,
 )
 from megatron_gvpo.models.forward import MicroBatch, compute_logprobs
-from megatron_gvpo.trainer.batch import response_logprobs, sequence_logprobs
+from megatron_gvpo.trainer.batch import response_logprobs, sequence_logprobs, sum_over_dp
 
 
 def count_groups(group_ids: Tensor) -> int:
@@ -129,10 +127,7 @@ def step_seq_logprobs(
         ids = mb.extra["sample_ids"]
         out[0, ids] = sequence_logprobs(lp, mb).double().cpu()
         out[1, ids] = mb.extra["old_logprobs"].double().sum(-1).cpu()
-    if parallel_state.get_data_parallel_world_size() > 1:
-        out = out.to(logprobs[0].device if logprobs else out.device)
-        dist.all_reduce(out, group=parallel_state.get_data_parallel_group())
-        out = out.cpu()
+    out = sum_over_dp(out, next(model.parameters()).device)
     return out[0], out[1]
 
 
