@@ -205,6 +205,15 @@ def _parse_row(row: Any, cfg: DataConfig, source: str) -> PromptRow:
     return PromptRow(prompt, messages, answer, domain, metadata, source)
 
 
+def _skip_bad_row(cfg: DataConfig, stats: LoadStats, source: str, e: Exception) -> None:
+    """Fail naming the row, or (``data.skip_bad_rows``) count it and keep the first reasons."""
+    if not cfg.skip_bad_rows:
+        raise DataError(f"{source}: {e} (set data.skip_bad_rows to skip)") from None
+    stats.bad += 1
+    if len(stats.bad_examples) < 5:
+        stats.bad_examples.append(f"{source}: {e}")
+
+
 def read_rows(cfg: DataConfig) -> tuple[list[PromptRow], LoadStats]:
     """Read and validate every row (no tokenizer needed): fails on the first malformed row,
     naming its file and line (JSONL, 1-based) or row (parquet, 0-based), unless skipped."""
@@ -216,11 +225,7 @@ def read_rows(cfg: DataConfig) -> tuple[list[PromptRow], LoadStats]:
             try:
                 rows.append(_parse_row(raw, cfg, source))
             except _BadRow as e:
-                if not cfg.skip_bad_rows:
-                    raise DataError(f"{source}: {e} (set data.skip_bad_rows to skip)") from None
-                stats.bad += 1
-                if len(stats.bad_examples) < 5:
-                    stats.bad_examples.append(f"{source}: {e}")
+                _skip_bad_row(cfg, stats, source, e)
     return rows, stats
 
 
@@ -261,9 +266,7 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
         try:
             texts.append(_render(row, tokenizer, cfg))
         except _BadRow as e:
-            if not cfg.skip_bad_rows:
-                raise DataError(f"{row.source}: {e} (set data.skip_bad_rows to skip)") from None
-            stats.bad += 1
+            _skip_bad_row(cfg, stats, row.source, e)
             continue
         flags.append(row.messages is not None or cfg.apply_chat_template)
         kept_rows.append(row)

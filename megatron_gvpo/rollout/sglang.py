@@ -276,6 +276,19 @@ def _distributed_payload(bucket: NamedTensors, group_name: str, version: int) ->
     }
 
 
+def _broadcast_buckets(group, buckets: Iterable[NamedTensors], version: int,
+                       submit: Callable[[dict], list[Future]]) -> int:
+    """Per non-empty bucket: ``submit`` the update POSTs, broadcast its tensors; returns the
+    tensor count. The same for rank 0's engine and every stage's sender."""
+    count = 0
+    for bucket in buckets:
+        if not bucket:
+            continue
+        count += len(bucket)
+        _broadcast_bucket(group, bucket, submit(_distributed_payload(bucket, group.name, version)))
+    return count
+
+
 def _broadcast_bucket(group: _UpdateGroup, bucket: NamedTensors, futures: list[Future]) -> None:
     """Broadcast a bucket's tensors while the servers' POSTs (``futures``) receive them."""
     try:
@@ -362,20 +375,14 @@ class StageWeightSender:
     def send(self, buckets: Iterable[NamedTensors], version: int) -> int:
         """Broadcast every bucket (one POST per server per bucket); returns the tensor count."""
         group = self._ensure_group()
-        count = 0
-        for bucket in buckets:
-            if not bucket:
-                continue
-            count += len(bucket)
-            payload = _distributed_payload(bucket, group.name, version)
-            futures = [self._pool.submit(self._post, url, "/update_weights_from_distributed",
-                                         payload) for url in self.spec.urls]
-            try:
-                _broadcast_bucket(group, bucket, futures)
-            except Exception:
-                self._group = None  # a broken group is rebuilt on the next send
-                raise
-        return count
+        try:
+            return _broadcast_buckets(group, buckets, version, lambda payload: [
+                self._pool.submit(self._post, url, "/update_weights_from_distributed", payload)
+                for url in self.spec.urls
+            ])
+        except Exception:
+            self._group = None  # a broken group is rebuilt on the next send
+            raise
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -955,20 +962,15 @@ class SGLangEngine(RolloutEngine):
                           version: int) -> None:
         """Disaggregated: per bucket, POST the names while rank 0 broadcasts the tensors."""
         group = self._ensure_group(servers)
-        count = 0
-        for bucket in buckets:
-            if not bucket:
-                continue
-            count += len(bucket)
-            payload = _distributed_payload(bucket, group.name, version)
-            futures = [self._pool.submit(self._call, s, "POST", "/update_weights_from_distributed",
-                                         payload, timeout=self.cfg.sync_timeout_s, retry=False)
-                       for s in servers]
-            try:
-                _broadcast_bucket(group, bucket, futures)
-            except Exception:
-                self._group = None  # a broken group is rebuilt on the next sync
-                raise
+        try:
+            count = _broadcast_buckets(group, buckets, version, lambda payload: [
+                self._pool.submit(self._call, s, "POST", "/update_weights_from_distributed",
+                                  payload, timeout=self.cfg.sync_timeout_s, retry=False)
+                for s in servers
+            ])
+        except Exception:
+            self._group = None  # a broken group is rebuilt on the next sync
+            raise
         _require_tensors(count)
 
     def _ensure_group(self, servers: list[_Server]) -> _UpdateGroup:
