@@ -12,6 +12,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from megatron_gvpo.trainer.config import register_configs, run_config_from_dict
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -19,12 +21,13 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 def main(cfg: DictConfig) -> None:
     # megatron-core logs every DDP bucket and optimizer field at INFO; keep the run's own lines.
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    from megatron_gvpo.trainer.config import run_config_from_dict
     from megatron_gvpo.trainer.loop import train
 
     raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     train(run_config_from_dict(raw))
 
+
+register_configs()  # the schemas every YAML in configs/ starts from
 
 if __name__ == "__main__":
     main()

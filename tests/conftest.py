@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from megatron_gvpo.parallel.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -49,12 +50,6 @@ def run_tool(script: str, *args: str, expect_ok: bool = True, timeout: int = 600
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
     return proc.returncode, proc.stdout, proc.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_cmd(nproc: int, *target: str) -> list[str]:

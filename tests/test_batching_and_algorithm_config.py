@@ -7,8 +7,9 @@ import random
 import pytest
 import torch
 
-from megatron_gvpo.algorithms.config import AlgorithmConfig, check_domains
 from megatron_gvpo.data.batching import pack_sequences, plan_step
+from megatron_gvpo.trainer.config import sections_from_dict, validate
+from megatron_gvpo.trainer.objectives import algorithm_config
 
 
 def _random_step(seed: int, num_groups: int = 9):
@@ -91,29 +92,35 @@ def test_pack_sequences_indexes_response_tokens():
 )
 def test_algorithm_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        AlgorithmConfig(**kwargs)
+        algorithm_config(**kwargs)
 
 
 def test_reference_model_only_when_a_kl_term_needs_it():
-    assert not AlgorithmConfig(name="gvpo").needs_reference
-    assert not AlgorithmConfig(name="dapo").needs_reference
-    assert AlgorithmConfig(name="grpo", ref_model="init").needs_reference
-    assert not AlgorithmConfig(name="grpo", kl_beta=0.0).needs_reference
-    assert AlgorithmConfig(name="dapo", eps_high=None).policy_loss_config().eps_high == 0.28
+    assert not algorithm_config(name="gvpo").needs_reference
+    assert not algorithm_config(name="dapo").needs_reference
+    assert algorithm_config(name="grpo", ref_model="init").needs_reference
+    assert not algorithm_config(name="grpo", kl_beta=0.0).needs_reference
+    assert algorithm_config(name="dapo", eps_high=None).policy_loss_config().eps_high == 0.28
+
+
+def _check_domains(name: str, domain_key):
+    cfg = sections_from_dict({"algorithm": {"name": name}, "data": {"builtin": "toy_addition"}})
+    cfg.data.domain_key = domain_key
+    validate(cfg, world_size=1)
 
 
 def test_group_robust_needs_domain_labels():
     with pytest.raises(ValueError, match="data.domain_key"):
-        check_domains(AlgorithmConfig(name="gr_gvpo"), None)
-    check_domains(AlgorithmConfig(name="gr_gvpo"), "domain")
-    check_domains(AlgorithmConfig(name="gvpo"), None)
+        _check_domains("gr_gvpo", None)
+    _check_domains("gr_gvpo", "domain")
+    _check_domains("gvpo", None)
 
 
 def test_gvpo_microbatch_losses_sum_to_the_whole_batch_loss():
     """Split by hand over 'micro-batches' with step-wide stats; compare with a float64 formula."""
-    from megatron_gvpo.algorithms.gvpo import gvpo_group_stats
+    from megatron_gvpo.algorithms.gvpo import gvpo_group_stats, num_counted_groups
     from megatron_gvpo.models.forward import MicroBatch
-    from megatron_gvpo.trainer.loss import GVPOMicroBatchLoss, count_groups
+    from megatron_gvpo.trainer.objectives.gvpo import GVPOMicroBatchLoss
 
     g = torch.Generator().manual_seed(0)
     gids = torch.tensor([3, 3, 3, 9, 9, 4, 7, 7, 7, 7])
@@ -126,7 +133,7 @@ def test_gvpo_microbatch_losses_sum_to_the_whole_batch_loss():
     s = (tok * mask).sum(-1)
     beta = 0.3
     stats = gvpo_group_stats(s.detach(), old.sum(-1), rewards, gids, beta)
-    loss_fn = GVPOMicroBatchLoss(beta, count_groups(gids), stats)
+    loss_fn = GVPOMicroBatchLoss(beta, num_counted_groups(gids), stats)
     total = 0.0
     for ids in ([0, 5, 6], [1, 2, 3, 7], [4, 8, 9]):  # every group split somewhere
         idx = torch.tensor(ids)

@@ -14,7 +14,7 @@ from conftest import last_json, run_tool
 from megatron_gvpo.data.prompts import DataConfig, DataError, load_prompts, read_rows
 from megatron_gvpo.data.sampler import PromptSampler
 from megatron_gvpo.data.tokenizer import load_tokenizer
-from megatron_gvpo.data.toy import (
+from megatron_gvpo.demo.task import (
     build_char_tokenizer,
     generate_toy_dataset,
     save_char_tokenizer,
@@ -287,12 +287,12 @@ def test_toy_dataset_splits_and_loading(tmp_path):
 # ---------------------------------------------------------------- warm-start tool
 
 
-def test_make_tiny_model_writes_a_loadable_folder(tmp_path):
+def test_make_demo_model_writes_a_loadable_folder(tmp_path):
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     out = tmp_path / "hf"
     args = ("--steps", "4", "--eval-prompts", "8", "--eval-samples", "1")
-    _, stdout, _ = run_tool("make_tiny_model.py", "--out-dir", str(out), *args, timeout=120)
+    _, stdout, _ = run_tool("make_demo_model.py", "--out-dir", str(out), *args, timeout=120)
     result = last_json(stdout)
     assert result["steps"] == 4 and 0 <= result["sampled_reward"] <= 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # staging folder renamed away
@@ -306,8 +306,8 @@ def test_make_tiny_model_writes_a_loadable_folder(tmp_path):
     assert model(ids).logits.shape == (1, 7, len(tok))
 
 
-def test_make_tiny_model_is_deterministic():
-    from megatron_gvpo.data.toy_model import WarmStartConfig, train
+def test_make_demo_model_is_deterministic():
+    from megatron_gvpo.demo.model import WarmStartConfig, train
 
     cfg = WarmStartConfig(seed=3, steps=3, batch_size=8)
     a = train(cfg, build_char_tokenizer()).state_dict()

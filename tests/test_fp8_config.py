@@ -221,8 +221,7 @@ def test_trainer_command_fails_before_any_model_is_built(tmp_path, overrides, me
 
 def test_sglang_kwargs_default_to_fp8_quantization_with_fp8_sync():
     from megatron_gvpo.rollout.sglang import SGLangConfig
-    from megatron_gvpo.trainer.config import RolloutSection
-    from megatron_gvpo.trainer.setup import sglang_kwargs
+    from megatron_gvpo.trainer.config import RolloutSection, sglang_kwargs
 
     on = sglang_kwargs(RolloutSection(backend="sglang", fp8=True, sglang={"tp_size": 2}), "/m")
     assert on == {"model_path": "/m", "tp_size": 2, "quantization": "fp8"}

@@ -82,7 +82,9 @@ def test_demo_learns(demo_cache, tmp_path, algorithm):
     first = sum(r["reward/mean"] for r in rows[:10]) / 10
     last = sum(r["reward/mean"] for r in rows[-10:]) / 10
     assert last - first >= 0.2, (first, last)
-    for key in ("loss", "rollout/logprob_abs_diff/mean", "time/rollout", "time/train", "grad_norm"):
+    keys = ("loss", "rollout/logprob_abs_diff/mean", "time/rollout", "time/train", "grad_norm")
+    keys += ("entropy", "delta_std", "c_std", "reward_var_explained") if algorithm == "gvpo" else ()
+    for key in keys:
         assert all(key in r for r in rows), key
     # Engine and actor see the same weights after every sync: fp32 logprobs agree closely.
     assert max(r["rollout/logprob_abs_diff/max"] for r in rows) < 1e-4
@@ -94,7 +96,7 @@ def test_demo_learns(demo_cache, tmp_path, algorithm):
 
 _SLOW_REWARD = """
 import time
-from megatron_gvpo.data.toy import toy_reward
+from megatron_gvpo.demo.task import toy_reward
 
 def score(sample):
     time.sleep(0.03)  # slow enough that a kill lands inside a step
@@ -229,7 +231,7 @@ def test_split_groups_replay_and_hf_export(demo_cache, tmp_path):
 
 
 _FLAKY_REWARD = """
-from megatron_gvpo.data.toy import toy_reward
+from megatron_gvpo.demo.task import toy_reward
 
 CALLS = [0]
 
@@ -275,12 +277,17 @@ def test_every_algorithm_trains(demo_cache, tmp_path, algorithm):
     )
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] > 0 for r in rows)
+    assert all(0 < r["entropy"] < 10 for r in rows)  # mean response-token entropy (nats)
     if algorithm == "gr_gvpo":  # Group-Robust alpha over the task's two domains
         alpha = [rows[-1]["robust/alpha/carry"], rows[-1]["robust/alpha/nocarry"]]
         assert abs(sum(alpha) - 1) < 1e-9 and alpha != [0.5, 0.5]
         assert "worst_group_loss" in rows[-1]
-    else:
-        assert "clip_fraction" in rows[-1] and "ratio_mean" in rows[-1]
+        losses = [rows[-1][f"robust/group_loss/{d}"] for d in ("carry", "nocarry")]
+        assert rows[-1]["worst_group_loss"] == pytest.approx(max(losses))
+    else:  # every diagnostic of the clipped-ratio losses reaches the log
+        last = rows[-1]
+        assert {"clip_fraction", "ratio_mean", "pg_loss", "num_tokens"} <= set(last)
+        assert last["ratio_min"] <= last["ratio_mean"] <= last["ratio_max"]
 
 
 @pytest.mark.slow
@@ -322,6 +329,10 @@ def test_sglang_backend_with_per_stage_sync_against_the_protocol_fake(demo_cache
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["sync/gb_per_s"] > 0 and r["response_length/mean"] == 4 for r in rows)
+    # The engine's own counters reach the log, read at each rollout: one /generate per response;
+    # by step 2's rollout, the start-up sync and step 1's.
+    assert rows[-1]["engine/generate_requests"] == 2 * 4 * 4
+    assert rows[-1]["engine/weight_syncs"] == 2 and rows[-1]["engine/retries"] == 0
 
 
 @pytest.mark.parametrize(
@@ -338,6 +349,11 @@ def test_sglang_backend_with_per_stage_sync_against_the_protocol_fake(demo_cache
         (["trainer.max_steps=0"], "trainer.max_steps"),
         (["trainer.bogus=1"], "trainer.bogus"),
         (['reward.rewards=[{name: "no_such_module:fn"}]'], "no_such_module"),
+        (["trainer.lr=5e-5"], "trainer.min_lr"),  # the demo's floor is 1e-4
+        (["trainer.max_steps=2.5"], "trainer.max_steps"),
+        (["algorithm.eps_low=0.2"], "algorithm.eps_low"),  # GVPO has no clip
+        (["rollout=sglang", "+rollout.sglang.bogus=1"], "rollout.sglang.bogus"),
+        (["rollout=sglang", "rollout.sglang.weight_sync=nccl"], "rollout.sglang"),
     ],
 )
 def test_bad_config_fails_before_any_model_is_built(tmp_path, overrides, key):

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_gvpo.algorithms.gvpo import gvpo_group_stats  # noqa: E402
+from megatron_gvpo.algorithms.gvpo import gvpo_group_stats, num_counted_groups  # noqa: E402
 from megatron_gvpo.models.forward import forward_backward  # noqa: E402
 from megatron_gvpo.models.gpt import ModelConfig, build_gpt_model  # noqa: E402
 from megatron_gvpo.models.hf_config import arch_from_dict  # noqa: E402
@@ -49,13 +49,10 @@ from megatron_gvpo.trainer.batch import (  # noqa: E402
     build_micro_batches,
     plan_for,
     sequence_logprobs,
+    step_seq_logprobs,
     sum_over_dp,
 )
-from megatron_gvpo.trainer.loss import (  # noqa: E402
-    GVPOMicroBatchLoss,
-    count_groups,
-    gvpo_step_stats,
-)
+from megatron_gvpo.trainer.objectives.gvpo import GVPOMicroBatchLoss  # noqa: E402
 
 BETA = 0.1
 
@@ -100,7 +97,7 @@ def loss_only(mbs, batch, fake_logprobs) -> None:
         s[1, mb.extra["sample_ids"]] = mb.extra["old_logprobs"].double().sum(-1)
     s = sum_over_dp(s, device())
     stats = gvpo_group_stats(s[0], s[1], batch.rewards.double(), batch.group_ids, BETA)
-    loss_fn = GVPOMicroBatchLoss(BETA, count_groups(batch.group_ids), stats)
+    loss_fn = GVPOMicroBatchLoss(BETA, num_counted_groups(batch.group_ids), stats)
     for lp, mb in zip(fake_logprobs, mbs, strict=True):
         loss, _ = loss_fn(lp, None, mb)
         loss.backward()
@@ -122,7 +119,7 @@ def worker(args) -> None:
         .requires_grad_()
         for _ in mbs
     ]
-    loss_fn = GVPOMicroBatchLoss(BETA, count_groups(batch.group_ids))
+    loss_fn = GVPOMicroBatchLoss(BETA, num_counted_groups(batch.group_ids))
 
     def train_step():
         ddp.zero_grad_buffer()
@@ -130,7 +127,8 @@ def worker(args) -> None:
         ddp.finish_grad_sync()
 
     def stats_forward():
-        gvpo_step_stats(ddp, mbs, len(batch), batch.rewards, batch.group_ids, BETA)
+        s, old = step_seq_logprobs(ddp, mbs, len(batch))
+        gvpo_group_stats(s, old, batch.rewards.double(), batch.group_ids, BETA)
 
     local = {
         "loss_s": _timed(lambda: loss_only(mbs, batch, fake), args.repeats),

@@ -51,9 +51,11 @@ from the architecture; D = data-parallel size):
   / TP (bf16, or blockwise FP8 with ``rollout.fp8``: 1 byte + a 4-byte scale per 128 x 128 block
   for decoder linears) inside ``mem_fraction_static`` x GPU memory; the rest of that fraction is
   KV cache (bf16, ``2 L ceil(g / t) d`` elements per token), which must hold at least one
-  full request. With ``weight_sync: tensor`` (CUDA IPC) the servers share the training GPUs and,
-  since the loop does not release their memory, training gets only ``1 - mem_fraction_static``
-  of each GPU (``--engine-offload`` assumes it is released while training).
+  full request. With ``weight_sync: tensor`` (CUDA IPC) the servers share the training GPUs.
+  The loop asks them to release weights and KV cache after each rollout
+  (``trainer/sync.py``), which frees memory only on servers started with
+  ``--enable-memory-saver``; the plan assumes training gets only ``1 - mem_fraction_static`` of
+  each GPU unless ``--engine-offload`` says the servers do release it.
 
 Not measured: these figures have not been compared with ``torch.cuda.max_memory_allocated`` on a
 GPU; DDP bucket padding, pipeline send/receive buffers and CUDA graphs are not counted.
@@ -367,7 +369,7 @@ def resolve_arch(args: argparse.Namespace, model: dict) -> tuple[HFArch, int | N
         return read_hf_config(args.hf_config), None, str(args.hf_config)
     path = model.get("path")
     if path is None:
-        from megatron_gvpo.trainer.setup import DEMO_MODEL
+        from megatron_gvpo.demo.model import DEMO_MODEL
 
         path = Path(model["demo_cache_dir"]).expanduser() / DEMO_MODEL
         if not (path / "config.json").is_file():

@@ -1,6 +1,9 @@
-"""Vectorised helpers for per-group reductions over integer group ids (no Python loop over groups)."""
+"""Vectorised helpers for per-group reductions over integer group ids (no Python loop over groups),
+and the argument checks the losses share."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -30,3 +33,27 @@ def group_sum(values: Tensor, inverse: Tensor, num_groups: int) -> Tensor:
     """Sum ``values`` ``[N]`` into ``[num_groups]`` by ``inverse`` (differentiable)."""
     out = values.new_zeros(num_groups)
     return out.index_add(0, inverse, values)
+
+
+def check_beta(beta: float) -> float:
+    """``beta`` as a float; a ValueError unless it is a positive finite number."""
+    try:
+        b = float(beta)
+    except (TypeError, ValueError):
+        raise ValueError(f"beta must be a positive finite number, got {beta!r}") from None
+    if not math.isfinite(b) or b <= 0.0:
+        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+    return b
+
+
+def first_of_group(group_ids: Tensor) -> Tensor:
+    """``[N]`` bool: True at the first sample of each group (one count per group)."""
+    _, inverse, counts = group_index(group_ids)
+    n = group_ids.numel()
+    first = torch.full((counts.numel(),), n, dtype=torch.int64, device=group_ids.device)
+    first = first.scatter_reduce(
+        0, inverse, torch.arange(n, device=group_ids.device), reduce="amin"
+    )
+    mask = torch.zeros(n, dtype=torch.bool, device=group_ids.device)
+    mask[first] = True
+    return mask

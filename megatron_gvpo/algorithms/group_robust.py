@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_gvpo.algorithms._groups import check_group_ids, group_index, group_sum
+from megatron_gvpo.algorithms._groups import (
+    check_beta,
+    check_group_ids,
+    first_of_group,
+    group_index,
+    group_sum,
+)
 from megatron_gvpo.algorithms.gvpo import GVPOGroupStats, gvpo_sample_losses
 
 __all__ = [
@@ -50,15 +56,6 @@ __all__ = [
     "preference_margin",
 ]
 
-
-def _check_beta(beta: float) -> float:
-    try:
-        b = float(beta)
-    except (TypeError, ValueError):
-        raise ValueError(f"beta must be a positive finite number, got {beta!r}") from None
-    if not math.isfinite(b) or b <= 0:
-        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
-    return b
 
 
 # ------------------------------------------------------------------------------ pair losses
@@ -88,12 +85,12 @@ def preference_margin(
 
 def dpo_pair_loss(h: Tensor, beta: float) -> Tensor:
     """DPO per-pair loss ``-log sigmoid(beta * h)`` (numerically stable)."""
-    return -F.logsigmoid(_check_beta(beta) * h)
+    return -F.logsigmoid(check_beta(beta) * h)
 
 
 def ipo_pair_loss(h: Tensor, beta: float) -> Tensor:
     """IPO per-pair loss ``(h - 1 / (2 beta))^2``."""
-    return (h - 1.0 / (2.0 * _check_beta(beta))).square()
+    return (h - 1.0 / (2.0 * check_beta(beta))).square()
 
 
 # ---------------------------------------------------------------------------------- weights
@@ -332,6 +329,12 @@ def gr_ipo_loss(
 # ------------------------------------------------------------------------- domain-robust GVPO
 
 
+def domain_group_counters(group_ids: Tensor, counted: Tensor) -> Tensor:
+    """``[N]`` bool: the samples that count their prompt group towards its domain's ``N_d`` (the
+    first sample of each group with k >= 2; ``counted`` is ``gvpo_sample_losses``' mask)."""
+    return first_of_group(group_ids) & counted.to(group_ids.device)
+
+
 def domain_robust_gvpo_loss(
     seq_logprobs: Tensor,
     old_seq_logprobs: Tensor,
@@ -374,14 +377,7 @@ def domain_robust_gvpo_loss(
     hi = hi.scatter_reduce(0, inverse, labels, reduce="amax")
     if bool((lo != hi).any()):
         raise ValueError("domain_labels must be constant within each prompt group (group_ids)")
-    # One count per counted group: mark the first sample of each group (locally).
-    first = torch.full((ng,), q.numel(), dtype=torch.int64, device=q.device)
-    first = first.scatter_reduce(
-        0, inverse, torch.arange(q.numel(), device=q.device), reduce="amin"
-    )
-    is_first = torch.zeros(q.numel(), dtype=torch.bool, device=q.device)
-    is_first[first] = True
-    count_items = (is_first & counted).to(q.dtype)
+    count_items = domain_group_counters(ids, counted).to(q.dtype)
     loss, metrics = _robust_step(
         q, labels, weights, update_weights, domain_loss_sums, domain_counts, count_items
     )

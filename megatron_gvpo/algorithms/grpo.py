@@ -1,5 +1,8 @@
 """The GRPO family as pure tensor losses: GRPO, Dr.GRPO, DAPO, GSPO.
 
+(One module for the four: they share the clipped surrogate, the KL term and the normalisers below,
+and differ only in aggregation, so the table below is their whole specification.)
+
 Token-level inputs are ``[B, T]`` tensors aligned on response tokens: ``logprobs`` (theta, with
 grad), ``old_logprobs`` (the sampling policy), optional ``ref_logprobs`` (frozen reference) and a
 ``response_mask`` (bool or 0/1) that is true on response tokens. Values at masked-out positions are

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megatron_gvpo.algorithms._groups import check_group_ids, group_index, group_sum
+from megatron_gvpo.algorithms._groups import check_beta, check_group_ids, group_index, group_sum
 
 __all__ = [
     "GVPOGroupStats",
@@ -50,17 +50,9 @@ __all__ = [
     "gvpo_loss",
     "gvpo_loss_terms",
     "gvpo_sample_losses",
+    "num_counted_groups",
 ]
 
-
-def _check_beta(beta: float) -> float:
-    try:
-        b = float(beta)
-    except (TypeError, ValueError):
-        raise ValueError(f"beta must be a positive finite number, got {beta!r}") from None
-    if not math.isfinite(b) or b <= 0.0:
-        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
-    return b
 
 
 def _check_inputs(
@@ -108,12 +100,12 @@ class GVPOGroupStats:
     @property
     def num_counted(self) -> int:
         """Groups with at least 2 samples: the GVPO normaliser."""
-        return int((self.size >= 2).sum().item())
+        return _num_counted(self.size)
 
     @property
     def num_dropped(self) -> int:
         """Groups of size 1 (no signal, not counted)."""
-        return int((self.size < 2).sum().item())
+        return self.size.numel() - self.num_counted
 
     def lookup(self, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-sample ``(size, mean_delta, mean_reward)`` for ``group_ids`` ``[N]``.
@@ -134,6 +126,17 @@ class GVPOGroupStats:
         return self.size[idx], self.mean_delta[idx], self.mean_reward[idx]
 
 
+def _num_counted(sizes: Tensor) -> int:
+    return int((sizes >= 2).sum().item())
+
+
+def num_counted_groups(group_ids: Tensor) -> int:
+    """Groups of ``group_ids`` with at least 2 samples: the GVPO normaliser, known before any
+    forward pass (size-1 groups carry no signal)."""
+    _, _, counts = group_index(group_ids.to(torch.int64))
+    return _num_counted(counts)
+
+
 @torch.no_grad()
 def gvpo_group_stats(
     seq_logprobs: Tensor,
@@ -143,7 +146,7 @@ def gvpo_group_stats(
     beta: float,
 ) -> GVPOGroupStats:
     """Detached group statistics of a (whole, gathered) batch; see the module docstring."""
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     ids = _check_inputs(seq_logprobs, old_seq_logprobs, rewards, group_ids)
     dtype = _compute_dtype(seq_logprobs)
     delta = beta * (seq_logprobs.detach().to(dtype) - old_seq_logprobs.detach().to(dtype))
@@ -172,7 +175,7 @@ def _terms(
     group_stats: GVPOGroupStats | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, GVPOGroupStats]:
     """``(q, c, counted, delta, centered_reward, stats)``; q, c, delta carry the graph."""
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     ids = _check_inputs(seq_logprobs, old_seq_logprobs, rewards, group_ids)
     if group_stats is None:
         group_stats = gvpo_group_stats(seq_logprobs, old_seq_logprobs, rewards, ids, beta)

@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 
 from megatron_gvpo.bridge.fp8 import DEFAULT_BLOCK, quantize_named
 from megatron_gvpo.bridge.weights import iter_hf_tensors
+from megatron_gvpo.models.forward import unwrap
 from megatron_gvpo.models.hf_config import HFArch
 
 NamedTensors = list[tuple[str, torch.Tensor]]
@@ -47,12 +48,6 @@ class ExportConfig:
 def bucket_nbytes(bucket: NamedTensors) -> int:
     """Bytes of tensor data in a bucket."""
     return sum(t.numel() * t.element_size() for _, t in bucket)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):  # megatron DDP / Float16Module
-        model = model.module
-    return model
 
 
 def _convert(name: str, tensor: torch.Tensor, cfg: ExportConfig) -> NamedTensors:
@@ -91,7 +86,7 @@ def iter_stage_buckets(
     (HF stores it once, as ``model.embed_tokens.weight``).
     """
     cfg = cfg or ExportConfig()
-    items = (_convert(n, t, cfg) for n, t in iter_hf_tensors(_unwrap(model), arch))
+    items = (_convert(n, t, cfg) for n, t in iter_hf_tensors(unwrap(model), arch))
     yield from pack_buckets(items, cfg.bucket_bytes)
 
 
@@ -170,7 +165,7 @@ def iter_buckets_on_rank0(
     rank0 = dist.get_rank() == 0 if dist.is_initialized() else True
     if rank0:
         yield from iter_stage_buckets(model, arch, cfg)
-        device = next(_unwrap(model).parameters()).device
+        device = next(unwrap(model).parameters()).device
         for s in range(1, pp_size):
             yield from _recv_buckets(dist.get_global_rank(pp_group, s), pp_group, device)
         return

@@ -30,7 +30,7 @@ class DataError(ValueError):
 class DataConfig:
     """What ``data.*`` in the Hydra config maps onto."""
 
-    path: str | list[str] = ""  # .jsonl / .parquet files, or folders of them
+    path: Any = ""  # .jsonl / .parquet files, or folders of them: a str or a list of str
     prompt_key: str = "prompt"
     messages_key: str = "messages"
     answer_key: str = "answer"  # dotted for nested fields, e.g. "reward_model.ground_truth"

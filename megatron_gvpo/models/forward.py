@@ -55,9 +55,9 @@ def forward_backward(
             f"all micro-batches must share one [batch, seq] shape, got {sorted(shapes)}"
         )
     ((mbs, seq),) = shapes
-    config = get_attr_wrapped_model(model, "config")
-    config.calculate_per_token_loss = True
-    true_vocab = getattr(_unwrap(model), "true_vocab_size", None)
+    if not get_attr_wrapped_model(model, "config").calculate_per_token_loss:
+        raise ValueError("forward_backward needs calculate_per_token_loss=True (models/gpt.py)")
+    true_vocab = getattr(unwrap(model), "true_vocab_size", None)
     it = iter(micro_batches)
 
     def step(data_iterator, model_chunk):
@@ -144,7 +144,8 @@ def _broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside megatron DDP / Float16Module wrappers."""
     while hasattr(model, "module"):
         model = model.module
     return model

@@ -67,6 +67,9 @@ def transformer_config(
         qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        # Losses arrive normalised for the whole step (trainer/objectives): megatron's schedule
+        # must not divide by the number of micro-batches, nor DDP by the DP size.
+        calculate_per_token_loss=True,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         params_dtype=dtype,

@@ -30,7 +30,8 @@ def wrap_with_ddp(
 ) -> DistributedDataParallel:
     """megatron-core DDP around ``model``; gradients land in ``param.main_grad``."""
     config = get_model_config(model)
-    config.calculate_per_token_loss = True
+    if not config.calculate_per_token_loss:  # set where the config is made (models/gpt.py)
+        raise ValueError("wrap_with_ddp needs a model built with calculate_per_token_loss=True")
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
         use_distributed_optimizer=use_distributed_optimizer,

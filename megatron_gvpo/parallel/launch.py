@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import torch.multiprocessing as mp
 
@@ -44,6 +45,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's small picklable Python object on every rank (``obj`` is ignored elsewhere)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (for a rendezvous or a server we start)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def run_on_ranks(fn: Callable, world_size: int, *args) -> None:
     """Call ``fn(*args)`` on every rank; spawns ``world_size`` local processes if needed."""
     if under_launcher():
@@ -54,9 +73,7 @@ def run_on_ranks(fn: Callable, world_size: int, *args) -> None:
             )
         fn(*args)
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     if world_size == 1:
         _worker(0, 1, port, fn, args)
         return

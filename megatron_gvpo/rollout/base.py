@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -74,8 +74,29 @@ def response_seed(seed: int | None, j: int) -> int | None:
     return (seed * 1_000_003 + j) % (2**31 - 1)
 
 
+class StageSender(Protocol):
+    """Feeds one pipeline stage's weights to an engine's servers from that stage's own rank."""
+
+    def send(self, buckets: Iterable[NamedTensors], version: int) -> int:
+        """Broadcast every bucket; returns the number of tensors sent."""
+
+    def close(self) -> None:
+        """Release the sender's connections."""
+
+
+class StageSyncTarget(Protocol):
+    """Where per-stage senders send (picklable: the driver rank broadcasts it to the others)."""
+
+    def connect(self, stage: int, driver_host: str) -> StageSender:
+        """A sender for pipeline stage ``stage`` on this rank (``driver_host``: the host of the
+        rank that owns the engine, for choosing an address the servers can reach)."""
+
+
 class RolloutEngine(abc.ABC):
     """What the trainer calls; every method is called from one process (the driver rank)."""
+
+    colocated: bool = False
+    """The engine shares the trainer's accelerators: it releases memory while the actor trains."""
 
     @abc.abstractmethod
     def generate(
@@ -110,6 +131,29 @@ class RolloutEngine(abc.ABC):
     def resume_memory(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
         """Take back what ``release_memory`` gave."""
         return None
+
+    def metrics(self) -> dict[str, float]:
+        """Counters for the logs (requests, retries, restarts, syncs); default: none."""
+        return {}
+
+    # Per-stage weight sync: engines whose servers can take each pipeline stage's weights from
+    # that stage's rank return a target here, and bracket the senders with begin/finish.
+
+    def stage_sync_target(self) -> StageSyncTarget | None:
+        """Where per-stage senders send, or None: weights only enter through ``update_weights``."""
+        return None
+
+    def begin_update(self, version: int) -> None:
+        """Before per-stage senders send ``version`` (pause generation)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no per-stage weight sync")
+
+    def finish_update(self, version: int) -> None:
+        """After every stage sent ``version``: flush, check the version, continue."""
+        raise NotImplementedError(f"{type(self).__name__} takes no per-stage weight sync")
+
+    def abort_update(self) -> None:
+        """After a failed per-stage sync: continue generating with the old weights."""
+        raise NotImplementedError(f"{type(self).__name__} takes no per-stage weight sync")
 
     @abc.abstractmethod
     def health(self) -> bool:

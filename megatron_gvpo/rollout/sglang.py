@@ -324,6 +324,16 @@ class StageSyncSpec:
     def world_size(self) -> int:
         return 1 + sum(self.tp_sizes)
 
+    def connect(self, stage: int, driver_host: str) -> StageWeightSender:
+        """The sender of ``stage`` on this rank. The servers reach its store at the driver's
+        address on the driver's node, else this host's address (or ``GVPO_SYNC_ADDRESS``)."""
+        address = os.environ.get("GVPO_SYNC_ADDRESS") or (
+            self.master_address
+            if socket.gethostname() == driver_host
+            else socket.gethostbyname(socket.gethostname())
+        )
+        return StageWeightSender(self, stage, address)
+
 
 class StageWeightSender:
     """Feeds one PP stage's buckets to every server over the stage's own update group.
@@ -896,6 +906,17 @@ class SGLangEngine(RolloutEngine):
             self.continue_generation()
         except SGLangError:
             log.exception("continue_generation failed after a failed weight sync")
+
+    @property
+    def colocated(self) -> bool:
+        """CUDA-IPC (tensor) sync: the servers share the trainer's GPUs."""
+        return self.cfg.weight_sync == "tensor"
+
+    def metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.stats.items()}
+
+    def stage_sync_target(self) -> StageSyncSpec | None:
+        return self.stage_sync_spec() if self.cfg.weight_sync == "distributed" else None
 
     def stage_sync_spec(self) -> StageSyncSpec:
         """What per-stage senders need; a new ``group_name`` after a server was restarted."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -24,8 +24,8 @@ class RolloutBatch:
     """Samples of a round (or of one optimizer step), identical on every rank.
 
     ``old_logprobs``/``ref_logprobs``: per-sample response-token logprobs under theta' and the
-    reference, filled by ``response_token_logprobs``; ``advantages`` and ``domains`` are set when
-    the loss uses them. ``extras`` is batch-level bookkeeping, carried over as is by ``select``.
+    reference, filled by ``response_token_logprobs``; ``advantages`` are set by objectives that
+    use them; ``domains`` index the run's data domains.
     """
 
     prompt_ids: list[list[int]]
@@ -36,7 +36,6 @@ class RolloutBatch:
     ref_logprobs: list[Tensor] | None = None
     advantages: Tensor | None = None
     domains: Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -55,7 +54,7 @@ class RolloutBatch:
         kw = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if v is None or f.name == "extras":
+            if v is None:
                 kw[f.name] = v
             elif isinstance(v, Tensor):
                 kw[f.name] = v[idx]
@@ -176,3 +175,26 @@ def response_token_logprobs(
             flat[offsets[i] : offsets[i + 1]] = row[:n]
     flat = sum_over_dp(flat, next(model.parameters()).device)
     return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(batch))]
+
+
+@torch.no_grad()
+def step_seq_logprobs(
+    model: torch.nn.Module,
+    micro_batches: list[MicroBatch],
+    num_samples: int,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """``(s, s')`` [N] float64 of the whole step at the current theta, identical on every rank.
+
+    A forward-only pass over this rank's micro-batches gives its samples; a sum all-reduce over DP
+    of ``[2, N]`` zero-filled vectors (each sample lives on one DP rank) gives every rank all of
+    them: the detached exchange of GVPO's delta (group ids are known everywhere already).
+    """
+    out = torch.zeros(2, num_samples, dtype=torch.float64)
+    logprobs = compute_logprobs(model, micro_batches, temperature=temperature)
+    for lp, mb in zip(logprobs, micro_batches, strict=True):
+        ids = mb.extra["sample_ids"]
+        out[0, ids] = sequence_logprobs(lp, mb).double().cpu()
+        out[1, ids] = mb.extra["old_logprobs"].double().sum(-1).cpu()
+    out = sum_over_dp(out, next(model.parameters()).device)
+    return out[0], out[1]

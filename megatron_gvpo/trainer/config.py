@@ -1,7 +1,11 @@
-"""The run's configuration as dataclasses, built from Hydra's tree and validated before any model.
+"""The run's configuration: dataclasses that are Hydra's structured-config schemas and the checks
+that run before any model is built.
 
-Every error names the Hydra key (``trainer.max_steps``, ``parallel.tp``, ``data.path``) so the
-fix is one command-line override away.
+Defaults live here, once. Each YAML in ``configs/<group>/`` starts from its group's schema
+(``defaults: [<group>_schema]``; an algorithm's from ``<name>_schema``, registered by its
+objective) and overrides only what differs, so Hydra rejects unknown keys and values of the wrong
+type, naming the key. ``run_config_from_dict`` then builds the dataclasses and checks values and
+combinations; every error names the Hydra key, one command-line override away from the fix.
 """
 
 from __future__ import annotations
@@ -12,22 +16,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_gvpo.algorithms.config import AlgorithmConfig, check_domains
 from megatron_gvpo.models.fp8 import FP8Config
 from megatron_gvpo.models.gpt import PRECISIONS
 from megatron_gvpo.parallel.initialize import ParallelConfig, validate_layout
 from megatron_gvpo.trainer.data import DataSection
+from megatron_gvpo.trainer.objectives import (
+    ObjectiveConfig,
+    algorithm_config,
+    load_builtin_objectives,
+)
 
 
 @dataclass
 class ModelSection:
-    path: str | None = None  # None: the demo model, built and cached under demo_cache_dir
+    """``model.*``: the actor's weights and how Megatron builds it."""
+
+    path: str | None = None
+    """An HF folder (safetensors) or a converted checkpoint; None: the demo model, built once."""
     demo_cache_dir: str = "~/.cache/megatron_gvpo"
+    """Where the demo model is built and cached."""
     precision: str = "fp32"
+    """fp32, bf16 or fp16 (parameters and compute)."""
     transformer_impl: str = "auto"
+    """auto (Transformer Engine on GPU when installed), transformer_engine or local."""
     recompute_granularity: str | None = None
+    """Activation recompute: None, selective or full."""
     trust_remote_code: bool = False
+    """Let transformers run code shipped in a model folder (tokenizer, config)."""
     fp8: FP8Config = field(default_factory=FP8Config)
+    """FP8 GEMMs through Transformer Engine (``models/fp8.py``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.fp8, dict):  # from Hydra: the model.fp8 sub-tree
@@ -36,58 +53,93 @@ class ModelSection:
 
 @dataclass
 class RolloutSection:
+    """``rollout.*``: how responses are sampled, and the engine that samples them."""
+
     backend: str = "local"
+    """local (transformers in the driver process) or sglang (SGLang servers)."""
     n_samples_per_prompt: int = 8
+    """Responses per prompt: the group size k."""
     max_new_tokens: int = 4
+    """Response length limit."""
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
+    """-1: off."""
     stop: list[str] = field(default_factory=list)
+    """Stop strings (the response keeps them)."""
     device: str = "cpu"
+    """The local engine's device."""
     max_batch_size: int = 256
+    """Responses generated together (the local engine's batch; SGLang's chunk)."""
     bucket_mb: int = 512
+    """Weight-sync bucket size."""
     fp8: bool = False
-    sglang: dict = field(default_factory=dict)
+    """Blockwise e4m3 weight sync (needs an FP8-capable engine)."""
+    sglang: dict[str, Any] = field(default_factory=dict)
+    """``SGLangConfig`` fields (``rollout/sglang.py``), checked with the rest of the config."""
 
 
 @dataclass
 class RewardSection:
-    rewards: list[dict] = field(default_factory=lambda: [{"name": "toy_addition"}])
+    """``reward.*``: a weighted sum of registered rewards."""
+
+    rewards: list[Any] = field(default_factory=lambda: [{"name": "toy_addition"}])
+    """Each ``{name, weight, kwargs...}``: a registered reward or ``module:function``."""
 
 
 @dataclass
 class TrainerSection:
+    """``trainer.*``: the loop, the optimizer, checkpoints."""
+
     run_dir: str = "runs/demo"
+    """Metrics, TensorBoard, checkpoints; a run with the same run_dir resumes."""
     seed: int = 1234
     max_steps: int = 60
+    """Rounds (one rollout each)."""
     prompts_per_step: int = 16
+    """Prompts per round (each sampled rollout.n_samples_per_prompt times)."""
     updates_per_round: int = 1
+    """Optimizer steps per round, each on prompts_per_step / updates_per_round whole groups. With
+    1, theta = theta' at every update and GVPO's variance term never acts (centred REINFORCE)."""
     lr: float = 1e-3
     min_lr: float = 1e-4
+    """Floor of the decayed learning rate (<= lr)."""
     lr_warmup_steps: int = 0
     lr_decay_style: str = "constant"
+    """constant, linear or cosine."""
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     use_distributed_optimizer: bool = False
     max_tokens_per_microbatch: int = 4096
+    """Token budget of one packed micro-batch."""
     keep_groups_whole: bool = True
+    """Keep every group in one micro-batch when it fits (no step-wide statistics pass)."""
     dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (DAPO); GVPO trains on them."""
     min_response_tokens: int = 0
+    """Drop responses shorter than this."""
     replay_ratio: float = 0.0
+    """GVPO off-policy reuse: replayed groups per fresh group (0 = off)."""
     replay_capacity: int = 256
+    """Groups kept in the replay buffer."""
     save_interval: int = 20
     keep_last: int = 2
+    """Checkpoints kept."""
     export_hf: bool = False
+    """Also write an HF folder into every checkpoint."""
     plot: bool = True
+    """Write reward_curve.png every 10 steps."""
+    log_entropy: bool = True
+    """Report the policy's mean response-token entropy (one more reduction over the vocabulary)."""
 
 
 @dataclass
 class RunConfig:
     model: ModelSection
     parallel: ParallelConfig
-    algorithm: AlgorithmConfig
+    algorithm: ObjectiveConfig
     rollout: RolloutSection
     reward: RewardSection
     data: DataSection
@@ -97,12 +149,21 @@ class RunConfig:
 _SECTION_TYPES = {
     "model": ModelSection,
     "parallel": ParallelConfig,
-    "algorithm": AlgorithmConfig,
     "rollout": RolloutSection,
     "reward": RewardSection,
     "data": DataSection,
     "trainer": TrainerSection,
 }
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (``<group>_schema``; objectives store theirs)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for group, cls in _SECTION_TYPES.items():
+        cs.store(group=group, name=f"{group}_schema", node=cls)
+    load_builtin_objectives()
 
 
 def _section(cls: type, raw: dict | None, prefix: str) -> Any:
@@ -122,11 +183,11 @@ def _section(cls: type, raw: dict | None, prefix: str) -> Any:
 
 def sections_from_dict(raw: dict) -> RunConfig:
     """The config's dataclasses from a plain dict; unknown keys fail, values are not checked."""
-    unknown = sorted(set(raw) - set(_SECTION_TYPES) - {"hydra"})
+    unknown = sorted(set(raw) - set(_SECTION_TYPES) - {"algorithm", "hydra"})
     if unknown:
         raise ValueError(f"unknown config group {unknown[0]!r}")
     sections = {k: _section(cls, raw.get(k), k) for k, cls in _SECTION_TYPES.items()}
-    return RunConfig(**sections)
+    return RunConfig(algorithm=algorithm_config(**(raw.get("algorithm") or {})), **sections)
 
 
 def run_config_from_dict(raw: dict) -> RunConfig:
@@ -146,7 +207,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """Cheap checks that need no model: layout, files, numbers, combinations."""
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     validate_layout(cfg.parallel, world_size)
-    t, r, m = cfg.trainer, cfg.rollout, cfg.model
+    t, r, m, a = cfg.trainer, cfg.rollout, cfg.model, cfg.algorithm
+    objective = load_builtin_objectives()[a.name]
     _positive(
         "trainer",
         max_steps=t.max_steps,
@@ -158,12 +220,16 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         keep_last=t.keep_last,
         replay_capacity=t.replay_capacity,
     )
+    if not 0 <= t.min_lr <= t.lr:
+        raise ValueError(
+            f"trainer.min_lr={t.min_lr} must lie in [0, trainer.lr={t.lr}] (the decay's floor)"
+        )
     if t.replay_ratio < 0:
         raise ValueError(f"trainer.replay_ratio must be >= 0, got {t.replay_ratio}")
-    if t.replay_ratio > 0 and cfg.algorithm.name not in ("gvpo", "gr_gvpo"):
+    if t.replay_ratio > 0 and not objective.supports_replay:
         raise ValueError(
             f"trainer.replay_ratio={t.replay_ratio} reuses old groups, which only GVPO supports "
-            f"without importance weights (algorithm.name={cfg.algorithm.name})"
+            f"without importance weights (algorithm.name={a.name})"
         )
     if t.lr_decay_style not in ("constant", "linear", "cosine"):
         raise ValueError(f"trainer.lr_decay_style={t.lr_decay_style!r}: constant, linear or cosine")
@@ -177,6 +243,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _positive(
         "rollout", n_samples_per_prompt=r.n_samples_per_prompt, max_new_tokens=r.max_new_tokens
     )
+    if r.backend == "sglang":
+        sglang_config(r, m.path or "<the demo model>")  # typed and checked now
     if m.precision not in PRECISIONS:
         raise ValueError(f"model.precision={m.precision!r}: {', '.join(PRECISIONS)}")
     if m.transformer_impl not in ("auto", "transformer_engine", "local"):
@@ -188,5 +256,31 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise FileNotFoundError(f"model.path={m.path}: no such file or directory")
     if not cfg.reward.rewards:
         raise ValueError("reward.rewards is empty: name at least one reward")
-    check_domains(cfg.algorithm, cfg.data.domain_key)
+    if objective.needs_domains and not cfg.data.domain_key:
+        raise ValueError(
+            f"algorithm.name={a.name} needs a domain label per prompt: set data.domain_key "
+            "to the field that holds it"
+        )
     cfg.data.check_files()
+
+
+def sglang_kwargs(r: RolloutSection, model_path: str) -> dict:
+    """``SGLangConfig`` fields: ``rollout.sglang``, plus ``quantization: fp8`` for FP8 sync.
+
+    With ``rollout.fp8=true`` weights arrive as blockwise e4m3, so servers we start are told to
+    run FP8 unless ``rollout.sglang.quantization`` is set explicitly (null included).
+    """
+    kwargs = {"model_path": model_path, **r.sglang}
+    if r.fp8:
+        kwargs.setdefault("quantization", "fp8")
+    return kwargs
+
+
+def sglang_config(r: RolloutSection, model_path: str):
+    """``rollout.sglang`` as an ``SGLangConfig``; errors name ``rollout.sglang.<key>``."""
+    from megatron_gvpo.rollout.sglang import SGLangConfig
+
+    return _section(SGLangConfig, sglang_kwargs(r, model_path), "rollout.sglang")
+
+
+register_configs()

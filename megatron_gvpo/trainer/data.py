@@ -12,7 +12,7 @@ from pathlib import Path
 from megatron_gvpo.data.prompts import DataConfig, Prompt, load_prompts, resolve_files
 from megatron_gvpo.data.sampler import PromptSampler
 from megatron_gvpo.data.tokenizer import load_tokenizer
-from megatron_gvpo.data.toy import generate_toy_dataset, write_jsonl
+from megatron_gvpo.demo.task import generate_toy_dataset, write_jsonl
 
 BUILTINS = ("toy_addition",)
 

@@ -1,44 +1,93 @@
-"""Build the run's non-Megatron parts from config: the model path, rewards, the rollout engine."""
+"""Build the run's parts from config: model path, actor, optimizer and scheduler, reference,
+rewards, rollout engine. The loop calls these once; nothing here runs a step."""
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
-from megatron_gvpo.data.toy import toy_reward
-from megatron_gvpo.rewards import RewardInput, RewardManager, register_reward
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_gvpo.bridge.loader import build_from_checkpoint, build_from_hf
+from megatron_gvpo.demo import toy_addition_reward  # noqa: F401  (registers the demo reward)
+from megatron_gvpo.demo.model import demo_model_path
+from megatron_gvpo.models.gpt import ModelConfig
+from megatron_gvpo.models.hf_config import HFArch
+from megatron_gvpo.rewards import RewardManager
 from megatron_gvpo.rollout.base import RolloutEngine
-from megatron_gvpo.trainer.config import ModelSection, RewardSection, RolloutSection
-
-DEMO_MODEL = "toy_addition_v1"  # bump when the demo model's recipe changes
-
-
-@register_reward("toy_addition", override=True)
-def toy_addition_reward(sample: RewardInput) -> float:
-    """The demo task's exact partial-credit reward (``data.toy.toy_reward``)."""
-    return toy_reward(sample.response, sample.label or "")
+from megatron_gvpo.trainer.config import (
+    ModelSection,
+    RewardSection,
+    RolloutSection,
+    RunConfig,
+    TrainerSection,
+    sglang_config,
+)
 
 
 def resolve_model_path(m: ModelSection) -> str:
     """``model.path``, or the cached demo model, built first (by rank 0) when it is missing."""
-    if m.path:
-        return str(m.path)
-    out = Path(os.path.expanduser(m.demo_cache_dir)) / DEMO_MODEL
-    if (out / "config.json").is_file():
-        return str(out)
-    if int(os.environ.get("RANK", "0")) == 0:
-        from megatron_gvpo.data.toy_model import build_demo_model
+    return str(m.path) if m.path else str(demo_model_path(m.demo_cache_dir))
 
-        print(f"building the demo model into {out} (once; cached)", flush=True)
-        build_demo_model(out)
-    else:
-        deadline = time.monotonic() + 1800
-        while not (out / "config.json").is_file():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"rank 0 did not build the demo model into {out}")
-            time.sleep(1)
-    return str(out)
+
+def model_config(m: ModelSection) -> ModelConfig:
+    return ModelConfig(
+        precision=m.precision,
+        transformer_impl=m.transformer_impl,
+        recompute_granularity=m.recompute_granularity,
+        fp8=m.fp8,
+    )
+
+
+def build_model(m: ModelSection, path: str | Path) -> tuple[torch.nn.Module, HFArch]:
+    """This rank's stage from an HF folder or a converted checkpoint."""
+    path = Path(path)
+    if (path / "megatron_gvpo.json").is_file():
+        return build_from_checkpoint(path, model_config(m))
+    return build_from_hf(path, model_config(m))
+
+
+def build_reference(cfg: RunConfig, actor_path: str) -> torch.nn.Module | None:
+    """The frozen reference the objective asks for (``actor_init``: the actor's starting
+    weights), or None."""
+    if not cfg.algorithm.needs_reference:
+        return None
+    ref = cfg.algorithm.reference_path
+    model, _ = build_model(cfg.model, actor_path if ref in (None, "actor_init") else ref)
+    return model.eval().requires_grad_(False)
+
+
+def build_optimizer(ddp: torch.nn.Module, t: TrainerSection, m: ModelSection):
+    """Megatron's Adam (mixed precision, optionally distributed) and its LR/WD scheduler."""
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        clip_grad=t.clip_grad,
+        bf16=m.precision == "bf16",
+        fp16=m.precision == "fp16",
+        params_dtype=model_config(m).dtype,
+        use_distributed_optimizer=t.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if t.lr_warmup_steps else t.lr,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_steps,
+        lr_decay_steps=max(t.max_steps * t.updates_per_round, t.lr_warmup_steps + 1),
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=1,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
 
 
 def build_rewards(section: RewardSection) -> RewardManager:
@@ -57,18 +106,6 @@ def build_engine(r: RolloutSection, model_path: str, trust_remote_code: bool) ->
             max_batch_size=r.max_batch_size,
             trust_remote_code=trust_remote_code,
         )
-    from megatron_gvpo.rollout.sglang import SGLangConfig, SGLangEngine
+    from megatron_gvpo.rollout.sglang import SGLangEngine
 
-    return SGLangEngine(SGLangConfig(**sglang_kwargs(r, model_path)))
-
-
-def sglang_kwargs(r: RolloutSection, model_path: str) -> dict:
-    """``SGLangConfig`` fields: ``rollout.sglang``, plus ``quantization: fp8`` for FP8 sync.
-
-    With ``rollout.fp8=true`` weights arrive as blockwise e4m3, so servers we start are told to
-    run FP8 unless ``rollout.sglang.quantization`` is set explicitly (null included).
-    """
-    kwargs = {"model_path": model_path, **r.sglang}
-    if r.fp8:
-        kwargs.setdefault("quantization", "fp8")
-    return kwargs
+    return SGLangEngine(sglang_config(r, model_path))

@@ -4,19 +4,21 @@ Run by tests/test_loss_layout.py as
 ``python -m torch.distributed.run --nproc_per_node W <this file> --hf-dir H --tp T --pp P ...``.
 Every rank builds the same synthetic step batch (``make_batch``), places it with
 ``data.batching.plan_step`` under a token budget, runs the real training path (megatron DDP,
-``forward_backward``, ``trainer.loss``) once per loss and rank 0 saves the HF-named gradients.
+``forward_backward``, the registered objective's ``step_loss`` from ``trainer/objectives/``) once
+per loss and rank 0 saves the HF-named gradients.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from functools import partial
 
 import torch
 from safetensors.torch import save_file
 
-from megatron_gvpo.algorithms.config import AlgorithmConfig
-from megatron_gvpo.algorithms.group_robust import GroupRobustWeights
 from megatron_gvpo.algorithms.grpo import group_advantages
+from megatron_gvpo.algorithms.gvpo import num_counted_groups
 from megatron_gvpo.bridge.loader import build_from_hf
 from megatron_gvpo.bridge.weights import gather_hf_tensors
 from megatron_gvpo.models.forward import forward_backward
@@ -29,24 +31,19 @@ from megatron_gvpo.trainer.batch import (
     build_micro_batches,
     plan_for,
     response_token_logprobs,
-)
-from megatron_gvpo.trainer.loss import (
-    GRGVPOMicroBatchLoss,
-    GVPOMicroBatchLoss,
-    PolicyMicroBatchLoss,
-    count_groups,
-    gvpo_step_stats,
     step_seq_logprobs,
 )
+from megatron_gvpo.trainer.objectives import StepInputs, algorithm_config, build_objective
+from megatron_gvpo.trainer.objectives.gvpo import GVPOMicroBatchLoss
 
 GROUP_SIZES = (4, 1, 3, 5, 2, 4, 3)  # variable sizes, one singleton
 BETA = 0.1
 
 
-def make_batch(vocab: int, seed: int = 0) -> RolloutBatch:
-    """Synthetic step batch: random prompts/responses, rewards (one group all-equal). theta' and
-    reference logprobs are set by ``with_old_and_ref`` as the model's own plus ``extras`` noise,
-    so GRPO's ratios straddle the clip range."""
+def make_batch(vocab: int, seed: int = 0) -> tuple[RolloutBatch, dict[str, list[torch.Tensor]]]:
+    """Synthetic step batch: random prompts/responses, rewards (one group all-equal), and the
+    per-token noise that ``with_old_and_ref`` adds to the model's own logprobs to make theta' and
+    the reference, so GRPO's ratios straddle the clip range."""
     g = torch.Generator().manual_seed(seed)
     prompts, responses, gids, rewards = [], [], [], []
     for gi, k in enumerate(GROUP_SIZES):
@@ -76,34 +73,33 @@ def make_batch(vocab: int, seed: int = 0) -> RolloutBatch:
     def noise(scale: float) -> list[torch.Tensor]:
         return [scale * torch.randn(len(r), generator=g) for r in batch.response_ids]
 
-    batch.extras = {"old_noise": noise(0.15), "ref_noise": noise(0.3)}
-    return batch
+    return batch, {"old_noise": noise(0.15), "ref_noise": noise(0.3)}
 
 
-def with_old_and_ref(batch: RolloutBatch, own: list[torch.Tensor]) -> RolloutBatch:
+def with_old_and_ref(batch: RolloutBatch, own: list[torch.Tensor], noise: dict) -> RolloutBatch:
     """theta' = own logprobs + old_noise, reference = own + ref_noise (per response token)."""
-    batch.old_logprobs = [a + b for a, b in zip(own, batch.extras["old_noise"], strict=True)]
-    batch.ref_logprobs = [a + b for a, b in zip(own, batch.extras["ref_noise"], strict=True)]
+    batch.old_logprobs = [a + b for a, b in zip(own, noise["old_noise"], strict=True)]
+    batch.ref_logprobs = [a + b for a, b in zip(own, noise["ref_noise"], strict=True)]
     return batch
+
+
+def objective_for(name: str):
+    """The registered objective, as ``algorithm=<name>`` builds it (two data domains)."""
+    extra = {"gvpo": {"beta": BETA}, "gr_gvpo": {"beta": BETA, "robust_eta": 0.5}}
+    config = algorithm_config(name=name, **extra.get(name, {"ref_model": "synthetic"}))
+    return build_objective(config, domains=["d0", "d1"])
 
 
 def step_grads(ddp, arch, batch, loss_name: str, budget: int, split: bool) -> dict:
     plan = plan_for(batch, budget, keep_groups_whole=not split)
     mbs = build_micro_batches(batch, plan)
-    if loss_name in ("gvpo", "gvpo_nostats"):
-        stats = None
-        if not plan.groups_whole and loss_name == "gvpo":
-            stats = gvpo_step_stats(ddp, mbs, len(batch), batch.rewards, batch.group_ids, BETA)
-        loss = GVPOMicroBatchLoss(BETA, count_groups(batch.group_ids), stats)
-    elif loss_name == "gr_gvpo":
-        s, old = step_seq_logprobs(ddp, mbs, len(batch))
-        weights = GroupRobustWeights(2, eta_alpha=0.5)
-        loss = GRGVPOMicroBatchLoss.for_step(
-            s, old, batch.rewards, batch.group_ids, batch.domains, weights, BETA
-        )
+    if loss_name == "gvpo_nostats":  # control: per-micro-batch group means (wrong when split)
+        loss = GVPOMicroBatchLoss(BETA, num_counted_groups(batch.group_ids), None)
     else:
-        cfg = AlgorithmConfig(name=loss_name, ref_model="synthetic")
-        loss = PolicyMicroBatchLoss(cfg, len(batch), batch.num_response_tokens)
+        objective = objective_for(loss_name)
+        objective.prepare_round(batch)
+        step_logprobs = partial(step_seq_logprobs, ddp, mbs, len(batch))
+        loss = objective.step_loss(StepInputs(batch, plan, mbs, step_logprobs))
     ddp.zero_grad_buffer()
     forward_backward(ddp, mbs, loss)
     model = ddp.module
@@ -127,15 +123,15 @@ def main() -> None:
     initialize(ParallelConfig(tp=args.tp, pp=args.pp, seed=1))
     model, arch = build_from_hf(args.hf_dir, ModelConfig(precision="fp32"))
     ddp = wrap_with_ddp(model)
-    batch = make_batch(arch.vocab_size)
+    batch, noise = make_batch(arch.vocab_size)
     plan = plan_for(batch, args.budget, keep_groups_whole=not args.split)
-    batch = with_old_and_ref(batch, response_token_logprobs(ddp, batch, plan))
+    batch = with_old_and_ref(batch, response_token_logprobs(ddp, batch, plan), noise)
     out, infos = {}, {}
     for name in args.losses.split(","):
         grads, infos[name] = step_grads(ddp, arch, batch, name, args.budget, args.split)
         out.update({f"{name}/{k}": v.clone() for k, v in grads.items()})
     if is_rank0():
-        save_file(out, args.out, metadata={k: str(v) for k, v in infos.items()})
+        save_file(out, args.out, metadata={k: json.dumps(v) for k, v in infos.items()})
     destroy()
 
 

@@ -5,7 +5,7 @@ loss on the answer and EOS only. Label smoothing 0.5 leaves half the probability
 vocabulary: the greedy answer is mostly right, but answers sampled at temperature 1 earn a mean
 reward of about 0.15-0.2, which RL then lifts by sharpening the policy. (Greedy accuracy is not
 kept low on purpose: on this task it jumps at a seed-dependent step, so a half-trained model is
-not reproducible across seeds.) ``tools/make_tiny_model.py`` is the command-line front end; the
+not reproducible across seeds.) ``tools/make_demo_model.py`` is the command-line front end; the
 trainer calls :func:`build_demo_model` when the demo model is not cached yet.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_gvpo.data.toy import (
+from megatron_gvpo.demo.task import (
     build_char_tokenizer,
     generate_toy_dataset,
     save_char_tokenizer,
@@ -186,7 +186,7 @@ def save(model, tokenizer, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
 
 
-def make_tiny_model(cfg: WarmStartConfig, out_dir: str | Path) -> dict:
+def make_demo_model(cfg: WarmStartConfig, out_dir: str | Path) -> dict:
     """Train, evaluate on held-out pairs, save to ``out_dir``; return the metrics."""
     from transformers.utils import logging as hf_logging
 
@@ -214,6 +214,27 @@ def build_demo_model(out_dir: str | Path, seed: int = 0) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return make_tiny_model(WarmStartConfig(seed=seed), out_dir)
+        return make_demo_model(WarmStartConfig(seed=seed), out_dir)
     finally:
         torch.set_num_threads(threads)
+
+
+DEMO_MODEL = "toy_addition_v1"  # bump when the demo model's recipe changes
+
+
+def demo_model_path(cache_dir: str | Path) -> Path:
+    """The demo model under ``cache_dir``, built first (by rank 0) when it is missing; other
+    ranks wait for it."""
+    out = Path(os.path.expanduser(str(cache_dir))) / DEMO_MODEL
+    if (out / "config.json").is_file():
+        return out
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"building the demo model into {out} (once; cached)", flush=True)
+        build_demo_model(out)
+    else:
+        deadline = time.monotonic() + 1800
+        while not (out / "config.json").is_file():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 0 did not build the demo model into {out}")
+            time.sleep(1)
+    return out

@@ -3,7 +3,7 @@ reward, and the character-level tokenizer the demo model uses.
 
 Operands are zero-padded to a fixed width so every prompt has the same length; the answer is the
 plain sum. A tiny model warm-started briefly gets some digits right, so the reward is dense enough
-for RL to lift within minutes on CPU (see ``tools/make_tiny_model.py``).
+for RL to lift within minutes on CPU (see ``tools/make_demo_model.py``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Build the demo's warm-start model (``megatron_gvpo.data.toy_model``) into a folder.
+"""Build the demo's warm-start model (``megatron_gvpo.demo.model``) into a folder.
 
-    python tools/make_tiny_model.py --out-dir runs/toy/hf --seed 0
+    python tools/make_demo_model.py --out-dir runs/toy/hf --seed 0
 
 The recipe (and why label smoothing keeps the sampled reward low) is in that module's docstring.
 One torch thread by default. Writes safetensors, config, tokenizer and generation config into a temporary folder, then renames
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_gvpo.data.toy_model import WarmStartConfig, make_tiny_model  # noqa: E402
+from megatron_gvpo.demo.model import WarmStartConfig, make_demo_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir, threads = args.pop("out_dir"), args.pop("threads")
     if threads:
         torch.set_num_threads(threads)
-    result = make_tiny_model(WarmStartConfig(**args), out_dir)
+    result = make_demo_model(WarmStartConfig(**args), out_dir)
     print(json.dumps(result), flush=True)
     return result
 

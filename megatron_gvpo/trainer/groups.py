@@ -1,0 +1,215 @@
+"""Prompt groups, from the engine to the round's batch: rollout and scoring on the driver rank,
+filters, replay, and the per-sample ``RolloutBatch`` every rank trains on."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_gvpo.data.prompts import Prompt
+from megatron_gvpo.rewards import RewardInput, RewardManager
+from megatron_gvpo.rollout.base import GenerateRequest, RolloutEngine, SamplingParams
+from megatron_gvpo.trainer.batch import RolloutBatch
+from megatron_gvpo.trainer.replay import ReplayBuffer
+
+
+@dataclass
+class PromptGroup:
+    """One prompt and its sampled responses: what GVPO and GRPO compare with each other."""
+
+    prompt_ids: list[int]
+    responses: list[list[int]]
+    rewards: list[float]
+    domain: str | None = None
+    engine_logprobs: list[list[float]] = field(default_factory=list)
+    """The engine's logprob of each response token (empty for replayed groups)."""
+
+    def select(self, keep: Sequence[int]) -> PromptGroup:
+        """The group restricted to the responses at ``keep``."""
+        lps = [self.engine_logprobs[j] for j in keep] if self.engine_logprobs else []
+        return PromptGroup(
+            self.prompt_ids,
+            [self.responses[j] for j in keep],
+            [self.rewards[j] for j in keep],
+            self.domain,
+            lps,
+        )
+
+    def to_replay(self) -> tuple:
+        return (self.prompt_ids, self.responses, self.rewards, self.domain)
+
+    @classmethod
+    def from_replay(cls, stored: Sequence) -> PromptGroup:
+        prompt_ids, responses, rewards, domain = stored
+        return cls(list(prompt_ids), [list(r) for r in responses], list(rewards), domain)
+
+
+@dataclass
+class RolloutResult:
+    """What the driver rank broadcasts after a rollout: the groups and the phase's metrics."""
+
+    groups: list[PromptGroup]
+    metrics: dict[str, float]
+    generate_seconds: float
+    reward_seconds: float
+
+
+def request_seed(seed: int, step: int, i: int) -> int:
+    """The sampling seed of prompt ``i`` of round ``step`` (reproducible per run seed)."""
+    return ((seed * 1_000_003 + step) * 100_003 + i) % (2**31 - 1)
+
+
+def rollout_and_score(
+    engine: RolloutEngine,
+    rewards: RewardManager,
+    rows: Sequence[Prompt],
+    sampling: SamplingParams,
+    n: int,
+    seeds: Sequence[int],
+    max_batch_size: int,
+) -> RolloutResult:
+    """Driver rank: ``n`` responses per prompt, decoded and scored."""
+    requests = [GenerateRequest(row.prompt_ids, n, s) for row, s in zip(rows, seeds, strict=True)]
+    clock = time.perf_counter()
+    samples = generate_with_progress(engine, requests, sampling, max_batch_size)
+    gen_s = time.perf_counter() - clock
+    clock = time.perf_counter()
+    flat = [(row, s) for row, group in zip(rows, samples, strict=True) for s in group]
+    result = rewards([RewardInput(row.text, s.text, row.answer, row.domain) for row, s in flat])
+    reward_s = time.perf_counter() - clock
+    groups, start = [], 0
+    for row, group in zip(rows, samples, strict=True):
+        groups.append(
+            PromptGroup(
+                list(row.prompt_ids),
+                [s.response_ids for s in group],
+                result.scores[start : start + len(group)],
+                row.domain,
+                [s.logprobs for s in group],
+            )
+        )
+        start += len(group)
+    finish = Counter(s.finish_reason for _, s in flat)
+    gen_tokens = sum(len(s.response_ids) for _, s in flat)
+    metrics = {
+        "rollout/tokens_per_s": gen_tokens / max(gen_s, 1e-9),
+        "rollout/generate_s": gen_s,
+        **{f"rollout/finish_{k}": v / max(len(flat), 1) for k, v in finish.items()},
+        **result.metrics("reward_fn"),
+        **{f"engine/{k}": v for k, v in engine.metrics().items()},
+    }
+    return RolloutResult(groups, metrics, gen_s, reward_s)
+
+
+def generate_with_progress(engine, requests, sampling, max_batch_size: int):
+    """``engine.generate`` in chunks of about ``max_batch_size`` responses, with a rich progress
+    bar when stdout is a terminal (nothing is drawn in logs or under CI)."""
+    from rich.progress import Progress
+
+    per = max(1, max_batch_size // max(1, requests[0].n)) if requests else 1
+    chunks = [requests[i : i + per] for i in range(0, len(requests), per)]
+    groups = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task("rollout", total=sum(q.n for q in requests))
+        for chunk in chunks:
+            groups += engine.generate(chunk, sampling)
+            progress.advance(task, sum(q.n for q in chunk))
+    return groups
+
+
+def filter_groups(
+    groups: list[PromptGroup], min_response_tokens: int, dynamic_sampling: bool, metrics: dict
+) -> list[PromptGroup]:
+    """Drop responses shorter than ``min_response_tokens`` (at least 1 token), then, with
+    ``dynamic_sampling`` (DAPO), groups whose rewards are all equal; count what was dropped."""
+    kept, dropped = [], 0
+    for g in groups:
+        keep = [j for j, r in enumerate(g.responses) if len(r) >= max(1, min_response_tokens)]
+        dropped += len(g.responses) - len(keep)
+        kept.append(g.select(keep))
+    metrics["filter/short_responses"] = dropped
+    if dynamic_sampling:
+        before = len(kept)
+        kept = [g for g in kept if len(set(g.rewards)) > 1]
+        metrics["filter/constant_reward_groups"] = before - len(kept)
+    return kept
+
+
+def mix_replay(
+    fresh: list[PromptGroup], replay: ReplayBuffer, ratio: float, rng: random.Random, metrics: dict
+) -> list[PromptGroup]:
+    """Fresh groups followed by ``ratio`` replayed groups per fresh one (GVPO, Theorem 2); the
+    fresh ones then join the buffer."""
+    if ratio <= 0:
+        return fresh
+    replayed = [PromptGroup.from_replay(g) for g in replay.sample(round(ratio * len(fresh)), rng)]
+    replay.add([g.to_replay() for g in fresh])
+    metrics["replay/groups"] = len(replayed)
+    return fresh + replayed
+
+
+def to_batch(groups: Sequence[PromptGroup], domains: Sequence[str]) -> RolloutBatch:
+    """One row per response; group ids are the groups' positions, domains index ``domains``."""
+    prompt_ids, response_ids, gids, rewards, doms = [], [], [], [], []
+    for gi, g in enumerate(groups):
+        d = domains.index(g.domain) if g.domain in domains else 0
+        for resp, rew in zip(g.responses, g.rewards, strict=True):
+            prompt_ids.append(list(g.prompt_ids))
+            response_ids.append(list(resp))
+            gids.append(gi)
+            rewards.append(float(rew))
+            doms.append(d)
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        response_ids=response_ids,
+        group_ids=torch.tensor(gids, dtype=torch.long),
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        domains=torch.tensor(doms, dtype=torch.long),
+    )
+
+
+def reward_metrics(groups: Sequence[PromptGroup]) -> dict[str, float]:
+    """Reward mean/std/accuracy (overall and per domain), response lengths, size-1 groups."""
+    metrics: dict[str, float] = {}
+    rewards = [x for g in groups for x in g.rewards]
+    lengths = [len(r) for g in groups for r in g.responses]
+    if rewards:
+        t = torch.tensor(rewards, dtype=torch.float64)
+        metrics["reward/mean"] = t.mean().item()
+        metrics["reward/std"] = t.std(correction=0).item()
+        metrics["reward/accuracy"] = (t >= 1.0 - 1e-9).double().mean().item()
+    by_domain: dict[str, list[float]] = {}
+    for g in groups:
+        by_domain.setdefault(str(g.domain), []).extend(g.rewards)
+    if len(by_domain) > 1:
+        for d, xs in by_domain.items():
+            metrics[f"reward/mean/{d}"] = sum(xs) / len(xs)
+            metrics[f"reward/accuracy/{d}"] = sum(x >= 1.0 - 1e-9 for x in xs) / len(xs)
+    if lengths:
+        metrics["response_length/mean"] = sum(lengths) / len(lengths)
+        metrics["response_length/max"] = max(lengths)
+    metrics["groups/size1"] = sum(1 for g in groups if len(g.responses) == 1)
+    return metrics
+
+
+def logprob_mismatch(actor: list[torch.Tensor], groups: Sequence[PromptGroup]) -> dict:
+    """|engine logprob - actor theta' logprob| over the fresh samples' response tokens (the
+    batch's first rows; replayed groups carry no engine logprobs)."""
+    engine = [lp for g in groups for lp in g.engine_logprobs]
+    diffs = [
+        (torch.tensor(e, dtype=torch.float32) - a).abs()
+        for a, e in zip(actor, engine, strict=False)
+        if len(e)
+    ]
+    if not diffs:
+        return {}
+    d = torch.cat(diffs)
+    return {
+        "rollout/logprob_abs_diff/mean": d.mean().item(),
+        "rollout/logprob_abs_diff/max": d.max().item(),
+    }
