@@ -457,15 +457,19 @@ def _one_output(st: FakeState, body: dict, params: dict) -> dict:
     ids, logprobs, finish, text = fake_tokens(body["input_ids"], params, st.faults["length_tail"])
     rid = body.get("rid", "fake")
     step = st.faults["decode_s_per_token"]
-    for t in range(len(ids)):  # decode token by token; a pause or abort cuts the response
-        if step:
-            time.sleep(step)
+    start = time.monotonic()
+    while True:  # decode: token t is done at start + (t + 1) * step; a pause or abort cuts it
+        done = min(len(ids), int((time.monotonic() - start) / step)) if step else len(ids)
         with st.lock:
             cut = st.paused or rid in st.aborted
         if cut:
-            ids, logprobs, text = ids[: t + 1], logprobs[: t + 1], text[: t + 1]
+            keep = max(1, done)
+            ids, logprobs, text = ids[:keep], logprobs[:keep], text[:keep]
             finish = {"type": "abort", "message": "Abort before/while decoding."}
             break
+        if done >= len(ids):
+            break
+        time.sleep(max(0.0, min(0.005, (done + 1) * step - (time.monotonic() - start))))
     meta = {
         "id": rid,
         "finish_reason": finish,

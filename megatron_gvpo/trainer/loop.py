@@ -107,7 +107,8 @@ class Trainer:
             self.robust = GroupRobustWeights(len(self.prompts.domains), cfg.algorithm.robust_eta)
         self.replay = ReplayBuffer(t.replay_capacity)
         self.engine: RolloutEngine | None = (
-            build_engine(cfg.rollout, self.model_path, cfg.model.trust_remote_code)
+            build_engine(cfg.rollout, self.model_path, cfg.model.trust_remote_code,
+                         run_dir=str(self.run_dir))
             if is_rank0()
             else None
         )

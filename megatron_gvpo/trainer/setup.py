@@ -46,7 +46,8 @@ def build_rewards(section: RewardSection) -> RewardManager:
     return RewardManager(list(section.rewards))
 
 
-def build_engine(r: RolloutSection, model_path: str, trust_remote_code: bool) -> RolloutEngine:
+def build_engine(r: RolloutSection, model_path: str, trust_remote_code: bool,
+                 run_dir: str | None = None) -> RolloutEngine:
     """The rollout engine of ``rollout.backend``, loaded with the actor's starting weights."""
     if r.backend == "local":
         from megatron_gvpo.rollout.local import LocalEngine
@@ -59,16 +60,20 @@ def build_engine(r: RolloutSection, model_path: str, trust_remote_code: bool) ->
         )
     from megatron_gvpo.rollout.sglang import SGLangConfig, SGLangEngine
 
-    return SGLangEngine(SGLangConfig(**sglang_kwargs(r, model_path)))
+    return SGLangEngine(SGLangConfig(**sglang_kwargs(r, model_path, run_dir)))
 
 
-def sglang_kwargs(r: RolloutSection, model_path: str) -> dict:
-    """``SGLangConfig`` fields: ``rollout.sglang``, plus ``quantization: fp8`` for FP8 sync.
+def sglang_kwargs(r: RolloutSection, model_path: str, run_dir: str | None = None) -> dict:
+    """``SGLangConfig`` fields: ``rollout.sglang``, plus ``fp8`` for FP8 sync.
 
-    With ``rollout.fp8=true`` weights arrive as blockwise e4m3, so servers we start are told to
-    run FP8 unless ``rollout.sglang.quantization`` is set explicitly (null included).
+    With ``rollout.fp8=true`` weights arrive as blockwise e4m3 with ``weight_scale_inv``, which
+    only a server started from a blockwise-FP8 checkpoint has (``--quantization fp8`` quantizes
+    a BF16 checkpoint online, without them): servers we start load an FP8 copy of the model,
+    converted once into ``<run_dir>/fp8_model``.
     """
     kwargs = {"model_path": model_path, **r.sglang}
     if r.fp8:
-        kwargs.setdefault("quantization", "fp8")
+        kwargs.setdefault("fp8", True)
+        if kwargs["fp8"] and run_dir and not kwargs.get("fp8_dir"):
+            kwargs["fp8_dir"] = str(Path(run_dir) / "fp8_model")
     return kwargs

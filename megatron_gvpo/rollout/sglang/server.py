@@ -133,9 +133,16 @@ def check_model_path(path: str | None) -> Path:
 
 
 def fp8_model_path(cfg: SGLangConfig, log_dir: Path) -> str:
-    """The blockwise-FP8 copy of ``cfg.model_path`` servers start from (converted once)."""
+    """The blockwise-FP8 checkpoint servers start from: ``cfg.model_path`` when it already is
+    one, else a copy converted once into ``fp8_dir`` (default ``<log_dir>/fp8_model``)."""
+    import json
+
     from megatron_gvpo.bridge.fp8_checkpoint import convert_hf_to_fp8
 
+    config = json.loads((Path(cfg.model_path) / "config.json").read_text())
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") == "fp8" and quant.get("weight_block_size"):
+        return str(cfg.model_path)
     out = Path(cfg.fp8_dir) if cfg.fp8_dir else log_dir / "fp8_model"
     convert_hf_to_fp8(cfg.model_path, out, reuse=True)
     return str(out)
