@@ -5,6 +5,7 @@ Where things are:
 - ``config.py``  ``SGLangConfig`` (every field documented)
 - ``client.py``  HTTP, retries, and which routes a server release offers
 - ``server.py``  starting/stopping server processes (flags, clean environment, health)
+- ``pool.py``    the engine's servers: picking one per request, restarting dead ones
 - ``generate.py`` ``/generate`` bodies, parsing, streaming jobs
 - ``engine.py``  ``SGLangEngine``: generation plus the begin/finish steps of every weight sync
 - where weights enter SGLang: ``tensor.py`` (colocated, CUDA IPC), ``distributed.py``

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import tempfile
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
@@ -29,7 +26,6 @@ from megatron_gvpo.rollout.base import (
     Sample,
     SamplingParams,
 )
-from megatron_gvpo.rollout.sglang import server as srv
 from megatron_gvpo.rollout.sglang.client import Endpoint, HTTPClient, SGLangError, Transient
 from megatron_gvpo.rollout.sglang.config import SGLangConfig
 from megatron_gvpo.rollout.sglang.disk import load_from_disk, write_sync_folder
@@ -41,6 +37,7 @@ from megatron_gvpo.rollout.sglang.generate import (
     stream_jobs,
 )
 from megatron_gvpo.rollout.sglang.group import UpdateGroup, new_group_name
+from megatron_gvpo.rollout.sglang.pool import ServerPool
 from megatron_gvpo.rollout.sglang.stages import StageSyncSpec
 from megatron_gvpo.rollout.sglang.tensor import (
     Serializer,
@@ -64,8 +61,6 @@ class SGLangEngine(RolloutEngine):
         self._serializer = serializer or sglang_flattened_bucket_serializer
         self._version = -1
         self._closed = False
-        self._lock = threading.Lock()
-        self._rr = 0
         self._run_id = uuid.uuid4().hex[:8]
         self._group: UpdateGroup | None = None
         self._group_epochs: dict[int, int] = {}
@@ -73,60 +68,20 @@ class SGLangEngine(RolloutEngine):
         self._stage_group = ""
         self._in_session: list[Endpoint] = []
         self._last_disk_dir: str | None = None
-        self._servers: list[Endpoint] = []
-        self._gen: list[Endpoint] = []
         n_gen = 1 if config.router_url else max(config.num_servers, len(config.urls), 1)
         self._client = HTTPClient(config, workers=16 + 2 * max(n_gen, len(config.urls)))
         self._gen_pool = ThreadPoolExecutor(config.max_concurrency * n_gen,
                                             thread_name_prefix="sglang_gen")
-        self._finalizer = weakref.finalize(self, srv.terminate, self._servers,
-                                           config.shutdown_grace_s)
+        self._pool = ServerPool(config, self._client, owner=self)
         try:
-            self._start()
+            self._pool.start()
         except BaseException:
             self.shutdown()
             raise
 
-    # -- start-up -------------------------------------------------------------------------------
-
-    def _start(self) -> None:
-        cfg = self.cfg
-        if cfg.launches:
-            srv.check_model_path(cfg.model_path)
-            self._log_dir = Path(cfg.log_dir or tempfile.mkdtemp(prefix="sglang_logs_"))
-            self._log_dir.mkdir(parents=True, exist_ok=True)
-            self._model_path = (srv.fp8_model_path(cfg, self._log_dir) if cfg.fp8
-                                else str(cfg.model_path))
-            for k in range(cfg.num_servers):
-                port = cfg.base_port + k if cfg.base_port else srv.free_port(cfg.host)
-                s = Endpoint(k, f"http://{cfg.host}:{port}", tp_size=cfg.tp_size, port=port,
-                             log_path=self._log_dir / f"server_{k}.log")
-                self._servers.append(s)
-                srv.start(cfg, self._model_path, s)
-            srv.wait_healthy(self._client, self._servers)
-            self._gen = list(self._servers)
-        else:
-            self._servers.extend(Endpoint(k, u.rstrip("/")) for k, u in enumerate(cfg.urls))
-            self._gen = list(self._servers)
-            if cfg.router_url:
-                self._gen = [Endpoint(len(self._servers), cfg.router_url.rstrip("/"))]
-            for s in {id(s): s for s in self._gen + self._servers}.values():
-                self._check_reachable(s)
-            srv.wait_healthy(self._client, self._gen + self._servers)
-        log.info("SGLang ready: generate via %s", [s.url for s in self._gen])
-
-    def _check_reachable(self, s: Endpoint) -> None:
-        """Fail at once, naming the URL, when nothing listens there."""
-        import requests
-
-        try:
-            self._client.session().get(
-                f"{s.url}/health_generate",
-                timeout=(self.cfg.connect_timeout_s, self.cfg.health_timeout_s))
-        except requests.exceptions.ConnectionError as e:
-            raise SGLangError(f"cannot reach SGLang server at {s.url}: {e}") from e
-        except requests.exceptions.Timeout:
-            pass  # listening but slow: wait_healthy decides
+    @property
+    def _servers(self) -> list[Endpoint]:
+        return self._pool.servers
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -157,15 +112,15 @@ class SGLangEngine(RolloutEngine):
         for attempt in itertools.count():
             if cancel.is_set():
                 raise SGLangError("generation cancelled after another request failed")
-            s, epoch = self._pick_server()
+            s, epoch = self._pool.pick(self._version)
             rid = f"{self._run_id}-{job.slot[0]}-{job.slot[1]}-{attempt}-{uuid.uuid4().hex[:6]}"
             try:
                 out = self._generate_on(s, {**job.payload, "rid": rid})
             except Transient as e:
                 self._client.bump(e.kind)
                 if e.kind == "timeouts":
-                    self._abort(s, rid)
-                self._recover(s, epoch)
+                    self._pool.abort(s, rid)
+                self._pool.recover(s, epoch, self._restore_weights)
                 failure: Exception = e
             else:
                 sample = parse_generate_output(out, job.prompt_ids, self._version)
@@ -187,86 +142,12 @@ class SGLangEngine(RolloutEngine):
         try:
             return self._client.send(s, "POST", "/generate", payload, self.cfg.request_timeout_s)
         finally:
-            with self._lock:
-                s.inflight -= 1
-
-    def _pick_server(self) -> tuple[Endpoint, int]:
-        """The least-loaded usable server (ties go round-robin); waits out a restart."""
-        with self._lock:
-            alive = [s for s in self._gen if not s.failed]
-            if not alive:
-                raise SGLangError("no SGLang server left: all failed or exhausted their restarts")
-            fresh = [s for s in alive if not s.stale]
-            if not fresh:
-                raise SGLangError(
-                    f"every SGLang server was restarted and lost weight version {self._version}; "
-                    "call update_weights again (weight_sync='disk' reloads them automatically)"
-                )
-            now = time.monotonic()
-            ready = [s for s in fresh if not s.restarting and s.down_until <= now] or fresh
-            n = len(self._gen)
-            s = min(ready, key=lambda s: (s.inflight, (s.index - self._rr) % n))
-            self._rr = (s.index + 1) % n
-            s.inflight += 1
-            epoch = s.epoch
-        if s.restarting:
-            with s.lock:  # wait for the restart to finish
-                epoch = s.epoch
-        return s, epoch
-
-    def _abort(self, s: Endpoint, rid: str) -> None:
-        """Drop a request we stopped waiting for (best effort). sglang-router has no
-        ``/abort_request``, so behind a router the workers are asked (unknown rids are no-ops)."""
-        targets = self._servers if s not in self._servers else [s]
-        for t in targets:
-            try:
-                self._client.send(t, "POST", "/abort_request", {"rid": rid},
-                                  self.cfg.health_timeout_s)
-            except (Transient, SGLangError) as e:
-                log.warning("abort of %s on %s failed: %s", rid, t.url, e)
-
-    def _recover(self, s: Endpoint, epoch: int) -> None:
-        """After a failure: restart a dead server we own; park an unhealthy attached one."""
-        if not s.owned:
-            if not self._client.probe(s):
-                s.down_until = time.monotonic() + self._client.backoff(1)
-            return
-        with s.lock:
-            if s.epoch != epoch or s.failed:
-                return  # another thread already dealt with it
-            if not s.exited() and self._client.probe(s):
-                return  # alive and healthy: the failure was transient
-            s.restarting = True
-            try:
-                self._restart(s)
-            finally:
-                s.restarting = False
-
-    def _restart(self, s: Endpoint) -> None:
-        if s.restarts >= self.cfg.max_restarts:
-            log.error("SGLang server %s died again; giving up after %d restarts", s.url, s.restarts)
-            s.failed = True
-            srv.terminate([s], self.cfg.shutdown_grace_s)
-            return
-        log.warning("SGLang server %s is dead (exit code %s); restarting. Log tail:\n%s",
-                    s.url, s.proc.poll(), srv.log_tail(s.log_path, 1500))
-        srv.terminate([s], self.cfg.shutdown_grace_s)
-        s.restarts += 1
-        self._client.bump("restarts")
-        try:
-            srv.start(self.cfg, self._model_path, s)
-            srv.wait_healthy(self._client, [s])
-        except SGLangError as e:
-            log.error("restart of %s failed: %s", s.url, e)
-            s.failed = True
-            return
-        s.epoch += 1
-        s.forget_capabilities()
-        if self._version >= 0:
-            self._restore_weights(s)
+            self._pool.done(s)
 
     def _restore_weights(self, s: Endpoint) -> None:
         """A restarted server holds base weights: reload the last disk sync, or mark it stale."""
+        if self._version < 0:
+            return
         if self.cfg.weight_sync == "disk" and self._last_disk_dir:
             load_from_disk(self._client, [s], self._last_disk_dir, self._version)
             self._check_version(s, self._version)
@@ -437,10 +318,7 @@ class SGLangEngine(RolloutEngine):
             s, "POST", "/resume_memory_occupation", {"tags": list(tags)}))
 
     def health(self) -> bool:
-        if self._closed:
-            return False
-        gen = [s for s in self._gen if not s.failed and not s.stale]
-        return bool(gen) and all(not s.exited() and self._client.probe(s) for s in gen)
+        return not self._closed and self._pool.healthy()
 
     def shutdown(self) -> None:
         """Destroy our update group on attached servers, stop every server we started (whole
@@ -453,11 +331,11 @@ class SGLangEngine(RolloutEngine):
         self._group = None
         self._gen_pool.shutdown(wait=False, cancel_futures=True)
         self._client.pool.shutdown(wait=False, cancel_futures=True)
-        self._finalizer()
+        self._pool.stop()
 
     def _live(self) -> list[Endpoint]:
         self._check_open()
-        return [s for s in self._servers if not s.failed]
+        return self._pool.live()
 
     def _check_open(self) -> None:
         if self._closed:
