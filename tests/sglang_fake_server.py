@@ -42,6 +42,8 @@ Tokens are deterministic in (input_ids, sampling_seed), see :func:`fake_tokens`.
 ``decode_s_per_token`` per token. Run as a script it takes the ``sglang.launch_server`` flags the
 engine passes plus ``--fake-*`` flags, rejects any other flag, and (like SGLang's process-group
 start-up) fails when it inherits torchrun's ``TORCHELASTIC_*`` variables.
+
+One module (over 400 lines) on purpose: it is one server, each route beside the rule it follows.
 """
 
 from __future__ import annotations
