@@ -1,16 +1,49 @@
 """A PROTOCOL FAKE of SGLang's HTTP server, for tests only. It is not SGLang and runs no model.
 
-It answers the endpoints ``megatron_gvpo.rollout.sglang`` uses with SGLang's request and response
-shapes (read from sgl-project/sglang ``http_server.py`` / ``io_struct.py`` and from how slime and
-verl call them), rejects any request whose fields have the wrong type, miss a required key or carry
-an unknown one, and injects faults (5xx, dropped connections, slow answers, a process exit, stale
-weight versions). Tokens are deterministic in (input_ids, sampling_seed), see :func:`fake_tokens`.
-``/init_weights_update_group`` really joins a gloo process group the way SGLang's side does (torch
-``rendezvous`` + ``_new_process_group_helper``) and ``/update_weights_from_distributed`` really
-receives the broadcasts; ``/update_weights_from_disk`` really reads the safetensors folder.
+Written from the released source (``pip download --no-deps sglang==X`` and unzip; paths below
+are inside the wheel, line numbers of 0.5.23 unless a release is named) for three server
+generations, chosen with ``generation=``:
 
-Run as a script it takes the flags of ``python -m sglang.launch_server`` that the engine passes
-(plus ``--fake-*`` fault flags) and rejects any other flag.
+- ``"0.5.23"`` (new): weight-update sessions, ``/model_info``; no ``/get_weight_version`` route.
+- ``"0.5.15"`` (middle, also 0.5.10-0.5.20): ``/model_info`` and ``/server_info``;
+  ``/get_weight_version`` answers 404 (0.5.15 ``entrypoints/http_server.py:685``); no sessions.
+- ``"0.5.4"`` (old): live ``/get_weight_version`` (0.5.4 ``http_server.py:488``),
+  ``/get_server_info`` and ``/get_model_info`` only; no sessions.
+
+Observable rules reproduced (a route a generation lacks answers 404):
+
+- Control and weight calls run one at a time in arrival order: one FIFO lock
+  (``managers/communicator.py:42`` ``queueing_call``; the scheduler is one thread that blocks
+  inside a broadcast). Two senders reaching two fakes in different orders deadlock, as real
+  servers do.
+- ``/flush_cache`` is refused (400) while requests run (``http_server.py:1025``; the scheduler's
+  ``flush_cache`` checks ``is_fully_idle``).
+- ``/pause_generation`` (mode ``abort``) aborts in-flight requests: they return with finish
+  reason ``abort`` and the tokens so far; new requests wait until ``/continue_generation``
+  (``managers/tokenizer_manager.py:2267, 938``). Health checks while paused answer 503 after the
+  health time-out (``http_server.py:722-797``, 20 s there, ``health_wait_s`` here).
+- Sessions (new): ``update_weights_from_tensor``/``_distributed`` outside
+  ``/begin_weight_update`` ... ``/end_weight_update`` answer 400 without receiving anything;
+  begin twice or end without begin answer 400
+  (``managers/scheduler_components/weight_updater.py:187-335``). Disk updates need none.
+- ``/init_weights_update_group`` joins a real gloo group with torch's own helper, as
+  ``utils/common.py:2859`` ``init_custom_process_group`` does; torch refuses a name the process
+  already holds (400), ``/destroy_weights_update_group`` frees it (400 if unknown).
+- ``/release_memory_occupation`` frees memory only with ``--enable-memory-saver``
+  (``utils/torch_memory_saver_adapter.py``: the no-op adapter otherwise); resuming a tag that was
+  not released fails (``weight_updater.py:388`` ``offload_tags.remove``); release while requests
+  run is refused (``weight_updater.py:338`` asserts idleness).
+- ``/generate``: unknown top-level keys are ignored, unknown ``sampling_params`` keys are refused
+  with 400 (``sglang/api/v1/api_types.py`` ``GenerateRequest`` / ``SamplingParams``).
+- Tensors named ``*_scale_inv`` exist only when the model folder's ``config.json`` holds an FP8
+  ``quantization_config`` (online ``--quantization fp8`` creates no such parameters).
+
+Tokens are deterministic in (input_ids, sampling_seed), see :func:`fake_tokens`. Decode time is
+``decode_s_per_token`` per token. Run as a script it takes the ``sglang.launch_server`` flags the
+engine passes plus ``--fake-*`` flags, rejects any other flag, and (like SGLang's process-group
+start-up) fails when it inherits torchrun's ``TORCHELASTIC_*`` variables.
+
+One module (over 400 lines) on purpose: it is one server, each route beside the rule it follows.
 """
 
 from __future__ import annotations
@@ -18,6 +51,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
 import random
 import socket
@@ -30,7 +64,7 @@ from typing import Any
 
 STANDIN_PREFIX = "fake-flat-bucket:"
 MEMORY_TAGS = {"weights", "kv_cache", "cuda_graph"}
-
+GENERATIONS = ("0.5.23", "0.5.15", "0.5.4")
 
 # -- field checks --------------------------------------------------------------------------------
 
@@ -43,93 +77,91 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str)
-
-
-def _opt_str(v: Any) -> bool:
-    return v is None or isinstance(v, str)
-
-
 def _list_of(check):
     return lambda v: isinstance(v, list) and all(check(x) for x in v)
 
 
 _int_list = _list_of(_is_int)
-_str_list = _list_of(_is_str)
+_str_list = _list_of(lambda v: isinstance(v, str))
+_opt_str = lambda v: v is None or isinstance(v, str)  # noqa: E731
+_bool = lambda v: isinstance(v, bool)  # noqa: E731
 
+# /generate: top-level keys we send (others are ignored, as GenerateRequest does)
 GENERATE = {
     "input_ids": (lambda v: _int_list(v) and len(v) > 0, True),
     "sampling_params": (lambda v: isinstance(v, dict), True),
-    "return_logprob": (_is_bool, False),
+    "return_logprob": (_bool, False),
     "logprob_start_len": (_is_int, False),
-    "rid": (_is_str, False),
+    "rid": (lambda v: isinstance(v, str), False),
     "stream": (lambda v: v is False, False),
 }
+# sampling_params: a subset of api_types.SamplingParams' fields; unknown keys refused
 SAMPLING = {
     "max_new_tokens": (lambda v: _is_int(v) and v >= 1, False),
     "temperature": (lambda v: _is_num(v) and v >= 0, False),
     "top_p": (lambda v: _is_num(v) and 0 < v <= 1, False),
     "top_k": (lambda v: _is_int(v) and (v == -1 or v >= 1), False),
+    "min_p": (_is_num, False),
     "stop": (_str_list, False),
     "stop_token_ids": (_int_list, False),
     "n": (lambda v: _is_int(v) and v >= 1, False),
-    "no_stop_trim": (_is_bool, False),
-    "skip_special_tokens": (_is_bool, False),
+    "no_stop_trim": (_bool, False),
+    "skip_special_tokens": (_bool, False),
+    "ignore_eos": (_bool, False),
     "sampling_seed": (_is_int, False),
 }
 TENSOR = {
     "serialized_named_tensors": (_str_list, True),
     "load_format": (_opt_str, False),
-    "flush_cache": (_is_bool, False),
+    "flush_cache": (_bool, False),
     "weight_version": (_opt_str, False),
-    "abort_all_requests": (_is_bool, False),
+    "abort_all_requests": (_bool, False),
 }
 INIT_GROUP = {
-    "master_address": (_is_str, True),
+    "master_address": (lambda v: isinstance(v, str), True),
     "master_port": (lambda v: _is_int(v) and 0 < v < 65536, True),
     "rank_offset": (lambda v: _is_int(v) and v >= 1, True),
     "world_size": (lambda v: _is_int(v) and v >= 2, True),
-    "group_name": (_is_str, False),
+    "group_name": (lambda v: isinstance(v, str) and v != "", False),
     "backend": (lambda v: v in ("gloo", "nccl"), False),
 }
+DESTROY_GROUP = {"group_name": (lambda v: isinstance(v, str), False)}
 DISTRIBUTED = {
     "names": (_str_list, True),
     "dtypes": (_str_list, True),
     "shapes": (_list_of(_int_list), True),
-    "group_name": (_is_str, False),
-    "flush_cache": (_is_bool, False),
+    "group_name": (lambda v: isinstance(v, str), False),
+    "flush_cache": (_bool, False),
     "weight_version": (_opt_str, False),
     "load_format": (_opt_str, False),
-    "abort_all_requests": (_is_bool, False),
+    "abort_all_requests": (_bool, False),
 }
 DISK = {
-    "model_path": (_is_str, True),
+    "model_path": (lambda v: isinstance(v, str), True),
     "load_format": (_opt_str, False),
     "weight_version": (_opt_str, False),
-    "flush_cache": (_is_bool, False),
-    "abort_all_requests": (_is_bool, False),
+    "flush_cache": (_bool, False),
+    "abort_all_requests": (_bool, False),
 }
-MEMORY = {"tags": (lambda v: _str_list(v) and set(v) <= MEMORY_TAGS, False)}
-ABORT = {"rid": (_is_str, False), "abort_all": (_is_bool, False)}
+MEMORY = {"tags": (lambda v: v is None or (_str_list(v) and set(v) <= MEMORY_TAGS), False)}
+ABORT = {"rid": (lambda v: isinstance(v, str), False), "abort_all": (_bool, False)}
 PAUSE = {"mode": (lambda v: v in ("abort", "retract", "in_place"), False)}
+SESSION = {"selector": (lambda v: v in ("target", "draft", "all"), False)}
 
 
 class BadRequest(Exception):
     pass
 
 
-def check_fields(body: Any, spec: dict, where: str) -> None:
-    """Raise BadRequest unless ``body`` is a dict with the required keys, no others, right types."""
+def check_fields(body: Any, spec: dict, where: str, *, unknown_ok: bool = False) -> None:
+    """Raise BadRequest unless ``body`` is an object with the required keys and right types;
+    unknown keys are refused unless ``unknown_ok`` (then ignored, as msgspec's ``ignore``)."""
     if not isinstance(body, dict):
         raise BadRequest(f"{where}: body must be a JSON object")
     unknown = set(body) - set(spec)
-    if unknown:
-        raise BadRequest(f"{where}: unknown field(s) {sorted(unknown)}")
+    if unknown and not unknown_ok:
+        key = sorted(unknown)[0]  # serde's wording (api_types.py _unknown_field)
+        raise BadRequest(f"unknown field `{key}`, expected one of {sorted(spec)}")
     for key, (check, required) in spec.items():
         if key not in body:
             if required:
@@ -141,19 +173,30 @@ def check_fields(body: Any, spec: dict, where: str) -> None:
 # -- deterministic generation --------------------------------------------------------------------
 
 
-def fake_tokens(input_ids: list[int], params: dict) -> tuple[list[int], list[float], dict, str]:
-    """(output_ids, logprobs, finish_reason, text) the fake returns; a pure function of the seed."""
+def fake_tokens(input_ids: list[int], params: dict,
+                length_tail: tuple[float, float] | None = None) -> tuple[list, list, dict, str]:
+    """(output_ids, logprobs, finish_reason, text) the fake returns; a pure function of the seed.
+
+    ``length_tail=(mu, sigma)``: the response length is drawn log-normally (a long tail) and
+    stop tokens are ignored; else tokens are uniform in [3, 50) until a stop token or string.
+    """
     seed = params.get("sampling_seed")
     rng = random.Random(f"{input_ids}|{seed}") if seed is not None else random.Random()
     stops = set(params.get("stop_token_ids", []))
     stop_strs = params.get("stop", [])
+    max_new = params.get("max_new_tokens", 128)
+    target = None
+    if length_tail is not None:
+        target = max(1, min(max_new, int(math.exp(rng.gauss(*length_tail)))))
     ids: list[int] = []
     text = ""
     finish = None
-    for _ in range(params.get("max_new_tokens", 128)):
+    for _ in range(target or max_new):
         tok = rng.randrange(3, 50)
         ids.append(tok)
         text += chr(97 + tok % 26)
+        if target is not None:
+            continue
         if tok in stops:
             finish = {"type": "stop", "matched": tok}
             break
@@ -164,7 +207,8 @@ def fake_tokens(input_ids: list[int], params: dict) -> tuple[list[int], list[flo
                 text = text[: text.index(hit)]
             break
     if finish is None:
-        finish = {"type": "length", "length": len(ids)}
+        finish = ({"type": "stop", "matched": 2} if target is not None and target < max_new
+                  else {"type": "length", "length": len(ids)})
     logprobs = [fake_logprob(t, p) for p, t in enumerate(ids)]
     return ids, logprobs, finish, text
 
@@ -177,18 +221,15 @@ def fake_logprob(token: int, pos: int) -> float:
 
 
 def encode_standin_bucket(flat, metas, tp_size: int) -> list[str]:
-    """A test serializer for the engine: the flat tensor as safetensors bytes plus the metadata."""
+    """A test serializer: per TP rank, the flat tensor as safetensors bytes, the metadata and a
+    nonce (so the fake can tell a payload serialized per rank from one reused)."""
     from safetensors.torch import save
 
-    doc = {
-        "blob": base64.b64encode(save({"flat": flat.contiguous()})).decode(),
-        "meta": [
-            {"name": m.name, "shape": list(m.shape), "dtype": str(m.dtype).removeprefix("torch."),
-             "start": m.start, "end": m.end}
-            for m in metas
-        ],
-    }
-    return [STANDIN_PREFIX + json.dumps(doc)] * tp_size
+    blob = base64.b64encode(save({"flat": flat.contiguous()})).decode()
+    meta = [{"name": m.name, "shape": list(m.shape), "dtype": str(m.dtype).removeprefix("torch."),
+             "start": m.start, "end": m.end} for m in metas]
+    return [STANDIN_PREFIX + json.dumps({"blob": blob, "meta": meta, "nonce": os.urandom(8).hex()})
+            for _ in range(tp_size)]
 
 
 def decode_standin_bucket(payload: str) -> dict:
@@ -205,22 +246,53 @@ def decode_standin_bucket(payload: str) -> dict:
     return out
 
 
-# -- state and faults ----------------------------------------------------------------------------
+# -- state ---------------------------------------------------------------------------------------
+
+
+class FifoLock:
+    """A lock granted strictly in arrival order (as asyncio.Lock in ``queueing_call``)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
 
 
 class FakeState:
-    """What the fake remembers: a request log, weights received, version, faults to inject."""
+    """What the fake remembers: a request log, weights, version, sessions, groups, faults."""
 
-    def __init__(self, tp_size: int = 1, model_path: str = "", **faults: Any):
-        self.tp_size = tp_size
-        self.model_path = model_path
-        self.lock = threading.Lock()
+    def __init__(self, tp_size: int = 1, model_path: str = "", generation: str = "0.5.23",
+                 memory_saver: bool = False, **faults: Any):
+        if generation not in GENERATIONS:
+            raise ValueError(f"generation must be one of {GENERATIONS}, got {generation!r}")
+        self.generation, self.tp_size, self.model_path = generation, tp_size, model_path
+        self.memory_saver = memory_saver
+        self.fp8_model = _is_fp8_checkpoint(model_path)
+        self.lock = threading.Lock()  # guards the fields below
+        self.control = FifoLock()  # control and weight calls: one at a time, arrival order
+        self.cond = threading.Condition(self.lock)
         self.log: list[dict] = []
         self.version = "default"
         self.paused = False
-        self.released: set[str] = set()
+        self.session = False
+        self.post_loads = 0
+        self.inflight = 0
+        self.aborted: set[str] = set()
+        self.offload_tags: set[str] = set()
+        self.freed: set[str] = set()
         self.weights: dict[str, Any] = {}
         self.groups: dict[str, Any] = {}
+        self.nonces: list[str] = []
         self.generates = 0
         self.faults = {
             "fail_generate": 0,  # the next N /generate answer 500
@@ -228,9 +300,14 @@ class FakeState:
             "slow_generate": 0,  # the next N /generate sleep slow_s first
             "slow_s": 1.0,
             "generate_delay_s": 0.0,  # every /generate sleeps this long
+            "decode_s_per_token": 0.0,  # decode time per generated token
+            "length_tail": None,  # (mu, sigma): log-normal response lengths
             "exit_after_generates": 0,  # os._exit when the Kth /generate arrives ...
             "crash_marker": "",  # ... unless this file exists (then crash once and create it)
-            "stale_version": False,  # /get_weight_version reports an old version
+            "stale_version": False,  # the live weight version reports an old value
+            "health_wait_s": 0.2,  # a paused server's health check answers 503 after this
+            "arrival_delay": {},  # group-name substring -> seconds a request takes to arrive
+            "collective_timeout_s": 30.0,  # group rendezvous and broadcasts give up after this
         }
         unknown = set(faults) - set(self.faults)
         if unknown:
@@ -247,6 +324,14 @@ class FakeState:
 
     def paths(self) -> list[str]:
         return [e["path"] for e in self.log]
+
+
+def _is_fp8_checkpoint(model_path: str) -> bool:
+    cfg = Path(model_path or "/nonexistent") / "config.json"
+    if not cfg.is_file():
+        return False
+    q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    return q.get("quant_method") == "fp8" and bool(q.get("weight_block_size"))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -266,18 +351,28 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         try:
             body = self._body()
+            route = ROUTES.get((method, path))
+            available = route is not None and self.state.generation in route[1]
+            if available and route[2]:  # control or weight call: wait for its turn
+                name = (body or {}).get("group_name", "") if isinstance(body, dict) else ""
+                for part, delay in self.state.faults["arrival_delay"].items():
+                    if part in name:
+                        time.sleep(delay)
             if not path.startswith("/fake/"):
                 with self.state.lock:
                     self.state.log.append({"method": method, "path": path, "body": body})
-            route = ROUTES.get((method, path))
-            if route is None:
-                return self._reply(404, {"detail": f"no route {method} {path}"})
-            result = route(self, body)
+            if not available:
+                return self._reply(404, {"detail": "Not Found"})
+            fn, _, locked = route
+            if locked:
+                with self.state.control:
+                    result = fn(self, body)
+            else:
+                result = fn(self, body)
             if result is not None:
                 self._reply(*result)
         except BadRequest as e:
-            self._reply(400, {"object": "error", "message": str(e), "type": "BadRequest",
-                              "code": 400})
+            self._reply(400, {"error": {"message": str(e)}})
 
     def _body(self) -> Any:
         n = int(self.headers.get("Content-Length") or 0)
@@ -305,49 +400,80 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
 
-# -- endpoints -----------------------------------------------------------------------------------
+def _ok(message: str = "Success") -> tuple[int, dict]:
+    return 200, {"success": True, "message": message}
 
 
-def _no_body(body: Any, where: str) -> None:
-    if body not in (None, {}):
-        raise BadRequest(f"{where}: takes no body, got {body!r}")
+def _fail(message: str) -> tuple[int, dict]:
+    return 400, {"success": False, "message": message}
+
+
+# -- generation ----------------------------------------------------------------------------------
 
 
 def health(h: _Handler, body: Any):
-    _no_body(body, "/health_generate")
+    st = h.state
+    with st.lock:
+        paused = st.paused
+    if paused:  # the health request waits on the pause like any generate request, then gives up
+        time.sleep(st.faults["health_wait_s"])
+        with st.lock:
+            if st.paused:
+                return 503, ""
     return 200, ""
 
 
 def generate(h: _Handler, body: Any):
-    check_fields(body, GENERATE, "/generate")
+    check_fields(body, GENERATE, "/generate", unknown_ok=True)
     params = body["sampling_params"]
     check_fields(params, SAMPLING, "/generate sampling_params")
-    st = h.state
-    with st.lock:
+    st, f = h.state, h.state.faults
+    with st.cond:
         st.generates += 1
         k = st.generates
-    f = st.faults
-    if f["exit_after_generates"] and k >= f["exit_after_generates"]:
-        marker = Path(f["crash_marker"])
-        if not marker.exists():
-            marker.write_text("crashed\n")
-            os._exit(17)
-    if st.take("fail_generate"):
-        return 500, {"object": "error", "message": "injected server error", "code": 500}
-    if st.take("drop_generate"):
-        return h.drop()
-    if st.take("slow_generate"):
-        time.sleep(f["slow_s"])
-    if f["generate_delay_s"]:
-        time.sleep(f["generate_delay_s"])
-    outs = [_one_output(st, body, params) for _ in range(params.get("n", 1))]
-    return 200, outs[0] if len(outs) == 1 else outs
+        st.cond.wait_for(lambda: not st.paused)  # new requests wait out a pause
+        st.inflight += 1
+    try:
+        if f["exit_after_generates"] and k >= f["exit_after_generates"]:
+            marker = Path(f["crash_marker"])
+            if not marker.exists():
+                marker.write_text("crashed\n")
+                os._exit(17)
+        if st.take("fail_generate"):
+            return 500, {"error": {"message": "injected server error"}}
+        if st.take("drop_generate"):
+            return h.drop()
+        if st.take("slow_generate"):
+            time.sleep(f["slow_s"])
+        if f["generate_delay_s"]:
+            time.sleep(f["generate_delay_s"])
+        outs = [_one_output(st, body, params) for _ in range(params.get("n", 1))]
+        return 200, outs[0] if len(outs) == 1 else outs
+    finally:
+        with st.cond:
+            st.inflight -= 1
+            st.cond.notify_all()
 
 
 def _one_output(st: FakeState, body: dict, params: dict) -> dict:
-    ids, logprobs, finish, text = fake_tokens(body["input_ids"], params)
+    ids, logprobs, finish, text = fake_tokens(body["input_ids"], params, st.faults["length_tail"])
+    rid = body.get("rid", "fake")
+    step = st.faults["decode_s_per_token"]
+    start = time.monotonic()
+    while True:  # decode: token t is done at start + (t + 1) * step; a pause or abort cuts it
+        done = min(len(ids), int((time.monotonic() - start) / step)) if step else len(ids)
+        with st.lock:
+            cut = st.paused or rid in st.aborted
+        if cut:
+            keep = max(1, done)
+            ids, logprobs, text = ids[:keep], logprobs[:keep], text[:keep]
+            finish = {"type": "abort", "message": "Abort before/while decoding."}
+            break
+        if done >= len(ids):
+            break
+        time.sleep(max(0.0, min(0.005, (done + 1) * step - (time.monotonic() - start))))
     meta = {
-        "id": body.get("rid", "fake"),
+        "id": rid,
         "finish_reason": finish,
         "prompt_tokens": len(body["input_ids"]),
         "weight_version": st.version,
@@ -360,55 +486,137 @@ def _one_output(st: FakeState, body: dict, params: dict) -> dict:
     return {"text": text, "output_ids": ids, "meta_info": meta}
 
 
+def abort(h: _Handler, body: Any):
+    check_fields(body or {}, ABORT, "/abort_request", unknown_ok=True)
+    if body and body.get("rid"):
+        with h.state.lock:
+            h.state.aborted.add(body["rid"])
+    return 200, ""
+
+
+# -- information ---------------------------------------------------------------------------------
+
+
+def _live_version(st: FakeState) -> str:
+    return "stale" if st.faults["stale_version"] else st.version
+
+
+def model_info(h: _Handler, body: Any):
+    return 200, {"model_path": h.state.model_path, "is_generation": True,
+                 "weight_version": _live_version(h.state)}
+
+
+def get_weight_version(h: _Handler, body: Any):
+    """0.5.4: the live version; 0.5.10-0.5.20: a deprecation 404 (0.5.23: no route at all)."""
+    if h.state.generation == "0.5.4":
+        return 200, {"weight_version": _live_version(h.state)}
+    return 404, {"detail": "Endpoint '/get_weight_version' or '/weight_version' is deprecated. "
+                           "Please use '/model_info' instead."}
+
+
 def server_info(h: _Handler, body: Any):
-    _no_body(body, "/get_server_info")
-    return 200, {"tp_size": h.state.tp_size, "model_path": h.state.model_path,
-                 "weight_version": h.state.version}
+    st = h.state
+    return 200, {"version": st.generation, "tp_size": st.tp_size, "model_path": st.model_path,
+                 "weight_version": "default", "enable_memory_saver": st.memory_saver}
 
 
-def weight_version(h: _Handler, body: Any):
-    _no_body(body, "/get_weight_version")
-    v = "stale" if h.state.faults["stale_version"] else h.state.version
-    return 200, {"weight_version": v}
+# -- control -------------------------------------------------------------------------------------
 
 
 def flush_cache(h: _Handler, body: Any):
-    _no_body(body, "/flush_cache")
+    with h.state.lock:
+        busy = h.state.inflight
+    if busy:
+        return 400, "Flush cache failed: requests are still running or queued.\n"
     return 200, "Cache flushed.\n"
 
 
 def pause(h: _Handler, body: Any):
-    check_fields(body or {}, PAUSE, "/pause_generation")
-    h.state.paused = True
+    check_fields(body or {}, PAUSE, "/pause_generation", unknown_ok=True)
+    st = h.state
+    with st.cond:
+        st.paused = True
+        st.cond.wait_for(lambda: st.inflight == 0)  # in-flight requests end as aborted
     return 200, {"message": "Generation paused successfully.", "status": "ok"}
 
 
 def resume(h: _Handler, body: Any):
-    check_fields(body or {}, {}, "/continue_generation")
-    h.state.paused = False
+    st = h.state
+    with st.cond:
+        st.paused = False
+        st.cond.notify_all()
     return 200, {"message": "Generation continued successfully.", "status": "ok"}
 
 
 def release(h: _Handler, body: Any):
-    check_fields(body or {}, MEMORY, "/release_memory_occupation")
-    h.state.released |= set((body or {}).get("tags") or MEMORY_TAGS)
+    check_fields(body or {}, MEMORY, "/release_memory_occupation", unknown_ok=True)
+    st = h.state
+    tags = set((body or {}).get("tags") or MEMORY_TAGS)
+    with st.lock:
+        if st.inflight:
+            return 400, {"error": {"message": "release_memory_occupation should be called only "
+                                              "when server is idle."}}
+        st.offload_tags |= tags
+        if st.memory_saver:
+            st.freed |= tags
     return 200, ""
 
 
 def resume_memory(h: _Handler, body: Any):
-    check_fields(body or {}, MEMORY, "/resume_memory_occupation")
-    h.state.released -= set((body or {}).get("tags") or MEMORY_TAGS)
+    check_fields(body or {}, MEMORY, "/resume_memory_occupation", unknown_ok=True)
+    st = h.state
+    tags = set((body or {}).get("tags") or MEMORY_TAGS)
+    with st.lock:
+        missing = tags - st.offload_tags
+        if missing:
+            return 400, {"error": {"message": repr(sorted(missing)[0])}}  # KeyError text
+        st.offload_tags -= tags
+        st.freed -= tags
     return 200, ""
 
 
-def abort(h: _Handler, body: Any):
-    check_fields(body, ABORT, "/abort_request")
-    return 200, ""
+def begin_update(h: _Handler, body: Any):
+    check_fields(body or {}, SESSION, "/begin_weight_update", unknown_ok=True)
+    st = h.state
+    if st.session:
+        return _fail("a weight-update session is already open; call end_weight_update() first")
+    st.session = True
+    return _ok()
+
+
+def end_update(h: _Handler, body: Any):
+    st = h.state
+    if not st.session:
+        return _fail("no weight-update session is open; call begin_weight_update() first")
+    st.session = False
+    st.post_loads += 1
+    return _ok()
+
+
+def _check_session(st: FakeState, route: str) -> None:
+    if st.generation == "0.5.23" and not st.session:
+        raise BadRequest(f"{route} must run between begin_weight_update() and "
+                         "end_weight_update()")
+
+
+def _accept(st: FakeState, tensors: dict) -> None:
+    scales = [n for n in tensors if n.endswith("_scale_inv")]
+    if scales and not st.fp8_model:
+        raise BadRequest(f"parameter {scales[0]!r} does not exist: the model was not loaded "
+                         "from a blockwise-FP8 checkpoint")
+    st.weights.update(tensors)
+
+
+def _updated(st: FakeState, body: dict):
+    if body.get("weight_version") is not None:
+        st.version = body["weight_version"]
+    return _ok("Succeeded to update model weights.")
 
 
 def from_tensor(h: _Handler, body: Any):
-    check_fields(body, TENSOR, "/update_weights_from_tensor")
+    check_fields(body, TENSOR, "/update_weights_from_tensor", unknown_ok=True)
     st = h.state
+    _check_session(st, "update_weights_from_tensor")
     payloads = body["serialized_named_tensors"]
     if len(payloads) != st.tp_size:
         raise BadRequest(f"serialized_named_tensors has {len(payloads)} entries, tp_size is "
@@ -416,18 +624,14 @@ def from_tensor(h: _Handler, body: Any):
     if body.get("load_format") != "flattened_bucket":
         raise BadRequest("protocol fake only decodes load_format='flattened_bucket'")
     if payloads[0].startswith(STANDIN_PREFIX):
-        st.weights.update(decode_standin_bucket(payloads[0]))
+        for p in payloads:  # each TP rank deserializes its own payload
+            st.nonces.append(json.loads(p[len(STANDIN_PREFIX):])["nonce"])
+        _accept(st, decode_standin_bucket(payloads[0]))
     return _updated(st, body)
 
 
-def _updated(st: FakeState, body: dict):
-    if body.get("weight_version") is not None:
-        st.version = body["weight_version"]
-    return 200, {"success": True, "message": "Succeeded to update model weights."}
-
-
 def init_group(h: _Handler, body: Any):
-    check_fields(body, INIT_GROUP, "/init_weights_update_group")
+    check_fields(body, INIT_GROUP, "/init_weights_update_group", unknown_ok=True)
     import datetime
 
     from torch.distributed.distributed_c10d import (
@@ -443,54 +647,82 @@ def init_group(h: _Handler, body: Any):
     if st.tp_size != 1:
         raise BadRequest("protocol fake joins a group with tp_size 1 only")
     name = body.get("group_name", "weight_update_group")
-    timeout = datetime.timedelta(seconds=30)
+    if name in st.groups:  # torch: "The specified group name has already been created"
+        return _fail(f"Failed to initialize custom process group: The specified group name "
+                     f"{name} has already been created, please use a different group name.")
+    timeout = datetime.timedelta(seconds=st.faults["collective_timeout_s"])
     url = f"tcp://{body['master_address']}:{body['master_port']}"
-    store, rank, world = next(rendezvous(url, body["rank_offset"], body["world_size"],
-                                         timeout=timeout))
-    pg, _ = _new_process_group_helper(world, rank, [], Backend("gloo"),
-                                      PrefixStore(name, store), group_name=name, timeout=timeout)
+    try:
+        store, rank, world = next(rendezvous(url, body["rank_offset"], body["world_size"],
+                                             timeout=timeout))
+        pg, _ = _new_process_group_helper(world, rank, [], Backend("gloo"),
+                                          PrefixStore(name, store), group_name=name,
+                                          timeout=timeout)
+    except Exception as e:
+        return _fail(f"Failed to initialize custom process group: {e}.")
     st.groups[name] = (pg, store)
-    return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
+    return _ok("Succeeded to initialize custom process group.")
+
+
+def destroy_group(h: _Handler, body: Any):
+    check_fields(body or {}, DESTROY_GROUP, "/destroy_weights_update_group", unknown_ok=True)
+    import torch.distributed as dist
+
+    st = h.state
+    name = (body or {}).get("group_name", "weight_update_group")
+    if name not in st.groups:
+        return _fail("The group to be destroyed does not exist.")
+    pg, _ = st.groups.pop(name)
+    dist.destroy_process_group(pg)
+    return _ok("Succeeded to destroy custom process group.")
 
 
 def from_distributed(h: _Handler, body: Any):
-    check_fields(body, DISTRIBUTED, "/update_weights_from_distributed")
+    check_fields(body, DISTRIBUTED, "/update_weights_from_distributed", unknown_ok=True)
     import torch
     import torch.distributed as dist
 
     st = h.state
+    _check_session(st, "update_weights_from_distributed")
     names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
     if not len(names) == len(dtypes) == len(shapes):
         raise BadRequest("names, dtypes and shapes differ in length")
     name = body.get("group_name", "weight_update_group")
     if name not in st.groups:
-        raise BadRequest(f"no weight update group {name!r}")
+        return _fail(f"Failed to receive weights: no weight update group {name!r}")
     pg = st.groups[name][0]
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    for n, d, s in zip(names, dtypes, shapes, strict=True):
-        if not isinstance(getattr(torch, d, None), torch.dtype):
-            raise BadRequest(f"unknown dtype {d!r}")
-        t = torch.empty(s, dtype=getattr(torch, d))
-        pg.broadcast([t], opts).wait()
-        st.weights[n] = t
+    received = {}
+    try:
+        for n, d, s in zip(names, dtypes, shapes, strict=True):
+            if not isinstance(getattr(torch, d, None), torch.dtype):
+                raise BadRequest(f"unknown dtype {d!r}")
+            t = torch.empty(s, dtype=getattr(torch, d))
+            pg.broadcast([t], opts).wait()
+            received[n] = t
+    except RuntimeError as e:
+        return _fail(f"Failed to receive weights: {e}")
+    _accept(st, received)
     return _updated(st, body)
 
 
 def from_disk(h: _Handler, body: Any):
-    check_fields(body, DISK, "/update_weights_from_disk")
+    check_fields(body, DISK, "/update_weights_from_disk", unknown_ok=True)
     from safetensors.torch import load_file
 
     folder = Path(body["model_path"])
     index = folder / "model.safetensors.index.json"
     if not index.is_file():
-        return 400, {"success": False, "message": f"{folder}: no safetensors index"}
+        return _fail(f"{folder}: no safetensors index")
     weight_map = json.loads(index.read_text())["weight_map"]
+    tensors = {}
     for shard in sorted(set(weight_map.values())):
-        tensors = load_file(str(folder / shard))
-        if set(tensors) != {n for n, f in weight_map.items() if f == shard}:
-            return 400, {"success": False, "message": f"{shard}: index disagrees with file"}
-        h.state.weights.update(tensors)
+        part = load_file(str(folder / shard))
+        if set(part) != {n for n, f in weight_map.items() if f == shard}:
+            return _fail(f"{shard}: index disagrees with file")
+        tensors.update(part)
+    _accept(h.state, tensors)
     return _updated(h.state, body)
 
 
@@ -506,34 +738,48 @@ def fake_weights(h: _Handler, body: Any):
     }
 
 
+ALL, NEW, MID_NEW = set(GENERATIONS), {"0.5.23"}, {"0.5.23", "0.5.15"}
+# (method, path) -> (handler, generations that route it, runs under the control lock)
 ROUTES = {
-    ("GET", "/health_generate"): health,
-    ("GET", "/health"): health,
-    ("POST", "/generate"): generate,
-    ("GET", "/get_server_info"): server_info,
-    ("GET", "/get_weight_version"): weight_version,
-    ("GET", "/flush_cache"): flush_cache,
-    ("POST", "/flush_cache"): flush_cache,
-    ("POST", "/pause_generation"): pause,
-    ("POST", "/continue_generation"): resume,
-    ("POST", "/release_memory_occupation"): release,
-    ("POST", "/resume_memory_occupation"): resume_memory,
-    ("POST", "/abort_request"): abort,
-    ("POST", "/update_weights_from_tensor"): from_tensor,
-    ("POST", "/init_weights_update_group"): init_group,
-    ("POST", "/update_weights_from_distributed"): from_distributed,
-    ("POST", "/update_weights_from_disk"): from_disk,
-    ("GET", "/fake/log"): fake_log,  # test-only introspection, not part of SGLang
-    ("GET", "/fake/weights"): fake_weights,
+    ("GET", "/health_generate"): (health, ALL, False),
+    ("GET", "/health"): (health, ALL, False),
+    ("POST", "/generate"): (generate, ALL, False),
+    ("POST", "/abort_request"): (abort, ALL, False),
+    ("GET", "/model_info"): (model_info, MID_NEW, False),
+    ("GET", "/get_model_info"): (model_info, ALL, False),
+    ("GET", "/get_weight_version"): (get_weight_version, {"0.5.15", "0.5.4"}, False),
+    ("GET", "/weight_version"): (get_weight_version, {"0.5.15"}, False),
+    ("GET", "/server_info"): (server_info, MID_NEW, True),
+    ("GET", "/get_server_info"): (server_info, ALL, True),
+    ("GET", "/flush_cache"): (flush_cache, ALL, True),
+    ("POST", "/flush_cache"): (flush_cache, ALL, True),
+    ("POST", "/pause_generation"): (pause, ALL, True),
+    ("POST", "/continue_generation"): (resume, ALL, True),
+    ("POST", "/release_memory_occupation"): (release, ALL, True),
+    ("POST", "/resume_memory_occupation"): (resume_memory, ALL, True),
+    ("POST", "/begin_weight_update"): (begin_update, NEW, True),
+    ("POST", "/end_weight_update"): (end_update, NEW, True),
+    ("POST", "/update_weights_from_tensor"): (from_tensor, ALL, True),
+    ("POST", "/init_weights_update_group"): (init_group, ALL, True),
+    ("POST", "/destroy_weights_update_group"): (destroy_group, ALL, True),
+    ("POST", "/update_weights_from_distributed"): (from_distributed, ALL, True),
+    ("POST", "/update_weights_from_disk"): (from_disk, ALL, True),
+    ("GET", "/fake/log"): (fake_log, ALL, False),  # test-only introspection, not SGLang
+    ("GET", "/fake/weights"): (fake_weights, ALL, False),
 }
 
 
 class FakeSGLangServer:
-    """The protocol fake on a background thread (``with FakeSGLangServer() as fake: fake.url``)."""
+    """The protocol fake on a background thread (``with FakeSGLangServer() as fake: fake.url``).
+
+    In-process fakes share torch's group-name registry; fakes that join update groups with the
+    same name must run as processes (as SGLang servers do): ``python sglang_fake_server.py``.
+    """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, tp_size: int = 1,
-                 model_path: str = "", **faults: Any):
-        self.state = FakeState(tp_size, model_path, **faults)
+                 model_path: str = "", generation: str = "0.5.23", memory_saver: bool = False,
+                 **faults: Any):
+        self.state = FakeState(tp_size, model_path, generation, memory_saver, **faults)
         handler = type("Handler", (_Handler,), {"state": self.state})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -550,6 +796,14 @@ class FakeSGLangServer:
         self.httpd.server_close()
 
 
+def _delays(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        part, _, seconds = item.rpartition(":")
+        out[part] = float(seconds)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Stand-in for ``python -m sglang.launch_server`` (same flags as the engine passes)."""
     p = argparse.ArgumentParser(description="SGLang protocol fake (tests only; not SGLang)")
@@ -560,17 +814,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mem-fraction-static", type=float)
     p.add_argument("--base-gpu-id", type=int, default=0)
     p.add_argument("--quantization", choices=["fp8"])
+    p.add_argument("--enable-memory-saver", action="store_true")
+    p.add_argument("--enable-deterministic-inference", action="store_true")
+    p.add_argument("--fake-generation", default="0.5.23", choices=GENERATIONS)
     p.add_argument("--fake-generate-delay", type=float, default=0.0)
+    p.add_argument("--fake-decode-s-per-token", type=float, default=0.0)
     p.add_argument("--fake-exit-after-generates", type=int, default=0)
     p.add_argument("--fake-crash-marker", default="")
+    p.add_argument("--fake-collective-timeout", type=float, default=30.0)
+    p.add_argument("--fake-arrival-delay", action="append", default=[],
+                   help="GROUP_NAME_PART:SECONDS, delay before a matching call queues")
     a = p.parse_args(argv)
+    inherited = sorted(k for k in os.environ if k.startswith("TORCHELASTIC_"))
+    if inherited:  # stands in for SGLang's broken process-group start-up under torchrun
+        sys.exit(f"protocol fake: inherited torchrun variables {inherited}; "
+                 "torch's env:// rendezvous would use the trainer's agent store")
     if not Path(a.model_path, "config.json").is_file():
         sys.exit(f"protocol fake: model path {a.model_path} has no config.json")
-    server = FakeSGLangServer(a.host, a.port, a.tp_size, a.model_path,
+    server = FakeSGLangServer(a.host, a.port, a.tp_size, a.model_path, a.fake_generation,
+                              a.enable_memory_saver,
                               generate_delay_s=a.fake_generate_delay,
+                              decode_s_per_token=a.fake_decode_s_per_token,
                               exit_after_generates=a.fake_exit_after_generates,
-                              crash_marker=a.fake_crash_marker)
-    print(f"protocol fake listening on {server.url}", flush=True)
+                              crash_marker=a.fake_crash_marker,
+                              arrival_delay=_delays(a.fake_arrival_delay),
+                              collective_timeout_s=a.fake_collective_timeout)
+    print(f"protocol fake ({a.fake_generation}) listening on {server.url}", flush=True)
     server.httpd.serve_forever()
 
 

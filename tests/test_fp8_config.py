@@ -219,24 +219,25 @@ def test_trainer_command_fails_before_any_model_is_built(tmp_path, overrides, me
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_sglang_kwargs_default_to_fp8_quantization_with_fp8_sync():
+def test_sglang_kwargs_start_servers_from_an_fp8_checkpoint_with_fp8_sync():
     from megatron_gvpo.rollout.sglang import SGLangConfig
     from megatron_gvpo.trainer.config import RolloutSection, sglang_kwargs
 
-    on = sglang_kwargs(RolloutSection(backend="sglang", fp8=True, sglang={"tp_size": 2}), "/m")
-    assert on == {"model_path": "/m", "tp_size": 2, "quantization": "fp8"}
-    assert SGLangConfig(**on).quantization == "fp8"
+    on = sglang_kwargs(RolloutSection(backend="sglang", fp8=True, sglang={"tp_size": 2}), "/m",
+                       run_dir="/run")
+    assert on == {"model_path": "/m", "tp_size": 2, "fp8": True, "fp8_dir": "/run/fp8_model"}
+    assert SGLangConfig(**on).quantization is None  # no online quantization
     off = sglang_kwargs(RolloutSection(backend="sglang", fp8=False), "/m")
-    assert "quantization" not in off and SGLangConfig(**off).quantization is None
-    explicit = RolloutSection(backend="sglang", fp8=True, sglang={"quantization": None})
-    assert sglang_kwargs(explicit, "/m")["quantization"] is None
+    assert "fp8" not in off and SGLangConfig(**off).fp8 is False
+    with pytest.raises(ValueError, match="drop quantization"):
+        SGLangConfig(**sglang_kwargs(RolloutSection(
+            backend="sglang", fp8=True, sglang={"quantization": "fp8"}), "/m"))
 
 
-@pytest.mark.parametrize(
-    "fp8,extra,expect", [(True, {}, True), (True, {"quantization": None}, False)]
-)
-def test_started_sglang_server_gets_quantization_flag(tmp_path, tiny_models, fp8, extra, expect):
-    """Against the protocol fake (not SGLang): the launched command line carries the flag."""
+@pytest.mark.parametrize("fp8", [True, False])
+def test_started_sglang_server_loads_the_fp8_checkpoint(tmp_path, tiny_models, fp8):
+    """Against the protocol fake (not SGLang): the launched command line starts from the FP8
+    copy written into the run folder, never with --quantization."""
     from megatron_gvpo.trainer.config import RolloutSection
     from megatron_gvpo.trainer.setup import build_engine
 
@@ -246,18 +247,17 @@ def test_started_sglang_server_gets_quantization_flag(tmp_path, tiny_models, fp8
         "health_poll_s": 0.05,
         "startup_timeout_s": 60.0,
         "shutdown_grace_s": 5.0,
-        **extra,
     }
     section = RolloutSection(backend="sglang", device="cpu", fp8=fp8, sglang=sglang)
-    engine = build_engine(section, str(tiny_models["llama"]), trust_remote_code=False)
+    engine = build_engine(section, str(tiny_models["llama"]), trust_remote_code=False,
+                          run_dir=str(tmp_path / "run"))
     try:
         args = list(engine._servers[0].proc.args)
     finally:
         engine.shutdown()
-    if expect:
-        assert args[args.index("--quantization") + 1] == "fp8"
-    else:
-        assert "--quantization" not in args
+    assert "--quantization" not in args
+    model = args[args.index("--model-path") + 1]
+    assert model == (str(tmp_path / "run" / "fp8_model") if fp8 else str(tiny_models["llama"]))
 
 
 @pytest.mark.gpu

@@ -42,7 +42,10 @@ FAST = dict(
     shutdown_grace_s=5.0, max_concurrency=8,
 )
 SAMPLING = SamplingParams(max_new_tokens=12, temperature=1.0)
-CONTROL = {"/generate", "/health_generate", "/health", "/get_server_info", "/abort_request"}
+CONTROL = {"/generate", "/health_generate", "/health", "/get_server_info", "/server_info",
+           "/abort_request"}
+NEW, MID, OLD = "0.5.23", "0.5.15", "0.5.4"
+GENERATIONS = [NEW, MID, OLD]
 
 
 def attach(*fakes, **kw) -> SGLangEngine:
@@ -108,8 +111,10 @@ def test_protocol_fake_rejects_unknown_missing_and_mistyped_fields():
     with FakeSGLangServer() as fake:
         ok = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}}
         assert requests.post(fake.url + "/generate", json=ok, timeout=5).status_code == 200
+        # unknown top-level keys are ignored (api_types.GenerateRequest), sampling keys are not
+        assert requests.post(fake.url + "/generate", json={**ok, "surprise": 1},
+                             timeout=5).status_code == 200
         bad = [
-            {**ok, "surprise": 1},
             {"sampling_params": {}},
             {**ok, "input_ids": [1, "2"]},
             {**ok, "sampling_params": {"max_new_tokens": 2, "temprature": 1.0}},
@@ -305,29 +310,42 @@ def _assert_received(received: dict, buckets) -> None:
             assert got.dtype == t.dtype and torch.equal(got, t)
 
 
-def test_colocated_tensor_sync_request_sequence():
-    with FakeSGLangServer(tp_size=2) as fake, \
+def _sync_calls(generation: str, updates: list[str]) -> list[str]:
+    """What one sync sends a fake of ``generation``: sessions where they exist, the live
+    version from /model_info where it exists, else (0.5.4) /get_weight_version after a 404."""
+    session = generation == NEW and updates[0] != "/update_weights_from_disk"
+    version = ["/model_info"] if generation != OLD else ["/model_info", "/get_weight_version"]
+    return (["/pause_generation"] + ["/begin_weight_update"] * session + updates
+            + ["/end_weight_update"] * session + ["/flush_cache", "/continue_generation"]
+            + version)
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_colocated_tensor_sync_request_sequence(generation):
+    with FakeSGLangServer(tp_size=2, generation=generation) as fake, \
             SGLangEngine(SGLangConfig(urls=[fake.url], **FAST),
                          serializer=encode_standin_bucket) as eng:
         buckets = _buckets()
         eng.update_weights(iter(buckets), version=3)
         assert eng.weight_version == 3
         log = list(fake.state.log)
-        received = dict(fake.state.weights)
+        received, nonces = dict(fake.state.weights), list(fake.state.nonces)
         sample = eng.generate([GenerateRequest([1], n=1, seed=1)], SAMPLING)[0][0]
-    assert sync_paths(log) == ["/pause_generation"] + ["/update_weights_from_tensor"] * 3 + [
-        "/flush_cache", "/continue_generation", "/get_weight_version"]
+        assert not fake.state.session and fake.state.post_loads == (generation == NEW)
+    assert sync_paths(log) == _sync_calls(generation, ["/update_weights_from_tensor"] * 3)
     posts = [e["body"] for e in log if e["path"] == "/update_weights_from_tensor"]
     assert all(len(b["serialized_named_tensors"]) == 2 and b["load_format"] == "flattened_bucket"
                and b["weight_version"] == "3" and b["flush_cache"] is False for b in posts)
     assert [sorted(decode_standin_bucket(b["serialized_named_tensors"][1])) for b in posts] == [
         ["model.layers.0.w"], ["model.norm.weight"], ["lm_head.weight"]]
+    assert len(nonces) == 6 and len(set(nonces)) == 6  # one serialization per TP rank
     _assert_received(received, buckets)
     assert sample.weight_version == 3
 
 
-def test_disk_sync_writes_hf_folder_and_posts_its_path(tmp_path, model_dir):
-    with FakeSGLangServer() as a, FakeSGLangServer() as b, \
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_disk_sync_writes_hf_folder_and_needs_no_session(tmp_path, model_dir, generation):
+    with FakeSGLangServer(generation=generation) as a, FakeSGLangServer(generation=generation) as b, \
             attach(a, b, weight_sync="disk", sync_dir=str(tmp_path / "sync"),
                    model_path=str(model_dir)) as eng:
         buckets = _buckets()
@@ -339,59 +357,196 @@ def test_disk_sync_writes_hf_folder_and_posts_its_path(tmp_path, model_dir):
     assert (folder / "config.json").is_file()  # side files copied from model_path
     assert not (tmp_path / "sync" / "weights.tmp").exists()
     for log in logs:
-        assert sync_paths(log) == ["/pause_generation", "/update_weights_from_disk",
-                                   "/flush_cache", "/continue_generation", "/get_weight_version"]
+        assert sync_paths(log) == _sync_calls(generation, ["/update_weights_from_disk"])
         body = next(e["body"] for e in log if e["path"] == "/update_weights_from_disk")
-        assert body == {"model_path": str(folder), "weight_version": "7"}
+        assert body == {"model_path": str(folder), "weight_version": "7", "flush_cache": False}
     _assert_received(received, buckets)
 
 
-def test_distributed_sync_broadcasts_real_tensors_over_gloo(model_dir, tmp_path):
-    cfg = SGLangConfig(model_path=str(model_dir), num_servers=2, weight_sync="distributed",
-                       launch_command=[sys.executable, FAKE], log_dir=str(tmp_path), **FAST)
-    with SGLangEngine(cfg) as eng:
-        first, second = _buckets(), [[("model.norm.weight", torch.ones(3).bfloat16())]]
-        eng.update_weights(first, version=1)
-        eng.update_weights(second, version=2)
-        logs = [get(u, "/fake/log")["log"] for u in eng.urls]
-        weights = [get(u, "/fake/weights") for u in eng.urls]
-    inits = [next(e["body"] for e in log if e["path"] == "/init_weights_update_group")
-             for log in logs]
-    assert sorted(i["rank_offset"] for i in inits) == [1, 2]
-    assert {i["world_size"] for i in inits} == {3} and {i["backend"] for i in inits} == {"gloo"}
-    for log, w in zip(logs, weights, strict=True):
-        assert sync_paths(log) == [
-            "/pause_generation", "/init_weights_update_group",
-            "/update_weights_from_distributed", "/update_weights_from_distributed",
-            "/flush_cache", "/continue_generation", "/get_weight_version",
-            "/pause_generation", "/update_weights_from_distributed",
-            "/flush_cache", "/continue_generation", "/get_weight_version"]
-        ups = [e["body"] for e in log if e["path"] == "/update_weights_from_distributed"]
-        assert ups[0]["names"] == ["model.layers.0.w", "model.norm.weight"]
-        assert ups[0]["dtypes"] == ["float32", "bfloat16"] and ups[0]["shapes"] == [[4, 3], [3]]
-        assert ups[2]["weight_version"] == "2"
-        _assert_received(w, [first[0][:1], first[1], second[0]])
+def test_new_server_refuses_weight_updates_outside_a_session():
+    with FakeSGLangServer() as fake:
+        body = {"serialized_named_tensors": ["x"], "load_format": "flattened_bucket"}
+        r = requests.post(fake.url + "/update_weights_from_tensor", json=body, timeout=5)
+        assert r.status_code == 400 and "begin_weight_update" in r.text
+        r = requests.post(fake.url + "/update_weights_from_distributed",
+                          json={"names": ["w"], "dtypes": ["float32"], "shapes": [[1]]}, timeout=5)
+        assert r.status_code == 400 and "begin_weight_update" in r.text
+        assert requests.post(fake.url + "/end_weight_update", json={}, timeout=5).status_code == 400
+        assert requests.post(fake.url + "/begin_weight_update", json={}, timeout=5).ok
+        assert requests.post(fake.url + "/begin_weight_update", json={},
+                             timeout=5).status_code == 400  # already open
+        assert requests.post(fake.url + "/end_weight_update", json={}, timeout=5).ok
 
 
-def test_stale_weight_version_raises():
-    with FakeSGLangServer(stale_version=True) as fake, \
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_routes_a_generation_lacks_answer_404_and_the_client_detects_the_rest(generation):
+    from megatron_gvpo.rollout.sglang.client import Endpoint, HTTPClient
+
+    with FakeSGLangServer(generation=generation) as fake:
+        status = {p: requests.get(fake.url + p, timeout=5).status_code
+                  for p in ("/model_info", "/get_weight_version", "/server_info",
+                            "/get_server_info")}
+        begin = requests.post(fake.url + "/begin_weight_update", json={}, timeout=5).status_code
+        requests.post(fake.url + "/end_weight_update", json={}, timeout=5)
+        client = HTTPClient(SGLangConfig(urls=[fake.url], **FAST), workers=2)
+        s = Endpoint(0, fake.url)
+        client.learn(s, default_tp=1)
+        probe = Endpoint(1, fake.url)  # version unknown: the session route's 404 decides
+        opened = client.begin_session(probe)
+        if opened:
+            client.end_session(probe)
+        version = client.weight_version(s)
+    want = {NEW: {"/model_info": 200, "/get_weight_version": 404, "/server_info": 200,
+                  "/get_server_info": 200},
+            MID: {"/model_info": 200, "/get_weight_version": 404, "/server_info": 200,
+                  "/get_server_info": 200},
+            OLD: {"/model_info": 404, "/get_weight_version": 200, "/server_info": 404,
+                  "/get_server_info": 200}}[generation]
+    assert status == want and (begin == 200) == (generation == NEW)
+    assert s.version == generation and s.sessions == (generation == NEW)
+    assert opened == (generation == NEW) and probe.sessions == (generation == NEW)
+    assert version == "default"
+    assert s.version_route == ("/get_weight_version" if generation == OLD else "/model_info")
+
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+def test_stale_weight_version_raises(generation):
+    with FakeSGLangServer(stale_version=True, generation=generation) as fake, \
             SGLangEngine(SGLangConfig(urls=[fake.url], **FAST),
                          serializer=encode_standin_bucket) as eng:
         with pytest.raises(SGLangError, match="reports weight version 'stale'.*version 4"):
             eng.update_weights(_buckets(), version=4)
         assert eng.weight_version == -1
         assert fake.state.paused is False  # generation continued despite the failure
+        assert fake.state.session is False
 
 
-def test_release_and_resume_memory_send_tags():
+def test_failed_update_closes_the_session_and_continues():
+    def broken(flat, metas, tp):
+        raise RuntimeError("serializer broke")
+
+    with FakeSGLangServer() as fake, \
+            SGLangEngine(SGLangConfig(urls=[fake.url], **FAST), serializer=broken) as eng:
+        with pytest.raises(RuntimeError, match="serializer broke"):
+            eng.update_weights(_buckets(), version=1)
+        assert not fake.state.paused and not fake.state.session and eng.weight_version == -1
+        assert sync_paths(fake) == ["/pause_generation", "/begin_weight_update",
+                                    "/end_weight_update", "/continue_generation"]
+
+
+def test_begin_finish_update_control_flow_and_stale_version():
+    with FakeSGLangServer() as fake, attach(fake, weight_sync="distributed") as eng:
+        eng.begin_update(2)
+        assert fake.state.paused and fake.state.session
+        eng.abort_update()
+        assert not fake.state.paused and not fake.state.session and eng.weight_version == -1
+        eng.begin_update(2)
+        fake.state.faults["stale_version"] = True
+        with pytest.raises(SGLangError, match="reports weight version"):
+            eng.finish_update(2)
+        assert not fake.state.paused and eng.weight_version == -1
+        assert sync_paths(fake) == [
+            "/pause_generation", "/begin_weight_update", "/end_weight_update",
+            "/continue_generation", "/pause_generation", "/begin_weight_update",
+            "/end_weight_update", "/flush_cache", "/continue_generation", "/model_info"]
+
+
+# -- pause, flush, health, memory ----------------------------------------------------------------
+
+
+def test_paused_server_fails_health_checks_with_503():
     with FakeSGLangServer() as fake, attach(fake) as eng:
+        assert eng.health()
+        eng.pause_generation()
+        assert requests.get(fake.url + "/health_generate", timeout=5).status_code == 503
+        assert not eng.health()
+        eng.continue_generation()
+        assert eng.health()
+
+
+def test_flush_is_refused_while_requests_run():
+    import threading
+
+    with FakeSGLangServer(decode_s_per_token=0.02) as fake, attach(fake) as eng:
+        done = []
+        t = threading.Thread(target=lambda: done.append(eng.generate(
+            [GenerateRequest([1], n=2, seed=1)], SamplingParams(max_new_tokens=40))))
+        t.start()
+        while fake.state.inflight == 0:
+            time.sleep(0.01)
+        with pytest.raises(SGLangError, match="400"):
+            eng.flush_cache()
+        t.join()
+        eng.flush_cache()  # idle now
+    assert len(done[0][0]) == 2
+
+
+def test_pause_truncates_in_flight_responses_which_are_drawn_again_never_returned():
+    import threading
+
+    sp = SamplingParams(max_new_tokens=30)
+    reqs = [GenerateRequest([i], n=2, seed=i) for i in range(3)]
+    with FakeSGLangServer(decode_s_per_token=0.01) as fake, attach(fake) as eng:
+        out = []
+        t = threading.Thread(target=lambda: out.append(eng.generate(reqs, sp)))
+        t.start()
+        while fake.state.inflight < 6:
+            time.sleep(0.005)
+        eng.pause_generation()  # aborts all six mid-decode
+        time.sleep(0.2)
+        eng.continue_generation()
+        t.join()
+        stats = eng.stats
+        finishes = [e for e in fake.state.log if e["path"] == "/generate"]
+    assert stats["aborted_samples"] == 6 and len(finishes) == 12
+    for req, group in zip(reqs, out[0], strict=True):
+        for j, s in enumerate(group):
+            assert s.finish_reason != "abort"
+            assert s.response_ids == expected(req.prompt_ids, req.seed, j, sp)[0]
+
+
+@pytest.mark.parametrize("saver", [True, False])
+def test_release_frees_memory_only_with_the_memory_saver(saver):
+    with FakeSGLangServer(memory_saver=saver) as fake, attach(fake) as eng:
         eng.release_memory()
-        assert fake.state.released == {"weights", "kv_cache"}
+        assert fake.state.offload_tags == {"weights", "kv_cache"}
+        assert fake.state.freed == ({"weights", "kv_cache"} if saver else set())
         eng.resume_memory(["kv_cache"])
-        assert fake.state.released == {"weights"}
+        assert fake.state.offload_tags == {"weights"}
+        with pytest.raises(SGLangError, match="400"):
+            eng.resume_memory(["kv_cache"])  # not released: the server's KeyError
         bodies = [(e["path"], e["body"]) for e in fake.state.log if "memory" in e["path"]]
-    assert bodies == [("/release_memory_occupation", {"tags": ["weights", "kv_cache"]}),
-                      ("/resume_memory_occupation", {"tags": ["kv_cache"]})]
+    assert bodies[:2] == [("/release_memory_occupation", {"tags": ["weights", "kv_cache"]}),
+                          ("/resume_memory_occupation", {"tags": ["kv_cache"]})]
+
+
+# -- launched servers: flags and environment ------------------------------------------------------
+
+
+def test_launched_servers_get_the_memory_saver_in_tensor_mode_and_a_clean_env(
+        model_dir, tmp_path, monkeypatch):
+    from megatron_gvpo.rollout.sglang.client import Endpoint
+    from megatron_gvpo.rollout.sglang.server import clean_env, launch_command
+
+    s = Endpoint(0, "http://x", port=1)
+    for mode, saver in (("tensor", True), ("distributed", False)):
+        cfg = SGLangConfig(model_path=str(model_dir), weight_sync=mode)
+        assert ("--enable-memory-saver" in launch_command(cfg, str(model_dir), s)) == saver
+    env = clean_env({"TORCHELASTIC_USE_AGENT_STORE": "True", "RANK": "3", "MASTER_PORT": "1",
+                     "CUDA_VISIBLE_DEVICES": "0,1", "PATH": "/bin"})
+    assert env == {"CUDA_VISIBLE_DEVICES": "0,1", "PATH": "/bin"}
+    # the fake refuses to start with torchrun's variables, as SGLang's start-up breaks on them
+    for k, v in {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": "x",
+                 "RANK": "1", "WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = SGLangConfig(model_path=str(model_dir), launch_command=[sys.executable, FAKE],
+                       log_dir=str(tmp_path), **FAST)
+    with SGLangEngine(cfg) as eng:
+        info = get(eng.urls[0], "/server_info")
+    assert info["enable_memory_saver"] is True
+
+
+# -- router ---------------------------------------------------------------------------------------
 
 
 def test_router_mode_generates_via_router_and_syncs_workers(tmp_path):
@@ -406,86 +561,150 @@ def test_router_mode_generates_via_router_and_syncs_workers(tmp_path):
     assert "/update_weights_from_disk" in worker_paths and "/generate" not in worker_paths
 
 
-# -- per-stage distributed sync (pipeline parallelism) --------------------------------------------
+def test_timeouts_behind_a_router_abort_on_the_workers():
+    # sglang-router has no /abort_request: the abort goes to the workers (unknown rids: no-op)
+    with FakeSGLangServer(slow_generate=1, slow_s=1.5) as router, FakeSGLangServer() as a, \
+            FakeSGLangServer() as b, SGLangEngine(SGLangConfig(
+                router_url=router.url, urls=[a.url, b.url], request_timeout_s=0.3,
+                **{k: v for k, v in FAST.items() if k != "request_timeout_s"})) as eng:
+        eng.generate([GenerateRequest([2], n=1, seed=5)], SAMPLING)
+        rid = next(e["body"]["rid"] for e in router.state.log if e["path"] == "/generate")
+        assert "/abort_request" not in router.state.paths()
+        for w in (a, b):
+            assert [e["body"] for e in w.state.log if e["path"] == "/abort_request"] == [
+                {"rid": rid}]
 
 
-def _stage_buckets(stage: int) -> list:
-    g = torch.Generator().manual_seed(100 + stage)
-    return [
-        [(f"model.layers.{stage}.a", torch.randn(3, 2, generator=g)),
-         (f"model.layers.{stage}.b", torch.randn(4, generator=g).bfloat16())],
-        [(f"model.layers.{stage}.c", torch.randn(2, 2, generator=g))],
-    ]
+# -- streaming -----------------------------------------------------------------------------------
 
 
-def _stage_main(spec, stage: int, version: int) -> None:
-    """One trainer 'stage' process: its own sender, its own buckets."""
-    from megatron_gvpo.rollout.sglang import StageWeightSender
+def test_stream_yields_in_completion_order_and_generate_round_calls_back():
+    from megatron_gvpo.rollout.round import generate_round
 
-    sender = StageWeightSender(spec, stage)
-    try:
-        assert sender.send(iter(_stage_buckets(stage)), version) == 3
-    finally:
-        sender.close()
+    # log-normal lengths, decode time per token: short responses finish first
+    sp = SamplingParams(max_new_tokens=60)
+    reqs = [GenerateRequest([i], n=2, seed=i) for i in range(6)]
+    with FakeSGLangServer(decode_s_per_token=0.01, length_tail=(2.5, 1.0)) as fake, \
+            attach(fake) as eng:
+        stream = list(eng.generate_stream(reqs, sp))
+        seen = []
+        groups = generate_round(eng, reqs, sp, on_sample=lambda i, j, s: seen.append((i, j)),
+                                progress=False)
+    lengths = [len(s.response_ids) for _, _, s in stream]
+    median = sorted(lengths)[len(lengths) // 2]
+    assert sorted((i, j) for i, j, _ in stream) == [(i, j) for i in range(6) for j in range(2)]
+    assert lengths[0] <= median <= lengths[-1]  # completion order, not request order
+    assert sorted(seen) == sorted((i, j) for i, j, _ in stream)
+    by_slot = {(i, j): s.response_ids for i, j, s in stream}  # seeded: the same responses
+    assert [[s.response_ids for s in g] for g in groups] == [
+        [by_slot[(i, j)] for j in range(2)] for i in range(6)]
 
 
-def test_per_stage_senders_feed_servers_over_their_own_groups(model_dir, tmp_path):
-    import multiprocessing as mp
+def test_default_stream_of_an_engine_without_one_follows_generate():
+    from megatron_gvpo.rollout.base import RolloutEngine, Sample
 
-    ctx = mp.get_context("spawn")
-    # fakes in their own processes, as SGLang servers are (torch names groups per process)
+    class Plain(RolloutEngine):
+        def generate(self, requests, sampling):
+            return [[Sample(r.prompt_ids, [j], "", [0.0], "stop") for j in range(r.n)]
+                    for r in requests]
+
+        def update_weights(self, buckets, version):
+            pass
+
+        weight_version = -1
+
+        def health(self):
+            return True
+
+        def shutdown(self):
+            pass
+
+    out = list(Plain().generate_stream([GenerateRequest([1], n=2), GenerateRequest([2], n=1)],
+                                       SAMPLING))
+    assert [(i, j, s.response_ids) for i, j, s in out] == [(0, 0, [0]), (0, 1, [1]), (1, 0, [0])]
+
+
+# -- distributed sync -----------------------------------------------------------------------------
+
+
+def test_distributed_sync_broadcasts_real_tensors_over_gloo(model_dir, tmp_path):
     cfg = SGLangConfig(model_path=str(model_dir), num_servers=2, weight_sync="distributed",
                        dist_backend="gloo", launch_command=[sys.executable, FAKE],
                        log_dir=str(tmp_path), **FAST)
     with SGLangEngine(cfg) as eng:
-        spec = eng.stage_sync_spec()
-        assert spec.world_size == 3 and spec.urls == tuple(eng.urls)
-        eng.begin_update(5)
-        procs = [ctx.Process(target=_stage_main, args=(spec, k, 5)) for k in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=60)
-        assert [p.exitcode for p in procs] == [0, 0]
-        eng.finish_update(5)
-        assert eng.weight_version == 5 and eng.stats["weight_syncs"] == 1
-        assert eng.stage_sync_spec() == spec  # same servers: groups are reused
+        first, second = _buckets(), [[("model.norm.weight", torch.ones(3).bfloat16())]]
+        eng.update_weights(first, version=1)
+        eng.update_weights(second, version=2)
         logs = [get(u, "/fake/log")["log"] for u in eng.urls]
         weights = [get(u, "/fake/weights") for u in eng.urls]
-    names = {f"{spec.group_name}_pp0", f"{spec.group_name}_pp1"}
-    sent = _stage_buckets(0) + _stage_buckets(1)
+    inits = [next(e["body"] for e in log if e["path"] == "/init_weights_update_group")
+             for log in logs]
+    assert sorted(i["rank_offset"] for i in inits) == [1, 2]
+    assert {i["world_size"] for i in inits} == {3} and {i["backend"] for i in inits} == {"gloo"}
+    name = inits[0]["group_name"]
+    assert name.startswith(cfg.group_name + "_") and {i["group_name"] for i in inits} == {name}
     for log, w in zip(logs, weights, strict=True):
         paths = sync_paths(log)
-        assert paths[0] == "/pause_generation"
-        assert paths[-3:] == ["/flush_cache", "/continue_generation", "/get_weight_version"]
-        assert sorted(paths[1:-3]) == sorted(
-            ["/init_weights_update_group"] * 2 + ["/update_weights_from_distributed"] * 4)
-        inits = [e["body"] for e in log if e["path"] == "/init_weights_update_group"]
-        assert {i["group_name"] for i in inits} == names
-        assert len({i["master_port"] for i in inits}) == 2  # one store per stage
-        middle = [e for e in log if e["path"] not in CONTROL][1:-3]
-        for name in names:  # each group exists before its updates
-            order = [e["path"] for e in middle if e["body"]["group_name"] == name]
-            assert order == ["/init_weights_update_group"] + [
-                "/update_weights_from_distributed"] * 2
+        assert paths == (
+            _sync_calls(NEW, ["/init_weights_update_group"]
+                        + ["/update_weights_from_distributed"] * 2)
+            + _sync_calls(NEW, ["/update_weights_from_distributed"]))
         ups = [e["body"] for e in log if e["path"] == "/update_weights_from_distributed"]
-        received = [n for u in ups for n in u["names"]]
-        assert sorted(received) == sorted(n for bucket in sent for n, _ in bucket)  # once each
-        assert all(u["weight_version"] == "5" and u["flush_cache"] is False for u in ups)
-        _assert_received(w, sent)
+        assert ups[0]["names"] == ["model.layers.0.w", "model.norm.weight"]
+        assert ups[0]["dtypes"] == ["float32", "bfloat16"] and ups[0]["shapes"] == [[4, 3], [3]]
+        assert ups[2]["weight_version"] == "2"
+        _assert_received(w, [first[0][:1], first[1], second[0]])
 
 
-def test_begin_finish_update_control_flow_and_stale_version():
-    with FakeSGLangServer() as fake, attach(fake, weight_sync="distributed") as eng:
-        eng.begin_update(2)
-        assert fake.state.paused
-        eng.abort_update()
-        assert not fake.state.paused and eng.weight_version == -1
-        eng.begin_update(2)
-        fake.state.faults["stale_version"] = True
-        with pytest.raises(SGLangError, match="reports weight version"):
-            eng.finish_update(2)
-        assert not fake.state.paused and eng.weight_version == -1
-        assert sync_paths(fake) == [
-            "/pause_generation", "/continue_generation", "/pause_generation", "/flush_cache",
-            "/continue_generation", "/get_weight_version"]
+def _start_fakes(n: int, tmp_path: Path, model_dir: Path, *flags: str) -> list:
+    """Fake servers as processes (as SGLang servers are: torch names groups per process)."""
+    import socket
+    import subprocess
+
+    procs, urls = [], []
+    for k in range(n):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = open(tmp_path / f"fake_{k}.log", "wb")  # noqa: SIM115
+        procs.append(subprocess.Popen(
+            [sys.executable, FAKE, "--model-path", str(model_dir), "--port", str(port),
+             *flags], stdout=log, stderr=subprocess.STDOUT))
+        urls.append(f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 30
+    for u in urls:
+        while True:
+            try:
+                if requests.get(u + "/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "fake servers did not start"
+            time.sleep(0.05)
+    return procs, urls
+
+
+def test_attached_servers_get_unique_group_names_destroyed_on_close(model_dir, tmp_path):
+    procs, urls = _start_fakes(1, tmp_path, model_dir)
+    try:
+        cfg = SGLangConfig(urls=urls, weight_sync="distributed", dist_backend="gloo", **FAST)
+        names = []
+        for _ in range(2):  # a restarted trainer attaches to the same running server
+            with SGLangEngine(cfg) as eng:
+                eng.update_weights(_buckets(), version=1)
+                log = get(urls[0], "/fake/log")["log"]
+                names.append([e["body"]["group_name"] for e in log
+                              if e["path"] == "/init_weights_update_group"][-1])
+                dup = requests.post(urls[0] + "/init_weights_update_group", json={
+                    "master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1,
+                    "world_size": 2, "group_name": names[-1], "backend": "gloo"}, timeout=5)
+                assert dup.status_code == 400 and "already been created" in dup.text
+        log = get(urls[0], "/fake/log")["log"]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert names[0] != names[1]
+    destroyed = [e["body"]["group_name"] for e in log
+                 if e["path"] == "/destroy_weights_update_group"]
+    assert destroyed == names

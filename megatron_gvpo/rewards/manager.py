@@ -107,6 +107,26 @@ class RewardResult:
     stats: dict[str, RewardStats]
     means: dict[str, float] = field(default_factory=dict)  # over the samples each reward scored
 
+    @classmethod
+    def concat(cls, parts: Sequence[RewardResult]) -> RewardResult:
+        """One result for the samples of ``parts``, in order (batches scored one by one)."""
+        scores = [x for p in parts for x in p.scores]
+        keys = list(dict.fromkeys(k for p in parts for k in p.stats))
+        per_reward = {k: [x for p in parts for x in p.per_reward[k]] for k in keys}
+        stats: dict[str, RewardStats] = {k: RewardStats() for k in keys}
+        means: dict[str, float] = {}
+        for k in keys:
+            scored = 0
+            total = 0.0
+            for p in parts:
+                stats[k].add(p.stats[k])
+                if k in p.means:
+                    total += p.means[k] * p.stats[k].samples
+                    scored += p.stats[k].samples
+            if scored:
+                means[k] = total / scored
+        return cls(scores=scores, per_reward=per_reward, stats=stats, means=means)
+
     def metrics(self, prefix: str = "reward") -> dict[str, float]:
         """Flat ``{prefix}/{key}/{counter}`` numbers for TensorBoard / metrics.jsonl."""
         out: dict[str, float] = {}

@@ -7,7 +7,7 @@ Weights arrive as HF-named full tensors in buckets, the same stream for every ba
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -103,6 +103,18 @@ class RolloutEngine(abc.ABC):
         self, requests: Sequence[GenerateRequest], sampling: SamplingParams
     ) -> list[list[Sample]]:
         """Return, per request and in request order, its ``n`` responses in response order."""
+
+    def generate_stream(
+        self, requests: Sequence[GenerateRequest], sampling: SamplingParams
+    ) -> Iterator[tuple[int, int, Sample]]:
+        """Yield ``(request index, response index, sample)`` as responses complete.
+
+        Engines that batch continuously (SGLang) keep the whole round in flight; this default
+        runs :meth:`generate` and yields its result in order.
+        """
+        for i, group in enumerate(self.generate(requests, sampling)):
+            for j, sample in enumerate(group):
+                yield i, j, sample
 
     @abc.abstractmethod
     def update_weights(self, buckets: Iterable[NamedTensors], version: int) -> None:

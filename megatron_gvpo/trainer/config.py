@@ -70,7 +70,8 @@ class RolloutSection:
     device: str = "cpu"
     """The local engine's device."""
     max_batch_size: int = 256
-    """Responses generated together (the local engine's batch; SGLang's chunk)."""
+    """The local engine's generation batch (SGLang keeps every request of a round in flight, up to
+    ``rollout.sglang.max_concurrency`` per server)."""
     bucket_mb: int = 512
     """Weight-sync bucket size."""
     fp8: bool = False
@@ -244,7 +245,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         "rollout", n_samples_per_prompt=r.n_samples_per_prompt, max_new_tokens=r.max_new_tokens
     )
     if r.backend == "sglang":
-        sglang_config(r, m.path or "<the demo model>")  # typed and checked now
+        sglang_config(r, m.path or "<the demo model>", t.run_dir)  # typed and checked now
     if m.precision not in PRECISIONS:
         raise ValueError(f"model.precision={m.precision!r}: {', '.join(PRECISIONS)}")
     if m.transformer_impl not in ("auto", "transformer_engine", "local"):
@@ -264,23 +265,27 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     cfg.data.check_files()
 
 
-def sglang_kwargs(r: RolloutSection, model_path: str) -> dict:
-    """``SGLangConfig`` fields: ``rollout.sglang``, plus ``quantization: fp8`` for FP8 sync.
+def sglang_kwargs(r: RolloutSection, model_path: str, run_dir: str | None = None) -> dict:
+    """``SGLangConfig`` fields: ``rollout.sglang``, plus ``fp8`` for FP8 sync.
 
-    With ``rollout.fp8=true`` weights arrive as blockwise e4m3, so servers we start are told to
-    run FP8 unless ``rollout.sglang.quantization`` is set explicitly (null included).
+    With ``rollout.fp8=true`` weights arrive as blockwise e4m3 with ``weight_scale_inv``, which
+    only a server started from a blockwise-FP8 checkpoint has (``--quantization fp8`` quantizes
+    a BF16 checkpoint online, without them): servers we start load an FP8 copy of the model,
+    converted once into ``<run_dir>/fp8_model``.
     """
     kwargs = {"model_path": model_path, **r.sglang}
     if r.fp8:
-        kwargs.setdefault("quantization", "fp8")
+        kwargs.setdefault("fp8", True)
+        if kwargs["fp8"] and run_dir and not kwargs.get("fp8_dir"):
+            kwargs["fp8_dir"] = str(Path(run_dir) / "fp8_model")
     return kwargs
 
 
-def sglang_config(r: RolloutSection, model_path: str):
+def sglang_config(r: RolloutSection, model_path: str, run_dir: str | None = None):
     """``rollout.sglang`` as an ``SGLangConfig``; errors name ``rollout.sglang.<key>``."""
     from megatron_gvpo.rollout.sglang import SGLangConfig
 
-    return _section(SGLangConfig, sglang_kwargs(r, model_path), "rollout.sglang")
+    return _section(SGLangConfig, sglang_kwargs(r, model_path, run_dir), "rollout.sglang")
 
 
 register_configs()

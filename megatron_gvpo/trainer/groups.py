@@ -7,13 +7,15 @@ import random
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from megatron_gvpo.data.prompts import Prompt
-from megatron_gvpo.rewards import RewardInput, RewardManager
-from megatron_gvpo.rollout.base import GenerateRequest, RolloutEngine, SamplingParams
+from megatron_gvpo.rewards import RewardInput, RewardManager, RewardResult
+from megatron_gvpo.rollout.base import GenerateRequest, RolloutEngine, Sample, SamplingParams
+from megatron_gvpo.rollout.round import generate_round
 from megatron_gvpo.trainer.batch import RolloutBatch
 from megatron_gvpo.trainer.replay import ReplayBuffer
 
@@ -57,6 +59,7 @@ class RolloutResult:
     metrics: dict[str, float]
     generate_seconds: float
     reward_seconds: float
+    """Time spent waiting for rewards after the last response arrived."""
 
 
 def request_seed(seed: int, step: int, i: int) -> int:
@@ -71,55 +74,62 @@ def rollout_and_score(
     sampling: SamplingParams,
     n: int,
     seeds: Sequence[int],
-    max_batch_size: int,
 ) -> RolloutResult:
-    """Driver rank: ``n`` responses per prompt, decoded and scored."""
+    """Driver rank: ``n`` responses per prompt, every request in flight at once (engines that
+    batch continuously keep their servers busy), each group scored as soon as its last response
+    arrives while the others still generate."""
     requests = [GenerateRequest(row.prompt_ids, n, s) for row, s in zip(rows, seeds, strict=True)]
-    clock = time.perf_counter()
-    samples = generate_with_progress(engine, requests, sampling, max_batch_size)
-    gen_s = time.perf_counter() - clock
-    clock = time.perf_counter()
-    flat = [(row, s) for row, group in zip(rows, samples, strict=True) for s in group]
-    result = rewards([RewardInput(row.text, s.text, row.answer, row.domain) for row, s in flat])
-    reward_s = time.perf_counter() - clock
-    groups, start = [], 0
+    arrived = [0] * len(requests)
+    scoring: dict[int, Future] = {}
+    busy = [0.0]
+
+    def score(i: int, group: list[Sample]) -> RewardResult:
+        clock = time.perf_counter()
+        row = rows[i]
+        try:
+            return rewards([RewardInput(row.text, s.text, row.answer, row.domain) for s in group])
+        finally:
+            busy[0] += time.perf_counter() - clock
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(1, thread_name_prefix="reward") as pool:
+        samples: list[list[Sample | None]] = [[None] * n for _ in requests]
+
+        def on_sample(i: int, j: int, sample: Sample) -> None:
+            samples[i][j] = sample
+            arrived[i] += 1
+            if arrived[i] == n:
+                scoring[i] = pool.submit(score, i, samples[i])
+
+        generate_round(engine, requests, sampling, on_sample=on_sample)
+        gen_s = time.perf_counter() - start
+        clock = time.perf_counter()
+        result = RewardResult.concat([scoring[i].result() for i in range(len(requests))])
+        wait_s = time.perf_counter() - clock
+    groups, offset = [], 0
     for row, group in zip(rows, samples, strict=True):
         groups.append(
             PromptGroup(
                 list(row.prompt_ids),
                 [s.response_ids for s in group],
-                result.scores[start : start + len(group)],
+                result.scores[offset : offset + n],
                 row.domain,
                 [s.logprobs for s in group],
             )
         )
-        start += len(group)
-    finish = Counter(s.finish_reason for _, s in flat)
-    gen_tokens = sum(len(s.response_ids) for _, s in flat)
+        offset += n
+    flat = [s for group in samples for s in group]
+    finish = Counter(s.finish_reason for s in flat)
+    gen_tokens = sum(len(s.response_ids) for s in flat)
     metrics = {
         "rollout/tokens_per_s": gen_tokens / max(gen_s, 1e-9),
         "rollout/generate_s": gen_s,
+        "rollout/reward_busy_s": busy[0],  # scoring time, mostly hidden behind generation
         **{f"rollout/finish_{k}": v / max(len(flat), 1) for k, v in finish.items()},
         **result.metrics("reward_fn"),
         **{f"engine/{k}": v for k, v in engine.metrics().items()},
     }
-    return RolloutResult(groups, metrics, gen_s, reward_s)
-
-
-def generate_with_progress(engine, requests, sampling, max_batch_size: int):
-    """``engine.generate`` in chunks of about ``max_batch_size`` responses, with a rich progress
-    bar when stdout is a terminal (nothing is drawn in logs or under CI)."""
-    from rich.progress import Progress
-
-    per = max(1, max_batch_size // max(1, requests[0].n)) if requests else 1
-    chunks = [requests[i : i + per] for i in range(0, len(requests), per)]
-    groups = []
-    with Progress(transient=True) as progress:
-        task = progress.add_task("rollout", total=sum(q.n for q in requests))
-        for chunk in chunks:
-            groups += engine.generate(chunk, sampling)
-            progress.advance(task, sum(q.n for q in chunk))
-    return groups
+    return RolloutResult(groups, metrics, gen_s, wait_s)
 
 
 def filter_groups(

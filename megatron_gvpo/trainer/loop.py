@@ -86,7 +86,9 @@ class Trainer:
         self.reference = build_reference(cfg, self.model_path)
         self.replay = ReplayBuffer(t.replay_capacity)
         self.engine = (
-            build_engine(r, self.model_path, cfg.model.trust_remote_code) if is_rank0() else None
+            build_engine(r, self.model_path, cfg.model.trust_remote_code, run_dir=t.run_dir)
+            if is_rank0()
+            else None
         )
         export = ExportConfig(bucket_bytes=r.bucket_mb << 20, fp8=r.fp8)
         self.weight_sync = build_weight_sync(self.ddp, self.arch, export, self.engine)
@@ -138,7 +140,7 @@ class Trainer:
         )
         seeds = [request_seed(seed, self.step, i) for i in range(len(rows))]
         return rollout_and_score(
-            self.engine, self.rewards, rows, sampling, r.n_samples_per_prompt, seeds, r.max_batch_size
+            self.engine, self.rewards, rows, sampling, r.n_samples_per_prompt, seeds
         )
 
     def _old_and_ref_logprobs(self, batch: RolloutBatch) -> None:

@@ -95,7 +95,8 @@ def build_rewards(section: RewardSection) -> RewardManager:
     return RewardManager(list(section.rewards))
 
 
-def build_engine(r: RolloutSection, model_path: str, trust_remote_code: bool) -> RolloutEngine:
+def build_engine(r: RolloutSection, model_path: str, trust_remote_code: bool,
+                 run_dir: str | None = None) -> RolloutEngine:
     """The rollout engine of ``rollout.backend``, loaded with the actor's starting weights."""
     if r.backend == "local":
         from megatron_gvpo.rollout.local import LocalEngine
@@ -108,4 +109,4 @@ def build_engine(r: RolloutSection, model_path: str, trust_remote_code: bool) ->
         )
     from megatron_gvpo.rollout.sglang import SGLangEngine
 
-    return SGLangEngine(sglang_config(r, model_path))
+    return SGLangEngine(sglang_config(r, model_path, run_dir))
