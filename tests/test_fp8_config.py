@@ -33,6 +33,9 @@ def _compose_model(group: str) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from megatron_gvpo.trainer.config import register_configs
+
+    register_configs()  # the schemas the YAML groups start from
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         cfg = compose(config_name="config", overrides=[f"model={group}"])
     return OmegaConf.to_container(cfg.model, resolve=False)

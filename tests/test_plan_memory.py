@@ -45,6 +45,8 @@ RUN_70B = [
     "64",
     "model=hf",
     "trainer=default",
+    "trainer.prompts_per_step=64",  # one 64-prompt update per round: the hand calculation below
+    "trainer.updates_per_round=1",
     "data=jsonl",
     "rollout=sglang",
     "rollout.sglang.weight_sync=distributed",

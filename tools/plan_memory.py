@@ -346,6 +346,9 @@ def compose(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from megatron_gvpo.trainer.config import register_configs
+
+    register_configs()  # the schemas the YAML groups start from
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=list(overrides))

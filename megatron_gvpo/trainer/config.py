@@ -77,7 +77,7 @@ class RolloutSection:
     fp8: bool = False
     """Blockwise e4m3 weight sync (needs an FP8-capable engine)."""
     sglang: dict[str, Any] = field(default_factory=dict)
-    """``SGLangConfig`` fields (``rollout/sglang.py``), checked with the rest of the config."""
+    """``SGLangConfig`` fields (``rollout/sglang/config.py``), checked with the rest of the config."""
 
 
 @dataclass
