@@ -173,8 +173,9 @@ usage: sbatch ${GVPO_SCRIPT_NAME:-slurm/gvpo_<size>.sh} [options] [-- hydra over
   --train-nodes N    nodes that train (default ${GVPO_DEFAULT_TRAIN_NODES:-?}; the rest run SGLang)
   --tp N, --pp N     training tensor / pipeline parallel sizes (default ${GVPO_DEFAULT_TP:-?} x ${GVPO_DEFAULT_PP:-?})
   --engine-tp N      tensor parallel size of each SGLang server (default ${GVPO_DEFAULT_ENGINE_TP:-?})
-  --fp8-rollout      SGLang servers run --quantization fp8; weights sync as blockwise FP8
-                     (rollout.fp8=true)
+  --fp8-rollout      SGLang servers start from a blockwise-FP8 checkpoint (SGLANG_MODEL if it
+                     is one, else converted once into RUN_DIR/fp8_model by
+                     tools/convert_hf_to_fp8.py); weights sync as blockwise FP8 (rollout.fp8=true)
   --no-convert       train from the HF folder directly (model.path=\$HF_MODEL)
   -h, --help         this text
   -- ARGS...         everything after "--" is passed to the trainer as Hydra overrides, last
@@ -474,6 +475,23 @@ gvpo_convert_if_needed() {
         --tp "$GVPO_TP" --pp "$GVPO_PP"
 }
 
+gvpo_fp8_model_if_needed() {
+    # Blockwise-FP8 sync needs servers started from a blockwise-FP8 checkpoint: SGLang's
+    # --quantization fp8 on a BF16 checkpoint quantizes online and has no weight_scale_inv.
+    ((GVPO_FP8_ROLLOUT)) || return 0
+    if grep -qs weight_block_size "$SGLANG_MODEL/config.json"; then
+        return 0
+    fi
+    local out=$RUN_DIR/fp8_model
+    if [[ ! -f $out/config.json ]]; then
+        gvpo_log "--fp8-rollout: converting $SGLANG_MODEL to blockwise FP8 in $out (once)"
+        _gvpo_srun 1 "$GVPO_HEAD" gvpo-fp8
+        gvpo_run "${GVPO_SRUN[@]}" --kill-on-bad-exit=1 --chdir="$GVPO_REPO" \
+            "$GVPO_PYTHON" tools/convert_hf_to_fp8.py --src "$SGLANG_MODEL" --dst "$out"
+    fi
+    SGLANG_MODEL=$out
+}
+
 gvpo_start_engines() {
     local i host k port cmd extra=()
     if [[ -n ${SGLANG_EXTRA_ARGS:-} ]]; then
@@ -490,9 +508,6 @@ gvpo_start_engines() {
             --tp-size "$GVPO_ENGINE_TP" --base-gpu-id "$((k * GVPO_ENGINE_TP))"
             --host "${GVPO_ENGINE_ADDRS[i]}" --port "$port"
             --mem-fraction-static "$GVPO_MEM_FRACTION")
-        if ((GVPO_FP8_ROLLOUT)); then
-            cmd+=(--quantization fp8)
-        fi
         if ((GVPO_COLOCATE)); then
             cmd+=(--enable-memory-saver)
         fi
@@ -592,13 +607,11 @@ gvpo_main() {
     [[ -d $HF_MODEL || $GVPO_DRY_RUN == 1 ]] || gvpo_die "HF_MODEL=$HF_MODEL is not a folder"
     [[ -e $DATA_PATH || $GVPO_DRY_RUN == 1 ]] || gvpo_die "DATA_PATH=$DATA_PATH does not exist"
 
-    if ((GVPO_FP8_ROLLOUT)) && ! grep -qs weight_block_size "$SGLANG_MODEL/config.json"; then
-        gvpo_log "WARNING: --fp8-rollout syncs blockwise FP8 (weight + weight_scale_inv); the servers need block-quantized layers, i.e. SGLANG_MODEL should be an FP8 checkpoint whose config.json has quantization_config.weight_block_size (not found in $SGLANG_MODEL/config.json)"
-    fi
     gvpo_setup_env
     gvpo_install_traps
     gvpo_run mkdir -p "$RUN_DIR" "$GVPO_LOG_DIR"
 
+    gvpo_fp8_model_if_needed
     # Servers load their weights while the (CPU-only) conversion runs.
     gvpo_start_engines
     gvpo_convert_if_needed

@@ -363,10 +363,16 @@ def test_fp8_rollout_and_overrides_pass_through(paths, tmp_path):
     hosts = nodes(8)
     user = ["model.fp8.enabled=true", "model.fp8.recipe=blockwise", "rollout.max_new_tokens=2048"]
     launch = dry_run("gvpo_70b.sh", "node[001-008]", hosts, paths, "--fp8-rollout", "--", *user)
-    assert all(opt(e.program, "--quantization") == "fp8" for e in launch.engines)
+    # A bf16 HF folder cannot take blockwise FP8 (online --quantization fp8 has no
+    # weight_scale_inv): it is converted once, before the servers start from the FP8 copy.
+    convert = launch.one("tools/convert_hf_to_fp8.py")
+    fp8_copy = opt(convert.program, "--dst")
+    assert opt(convert.program, "--src") == paths["HF_MODEL"] and fp8_copy.endswith("fp8_model")
+    assert launch.steps.index(convert) < launch.steps.index(launch.engines[0])
+    assert {opt(e.program, "--model-path") for e in launch.engines} == {fp8_copy}
+    assert not any("--quantization" in e.program for e in launch.engines)
     assert launch.override_map["rollout.fp8"] == "true"
     assert launch.overrides[-3:] == user
-    assert "weight_block_size" in launch.stderr  # a bf16 HF folder cannot take blockwise FP8
     fp8 = tmp_path / "hf-fp8"
     fp8.mkdir()
     (fp8 / "config.json").write_text(
@@ -376,7 +382,7 @@ def test_fp8_rollout_and_overrides_pass_through(paths, tmp_path):
         "gvpo_70b.sh", "node[001-008]", hosts, paths, "--fp8-rollout", SGLANG_MODEL=str(fp8)
     )
     assert {opt(e.program, "--model-path") for e in launch.engines} == {str(fp8)}
-    assert "WARNING" not in launch.stderr
+    assert not launch.sruns("tools/convert_hf_to_fp8.py")  # already an FP8 checkpoint
     launch = dry_run("gvpo_70b.sh", "node[001-008]", hosts, paths)
     assert not any("--quantization" in e.program for e in launch.engines)
     assert "rollout.fp8" not in launch.override_map
