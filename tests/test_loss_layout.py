@@ -140,9 +140,10 @@ def _grpo_reference(lps, olds, refs, rewards, gids, eps=0.2, kl_beta=0.04, std_e
 
 def _preference_reference(s, ref, signs, pair_ids, groups, loss, beta, sizes, eta):
     """DPO -log sigmoid(beta h) or IPO (h - 1/(2 beta))^2 with h = (s_c - r_c) - (s_r - r_r),
-    mean over pairs; GR-* (Ramesh et al. 2024, Alg. 1): alpha (uniform start) takes
-    alpha_g exp(eta N l_g / N_g) / Z from the step's detached group mean losses, then the loss is
-    (1/B) sum over pairs of N alpha_g / N_g * l (N, N_g: dataset sizes)."""
+    mean over pairs; GR-* (Ramesh et al. 2024, Alg. 1, its per-pair terms averaged over the B
+    pairs): alpha (uniform start) takes alpha_g exp(eta (N / N_g) (1/B) sum_{pairs of g} l) / Z
+    at the step's theta, then the loss is (1/B) sum over pairs of N alpha_g / N_g * l (N, N_g:
+    dataset sizes)."""
     pairs = sorted(set(pair_ids))
     h, grp = {}, {}
     for i, p in enumerate(pair_ids):
@@ -157,10 +158,9 @@ def _preference_reference(s, ref, signs, pair_ids, groups, loss, beta, sizes, et
         return sum(lp.values()) / b
     n, k = sum(sizes), len(sizes)
     alpha = [1.0 / k] * k
-    for g in range(k):
-        members = [float(lp[p].detach()) for p in pairs if grp[p] == g]
-        if members:
-            alpha[g] *= math.exp(eta * n * (sum(members) / len(members)) / sizes[g])
+    for p in pairs:  # Alg. 1's per-pair update, all at the step's theta
+        g = grp[p]
+        alpha[g] *= math.exp(eta * n * float(lp[p].detach()) / (sizes[g] * b))
     z = sum(alpha)
     alpha = [a / z for a in alpha]
     return sum(n * alpha[grp[p]] / sizes[grp[p]] * lp[p] for p in pairs) / b

@@ -10,14 +10,18 @@ response logprobs s and the reference's r,
 
 DPO/IPO minimise the mean of l over the step's B pairs. The group-robust versions (Ramesh et al.
 2024, "Group Robust Preference Optimization in Reward-free RLHF", Alg. 1) keep weights alpha over
-the dataset's groups as training state and, once per optimizer step, before the update:
+the dataset's groups as training state. Alg. 1 draws one pair at a time (group g with probability
+N_g/N) and, per pair, takes alpha_g <- alpha_g exp(eta N l / N_g) (renormalised) and a policy step
+weighted by N alpha_g / N_g: N/N_g is the importance weight of the draw, so both are unbiased for
+the per-group expected losses L_g. Here, once per optimizer step, at the step's theta and before
+the update, the same per-pair terms are averaged over the step's B pairs:
 
-    alpha_g <- alpha_g exp(eta N l_g / N_g), renormalised   (l_g: the step's mean loss over group
-                                                              g's pairs, groups absent keep alpha_g)
-    loss     = (1/B) sum_pairs (N alpha_g / N_g) l           (N, N_g: pairs in the dataset)
+    alpha_g <- alpha_g exp(eta (N / N_g) (1/B) sum_{pairs of g} l), renormalised
+    loss     = (1/B) sum_pairs (N alpha_g / N_g) l          (N, N_g: pairs in the dataset)
 
-so that sampling a group with probability N_g/N makes the loss an unbiased estimate of
-sum_g alpha_g E_g[l]. The per-pair weights are step-wide and the loss is a sum over pairs, so the
+whose expectations are alpha_g exp(eta L_g) and sum_g alpha_g L_g. (Scaling a group's *mean* loss
+by N/N_g instead would count the group's share twice and push alpha towards small groups whatever
+their loss.) The per-pair weights are step-wide and the loss is a sum over pairs, so the
 step's gradient does not depend on the layout. When a pair lies in one micro-batch (the
 preference trainer keeps pairs whole) its h is computed there; when a pair is split, h comes from
 the step's detached logprobs and each micro-batch back-propagates l'(h) through its own samples.
@@ -281,14 +285,12 @@ class GroupRobustPreference(PreferenceObjective):
 
     @torch.no_grad()
     def update_alpha(self, pair_losses: Tensor, pair_groups: Tensor) -> Tensor:
-        """One mirror-ascent step from one step's per-pair losses and their groups."""
+        """One mirror-ascent step from one step's per-pair losses and their groups: Alg. 1's
+        exponent eta N l / N_g averaged over the step's B pairs (see the module docstring)."""
         g = len(self.domains)
         sums = torch.zeros(g, dtype=torch.float64).index_add_(0, pair_groups, pair_losses.double())
-        counts = torch.bincount(pair_groups, minlength=g).double()
-        mean = sums / counts.clamp(min=1)
-        n = self.group_sizes.sum()
-        step = torch.where(counts > 0, self.config.robust_eta * n * mean / self.group_sizes, 0.0)
-        return self.weights.ascend(step)
+        n, b = self.group_sizes.sum(), pair_losses.numel()
+        return self.weights.ascend(self.config.robust_eta * n * sums / (self.group_sizes * b))
 
     def metrics(self) -> dict[str, float]:
         alpha = self.weights.alpha.tolist()
@@ -299,7 +301,9 @@ class GroupRobustPreference(PreferenceObjective):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("robust_alpha") is not None:
-            self.weights.load_state_dict({"alpha": torch.tensor(state["robust_alpha"])})
+            alpha = torch.tensor(state["robust_alpha"], dtype=torch.float64)
+            self.weights.load_state_dict({"alpha": alpha})  # checks the simplex
+            self.weights.alpha = alpha  # as saved, bit for bit (no renormalisation)
 
 
 @register_objective
