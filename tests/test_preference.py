@@ -164,7 +164,9 @@ def _run(obj, batch, placement: list[list[int]], seed: int = 0):
     micro-batch losses, s, reference logprobs, d loss / d token logprobs per sample, metrics)."""
     g = torch.Generator().manual_seed(seed)
     ref = [-2.0 * torch.rand(len(r), generator=g) for r in batch.response_ids]
-    leaves = [(-3.0 * torch.rand(len(r), generator=g)).requires_grad_(True) for r in batch.response_ids]
+    leaves = [
+        (-3.0 * torch.rand(len(r), generator=g)).requires_grad_(True) for r in batch.response_ids
+    ]
     seq_len = 64
     mbs = [_micro_batch(batch, ids, seq_len, ref) for ids in placement]
 
@@ -238,10 +240,15 @@ def test_objective_values_gradients_and_alpha_against_float64(name):
             dn = list(up)
             up[i] += eps
             dn[i] -= eps
-            fd = (_reference(name, up, ref, batch, alpha, eta=0.3)[0] if alpha_new is None else
-                  _fixed_alpha(name, up, ref, batch, alpha_new)) - (
-                _reference(name, dn, ref, batch, alpha, eta=0.3)[0] if alpha_new is None else
-                _fixed_alpha(name, dn, ref, batch, alpha_new))
+            fd = (
+                _reference(name, up, ref, batch, alpha, eta=0.3)[0]
+                if alpha_new is None
+                else _fixed_alpha(name, up, ref, batch, alpha_new)
+            ) - (
+                _reference(name, dn, ref, batch, alpha, eta=0.3)[0]
+                if alpha_new is None
+                else _fixed_alpha(name, dn, ref, batch, alpha_new)
+            )
             fd /= 2 * eps
             got = grads[i]
             assert torch.allclose(got, torch.full_like(got, fd), rtol=1e-4, atol=1e-7), (i, fd)

@@ -61,7 +61,9 @@ def main() -> None:
             ev = run(variant, seed, args.steps, args.out, args.extra)
             rows.append((seed, variant, ev))
             print(json.dumps({"seed": seed, "variant": variant, **ev}), flush=True)
-    groups = sorted(k.split("/")[1] for k in rows[0][2] if k.startswith("accuracy/") and k != "accuracy/worst")
+    groups = sorted(
+        k.split("/")[1] for k in rows[0][2] if k.startswith("accuracy/") and k != "accuracy/worst"
+    )
     head = ["seed", "objective", *(f"acc {g}" for g in groups), "acc worst", "acc all"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))

@@ -58,7 +58,9 @@ class PreferenceDataConfig(DataConfig):
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
-            raise ValueError(f"data.sampling={self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
+            raise ValueError(
+                f"data.sampling={self.sampling!r} is not one of {', '.join(SAMPLINGS)}"
+            )
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,9 @@ class GroupProportionSampler:
         self.batches = 0
 
     def next_batch(self) -> list[int]:
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.batches])))
+        rng = np.random.Generator(
+            np.random.PCG64(np.random.SeedSequence([self.seed, self.batches]))
+        )
         groups = list(self.members)
         probs = np.array([len(self.members[g]) for g in groups], dtype=np.float64) / self.num_rows
         drawn = rng.choice(len(groups), size=self.batch_size, p=probs)
