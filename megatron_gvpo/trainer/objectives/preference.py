@@ -42,7 +42,7 @@ from megatron_gvpo.algorithms.group_robust import (
     ipo_pair_loss,
 )
 from megatron_gvpo.models.forward import MicroBatch
-from megatron_gvpo.trainer.batch import RolloutBatch, sequence_logprobs
+from megatron_gvpo.trainer.batch import RolloutBatch, response_logprobs
 from megatron_gvpo.trainer.metrics import Metric
 from megatron_gvpo.trainer.objectives.base import (
     MicroBatchLoss,
@@ -144,7 +144,8 @@ class PreferenceMicroBatchLoss:
 
     def __call__(self, logprobs: Tensor, entropy: Tensor | None, mb: MicroBatch):
         x = mb.extra
-        s = sequence_logprobs(logprobs, mb).double()
+        # Summed in float64 like the reference's: at theta = reference, h is then exactly 0.
+        s = response_logprobs(logprobs, mb).double().sum(-1)
         dev = s.device
         sign = x["rewards"].to(dev).double()
         ref = x["ref_logprobs"].to(dev).double().sum(-1)
