@@ -405,3 +405,41 @@ def test_bad_pair_row_fails_before_any_model_is_built(char_model, tmp_path):
     assert proc.returncode != 0
     assert f"{pairs}:2: has no 'rejected'" in proc.stderr
     assert "CUDA not available" not in proc.stderr + proc.stdout  # megatron never initialised
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["algorithm=gr_dpo"], "data=preference"),  # the default data are prompts, not pairs
+        (["algorithm=dpo", "data=preference_demo", "data.sampling=stratified"], "data.sampling"),
+        (["algorithm=gvpo", "data=preference_demo"], "data.builtin=preference_demo"),
+        (["algorithm=ipo", "data=preference_demo", "algorithm.beta=0"], "algorithm.beta"),
+        (["algorithm=gr_ipo", "data=preference_demo", "algorithm.robust_eta=-1"], "robust_eta"),
+        (["algorithm=dpo", "data=preference", "data.path=/no/such.jsonl"], "data.path"),
+        (
+            ["algorithm=dpo", "data=preference_demo", "data.builtin=null", "data.path=/etc/hosts"],
+            "data.path",
+        ),
+        (
+            [
+                "algorithm=dpo",
+                "data=preference_demo",
+                "data.builtin=null",
+                f"data.path={REPO / 'README.md'}",
+            ],
+            "neither .jsonl nor .parquet",
+        ),
+        (["algorithm=gr_dpo", "data=preference_demo", "trainer.eval_interval=-1"], "eval_interval"),
+    ],
+)
+def test_bad_preference_config_names_the_key(overrides, key):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from megatron_gvpo.trainer.config import run_config_from_dict
+
+    with initialize_config_dir(str(REPO / "configs"), version_base=None):
+        cfg = compose("config", overrides=overrides)
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        run_config_from_dict(OmegaConf.to_container(cfg, resolve=True))
+    assert key in str(e.value)
