@@ -3,12 +3,14 @@
 The worker (``dist_workers/loss_layout_worker.py``) runs the real training path (megatron DDP,
 packed micro-batches, the registered objectives of ``trainer/objectives/``) for GVPO, GRPO (with k3 KL), DAPO and domain-robust
 GVPO on one synthetic step
-batch with variable group sizes (a singleton, an all-equal-reward group). References:
+batch with variable group sizes (a singleton, an all-equal-reward group), and DPO, IPO, GR-DPO and
+GR-IPO on a batch of preference pairs in two groups. References:
 
 - layout invariance: (TP, PP, DP) = (2,1,2), (1,2,2), (2,2,1) with several micro-batches against
   (1,1,1) with one micro-batch, within 1e-5 relative per tensor;
-- correctness: the (1,1,1) gradients against transformers autograd through GVPO and GRPO written
-  here in float64 from the papers' formulas, one sequence at a time (no packing);
+- correctness: the (1,1,1) gradients against transformers autograd through GVPO, GRPO and the
+  preference losses (GR-*: the alpha step and the N alpha_g / N_g weights) written here in float64
+  from the papers' formulas, one sequence at a time (no packing);
 - a control: dropping the step-wide group means when groups are split must change the gradient.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -33,7 +36,7 @@ LAYOUTS = {
     "tp1_pp2_dp2": (1, 2, 4, ["--budget", "48", "--split"]),
     "tp2_pp2_dp1": (2, 2, 4, ["--budget", "40", "--split"]),
 }
-LOSSES = ("gvpo", "grpo", "dapo", "gr_gvpo")
+LOSSES = ("gvpo", "grpo", "dapo", "gr_gvpo", "dpo", "ipo", "gr_dpo", "gr_ipo")
 
 
 def _worker_module():
@@ -74,6 +77,7 @@ def test_step_gradient_is_layout_invariant(layout_grads, layout):
     assert info["gvpo"]["micro_batches"] > 1  # several micro-batches on this rank
     if "--split" in LAYOUTS[layout][3]:
         assert info["gvpo"]["groups_whole"] is False
+        assert info["gr_dpo"]["groups_whole"] is False  # pairs split: the step-wide h path
     for loss in LOSSES:
         errs = _rel_errors(got, ref, loss)
         worst = max(errs, key=errs.get)
@@ -134,6 +138,75 @@ def _grpo_reference(lps, olds, refs, rewards, gids, eps=0.2, kl_beta=0.04, std_e
     return total / len(lps)
 
 
+def _preference_reference(s, ref, signs, pair_ids, groups, loss, beta, sizes, eta):
+    """DPO -log sigmoid(beta h) or IPO (h - 1/(2 beta))^2 with h = (s_c - r_c) - (s_r - r_r),
+    mean over pairs; GR-* (Ramesh et al. 2024, Alg. 1, its per-pair terms averaged over the B
+    pairs): alpha (uniform start) takes alpha_g exp(eta (N / N_g) (1/B) sum_{pairs of g} l) / Z
+    at the step's theta, then the loss is (1/B) sum over pairs of N alpha_g / N_g * l (N, N_g:
+    dataset sizes)."""
+    pairs = sorted(set(pair_ids))
+    h, grp = {}, {}
+    for i, p in enumerate(pair_ids):
+        h[p] = h.get(p, 0.0) + signs[i] * (s[i] - ref[i])
+        grp[p] = groups[i]
+    if "dpo" in loss:
+        lp = {p: torch.log1p(torch.exp(-beta * h[p])) for p in pairs}
+    else:
+        lp = {p: (h[p] - 1 / (2 * beta)) ** 2 for p in pairs}
+    b = len(pairs)
+    if not loss.startswith("gr_"):
+        return sum(lp.values()) / b
+    n, k = sum(sizes), len(sizes)
+    alpha = [1.0 / k] * k
+    for p in pairs:  # Alg. 1's per-pair update, all at the step's theta
+        g = grp[p]
+        alpha[g] *= math.exp(eta * n * float(lp[p].detach()) / (sizes[g] * b))
+    z = sum(alpha)
+    alpha = [a / z for a in alpha]
+    return sum(n * alpha[grp[p]] / sizes[grp[p]] * lp[p] for p in pairs) / b
+
+
+def _hf_logprobs(model, batch) -> list[torch.Tensor]:
+    """Per-token response logprobs (float64) of each sample, one sequence at a time."""
+    lps = []
+    for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True):
+        ids = torch.tensor([p + r])
+        logits = model(input_ids=ids).logits[0, len(p) - 1 : -1].double()
+        lps.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None])[:, 0])
+    return lps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "gr_dpo", "gr_ipo"])
+def test_preference_gradients_match_transformers_float64(layout_grads, tiny_models, loss):
+    from transformers import AutoModelForCausalLM
+
+    worker = _worker_module()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["qwen2"]), dtype=torch.float32)
+    batch, noise = worker.make_pair_batch(model.config.vocab_size)
+    lps = _hf_logprobs(model, batch)
+    s = [lp.sum() for lp in lps]
+    ref = [float((lp.detach() + n.double()).sum()) for lp, n in zip(lps, noise, strict=True)]
+    cfg = worker.objective_for(loss).config
+    value = _preference_reference(
+        s,
+        ref,
+        batch.rewards.tolist(),
+        batch.group_ids.tolist(),
+        batch.domains.tolist(),
+        loss,
+        cfg.beta,
+        worker.DATASET_SIZES,
+        getattr(cfg, "robust_eta", 0.0),
+    )
+    value.backward()
+    want = {f"{loss}/{n}": p.grad for n, p in model.named_parameters() if p.grad is not None}
+    got, _ = layout_grads["tp1_pp1_dp1"]
+    errs = _rel_errors(got, want, loss)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] < 1e-4, f"{loss}: {worst} rel err {errs[worst]:.2e}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["gvpo", "grpo"])
 def test_reference_layout_matches_transformers_float64(layout_grads, tiny_models, loss):
@@ -142,11 +215,7 @@ def test_reference_layout_matches_transformers_float64(layout_grads, tiny_models
     worker = _worker_module()
     model = AutoModelForCausalLM.from_pretrained(str(tiny_models["qwen2"]), dtype=torch.float32)
     batch, noise = worker.make_batch(model.config.vocab_size)
-    lps = []
-    for p, r in zip(batch.prompt_ids, batch.response_ids, strict=True):
-        ids = torch.tensor([p + r])
-        logits = model(input_ids=ids).logits[0, len(p) - 1 : -1].double()
-        lps.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None])[:, 0])
+    lps = _hf_logprobs(model, batch)
     own = [lp.detach() for lp in lps]
     olds = [a + b.double() for a, b in zip(own, noise["old_noise"], strict=True)]
     rewards = batch.rewards.double().tolist()

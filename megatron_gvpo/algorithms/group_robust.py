@@ -129,9 +129,19 @@ class GroupRobustWeights:
         safe = torch.where(present, counts, torch.ones_like(counts))
         mean_loss = sums / safe
         step = torch.where(present, self.eta_alpha * n * mean_loss / safe, torch.zeros_like(sums))
+        return self.ascend(step)
+
+    @torch.no_grad()
+    def ascend(self, exponents: Tensor) -> Tensor:
+        """``alpha_g <- alpha_g * exp(exponents_g)``, renormalised; returns the new alpha (a copy).
+
+        The multiplicative step itself, for callers that size it differently (the preference
+        objectives use the dataset's N and N_g, ``trainer/objectives/preference.py``)."""
+        step = exponents.detach().to("cpu", torch.float64).reshape(-1)
+        if step.numel() != self.num_groups:
+            raise ValueError(f"expected [{self.num_groups}] exponents, got {tuple(step.shape)}")
         # In log space: exp() of large steps cannot overflow.
-        logits = torch.log(self.alpha) + step
-        self.alpha = torch.softmax(logits, dim=0)
+        self.alpha = torch.softmax(torch.log(self.alpha) + step, dim=0)
         return self.alpha.clone()
 
     def state_dict(self) -> dict[str, object]:

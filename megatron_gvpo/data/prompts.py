@@ -99,25 +99,25 @@ class _BadRow(Exception):
     pass
 
 
-def resolve_files(path: str | list[str] | tuple[str, ...]) -> list[Path]:
-    """The data files ``data.path`` names (files, or folders whose .jsonl/.parquet files are read
-    in sorted order); a missing path is an error naming ``data.path``."""
+def resolve_files(path: str | list[str] | tuple[str, ...], key: str = "data.path") -> list[Path]:
+    """The data files ``path`` names (files, or folders whose .jsonl/.parquet files are read
+    in sorted order); a missing path is an error naming the config ``key``."""
     paths = [path] if isinstance(path, str | Path) else list(path)
     if not paths or any(not str(p) for p in paths):
-        raise DataError("data.path is not set: give a .jsonl or .parquet file (or a folder)")
+        raise DataError(f"{key} is not set: give a .jsonl or .parquet file (or a folder)")
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.suffix in SUFFIXES and f.is_file())
             if not found:
-                raise DataError(f"data.path: folder {str(p)!r} holds no .jsonl or .parquet file")
+                raise DataError(f"{key}: folder {str(p)!r} holds no .jsonl or .parquet file")
             files += found
         elif p.is_file():
             if p.suffix not in SUFFIXES:
-                raise DataError(f"data.path: {str(p)!r} is neither .jsonl nor .parquet")
+                raise DataError(f"{key}: {str(p)!r} is neither .jsonl nor .parquet")
             files.append(p)
         else:
-            raise DataError(f"data.path: no such file or folder: {str(p)!r}")
+            raise DataError(f"{key}: no such file or folder: {str(p)!r}")
     return files
 
 

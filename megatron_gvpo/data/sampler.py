@@ -78,3 +78,42 @@ class PromptSampler:
         if not 0 <= state["position"] < self.num_prompts or state["epoch"] < 0:
             raise ValueError(f"sampler state out of range: {state}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class GroupProportionSampler:
+    """Group-Robust PO's draw (Ramesh et al. 2024, Alg. 1): a group g with probability N_g/N,
+    then one of its rows uniformly, with replacement. Batch b is a function of (seed, b) only,
+    so ``state_dict()`` is the batch count."""
+
+    def __init__(self, row_groups: list[int], batch_size: int, seed: int = 0):
+        if not row_groups:
+            raise ValueError("GroupProportionSampler needs at least one row")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.members: dict[int, np.ndarray] = {}
+        for g in sorted(set(row_groups)):
+            self.members[g] = np.array([i for i, x in enumerate(row_groups) if x == g])
+        self.num_rows, self.batch_size, self.seed = len(row_groups), batch_size, seed
+        self.batches = 0
+
+    def next_batch(self) -> list[int]:
+        rng = np.random.Generator(
+            np.random.PCG64(np.random.SeedSequence([self.seed, self.batches]))
+        )
+        groups = list(self.members)
+        probs = np.array([len(self.members[g]) for g in groups], dtype=np.float64) / self.num_rows
+        drawn = rng.choice(len(groups), size=self.batch_size, p=probs)
+        self.batches += 1
+        return [int(rng.choice(self.members[groups[k]])) for k in drawn]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches, "num_rows": self.num_rows, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("num_rows", "seed"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(
+                    f"sampler state was saved with {key}={state.get(key)!r}, this run has "
+                    f"{getattr(self, key)!r}: resuming would not continue the same draws"
+                )
+        self.batches = int(state["batches"])

@@ -134,6 +134,8 @@ class TrainerSection:
     """Write reward_curve.png every 10 steps."""
     log_entropy: bool = True
     """Report the policy's mean response-token entropy (one more reduction over the vocabulary)."""
+    eval_interval: int = 0
+    """Preference training: evaluate on data.eval_path every this many steps (0: only at the end)."""
 
 
 @dataclass
@@ -257,6 +259,18 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise FileNotFoundError(f"model.path={m.path}: no such file or directory")
     if not cfg.reward.rewards:
         raise ValueError("reward.rewards is empty: name at least one reward")
+    if objective.offline and cfg.data.builtin == "toy_addition":
+        raise ValueError(
+            f"algorithm.name={a.name} trains on preference pairs, not prompts: use "
+            "data=preference data.path=<pairs.jsonl> or data=preference_demo"
+        )
+    if not objective.offline and cfg.data.builtin == "preference_demo":
+        raise ValueError(
+            f"data.builtin=preference_demo holds preference pairs: algorithm.name={a.name} "
+            "needs prompts (use algorithm=dpo, ipo, gr_dpo or gr_ipo)"
+        )
+    if t.eval_interval < 0:
+        raise ValueError(f"trainer.eval_interval must be >= 0, got {t.eval_interval}")
     if objective.needs_domains and not cfg.data.domain_key:
         raise ValueError(
             f"algorithm.name={a.name} needs a domain label per prompt: set data.domain_key "

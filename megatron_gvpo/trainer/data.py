@@ -9,22 +9,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_gvpo.data.prompts import DataConfig, Prompt, load_prompts, resolve_files
+from megatron_gvpo.data.preference import PreferenceDataConfig
+from megatron_gvpo.data.prompts import Prompt, load_prompts, resolve_files
 from megatron_gvpo.data.sampler import PromptSampler
 from megatron_gvpo.data.tokenizer import load_tokenizer
 from megatron_gvpo.demo.task import generate_toy_dataset, write_jsonl
 
-BUILTINS = ("toy_addition",)
+BUILTINS = ("toy_addition", "preference_demo")
 
 
 @dataclass
-class DataSection(DataConfig):
-    """``data.*``: the loader's fields plus the built-in task switch."""
+class DataSection(PreferenceDataConfig):
+    """``data.*``: the prompt and pair loaders' fields plus the built-in task switch."""
 
-    builtin: str | None = None  # "toy_addition": generate the demo task (data.path is ignored)
+    builtin: str | None = None  # toy_addition or preference_demo: generated (data.path ignored)
     builtin_size: int = 2000  # rows of the built-in task
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.builtin is not None and self.builtin not in BUILTINS:
             raise ValueError(f"data.builtin={self.builtin!r} is not one of {', '.join(BUILTINS)}")
 
@@ -32,6 +34,8 @@ class DataSection(DataConfig):
         """A missing data file fails here, before any model is built."""
         if self.builtin is None:
             resolve_files(self.path)
+            if self.eval_path is not None:
+                resolve_files(self.eval_path, "data.eval_path")
 
 
 class PromptSource:

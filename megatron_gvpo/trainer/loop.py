@@ -53,7 +53,7 @@ from megatron_gvpo.trainer.groups import (
 )
 from megatron_gvpo.trainer.logger import MetricsLogger
 from megatron_gvpo.trainer.metrics import Metric, combine_updates, reduce_metrics
-from megatron_gvpo.trainer.objectives import StepInputs, build_objective
+from megatron_gvpo.trainer.objectives import StepInputs, build_objective, load_builtin_objectives
 from megatron_gvpo.trainer.replay import ReplayBuffer
 from megatron_gvpo.trainer.setup import (
     build_engine,
@@ -319,5 +319,11 @@ class _StopSignal:
 
 
 def train(cfg: RunConfig) -> None:
-    """Run (or resume) the job described by ``cfg``."""
+    """Run (or resume) the job described by ``cfg``; offline objectives (preference pairs) have
+    their own driver, ``trainer/preference.py``."""
+    if load_builtin_objectives()[cfg.algorithm.name].offline:
+        from megatron_gvpo.trainer.preference import PreferenceTrainer
+
+        PreferenceTrainer(cfg).fit()
+        return
     Trainer(cfg).fit()

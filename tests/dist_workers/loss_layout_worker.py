@@ -1,11 +1,12 @@
-"""torchrun worker: parameter gradients of one GVPO/GRPO/DAPO step at a given (TP, PP, DP) layout.
+"""torchrun worker: parameter gradients of one GVPO/GRPO/DAPO/DPO step at a given (TP, PP, DP) layout.
 
 Run by tests/test_loss_layout.py as
 ``python -m torch.distributed.run --nproc_per_node W <this file> --hf-dir H --tp T --pp P ...``.
 Every rank builds the same synthetic step batch (``make_batch``), places it with
 ``data.batching.plan_step`` under a token budget, runs the real training path (megatron DDP,
 ``forward_backward``, the registered objective's ``step_loss`` from ``trainer/objectives/``) once
-per loss and rank 0 saves the HF-named gradients.
+per loss and rank 0 saves the HF-named gradients. Preference losses run on a batch of pairs
+(``make_pair_batch``).
 """
 
 from __future__ import annotations
@@ -83,11 +84,48 @@ def with_old_and_ref(batch: RolloutBatch, own: list[torch.Tensor], noise: dict) 
     return batch
 
 
+# Preference pairs: the pair's group (two groups), and the groups' dataset sizes N_g.
+PAIR_GROUPS = (0, 1, 0, 0, 1, 0, 0)
+DATASET_SIZES = (90, 10)
+PREFERENCE = ("dpo", "ipo", "gr_dpo", "gr_ipo")
+
+
+def make_pair_batch(vocab: int, seed: int = 1) -> tuple[RolloutBatch, list[torch.Tensor]]:
+    """Synthetic preference step: pair i is samples (chosen, +1) and (rejected, -1) with group id
+    i (as ``trainer/preference.py`` lays pairs out), interleaved; and the per-token noise that
+    makes the reference from the model's own logprobs."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, responses, gids, signs, groups = [], [], [], [], []
+    for i, grp in enumerate(PAIR_GROUPS):
+        prompt = torch.randint(0, vocab, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g)
+        for sign in (1.0, -1.0):
+            n = int(torch.randint(1, 13, (1,), generator=g))
+            prompts.append(prompt.tolist())
+            responses.append(torch.randint(0, vocab, (n,), generator=g).tolist())
+            gids.append(i)
+            signs.append(sign)
+            groups.append(grp)
+    order = torch.randperm(len(prompts), generator=g).tolist()
+    batch = RolloutBatch(
+        prompt_ids=prompts,
+        response_ids=responses,
+        group_ids=torch.tensor(gids),
+        rewards=torch.tensor(signs),
+        domains=torch.tensor(groups),
+    ).select(order)
+    return batch, [0.5 * torch.randn(len(r), generator=g) for r in batch.response_ids]
+
+
 def objective_for(name: str):
     """The registered objective, as ``algorithm=<name>`` builds it (two data domains)."""
     extra = {"gvpo": {"beta": BETA}, "gr_gvpo": {"beta": BETA, "robust_eta": 0.5}}
+    extra |= {n: {"beta": 0.5} for n in PREFERENCE}
+    extra |= {n: {"beta": 0.5, "robust_eta": 0.05} for n in ("gr_dpo", "gr_ipo")}
     config = algorithm_config(name=name, **extra.get(name, {"ref_model": "synthetic"}))
-    return build_objective(config, domains=["d0", "d1"])
+    objective = build_objective(config, domains=["d0", "d1"])
+    if name in PREFERENCE:
+        objective.set_group_sizes(DATASET_SIZES)
+    return objective
 
 
 def step_grads(ddp, arch, batch, loss_name: str, budget: int, split: bool) -> dict:
@@ -126,9 +164,14 @@ def main() -> None:
     batch, noise = make_batch(arch.vocab_size)
     plan = plan_for(batch, args.budget, keep_groups_whole=not args.split)
     batch = with_old_and_ref(batch, response_token_logprobs(ddp, batch, plan), noise)
+    pairs, ref_noise = make_pair_batch(arch.vocab_size)
+    own = response_token_logprobs(ddp, pairs, plan_for(pairs, args.budget, not args.split))
+    pairs.ref_logprobs = [a + b for a, b in zip(own, ref_noise, strict=True)]
+    pairs.old_logprobs = pairs.ref_logprobs  # the step-wide (s, r) pass reads "old"
     out, infos = {}, {}
     for name in args.losses.split(","):
-        grads, infos[name] = step_grads(ddp, arch, batch, name, args.budget, args.split)
+        b = pairs if name in PREFERENCE else batch
+        grads, infos[name] = step_grads(ddp, arch, b, name, args.budget, args.split)
         out.update({f"{name}/{k}": v.clone() for k, v in grads.items()})
     if is_rank0():
         save_file(out, args.out, metadata={k: json.dumps(v) for k, v in infos.items()})

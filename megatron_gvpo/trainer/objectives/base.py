@@ -90,6 +90,9 @@ class Objective:
     """Whether older groups may be trained on without importance weights (GVPO's Theorem 2)."""
     needs_domains: ClassVar[bool] = False
     """Whether every prompt needs a data-domain label (``data.domain_key``)."""
+    offline: ClassVar[bool] = False
+    """Whether it trains on a fixed dataset (preference pairs, ``trainer/preference.py``) instead
+    of rollouts."""
 
     def __init__(self, config: ObjectiveConfig, domains: Sequence[str] = ("default",)):
         self.config = config

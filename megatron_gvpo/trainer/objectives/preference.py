@@ -1,0 +1,322 @@
+"""Preference objectives on Megatron micro-batches: ``dpo``, ``ipo``, ``gr_dpo``, ``gr_ipo``.
+
+A step batch holds pairs as groups of two samples (``group_ids`` = the pair's index in the step,
+``rewards`` = +1 for the chosen response and -1 for the rejected one, ``domains`` = the pair's
+group), with the frozen reference's token logprobs in ``ref_logprobs``. Per pair, with summed
+response logprobs s and the reference's r,
+
+    h = (s_c - r_c) - (s_r - r_r) = sum over the pair's two samples of sign * (s - r)
+    DPO: l = -log sigmoid(beta h)        IPO: l = (h - 1/(2 beta))^2
+
+DPO/IPO minimise the mean of l over the step's B pairs. The group-robust versions (Ramesh et al.
+2024, "Group Robust Preference Optimization in Reward-free RLHF", Alg. 1) keep weights alpha over
+the dataset's groups as training state. Alg. 1 draws one pair at a time (group g with probability
+N_g/N) and, per pair, takes alpha_g <- alpha_g exp(eta N l / N_g) (renormalised) and a policy step
+weighted by N alpha_g / N_g: N/N_g is the importance weight of the draw, so both are unbiased for
+the per-group expected losses L_g. Here, once per optimizer step, at the step's theta and before
+the update, the same per-pair terms are averaged over the step's B pairs:
+
+    alpha_g <- alpha_g exp(eta (N / N_g) (1/B) sum_{pairs of g} l), renormalised
+    loss     = (1/B) sum_pairs (N alpha_g / N_g) l          (N, N_g: pairs in the dataset)
+
+whose expectations are alpha_g exp(eta L_g) and sum_g alpha_g L_g. (Scaling a group's *mean* loss
+by N/N_g instead would count the group's share twice and push alpha towards small groups whatever
+their loss.) The per-pair weights are step-wide and the loss is a sum over pairs, so the
+step's gradient does not depend on the layout. When a pair lies in one micro-batch (the
+preference trainer keeps pairs whole) its h is computed there; when a pair is split, h comes from
+the step's detached logprobs and each micro-batch back-propagates l'(h) through its own samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from megatron_gvpo.algorithms.group_robust import (
+    GroupRobustWeights,
+    dpo_pair_loss,
+    ipo_pair_loss,
+)
+from megatron_gvpo.models.forward import MicroBatch
+from megatron_gvpo.trainer.batch import RolloutBatch, response_logprobs
+from megatron_gvpo.trainer.metrics import Metric
+from megatron_gvpo.trainer.objectives.base import (
+    MicroBatchLoss,
+    Objective,
+    ObjectiveConfig,
+    StepInputs,
+    loss_metrics,
+    positive,
+    register_objective,
+)
+
+PairLoss = Callable[[Tensor, float], Tensor]
+
+
+@dataclass
+class DPOConfig(ObjectiveConfig):
+    """``algorithm.*`` of DPO (Rafailov et al. 2023) on (chosen, rejected) pairs."""
+
+    name: str = "dpo"
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward beta * h."""
+    ref_model: str = "actor_init"
+    """The frozen reference: ``actor_init`` (the actor's starting weights), an HF folder or a
+    converted checkpoint."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not positive(self.beta):
+            raise ValueError(f"algorithm.beta must be a finite number > 0, got {self.beta!r}")
+        if not self.ref_model:
+            raise ValueError("algorithm.ref_model is empty: actor_init or a checkpoint path")
+
+    @property
+    def needs_reference(self) -> bool:
+        return True
+
+    @property
+    def reference_path(self) -> str | None:
+        return self.ref_model
+
+
+@dataclass
+class IPOConfig(DPOConfig):
+    """``algorithm.*`` of IPO (Azar et al. 2023): squared loss around the margin 1/(2 beta)."""
+
+    name: str = "ipo"
+
+
+@dataclass
+class GRDPOConfig(DPOConfig):
+    """``algorithm.*`` of GR-DPO: DPO with Group-Robust weights over ``data.group_key`` groups."""
+
+    name: str = "gr_dpo"
+    robust_eta: float = 0.01
+    """Mirror-ascent step size of alpha (the paper's eta_alpha)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not positive(self.robust_eta):
+            raise ValueError(f"algorithm.robust_eta must be > 0, got {self.robust_eta!r}")
+
+
+@dataclass
+class GRIPOConfig(GRDPOConfig):
+    """``algorithm.*`` of GR-IPO: IPO with Group-Robust weights."""
+
+    name: str = "gr_ipo"
+
+
+def step_margins(s: Tensor, ref: Tensor, batch: RolloutBatch) -> Tensor:
+    """``h`` [B] float64 of the step's pairs from per-sample summed logprobs ``s`` and ``ref``."""
+    d = batch.rewards.double() * (s.double() - ref.double())
+    return torch.zeros(int(batch.group_ids.max()) + 1, dtype=torch.float64).index_add_(
+        0, batch.group_ids, d
+    )
+
+
+class PreferenceMicroBatchLoss:
+    """``sum over pairs of w_{g(pair)} l(h)`` on one micro-batch, plus the preference metrics.
+
+    ``pair_weight`` [G]: the step-wide weight of one pair of group g (1/B for DPO). ``h_step``:
+    the step's detached margins, needed only when pairs are split over micro-batches.
+    ``group_pairs`` [G]: the step's pairs per group (the per-group metrics' denominators).
+    """
+
+    def __init__(
+        self,
+        pair_loss: PairLoss,
+        beta: float,
+        pair_weight: Tensor,
+        group_pairs: Tensor,
+        groups: Sequence[str],
+        h_step: Tensor | None = None,
+    ):
+        self.pair_loss, self.beta = pair_loss, beta
+        self.pair_weight, self.group_pairs = pair_weight.double(), group_pairs.double()
+        self.groups, self.h_step = list(groups), h_step
+        self.num_pairs = float(group_pairs.sum())
+
+    def __call__(self, logprobs: Tensor, entropy: Tensor | None, mb: MicroBatch):
+        x = mb.extra
+        # Summed in float64 like the reference's: at theta = reference, h is then exactly 0.
+        s = response_logprobs(logprobs, mb).double().sum(-1)
+        dev = s.device
+        sign = x["rewards"].to(dev).double()
+        ref = x["ref_logprobs"].to(dev).double().sum(-1)
+        pairs, inv = torch.unique(x["group_ids"].to(dev), return_inverse=True)
+        group = torch.zeros(len(pairs), dtype=torch.long, device=dev)
+        group[inv] = x["domains"].to(dev)
+        owned = torch.zeros(len(pairs), dtype=torch.bool, device=dev)
+        owned[inv[sign > 0]] = True  # each pair is counted where its chosen sample is
+        if self.h_step is None:  # whole pairs: h from this micro-batch
+            h = torch.zeros(len(pairs), dtype=s.dtype, device=dev).index_add(
+                0, inv, sign * (s - ref)
+            )
+            h_value = h.detach()
+        else:  # split pairs: step-wide h, the gradient through this micro-batch's samples
+            h_value = self.h_step.to(dev)[pairs]
+            h = h_value + torch.zeros_like(h_value).index_add(0, inv, sign * (s - s.detach()))
+        w = self.pair_weight.to(dev)[group]
+        lp = self.pair_loss(h, self.beta)
+        l_value = lp.detach()
+        if self.h_step is None:
+            loss = (w * lp).sum()
+        else:
+            loss = (w * (lp - l_value)).sum() + (w * l_value)[owned].sum()
+        metrics = loss_metrics(loss.float(), mb, entropy)
+        metrics.update(self._metrics(h_value[owned], l_value[owned], group[owned]))
+        return loss.to(logprobs.dtype), metrics
+
+    def _metrics(self, h: Tensor, lp: Tensor, group: Tensor) -> dict[str, Metric]:
+        n = max(self.num_pairs, 1.0)
+        hit = (h > 0).double()
+        out = {
+            "preference/loss": Metric(float(lp.sum()) / n, "sum"),
+            "preference/accuracy": Metric(float(hit.sum()) / n, "sum"),
+            "preference/margin": Metric(float(h.sum()) / n, "sum"),
+        }
+        for k, name in enumerate(self.groups):
+            m = float(self.group_pairs[k])
+            if m > 0:
+                sel = group == k
+                out[f"preference/loss/{name}"] = Metric(float(lp[sel].sum()) / m, "sum")
+                out[f"preference/accuracy/{name}"] = Metric(float(hit[sel].sum()) / m, "sum")
+        return out
+
+
+class PreferenceObjective(Objective):
+    """DPO-style objectives: offline pairs, a frozen reference, per-group metrics."""
+
+    offline = True
+    pair_loss: ClassVar[PairLoss] = staticmethod(dpo_pair_loss)
+
+    def __init__(self, config: DPOConfig, domains: Sequence[str] = ("default",)):
+        super().__init__(config, domains)
+        self.group_sizes = torch.ones(len(self.domains), dtype=torch.float64)
+
+    def set_group_sizes(self, counts: Sequence[int]) -> None:
+        """The dataset's N_g per group (in ``domains`` order), counted once over the data."""
+        if len(counts) != len(self.domains) or min(counts) < 1:
+            raise ValueError(f"need a positive size for each of {self.domains}, got {counts}")
+        self.group_sizes = torch.tensor(list(counts), dtype=torch.float64)
+
+    def pair_weights(self, num_pairs: int) -> Tensor:
+        """Per-group weight of one pair in a step of ``num_pairs`` pairs (mean: 1/B)."""
+        return torch.full((len(self.domains),), 1.0 / num_pairs, dtype=torch.float64)
+
+    def group_pairs(self, batch: RolloutBatch) -> Tensor:
+        chosen = batch.rewards > 0
+        return torch.bincount(batch.domains[chosen], minlength=len(self.domains)).double()
+
+    def step_loss(self, step: StepInputs) -> MicroBatchLoss:
+        return self.loss_for(step, self.before_step(step))
+
+    def before_step(self, step: StepInputs) -> Tensor | None:
+        """The step's detached margins when they are needed (split pairs), else None."""
+        if step.plan.groups_whole:
+            return None
+        s, ref = step.step_logprobs()
+        return step_margins(s, ref, step.batch)
+
+    def loss_for(self, step: StepInputs, h_step: Tensor | None) -> PreferenceMicroBatchLoss:
+        counts = self.group_pairs(step.batch)
+        weights = self.pair_weights(int(counts.sum()))
+        return PreferenceMicroBatchLoss(
+            type(self).pair_loss, self.config.beta, weights, counts, self.domains, h_step
+        )
+
+    def eval_loss(
+        self, batch: RolloutBatch, h_step: Tensor | None = None
+    ) -> PreferenceMicroBatchLoss:
+        """The unweighted mean loss and the metrics of an evaluation batch (alpha untouched);
+        ``h_step`` as in :meth:`loss_for`."""
+        counts = self.group_pairs(batch)
+        weights = PreferenceObjective.pair_weights(self, int(counts.sum()))
+        return PreferenceMicroBatchLoss(
+            type(self).pair_loss, self.config.beta, weights, counts, self.domains, h_step
+        )
+
+    def derived_metrics(self, step: dict[str, float]) -> dict[str, float]:
+        accs = [step[k] for k in step if k.startswith("preference/accuracy/")]
+        return {"preference/accuracy/worst": min(accs)} if accs else {}
+
+
+@register_objective
+class DPO(PreferenceObjective):
+    """DPO: mean over pairs of -log sigmoid(beta h)."""
+
+    Config = DPOConfig
+
+
+@register_objective
+class IPO(PreferenceObjective):
+    """IPO: mean over pairs of (h - 1/(2 beta))^2."""
+
+    Config = IPOConfig
+    pair_loss = staticmethod(ipo_pair_loss)
+
+
+class GroupRobustPreference(PreferenceObjective):
+    """The group-robust version: alpha (training state) moves once per step, then weights it."""
+
+    def __init__(self, config: GRDPOConfig, domains: Sequence[str] = ("default",)):
+        super().__init__(config, domains)
+        self.weights = GroupRobustWeights(len(self.domains), config.robust_eta)
+
+    def pair_weights(self, num_pairs: int) -> Tensor:
+        n = self.group_sizes.sum()
+        return self.weights.alpha * n / (self.group_sizes * num_pairs)
+
+    def before_step(self, step: StepInputs) -> Tensor | None:
+        """alpha_g <- alpha_g exp(eta N l_g / N_g) from the step's detached losses at theta."""
+        s, ref = step.step_logprobs()
+        h = step_margins(s, ref, step.batch)
+        chosen = step.batch.rewards > 0
+        order = step.batch.group_ids[chosen]
+        group = torch.zeros(len(h), dtype=torch.long)
+        group[order] = step.batch.domains[chosen]
+        self.update_alpha(type(self).pair_loss(h, self.config.beta), group)
+        return None if step.plan.groups_whole else h
+
+    @torch.no_grad()
+    def update_alpha(self, pair_losses: Tensor, pair_groups: Tensor) -> Tensor:
+        """One mirror-ascent step from one step's per-pair losses and their groups: Alg. 1's
+        exponent eta N l / N_g averaged over the step's B pairs (see the module docstring)."""
+        g = len(self.domains)
+        sums = torch.zeros(g, dtype=torch.float64).index_add_(0, pair_groups, pair_losses.double())
+        n, b = self.group_sizes.sum(), pair_losses.numel()
+        return self.weights.ascend(self.config.robust_eta * n * sums / (self.group_sizes * b))
+
+    def metrics(self) -> dict[str, float]:
+        alpha = self.weights.alpha.tolist()
+        return {f"robust/alpha/{d}": a for d, a in zip(self.domains, alpha, strict=True)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"robust_alpha": self.weights.alpha.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("robust_alpha") is not None:
+            alpha = torch.tensor(state["robust_alpha"], dtype=torch.float64)
+            self.weights.load_state_dict({"alpha": alpha})  # checks the simplex
+            self.weights.alpha = alpha  # as saved, bit for bit (no renormalisation)
+
+
+@register_objective
+class GRDPO(GroupRobustPreference):
+    """GR-DPO (Ramesh et al. 2024)."""
+
+    Config = GRDPOConfig
+
+
+@register_objective
+class GRIPO(GroupRobustPreference):
+    """GR-IPO (Ramesh et al. 2024)."""
+
+    Config = GRIPOConfig
+    pair_loss = staticmethod(ipo_pair_loss)
