@@ -85,6 +85,20 @@ def test_step_gradient_is_layout_invariant(layout_grads, layout):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_clipped_grad_norm_is_the_norm_of_the_full_gradient(layout_grads, layout):
+    """The norm megatron's optimizer clips by equals the norm of the gathered HF gradients of the
+    TP1xPP1xDP1 run (at TP2 it once counted only TP rank 0's shards: sharded weights built
+    without random init lacked megatron's tensor-parallel attributes)."""
+    ref, _ = layout_grads["tp1_pp1_dp1"]
+    _, info = layout_grads[layout]
+    for loss in LOSSES:
+        want = torch.sqrt(sum(v.double().square().sum() for k, v in ref.items() if k.startswith(loss + "/")))
+        got = info[loss]["grad_norm"]
+        assert abs(got - want.item()) <= 1e-5 * want.item(), (layout, loss, got, want.item())
+
+
+@pytest.mark.slow
 def test_split_groups_need_step_wide_group_means(layout_grads):
     """Control: per-micro-batch group means (the shortcut valid only for whole groups) are wrong."""
     ref, _ = layout_grads["tp1_pp1_dp1"]

@@ -16,6 +16,7 @@ import json
 from functools import partial
 
 import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from safetensors.torch import save_file
 
 from megatron_gvpo.algorithms.grpo import group_advantages
@@ -128,7 +129,7 @@ def objective_for(name: str):
     return objective
 
 
-def step_grads(ddp, arch, batch, loss_name: str, budget: int, split: bool) -> dict:
+def step_grads(ddp, optimizer, arch, batch, loss_name: str, budget: int, split: bool) -> dict:
     plan = plan_for(batch, budget, keep_groups_whole=not split)
     mbs = build_micro_batches(batch, plan)
     if loss_name == "gvpo_nostats":  # control: per-micro-batch group means (wrong when split)
@@ -142,7 +143,12 @@ def step_grads(ddp, arch, batch, loss_name: str, budget: int, split: bool) -> di
     forward_backward(ddp, mbs, loss)
     model = ddp.module
     grads = {n: p.main_grad for n, p in model.named_parameters()}
-    info = {"micro_batches": len(mbs), "groups_whole": plan.groups_whole}
+    optimizer.prepare_grads()  # the norm megatron clips by (what trainer.clip_grad acts on)
+    info = {
+        "micro_batches": len(mbs),
+        "groups_whole": plan.groups_whole,
+        "grad_norm": float(optimizer.get_grad_norm()),
+    }
     return gather_hf_tensors(model, arch, tensors=grads), info
 
 
@@ -161,6 +167,7 @@ def main() -> None:
     initialize(ParallelConfig(tp=args.tp, pp=args.pp, seed=1))
     model, arch = build_from_hf(args.hf_dir, ModelConfig(precision="fp32"))
     ddp = wrap_with_ddp(model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=0.0), [ddp])
     batch, noise = make_batch(arch.vocab_size)
     plan = plan_for(batch, args.budget, keep_groups_whole=not args.split)
     batch = with_old_and_ref(batch, response_token_logprobs(ddp, batch, plan), noise)
@@ -171,7 +178,7 @@ def main() -> None:
     out, infos = {}, {}
     for name in args.losses.split(","):
         b = pairs if name in PREFERENCE else batch
-        grads, infos[name] = step_grads(ddp, arch, b, name, args.budget, args.split)
+        grads, infos[name] = step_grads(ddp, optimizer, arch, b, name, args.budget, args.split)
         out.update({f"{name}/{k}": v.clone() for k, v in grads.items()})
     if is_rank0():
         save_file(out, args.out, metadata={k: json.dumps(v) for k, v in infos.items()})

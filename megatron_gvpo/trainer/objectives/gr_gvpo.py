@@ -134,4 +134,5 @@ class GRGVPO(Objective):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("robust_alpha") is not None:
-            self.weights.load_state_dict({"alpha": torch.tensor(state["robust_alpha"])})
+            alpha = torch.tensor(state["robust_alpha"], dtype=torch.float64)  # JSON floats: exact
+            self.weights.load_state_dict({"alpha": alpha})
