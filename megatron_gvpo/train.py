@@ -6,7 +6,7 @@ Also the console script ``megatron-gvpo-train``. Runs the embedded CPU demo by d
 
 from __future__ import annotations
 
-import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -17,13 +17,20 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
-    # megatron-core logs every DDP bucket and optimizer field at INFO; keep the run's own lines.
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    # Before megatron-core is imported: its import-time warnings go to train.log, not the screen.
+    from megatron_gvpo.trainer.console import banner, run_summary, setup_logging
+
+    log_path = setup_logging(raw["trainer"]["run_dir"])
+    from megatron_gvpo.trainer.checkpoint import resume_point
     from megatron_gvpo.trainer.config import run_config_from_dict
     from megatron_gvpo.trainer.loop import train
 
-    raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    train(run_config_from_dict(raw))
+    run_cfg = run_config_from_dict(raw)
+    resume = resume_point(run_cfg.trainer.run_dir)  # refuses a newer megatron-core's checkpoint
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(banner(run_summary(run_cfg, log_path, resume)), flush=True)
+    train(run_cfg)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ def transformer_config(
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        # megatron-core's default "full" is deprecated (a warning per model); [] means the same.
+        cuda_graph_scope=[],
         recompute_granularity=cfg.recompute_granularity,
         recompute_method="uniform" if cfg.recompute_granularity == "full" else None,
         recompute_num_layers=1 if cfg.recompute_granularity == "full" else None,

@@ -559,12 +559,12 @@ class _StopSignal:
 def _generate_with_progress(engine, requests, sampling, max_batch_size: int):
     """``engine.generate`` in chunks of about ``max_batch_size`` responses, with a rich progress
     bar when stdout is a terminal (nothing is drawn in logs or under CI)."""
-    from rich.progress import Progress
+    from megatron_gvpo.trainer.console import progress_bar
 
     per = max(1, max_batch_size // max(1, requests[0].n)) if requests else 1
     chunks = [requests[i : i + per] for i in range(0, len(requests), per)]
     groups = []
-    with Progress(transient=True) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("rollout", total=sum(q.n for q in requests))
         for chunk in chunks:
             groups += engine.generate(chunk, sampling)
