@@ -133,7 +133,9 @@ def worker(args) -> None:
     )
     g = torch.Generator().manual_seed(0)
     mbs = [
-        MicroBatch(tokens=torch.randint(0, arch.vocab_size, (args.batch, args.seq_len), generator=g))
+        MicroBatch(
+            tokens=torch.randint(0, arch.vocab_size, (args.batch, args.seq_len), generator=g)
+        )
         for _ in range(args.micro_batches)
     ]
     tokens = args.micro_batches * args.batch * args.seq_len
