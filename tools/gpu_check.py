@@ -178,7 +178,7 @@ def demo_stage(stage: Stage, out: Path, deadline: float, cuda: bool, smoke: bool
     cmd = [sys.executable, "-m", "megatron_gvpo.train", f"trainer.run_dir={run_dir}"]
     cmd += ["trainer.max_steps=" + ("5" if cuda else "2"), "trainer.plot=false"]
     cmd += ["rollout.device=" + ("cuda" if cuda else "cpu")]
-    env = {"MEGATRON_GVPO_CACHE": str(out / "cache")}
+    env = {"MEGATRON_GVPO_CACHE": os.environ.get("MEGATRON_GVPO_CACHE", str(out / "cache"))}
     text = run(stage, [cmd], out, deadline, env=env)
     steps = [line for line in text.splitlines() if line.startswith("step ")]
     metrics = run_dir / "metrics.jsonl"
@@ -230,13 +230,15 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     t0, started = time.monotonic(), time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-    deadline = t0 + args.budget_s
+    # CPU smoke runs are not timed: a shared CPU box gets four times the GPU limits.
+    scale = 4 if args.cpu_smoke and not cuda else 1
+    deadline = t0 + args.budget_s * scale
     stages = [
-        Stage("env", 120),
-        Stage("gpu_tests", 120),
-        Stage("logprob_parity", 75),
-        Stage("bench_train", 140),
-        Stage("demo", 90),
+        Stage("env", 120 * scale),
+        Stage("gpu_tests", 120 * scale),
+        Stage("logprob_parity", 75 * scale),
+        Stage("bench_train", 140 * scale),
+        Stage("demo", 120 * scale),
     ]
     env_stage(stages[0], out, deadline)
     gpu_tests_stage(stages[1], out, deadline, cuda, args.cpu_smoke)

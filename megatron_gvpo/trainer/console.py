@@ -25,6 +25,13 @@ HARMLESS = (
     "Apex is not installed",
     # matplotlib builds its font cache on first use (INFO, so file-only anyway; listed for clarity).
     "generated new fontManager",
+    # megatron-core 0.19: its own deprecations and experiments, nothing our users can change
+    # (GPTModel -> HybridModel and the NVRx async checkpoint writer are for us to adopt).
+    "GPTModel IS DEPRECATED",
+    "MimoModelConfig is experimental",
+    "MCore's async save is deprecated",
+    # PyPI's CUDA torch on a machine without a GPU (Python 3.12 CPU runs): we run on CPU anyway.
+    "No CUDA runtime is found",
 )
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -68,6 +75,7 @@ def setup_logging(run_dir: str | Path, rank: int | None = None) -> Path:
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> both handlers
     _route_transformers()
+    _route_torch(to_file)
     return path
 
 
@@ -79,6 +87,19 @@ def _route_transformers() -> None:
     hf_logging.enable_propagation()
     if not sys.stderr.isatty():  # "Loading weights" bars are carriage-return noise in a log
         hf_logging.disable_progress_bar()
+
+
+def _route_torch(to_file: logging.Handler) -> None:
+    """torch's loggers print through their own stderr handler (``TORCH_LOGS`` keeps working):
+    filter the harmless lines out of it and copy everything to the log file."""
+    import torch  # noqa: F401  (installs torch's handlers, so there is something to adjust)
+
+    torch_logger = logging.getLogger("torch")
+    if torch_logger.propagate:
+        return
+    for h in torch_logger.handlers:
+        h.addFilter(_DropHarmless())
+    torch_logger.addHandler(to_file)
 
 
 def banner(lines: dict[str, str]) -> str:
