@@ -5,7 +5,7 @@ the others. Started by tools/gpu_check.sh (which installs the wheels first); wri
     python tools/gpu_check.py --out OUT [--budget-s 480] [--cpu-smoke]
 
 Stages: ``env`` (versions, device, pip check), ``gpu_tests`` (the ``gpu``-marked tests),
-``logprob_parity`` (Megatron actor vs transformers, bf16, TP1, a 0.2B llama), ``bench_train``
+``logprob_parity`` (Megatron actor vs transformers, bf16, TP1, a 0.16B llama), ``bench_train``
 (tools/bench_train.py --preset gpu-1b), ``demo`` (the trainer, actor and local engine on CUDA).
 Without CUDA the GPU stages are skipped and say so; ``--cpu-smoke`` then runs each of them at
 CPU size instead, to prove the plumbing (reported as ``smoke``, never as ``passed``).
