@@ -36,6 +36,7 @@ install() {
     "$PY" -c 'import site, sysconfig; print("\n".join(dict.fromkeys(
         [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()])))' \
         > "$site/_gpu_machine.pth" || return 1
+    # --ignore-installed: the carried versions, also where the machine has its own copy.
     "$VENV/bin/pip" install -q --no-index --no-deps --ignore-installed "$WHL"/*.whl || return 1
     "$VENV/bin/pip" install -q --no-index --find-links "$WHL" --no-deps -e . || return 1
 }
