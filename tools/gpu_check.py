@@ -17,8 +17,10 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,11 +132,11 @@ def gpu_tests_stage(stage: Stage, out: Path, deadline: float, cuda: bool, smoke:
         stage.detail = "no CUDA: collected and skipped by the gpu marker " + str(counts)
 
 
-def parity_stage(stage: Stage, out: Path, deadline: float, cuda: bool, smoke: bool) -> None:
+def parity_stage(stage: Stage, out: Path, work: Path, deadline: float, cuda: bool, smoke: bool):
     if not cuda and not smoke:
         stage.status, stage.detail = "skipped", "no CUDA device"
         return
-    hf = out / "parity_model"
+    hf = work / "parity_model"
     size = (
         "hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,"
         " num_key_value_heads=8, vocab_size=32000, max_position_embeddings=1024"
@@ -170,18 +172,21 @@ def bench_stage(stage: Stage, out: Path, deadline: float, cuda: bool, smoke: boo
         stage.detail = "no CUDA: the CPU preset, one step " + stage.detail
 
 
-def demo_stage(stage: Stage, out: Path, deadline: float, cuda: bool, smoke: bool) -> None:
+def demo_stage(stage: Stage, out: Path, work: Path, deadline: float, cuda: bool, smoke: bool):
     if not cuda and not smoke:
         stage.status, stage.detail = "skipped", "no CUDA device"
         return
-    run_dir = out / "demo_run"
+    run_dir = work / "demo_run"
     cmd = [sys.executable, "-m", "megatron_gvpo.train", f"trainer.run_dir={run_dir}"]
     cmd += ["trainer.max_steps=" + ("5" if cuda else "2"), "trainer.plot=false"]
     cmd += ["rollout.device=" + ("cuda" if cuda else "cpu")]
-    env = {"MEGATRON_GVPO_CACHE": os.environ.get("MEGATRON_GVPO_CACHE", str(out / "cache"))}
+    env = {"MEGATRON_GVPO_CACHE": os.environ.get("MEGATRON_GVPO_CACHE", str(work / "cache"))}
     text = run(stage, [cmd], out, deadline, env=env)
     steps = [line for line in text.splitlines() if line.startswith("step ")]
     metrics = run_dir / "metrics.jsonl"
+    for name in ("metrics.jsonl", "train.log"):  # small: they travel back with the summaries
+        if (run_dir / name).is_file():
+            shutil.copy(run_dir / name, out / f"demo_{name}")
     rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
     stage.result = {
         "step_lines": steps,
@@ -226,6 +231,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # Models and run folders stay out of --out, which should hold only what is worth sending back.
+    work = Path(tempfile.mkdtemp(prefix="gvpo_gpu_check_"))
     import torch
 
     cuda = torch.cuda.is_available()
@@ -242,9 +249,10 @@ def main(argv=None) -> int:
     ]
     env_stage(stages[0], out, deadline)
     gpu_tests_stage(stages[1], out, deadline, cuda, args.cpu_smoke)
-    parity_stage(stages[2], out, deadline, cuda, args.cpu_smoke)
+    parity_stage(stages[2], out, work, deadline, cuda, args.cpu_smoke)
     bench_stage(stages[3], out, deadline, cuda, args.cpu_smoke)
-    demo_stage(stages[4], out, deadline, cuda, args.cpu_smoke)
+    demo_stage(stages[4], out, work, deadline, cuda, args.cpu_smoke)
+    shutil.rmtree(work, ignore_errors=True)
     mode = "cuda"
     if not cuda:
         mode = "no CUDA: GPU stages skipped"
