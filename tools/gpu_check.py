@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     report = {
         "started": started,
         "seconds": round(time.monotonic() - t0, 1),
-        "budget_s": args.budget_s,
+        "budget_s": args.budget_s * scale,
         "mode": mode,
         "stages": [asdict(s) for s in stages],
     }
