@@ -6,28 +6,42 @@ Also the console script ``megatron-gvpo-train``. Runs the embedded CPU demo by d
 
 from __future__ import annotations
 
-import logging
+import os
+import warnings
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from megatron_gvpo.trainer.config import register_configs, run_config_from_dict
+# The schemas every YAML in configs/ starts from must be registered before Hydra composes; that
+# imports megatron-core, whose import-time warnings are kept here and replayed into train.log
+# once logging is set up (the console shows only what a user can act on).
+with warnings.catch_warnings(record=True) as _IMPORT_WARNINGS:
+    warnings.simplefilter("always")
+    from megatron_gvpo.trainer.config import register_configs, run_config_from_dict
+
+    register_configs()
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
-    # megatron-core logs every DDP bucket and optimizer field at INFO; keep the run's own lines.
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    from megatron_gvpo.trainer.console import banner, run_summary, setup_logging
+
+    log_path = setup_logging(raw["trainer"]["run_dir"])
+    for w in _IMPORT_WARNINGS:  # through the logging set up just now
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    from megatron_gvpo.trainer.checkpoint import resume_point
     from megatron_gvpo.trainer.loop import train
 
-    raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    train(run_config_from_dict(raw))
+    run_cfg = run_config_from_dict(raw)
+    resume = resume_point(run_cfg.trainer.run_dir)  # refuses a newer megatron-core's checkpoint
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(banner(run_summary(run_cfg, log_path, resume)), flush=True)
+    train(run_cfg)
 
-
-register_configs()  # the schemas every YAML in configs/ starts from
 
 if __name__ == "__main__":
     main()

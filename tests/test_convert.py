@@ -183,3 +183,41 @@ def test_not_a_checkpoint_is_reported(tmp_path):
         expect_ok=False,
     )
     assert code != 0 and "not a megatron_gvpo checkpoint" in err
+
+
+def _newer_mcore() -> str:
+    """A megatron-core release one minor version above the installed one."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    v = Version(version("megatron-core"))
+    return f"{v.major}.{v.minor + 1}.0"
+
+
+def test_checkpoint_from_a_newer_megatron_core_is_refused_naming_both(tmp_path, tiny_models):
+    from importlib.metadata import version
+
+    m = tmp_path / "m"
+    run_tool("convert_hf_to_mcore.py", "--hf-dir", str(tiny_models["llama"]), "--out-dir", str(m))
+    meta_file = m / "megatron_gvpo.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["megatron_core"] == version("megatron-core")
+    # A checkpoint that recorded no version (written before it was recorded) still loads.
+    del meta["megatron_core"]
+    meta_file.write_text(json.dumps(meta))
+    run_tool("convert_mcore_to_hf.py", "--mcore-dir", str(m), "--out-dir", str(tmp_path / "h1"))
+    newer = _newer_mcore()
+    meta_file.write_text(json.dumps({**meta, "megatron_core": newer}))
+    code, _, err = run_tool(
+        "convert_mcore_to_hf.py",
+        "--mcore-dir",
+        str(m),
+        "--out-dir",
+        str(tmp_path / "h2"),
+        expect_ok=False,
+    )
+    assert code != 0
+    assert f"written by megatron-core {newer}" in err
+    assert f"runs megatron-core {version('megatron-core')}" in err
+    assert "pip install" in err and not (tmp_path / "h2").exists()

@@ -105,6 +105,60 @@ def score(sample):
 _SMALL = ("trainer.prompts_per_step=8", "rollout.n_samples_per_prompt=4", "trainer.save_interval=3")
 
 
+# Library noise that must not reach the console (it goes to train.log), and transformers'
+# deprecation of the KV-cache keyword, which our engine must not trigger at all.
+_NOISE = (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "cuda_graph_scope",
+    "past_key_values",
+    "fontManager",
+    "Loading weights",
+    # megatron-core 0.19 and PyPI's CUDA torch on a CPU machine (the Python 3.12 CI run)
+    "GPTModel IS DEPRECATED",
+    "MimoModelConfig",
+    "async save is deprecated",
+    "No CUDA runtime is found",
+)
+
+
+def test_console_banner_one_line_per_step_and_library_lines_in_train_log(demo_cache, tmp_path):
+    run = tmp_path / "run"
+    out = train(demo_cache, f"trainer.run_dir={run}", "trainer.max_steps=2", *_SMALL[:2])
+    lines = out.stdout.splitlines()
+    assert "" not in [line.strip() for line in lines], out.stdout  # no blank lines
+    banner = {line.split("  ")[0] for line in lines if "  " in line}
+    assert {"model", "layout", "algorithm", "engine", "run dir", "resume"} <= banner, out.stdout
+    assert "TP1 x PP1 x DP1" in out.stdout and str(run) in out.stdout
+    assert [line.split(":")[0] for line in lines if line.startswith("step ")] == [
+        "step 1",
+        "step 2",
+    ]
+    for noise in _NOISE:
+        assert noise not in out.stdout + out.stderr, noise
+    log = (run / "train.log").read_text()
+    assert "megatron.core" in log and "Setting up optimizer" in log  # library INFO, file only
+    assert "Setting up optimizer" not in out.stderr
+
+    # The checkpoint records its megatron-core; one from a newer release is refused at start.
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    state_file = run / "checkpoints" / "step_000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["megatron_core"] == version("megatron-core")
+    v = Version(version("megatron-core"))
+    newer = f"{v.major}.{v.minor + 1}.0"
+    state_file.write_text(json.dumps({**state, "megatron_core": newer}))
+    out = train(demo_cache, f"trainer.run_dir={run}", "trainer.max_steps=3", ok=False)
+    assert out.returncode != 0
+    assert f"written by megatron-core {newer}" in out.stderr, out.stderr[-3000:]
+    assert f"runs megatron-core {version('megatron-core')}" in out.stderr
+    assert "resume" not in out.stdout  # refused before the banner, so before any model is built
+    assert not (run / "checkpoints" / "step_000003").exists()
+
+
 @pytest.mark.slow
 def test_resume_after_kill_gives_identical_metrics(demo_cache, tmp_path):
     (tmp_path / "slow_reward.py").write_text(_SLOW_REWARD)

@@ -5,6 +5,10 @@ A converted checkpoint folder holds::
     megatron_gvpo.json   what is needed to rebuild the model (padded vocab, precision, HF arch)
     hf/                  HF config.json, generation config and tokenizer files (to convert back)
     model/               the dist_checkpointing weights
+
+Both this folder and the trainer's checkpoints record the megatron-core version that wrote them:
+0.19 changed the ``dist_checkpointing`` layout (no ``common.pt``) and 0.16-0.18 cannot read it,
+so a checkpoint from a newer megatron-core than the running one is refused before any loading.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from packaging.version import Version
 
 from megatron_gvpo.bridge.hf_io import copy_side_files, publish_dir, staging_dir
 from megatron_gvpo.bridge.mapping import is_checkpoint_only
@@ -25,6 +31,26 @@ from megatron_gvpo.parallel.launch import barrier, is_rank0
 
 META_FILE = "megatron_gvpo.json"
 FORMAT_VERSION = 1
+MCORE_VERSION = version("megatron-core")
+
+
+def check_mcore_version(written_by: str | None, where: str | Path) -> None:
+    """Refuse a checkpoint written by a newer megatron-core release (major.minor) than ours.
+
+    ``written_by`` None: a checkpoint from before versions were recorded (0.16), always readable.
+    """
+    if not written_by:
+        return
+    theirs, ours = Version(written_by), Version(MCORE_VERSION)
+    if theirs.release[:2] <= ours.release[:2]:
+        return
+    raise RuntimeError(
+        f"{where}: written by megatron-core {written_by}, but this environment runs "
+        f"megatron-core {MCORE_VERSION}, which cannot read checkpoints of newer releases "
+        f"(0.19 changed the dist_checkpointing layout). Load it with megatron-core>={theirs.major}."
+        f"{theirs.minor} (Python >= 3.12: pip install 'megatron-core>={theirs.major}.{theirs.minor}"
+        f",<0.20'), or convert it to HF there (tools/convert_mcore_to_hf.py) and back here."
+    )
 
 
 @dataclass
@@ -33,6 +59,8 @@ class CheckpointMeta:
     precision: str
     source: str = ""
     format_version: int = FORMAT_VERSION
+    # megatron-core that wrote model/ ("" when read from a checkpoint that did not record it)
+    megatron_core: str = MCORE_VERSION
 
 
 def read_meta(ckpt_dir: str | Path) -> tuple[CheckpointMeta, HFArch]:
@@ -49,6 +77,8 @@ def read_meta(ckpt_dir: str | Path) -> tuple[CheckpointMeta, HFArch]:
         raise ValueError(
             f"{meta_file}: format_version {raw.get('format_version')} != {FORMAT_VERSION}"
         )
+    check_mcore_version(raw.get("megatron_core"), meta_file)
+    raw.setdefault("megatron_core", "")
     meta = CheckpointMeta(**{k: raw[k] for k in CheckpointMeta.__dataclass_fields__})
     if not (ckpt_dir / "model").is_dir():
         raise FileNotFoundError(f"{ckpt_dir}/model: dist_checkpointing weights missing")

@@ -42,6 +42,15 @@ class ModelConfig:
         return PRECISIONS[self.precision]
 
 
+# megatron-core's default CUDA-graph capture scope "full" is deprecated (a warning per model);
+# [] means the same. 0.19 renamed the field from cuda_graph_scope to cuda_graph_modules.
+_CUDA_GRAPH_FIELD = (
+    "cuda_graph_modules"
+    if "cuda_graph_modules" in TransformerConfig.__dataclass_fields__
+    else "cuda_graph_scope"
+)
+
+
 def transformer_config(
     arch: HFArch, cfg: ModelConfig, tp: int, pp: int, perform_initialization: bool = True
 ) -> TransformerConfig:
@@ -87,6 +96,7 @@ def transformer_config(
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        **{_CUDA_GRAPH_FIELD: []},
         recompute_granularity=cfg.recompute_granularity,
         recompute_method="uniform" if cfg.recompute_granularity == "full" else None,
         recompute_num_layers=1 if cfg.recompute_granularity == "full" else None,

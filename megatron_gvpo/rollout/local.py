@@ -12,6 +12,7 @@ top-p truncation. Greedy decoding (temperature 0) reports ``log_softmax(logits)`
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,9 @@ class LocalEngine(RolloutEngine):
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self._params = dict(self.model.named_parameters(remove_duplicate=False))
         self._version = -1
+        # transformers >= 5.24 names the KV-cache argument ``cache`` (``past_key_values`` warns).
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     def _folder_tokenizer(self):
         """The folder's fast tokenizer (not AutoTokenizer: see DESIGN.md on qwen2), or None."""
@@ -177,19 +181,21 @@ class LocalEngine(RolloutEngine):
     @torch.no_grad()
     def _generate_batch(self, rows: list[_Row], sampling: SamplingParams) -> None:
         """Decode ``rows`` together with one KV cache until each stops or hits max_new_tokens."""
+        from transformers import DynamicCache
+
         ids, mask = self._left_pad([r.prompt for r in rows])
         pos = (mask.cumsum(-1) - 1).clamp_(min=0)
-        past = None
+        # The model fills this cache in place; only its keyword changed across transformers.
+        cache = {self._cache_kwarg: DynamicCache(config=self.model.config)}
         for _ in range(sampling.max_new_tokens):
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=pos,
-                past_key_values=past,
                 use_cache=True,
                 logits_to_keep=1,
+                **cache,
             )
-            past = out.past_key_values
             tokens = self._step(out.logits[:, -1].float(), rows, sampling)
             if all(r.finish is not None for r in rows):
                 return

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 from megatron_gvpo.rollout.base import GenerateRequest, RolloutEngine, Sample, SamplingParams
 
 OnSample = Callable[[int, int, Sample], None]
+
+
+def progress_bar():
+    """A transient rich progress bar, disabled when stdout is not a terminal (rich's Live still
+    prints a newline when it stops on a non-terminal, even when transient)."""
+    from rich.progress import Progress
+
+    return Progress(transient=True, disable=not sys.stdout.isatty())
 
 
 def generate_round(
@@ -21,16 +30,11 @@ def generate_round(
 
     ``on_sample(i, j, sample)`` runs as each response arrives (e.g. to score its reward while
     the rest are still generating); a rich progress bar advances per sample when stdout is a
-    terminal (nothing is drawn in logs or under CI).
+    terminal (nothing is drawn, not even a blank line, in logs or under CI).
     """
     groups: list[list[Sample | None]] = [[None] * req.n for req in requests]
     total = sum(req.n for req in requests)
-    if progress:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-    else:
-        bar = None
+    bar = progress_bar() if progress else None
     with bar if bar is not None else nullcontext():
         task = bar.add_task("rollout", total=total) if bar is not None else None
         for i, j, sample in engine.generate_stream(requests, sampling):

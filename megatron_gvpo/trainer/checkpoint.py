@@ -2,7 +2,8 @@
 
     <run_dir>/checkpoints/step_000040/
         model_optim/          megatron-core dist_checkpointing: model and optimizer, any layout
-        trainer_state.json    step, scheduler, sampler position, replay buffer, robust alpha, ...
+        trainer_state.json    step, scheduler, sampler position, replay buffer, robust alpha,
+                              the megatron-core version that wrote model_optim/, ...
         rng_rank<r>.safetensors  + rng_rank<r>.json   torch / python / numpy RNG of every rank
         hf/                   (trainer.export_hf) an HF checkpoint of the actor
 
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from safetensors.torch import load_file, save_file
 
+from megatron_gvpo.bridge.checkpoint import MCORE_VERSION, check_mcore_version
 from megatron_gvpo.bridge.hf_io import publish_dir, staging_dir
 from megatron_gvpo.bridge.mapping import is_checkpoint_only
 from megatron_gvpo.parallel.launch import barrier, is_rank0
@@ -49,6 +51,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     steps = [p for p in _step_dirs(root) if (p / "trainer_state.json").is_file()]
     return steps[-1] if steps else None
+
+
+def resume_point(run_dir: str | Path) -> tuple[Path, int] | None:
+    """(folder, step) of the checkpoint a run would resume from, or None. Fails here, before any
+    model is built, when that checkpoint is from a newer megatron-core than the running one."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    check_mcore_version(state.get("megatron_core"), ckpt / "trainer_state.json")
+    return ckpt, int(state["step"])
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -105,7 +118,8 @@ def save_checkpoint(
         export_hf(tmp / "hf")
     barrier()
     if is_rank0():
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}))
+        record = {"step": step, "megatron_core": MCORE_VERSION, **trainer_state}
+        (tmp / "trainer_state.json").write_text(json.dumps(record))
         publish_dir(final)
         _prune(checkpoint_root(run_dir), keep_last)
     barrier()
@@ -120,6 +134,8 @@ def _prune(root: Path, keep_last: int) -> None:
 def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG from ``ckpt``; return the trainer state."""
     ckpt = Path(ckpt)
+    trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+    check_mcore_version(trainer_state.get("megatron_core"), ckpt / "trainer_state.json")
     model_sd = model.sharded_state_dict()
     # is_loading: the optimizer creates its (empty) state first, so there is something to fill.
     sharded = {
@@ -135,4 +151,4 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict
     rng = ckpt / f"rng_rank{_rank()}.safetensors"
     if rng.is_file():
         _set_rng_state(load_file(str(rng)), json.loads(rng.with_suffix(".json").read_text()))
-    return json.loads((ckpt / "trainer_state.json").read_text())
+    return trainer_state
