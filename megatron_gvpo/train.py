@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 # imports megatron-core, whose import-time warnings are kept here and replayed into train.log
 # once logging is set up (the console shows only what a user can act on).
 with warnings.catch_warnings(record=True) as _IMPORT_WARNINGS:
-    warnings.simplefilter("always")
     from megatron_gvpo.trainer.config import register_configs, run_config_from_dict
 
     register_configs()

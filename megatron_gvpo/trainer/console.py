@@ -9,6 +9,7 @@ root logger: a file handler takes INFO and above, a stderr handler WARNING and a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -116,9 +117,10 @@ def run_summary(cfg, log_path: Path, resume: tuple[Path, int] | None) -> dict[st
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = m.path or f"demo model (cached in {m.demo_cache_dir})"
-    algo = a.name + (f", beta {a.beta}" if a.name in ("gvpo", "gr_gvpo") else "")
-    if a.kl_beta:
-        algo += f", KL {a.kl_beta} to {a.ref_model or 'actor_init'}"
+    fields = {k: v for k, v in dataclasses.asdict(a).items() if k != "name" and v is not None}
+    algo = a.name + " (" + ", ".join(f"{k}={v}" for k, v in fields.items()) + ")"
+    if a.needs_reference:
+        algo += f", frozen reference {a.reference_path}"
     engine = r.backend + (f" (transformers on {r.device})" if r.backend == "local" else "")
     return {
         "model": f"{model}, {m.precision}",

@@ -149,6 +149,7 @@ def step_grads(ddp, optimizer, arch, batch, loss_name: str, budget: int, split: 
         "groups_whole": plan.groups_whole,
         "grad_norm": float(optimizer.get_grad_norm()),
     }
+    optimizer.zero_grad()  # param.grad aliased main_grad: autograd would accumulate into it
     return gather_hf_tensors(model, arch, tensors=grads), info
 
 
