@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import signal
 import socket
 import time
 from collections import Counter
@@ -54,6 +53,7 @@ from megatron_gvpo.trainer.batch import (
 from megatron_gvpo.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.data import PromptSource
+from megatron_gvpo.trainer.guards import StepGuard, StopSignal, check_finite_params
 from megatron_gvpo.trainer.logger import MetricsLogger
 from megatron_gvpo.trainer.loss import (
     GRGVPOMicroBatchLoss,
@@ -90,7 +90,9 @@ class Trainer:
         # (the config itself was validated whole by run_config_from_dict).
         self.rewards = build_rewards(cfg.reward) if is_rank0() else None
         self.model_path = resolve_model_path(cfg.model)
-        self.prompts = PromptSource(cfg.data, self.model_path, self.run_dir, t.prompts_per_step)
+        self.prompts = PromptSource(
+            cfg.data, self.model_path, self.run_dir, t.prompts_per_step, cfg.model.trust_remote_code
+        )
         initialize(cfg.parallel)
         self.model, self.arch = self._build_model()
         self.ddp = wrap_with_ddp(self.model, use_distributed_optimizer=t.use_distributed_optimizer)
@@ -106,6 +108,7 @@ class Trainer:
         if cfg.algorithm.name == "gr_gvpo":
             self.robust = GroupRobustWeights(len(self.prompts.domains), cfg.algorithm.robust_eta)
         self.replay = ReplayBuffer(t.replay_capacity)
+        self.step_guard = StepGuard(t.max_consecutive_skips)
         self.engine: RolloutEngine | None = (
             build_engine(cfg.rollout, self.model_path, cfg.model.trust_remote_code)
             if is_rank0()
@@ -204,6 +207,7 @@ class Trainer:
 
     def save(self) -> None:
         t = self.cfg.trainer
+        check_finite_params(self.ddp)  # a checkpoint never holds non-finite weights
         save_checkpoint(
             self.run_dir,
             self.step,
@@ -230,7 +234,7 @@ class Trainer:
         """Rounds until ``trainer.max_steps``, or until SIGUSR1/SIGTERM (Slurm's warning before
         a time limit or preemption): then the current step finishes, is saved, and we exit."""
         t = self.cfg.trainer
-        stop = _StopSignal()
+        stop = StopSignal(t.stop_grace_s)
         self.sync_weights()
         while self.step < t.max_steps:
             self.step += 1
@@ -331,6 +335,7 @@ class Trainer:
             "responses": [[s.response_ids for s in group] for group in groups],
             "engine_logprobs": [[s.logprobs for s in group] for group in groups],
             "rewards": [result.scores[i : i + len(g)] for i, g in _offsets(groups)],
+            "reward_failed": [result.failed[i : i + len(g)] for i, g in _offsets(groups)],
             "metrics": metrics,
             "reward_seconds": reward_s,
         }
@@ -339,17 +344,20 @@ class Trainer:
         """Fresh groups (after filters) + replayed groups -> the round's batch, and the engine's
         logprobs of the fresh samples (which come first in the batch)."""
         t = self.cfg.trainer
-        groups = []
+        groups, short = [], 0
+        drop_failed = self.cfg.reward.on_error == "drop"  # a failed reward is no 0: leave
         for i, row in enumerate(rows):
             resp = rollout["responses"][i]
             rew = rollout["rewards"][i]
             lps = rollout["engine_logprobs"][i]
             keep = [j for j, r in enumerate(resp) if len(r) >= max(1, t.min_response_tokens)]
+            short += len(resp) - len(keep)
+            keep = [j for j in keep if not (drop_failed and rollout["reward_failed"][i][j])]
             groups.append(
                 (row, [resp[j] for j in keep], [rew[j] for j in keep], [lps[j] for j in keep])
             )
-        dropped_len = sum(len(rollout["responses"][i]) - len(g[1]) for i, g in enumerate(groups))
-        metrics["filter/short_responses"] = dropped_len
+        metrics["filter/short_responses"] = short
+        metrics["filter/reward_failed"] = sum(map(sum, rollout["reward_failed"]))
         if t.dynamic_sampling:
             before = len(groups)
             groups = [g for g in groups if len(set(g[2])) > 1]
@@ -402,13 +410,19 @@ class Trainer:
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
             results = forward_backward(self.ddp, mbs, loss_fn, temperature=a.temperature)
-            _, grad_norm, _ = self.optimizer.step()
+            loss_metrics = _loss_metrics(results)
+            if self.step_guard.skip(self.ddp, self.optimizer, loss_metrics):
+                continue  # non-finite loss or gradient: counted, never applied
+            ok, grad_norm, _ = self.optimizer.step()
+            if not self.step_guard.stepped(ok, grad_norm):
+                continue
             self.scheduler.step(1)
             grad_norms.append(float(grad_norm or 0.0))
             lrs.append(self.optimizer.param_groups[0]["lr"])
-            per_update.append(_loss_metrics(results))
+            per_update.append(loss_metrics)
         keys = {k for m in per_update for k in m}
-        out = {k: sum(m.get(k, 0.0) for m in per_update) / len(per_update) for k in keys}
+        out = {k: sum(m.get(k, 0.0) for m in per_update) / max(len(per_update), 1) for k in keys}
+        out["train/skipped_steps"] = self.step_guard.pop_skipped()
         out["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
         out["lr"] = lrs[-1] if lrs else 0.0
         if self.robust is not None:
@@ -535,25 +549,6 @@ class Trainer:
         except Exception as e:  # reported after every rank has finished the stage
             return nbytes, e
         return nbytes, None
-
-
-class _StopSignal:
-    """Records SIGUSR1/SIGTERM; ``agreed()`` is True on every rank once any rank got one."""
-
-    def __init__(self) -> None:
-        self.received = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = True
-
-    def agreed(self) -> bool:
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return self.received
-        flag = torch.tensor([float(self.received)], device=device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def _generate_with_progress(engine, requests, sampling, max_batch_size: int):
