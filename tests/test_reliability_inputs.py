@@ -95,7 +95,9 @@ def _evil_folder(root: Path, tokenizer_class: str) -> tuple[Path, Path]:
     marker = root / f"marker_{tokenizer_class}"
     (d / "evil.py").write_text(_EVIL.format(marker=str(marker)))
     cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg.update(tokenizer_class=tokenizer_class, auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]})
+    cfg.update(
+        tokenizer_class=tokenizer_class, auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    )
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
     return d, marker
@@ -175,5 +177,7 @@ def test_rewards_checked_in_float32_and_marked_failed():
     assert out.scores == [0.0, 0.0, 0.5, 3e38, 0.0]
     assert out.stats["test_huge_rewards"].errors == 3
     # each fits in float32, their weighted sum (6e38) does not: the sample fails too
-    twice = RewardManager([{"name": "test_huge_rewards"}, {"name": "test_huge_rewards", "tag": "b"}])
+    twice = RewardManager(
+        [{"name": "test_huge_rewards"}, {"name": "test_huge_rewards", "tag": "b"}]
+    )
     assert twice([RewardInput("p", "3e38")]).failed == [True]

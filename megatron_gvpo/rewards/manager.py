@@ -54,9 +54,7 @@ class Reward:
         self.fn, self.batched = bind_reward(cfg)
         self._warn = RateLimitedLogger(logger, warn_interval_s)
 
-    def score(
-        self, inputs: Sequence[RewardInput]
-    ) -> tuple[list[float], list[bool], RewardStats]:
+    def score(self, inputs: Sequence[RewardInput]) -> tuple[list[float], list[bool], RewardStats]:
         """Unweighted scores (0 for failed samples), which samples failed, and the counters."""
         n = len(inputs)
         stats = RewardStats(samples=n)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,9 +144,10 @@ def _check_types(cls: type, raw: dict, prefix: str) -> None:
     hints = typing.get_type_hints(cls)
     for name, value in raw.items():
         hint = hints.get(name)
-        args = typing.get_args(hint)
-        allowed = [t for t in (args or (hint,)) if t in _SCALARS or t is type(None)]
-        if not allowed or len(allowed) != len(args or (hint,)):
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        options = typing.get_args(hint) if union else (hint,)
+        allowed = [t for t in options if t in _SCALARS or t is type(None)]
+        if len(allowed) != len(options):
             continue  # containers, nested sections: checked by their own code
         ok = any(
             (value is None and t is type(None))
@@ -203,7 +205,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if t.clip_grad < 0:
         raise ValueError(f"trainer.clip_grad must be >= 0 (0: no clipping), got {t.clip_grad}")
     if t.max_consecutive_skips < 1:
-        raise ValueError(f"trainer.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
+        raise ValueError(
+            f"trainer.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}"
+        )
     if t.stop_grace_s < 0:
         raise ValueError(f"trainer.stop_grace_s must be >= 0, got {t.stop_grace_s}")
     if cfg.reward.on_error not in ("drop", "zero"):
