@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_gvpo.parallel.cpu_compat import enable_cpu_compat
+from megatron_gvpo.parallel.store import listening_store
 
 
 @dataclass
@@ -55,14 +56,17 @@ def initialize(cfg: ParallelConfig) -> None:
         validate_layout(cfg, world_size)
         if world_size == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", "0")
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        timeout = timedelta(minutes=cfg.timeout_minutes)
+        store = _rendezvous_store(world_size, rank, timeout)
         dist.init_process_group(
             backend="gloo" if on_cpu else "nccl",
             world_size=world_size,
             rank=rank,
-            timeout=timedelta(minutes=cfg.timeout_minutes),
+            timeout=timeout,
+            store=store,
         )
     validate_layout(cfg, dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
@@ -91,9 +95,28 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def _rendezvous_store(world_size: int, rank: int, timeout: timedelta):
+    """The store rank 0 hosts, listening on ``MASTER_ADDR`` only (loopback for one process), or
+    None where torch's env:// default applies: other ranks dial it, and under torchrun the
+    agent's store serves the job."""
+    if _single_node(world_size) and _has_loopback():
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets too
+    if rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return None
+    store = listening_store(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, timeout
+    )
+    os.environ["MASTER_PORT"] = str(store.port)
+    return store
+
+
+def _single_node(world_size: int) -> bool:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size and os.environ.get(
+        "MASTER_ADDR"
+    ) in ("127.0.0.1", "localhost", "::1")
+
+
+def _has_loopback() -> bool:
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return "lo" in (name for _, name in socket.if_nameindex())

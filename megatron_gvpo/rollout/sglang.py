@@ -42,6 +42,7 @@ from megatron_gvpo.bridge.hf_io import (
     staging_dir,
     write_bucket_shards,
 )
+from megatron_gvpo.parallel.store import listening_store
 from megatron_gvpo.rollout.base import (
     GenerateRequest,
     NamedTensors,
@@ -232,8 +233,7 @@ class _UpdateGroup:
                  timeout: timedelta):
         self.name, self.backend, self.world_size = name, backend, world_size
         self._timeout = timeout
-        self.store = dist.TCPStore(address, port, world_size, is_master=True, timeout=timeout,
-                                   wait_for_workers=False)
+        self.store = listening_store(address, port, world_size, timeout)  # on `address` only
         self.port = self.store.port
         self.pg: Any = None
         self.device = torch.device("cpu")
