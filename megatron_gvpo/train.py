@@ -22,8 +22,20 @@ def main(cfg: DictConfig) -> None:
     from megatron_gvpo.trainer.config import run_config_from_dict
     from megatron_gvpo.trainer.loop import train
 
+    _redact_hydra_output()
     raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     train(run_config_from_dict(raw))
+
+
+def _redact_hydra_output() -> None:
+    """Hydra has saved the config and overrides under ``<run_dir>/hydra/``: keep no secrets there."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from megatron_gvpo.trainer.secrets import redact_hydra_dir
+
+    hc = HydraConfig.get()
+    if hc.output_subdir:
+        redact_hydra_dir(Path(hc.runtime.output_dir) / hc.output_subdir)
 
 
 if __name__ == "__main__":

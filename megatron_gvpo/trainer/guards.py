@@ -10,11 +10,13 @@ past it the process exits without saving that step, so the last checkpoint stand
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -142,3 +144,61 @@ class StopSignal:
         if stop:
             self._step_done.set()  # the step ended: it is saved, however long that takes
         return stop
+
+
+# What a resumed run may not silently change: the objective, its optimisation and its groups.
+RESUME_KEYS = (
+    "algorithm",
+    "trainer.lr",
+    "trainer.min_lr",
+    "trainer.lr_decay_style",
+    "trainer.lr_warmup_steps",
+    "trainer.weight_decay",
+    "trainer.clip_grad",
+    "trainer.updates_per_round",
+    "trainer.prompts_per_step",
+    "rollout.n_samples_per_prompt",
+    "rollout.temperature",
+    "model.precision",
+)
+
+
+def _flat(section: str, value) -> dict[str, object]:
+    if isinstance(value, dict):
+        return {f"{section}.{k}": v for k, v in value.items()}
+    return {section: value}
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for each ``RESUME_KEYS`` entry that differs."""
+    out = []
+    for key in RESUME_KEYS:
+
+        def get(cfg: dict, key: str = key):
+            for part in key.split("."):
+                cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
+            return cfg
+
+        old, new = _flat(key, get(saved)), _flat(key, get(current))
+        for k in sorted(set(old) | set(new)):
+            if old.get(k) != new.get(k):
+                out.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}")
+    return out
+
+
+def check_resume_config(ckpt: Path, current: dict, allow: bool) -> None:
+    """Refuse to resume ``ckpt`` under a different algorithm, learning rate, group size, ...
+    unless ``trainer.allow_config_change``; the differences are listed either way."""
+    saved = json.loads((ckpt / "trainer_state.json").read_text()).get("config")
+    if not saved:
+        return
+    changes = config_changes(saved, current)
+    if not changes:
+        return
+    listing = "\n  ".join(changes)
+    if not allow:
+        raise ValueError(
+            f"resuming {ckpt} with a different config:\n  {listing}\n"
+            "set trainer.allow_config_change=true to resume anyway, or use a new trainer.run_dir"
+        )
+    print(f"resuming {ckpt} with config changes (allowed):\n  {listing}", flush=True)

@@ -53,7 +53,12 @@ from megatron_gvpo.trainer.batch import (
 from megatron_gvpo.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.data import PromptSource
-from megatron_gvpo.trainer.guards import StepGuard, StopSignal, check_finite_params
+from megatron_gvpo.trainer.guards import (
+    StepGuard,
+    StopSignal,
+    check_finite_params,
+    check_resume_config,
+)
 from megatron_gvpo.trainer.logger import MetricsLogger
 from megatron_gvpo.trainer.loss import (
     GRGVPOMicroBatchLoss,
@@ -63,6 +68,7 @@ from megatron_gvpo.trainer.loss import (
     step_seq_logprobs,
 )
 from megatron_gvpo.trainer.replay import ReplayBuffer
+from megatron_gvpo.trainer.secrets import redact
 from megatron_gvpo.trainer.setup import build_engine, build_rewards, resolve_model_path
 
 
@@ -186,6 +192,7 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             return
+        check_resume_config(ckpt, asdict(self.cfg), self.cfg.trainer.allow_config_change)
         state = load_checkpoint(ckpt, self.ddp, self.optimizer)
         self.step = state["step"]
         self.scheduler.load_state_dict(state["scheduler"])
@@ -202,7 +209,7 @@ class Trainer:
             "prompts": self.prompts.state_dict(),
             "replay": self.replay.state_dict(),
             "robust_alpha": None if self.robust is None else self.robust.alpha.tolist(),
-            "config": asdict(self.cfg),
+            "config": redact(asdict(self.cfg)),  # no credentials in checkpoints
         }
 
     def save(self) -> None:
