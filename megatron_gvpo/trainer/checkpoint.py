@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_gvpo.bridge import safe_metadata
 from megatron_gvpo.bridge.dist_save import InProcessSave
@@ -101,7 +102,7 @@ def save_checkpoint(
     barrier()
     try:
         _write(tmp, step, model, optimizer, trainer_state, export_hf)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # torch's is a BaseException
         if not _disk_full(e):
             raise
         if is_rank0():

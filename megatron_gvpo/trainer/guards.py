@@ -192,7 +192,7 @@ def check_resume_config(ckpt: Path, current: dict, allow: bool) -> None:
     saved = json.loads((ckpt / "trainer_state.json").read_text()).get("config")
     if not saved:
         return
-    changes = config_changes(saved, current)
+    changes = config_changes(saved, json.loads(json.dumps(current)))  # tuples as saved: lists
     if not changes:
         return
     listing = "\n  ".join(changes)

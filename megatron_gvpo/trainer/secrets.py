@@ -23,7 +23,7 @@ _SECRET_KEY = re.compile(
 _HEADERS = re.compile(r"^headers$", re.IGNORECASE)
 # In override strings: `key: value` / `key=value` up to the next , } ] (not a nested {...}/[...]).
 _PAIR = re.compile(
-    r"(?P<key>[\w.-]+)(?P<sep>\s*[:=]\s*)(?P<value>\"[^\"]*\"|'[^']*'|[^,}\]\n\[{][^,}\]\n]*)"
+    r"(?P<key>[\w.-]+)(?P<sep>\s*[:=]\s*)(?P<value>\"[^\"]*\"|'[^']*'|[^\s,}\]\[{][^,}\]\n]*)"
 )
 _HEADERS_BLOCK = re.compile(r"(?P<key>headers)(?P<sep>\s*[:=]\s*)\{[^}]*\}", re.IGNORECASE)
 
