@@ -258,8 +258,10 @@ def converted(tiny_model, tmp_path_factory) -> Path:
 
 def test_converted_checkpoint_as_model_path_trains(converted, tmp_path):
     run = tmp_path / "run"
-    proc = train(converted, run, "trainer.max_steps=1")
+    proc = train(converted, run, "trainer.max_steps=1", "trainer.export_hf=true")
     assert [r["step"] for r in metrics(run)] == [1], proc.stdout[-2000:]
+    exported = run / "checkpoints" / "step_000001" / "hf"
+    assert (exported / "config.json").is_file() and (exported / "tokenizer.json").is_file()
     # the engine got the checkpoint's weights with the first sync: actor and engine agree
     assert metrics(run)[0]["rollout/logprob_abs_diff/max"] < 1e-4
 

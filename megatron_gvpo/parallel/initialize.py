@@ -96,16 +96,17 @@ def destroy() -> None:
 
 
 def _rendezvous_store(world_size: int, rank: int, timeout: timedelta):
-    """The store rank 0 hosts, listening on ``MASTER_ADDR`` only (loopback for one process), or
-    None where torch's env:// default applies: other ranks dial it, and under torchrun the
-    agent's store serves the job."""
+    """The job's store: rank 0 hosts it listening on ``MASTER_ADDR`` only (loopback for one
+    process), the other ranks dial it. None under torchrun, whose agent serves the store.
+    Every rank passes its store explicitly, so all use the same (unprefixed) keys."""
     if _single_node(world_size) and _has_loopback():
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets too
-    if rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         return None
-    store = listening_store(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, timeout
-    )
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if rank != 0:
+        return dist.TCPStore(address, port, world_size, is_master=False, timeout=timeout)
+    store = listening_store(address, port, world_size, timeout)
     os.environ["MASTER_PORT"] = str(store.port)
     return store
 

@@ -36,6 +36,7 @@ from megatron_gvpo.bridge.export import (
 )
 from megatron_gvpo.bridge.hf_io import copy_side_files, write_bucket_shards
 from megatron_gvpo.bridge.loader import build_from_checkpoint, build_from_hf
+from megatron_gvpo.data.tokenizer import hf_dir
 from megatron_gvpo.models.forward import forward_backward
 from megatron_gvpo.models.gpt import ModelConfig
 from megatron_gvpo.parallel.ddp import wrap_with_ddp
@@ -230,7 +231,7 @@ class Trainer:
         buckets = iter_buckets_on_rank0(self.ddp, self.arch, ExportConfig())
         if is_rank0():
             write_bucket_shards(buckets, out_dir)
-            copy_side_files(self.model_path, out_dir)
+            copy_side_files(hf_dir(self.model_path), out_dir)  # a converted checkpoint: its hf/
         else:
             for _ in buckets:  # take part in the gathers and sends
                 pass
