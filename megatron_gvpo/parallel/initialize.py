@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,7 +49,13 @@ def initialize(cfg: ParallelConfig) -> None:
 
     Without CUDA, the CPU compatibility layer is enabled first so megatron-core runs on gloo.
     Calling it again with the same layout is a no-op; a different layout re-creates the groups.
+    On one node, the store and gloo's sockets listen on loopback only.
     """
+    with _gloo_on_loopback():
+        _initialize(cfg)
+
+
+def _initialize(cfg: ParallelConfig) -> None:
     on_cpu = enable_cpu_compat()
     if not dist.is_initialized():
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -99,8 +106,6 @@ def _rendezvous_store(world_size: int, rank: int, timeout: timedelta):
     """The job's store: rank 0 hosts it listening on ``MASTER_ADDR`` only (loopback for one
     process), the other ranks dial it. None under torchrun, whose agent serves the store.
     Every rank passes its store explicitly, so all use the same (unprefixed) keys."""
-    if _single_node(world_size) and _has_loopback():
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets too
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         return None
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
@@ -111,10 +116,22 @@ def _rendezvous_store(world_size: int, rank: int, timeout: timedelta):
     return store
 
 
-def _single_node(world_size: int) -> bool:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size and os.environ.get(
-        "MASTER_ADDR"
-    ) in ("127.0.0.1", "localhost", "::1")
+@contextlib.contextmanager
+def _gloo_on_loopback():
+    """``GLOO_SOCKET_IFNAME=lo`` while our groups are made, when every rank is on this node and
+    dials a loopback master (restored after: engines started later keep their own choice)."""
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1" if world_size == "1" else "")
+    local = os.environ.get("LOCAL_WORLD_SIZE", world_size) == world_size
+    loopback = local and addr in ("127.0.0.1", "localhost") and _has_loopback()
+    if "GLOO_SOCKET_IFNAME" in os.environ or not loopback:
+        yield
+        return
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    try:
+        yield
+    finally:
+        del os.environ["GLOO_SOCKET_IFNAME"]
 
 
 def _has_loopback() -> bool:
