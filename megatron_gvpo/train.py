@@ -26,6 +26,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    _redact_hydra_output()
     raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     from megatron_gvpo.trainer.console import banner, run_summary, setup_logging
 
@@ -40,6 +41,17 @@ def main(cfg: DictConfig) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(banner(run_summary(run_cfg, log_path, resume)), flush=True)
     train(run_cfg)
+
+
+def _redact_hydra_output() -> None:
+    """Hydra has saved the config and overrides under ``<run_dir>/hydra/``: keep no secrets there."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from megatron_gvpo.trainer.secrets import redact_hydra_dir
+
+    hc = HydraConfig.get()
+    if hc.output_subdir:
+        redact_hydra_dir(Path(hc.runtime.output_dir) / hc.output_subdir)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ def make_batches(args, hf_dir: Path, vocab_size: int) -> list[torch.Tensor]:
     """Token batches [batch, seq]: the folder's tokenizer on texts if it has one, else random ids."""
     g = torch.Generator().manual_seed(args.seed)
     if (hf_dir / "tokenizer.json").is_file() and not args.random_tokens:
-        from transformers import PreTrainedTokenizerFast
+        from megatron_gvpo.data.tokenizer import load_tokenizer
 
-        tok = PreTrainedTokenizerFast.from_pretrained(str(hf_dir))
+        tok = load_tokenizer(hf_dir, trust_remote_code=False)
         ids = [tok(t)["input_ids"] for t in (args.texts or DEFAULT_TEXTS)]
         seq = max(len(i) for i in ids)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -57,7 +57,9 @@ def hf_reference(hf_dir: Path, batches, dtype, want_grad: bool):
     """transformers logprobs of tokens[:, 1:] per batch, and grads of their sum (HF names)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(hf_dir), dtype=dtype, use_safetensors=True, trust_remote_code=False
+    )
     model.eval()
     out = []
     with torch.set_grad_enabled(want_grad):

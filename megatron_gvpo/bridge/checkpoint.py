@@ -24,6 +24,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from packaging.version import Version
 
+from megatron_gvpo.bridge import safe_metadata
+from megatron_gvpo.bridge.dist_save import InProcessSave
 from megatron_gvpo.bridge.hf_io import copy_side_files, publish_dir, staging_dir
 from megatron_gvpo.bridge.mapping import is_checkpoint_only
 from megatron_gvpo.models.hf_config import HFArch, read_hf_config
@@ -100,7 +102,9 @@ def save_model(
         copy_side_files(hf_dir, tmp / "hf")
         (tmp / META_FILE).write_text(json.dumps(meta.__dict__, indent=2) + "\n")
     barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+    dist_checkpointing.save(
+        model.sharded_state_dict(), str(tmp / "model"), sharded_strategy=InProcessSave()
+    )
     barrier()
     if is_rank0():
         publish_dir(out_dir)
@@ -109,6 +113,7 @@ def save_model(
 
 def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     """Load weights saved by :func:`save_model` into this rank's stage/shard (any TP x PP)."""
+    safe_metadata.install()  # .metadata is unpickled: admit only metadata classes
     sharded = model.sharded_state_dict()
     state, missing, _unexpected = dist_checkpointing.load(
         sharded, str(Path(ckpt_dir) / "model"), strict=StrictHandling.RETURN_ALL

@@ -68,15 +68,15 @@ def read_hf_config(path: str | Path) -> HFArch:
 
 def arch_from_dict(raw: dict, source: str = "config.json") -> HFArch:
     """Build an :class:`HFArch` from a config dict; ``source`` names it in errors."""
-    missing = [k for k in _REQUIRED if k not in raw or raw[k] is None]
-    if missing:
-        raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
-    model_type = raw["model_type"]
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    model_type = raw.get("model_type")
+    if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"{source}: model_type {model_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    missing = [k for k in _REQUIRED if k not in raw or raw[k] is None]
+    if missing:
+        raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
     if raw.get("hidden_act", "silu") != "silu":
         raise ValueError(
             f"{source}: hidden_act {raw['hidden_act']!r} is not supported (need 'silu')"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -12,6 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_gvpo.parallel.cpu_compat import enable_cpu_compat
+from megatron_gvpo.parallel.store import listening_store
 
 
 @dataclass
@@ -47,7 +49,13 @@ def initialize(cfg: ParallelConfig) -> None:
 
     Without CUDA, the CPU compatibility layer is enabled first so megatron-core runs on gloo.
     Calling it again with the same layout is a no-op; a different layout re-creates the groups.
+    On one node, the store and gloo's sockets listen on loopback only.
     """
+    with _gloo_on_loopback():
+        _initialize(cfg)
+
+
+def _initialize(cfg: ParallelConfig) -> None:
     on_cpu = enable_cpu_compat()
     if not dist.is_initialized():
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -55,14 +63,17 @@ def initialize(cfg: ParallelConfig) -> None:
         validate_layout(cfg, world_size)
         if world_size == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", "0")
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        timeout = timedelta(minutes=cfg.timeout_minutes)
+        store = _rendezvous_store(world_size, rank, timeout)
         dist.init_process_group(
             backend="gloo" if on_cpu else "nccl",
             world_size=world_size,
             rank=rank,
-            timeout=timedelta(minutes=cfg.timeout_minutes),
+            timeout=timeout,
+            store=store,
         )
     validate_layout(cfg, dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
@@ -91,9 +102,39 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def _rendezvous_store(world_size: int, rank: int, timeout: timedelta):
+    """The job's store: rank 0 hosts it listening on ``MASTER_ADDR`` only (loopback for one
+    process), the other ranks dial it. None under torchrun, whose agent serves the store.
+    Every rank passes its store explicitly, so all use the same (unprefixed) keys."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return None
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if rank != 0:
+        return dist.TCPStore(address, port, world_size, is_master=False, timeout=timeout)
+    store = listening_store(address, port, world_size, timeout)
+    os.environ["MASTER_PORT"] = str(store.port)
+    return store
+
+
+@contextlib.contextmanager
+def _gloo_on_loopback():
+    """``GLOO_SOCKET_IFNAME=lo`` while our groups are made, when every rank is on this node and
+    dials a loopback master (restored after: engines started later keep their own choice)."""
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1" if world_size == "1" else "")
+    local = os.environ.get("LOCAL_WORLD_SIZE", world_size) == world_size
+    loopback = local and addr in ("127.0.0.1", "localhost") and _has_loopback()
+    if "GLOO_SOCKET_IFNAME" in os.environ or not loopback:
+        yield
+        return
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    try:
+        yield
+    finally:
+        del os.environ["GLOO_SOCKET_IFNAME"]
+
+
+def _has_loopback() -> bool:
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return "lo" in (name for _, name in socket.if_nameindex())

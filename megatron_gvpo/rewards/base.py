@@ -29,6 +29,8 @@ class RewardInput:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+USER_REWARD_TIMEOUT_S = 300.0  # default deadline of a user reward call (a sample or a batch)
+
 PerSampleFn = Callable[..., float]
 BatchFn = Callable[..., list[float | None]]
 
@@ -39,13 +41,16 @@ class RewardConfig:
 
     ``timeout_s`` (None: run inline, unguarded) runs the function in daemon threads and scores 0
     any sample (batched: any batch) that takes longer; a timed-out thread cannot be killed and
-    keeps running in the background. ``batched`` applies to ``module:function`` specs only.
+    keeps running in the background. Left unset ("auto"), user ``module:function`` rewards get
+    ``USER_REWARD_TIMEOUT_S`` (a hang costs samples, not the run) and registered rewards run
+    inline (math-verify's own SIGALRM timeouts need the main thread; the remote reward bounds
+    its requests itself). ``batched`` applies to ``module:function`` specs only.
     """
 
     name: str
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
-    timeout_s: float | None = None
+    timeout_s: float | str | None = "auto"
     num_workers: int = 4  # concurrent threads when timeout_s is set
     batched: bool | None = None
     tag: str | None = None  # key in scores and metrics; defaults to name
@@ -59,7 +64,11 @@ class RewardConfig:
                 f"reward '{self.key}': 'weight' must be a finite number, got {self.weight!r}"
             )
         self.weight = float(self.weight)
-        if self.timeout_s is not None and not self.timeout_s > 0:
+        if self.timeout_s == "auto":
+            self.timeout_s = USER_REWARD_TIMEOUT_S if ":" in self.name else None
+        if self.timeout_s is not None and (
+            isinstance(self.timeout_s, (str, bool)) or not self.timeout_s > 0
+        ):
             raise ValueError(f"reward '{self.key}': 'timeout_s' must be > 0, got {self.timeout_s}")
         if self.num_workers < 1:
             raise ValueError(

@@ -15,15 +15,24 @@ from megatron_gvpo.rewards.registry import bind_reward
 logger = logging.getLogger(__name__)
 
 
+# Rewards are trained on as float32: a score (or weighted sum) beyond its range would be inf.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def finite_in_float32(x: float) -> bool:
+    """True when ``x`` stays finite once cast to float32, the dtype the loss uses."""
+    return math.isfinite(x) and abs(x) <= FLOAT32_MAX
+
+
 def _as_score(value: Any) -> float | None:
-    """A finite float from a reward's return value, or None when it is not a valid score."""
+    """A float32-finite float from a reward's return value, or None when not a valid score."""
     if value is None or isinstance(value, (str, bytes)):
         return None
     try:
         x = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return x if math.isfinite(x) else None
+    return x if finite_in_float32(x) else None
 
 
 def _as_list(value: Any) -> list | None:
@@ -45,13 +54,14 @@ class Reward:
         self.fn, self.batched = bind_reward(cfg)
         self._warn = RateLimitedLogger(logger, warn_interval_s)
 
-    def score(self, inputs: Sequence[RewardInput]) -> tuple[list[float], RewardStats]:
-        """Unweighted scores (0 for failed samples) and this call's counters."""
+    def score(self, inputs: Sequence[RewardInput]) -> tuple[list[float], list[bool], RewardStats]:
+        """Unweighted scores (0 for failed samples), which samples failed, and the counters."""
         n = len(inputs)
         stats = RewardStats(samples=n)
         scores = [0.0] * n
+        failed = [False] * n
         if n == 0:
-            return scores, stats
+            return scores, failed, stats
         if self.batched:
             [(value, err)] = call_guarded(self.fn, [list(inputs)], self.cfg.timeout_s, 1)
             values = None if err is not None else _as_list(value)
@@ -71,15 +81,16 @@ class Reward:
                 stats.timeouts += 1
             else:
                 stats.errors += 1
+            failed[i] = True
             if first_error is None:
-                first_error = err or ValueError(f"not a finite score: {value!r}")
+                first_error = err or ValueError(f"not a float32-finite score: {value!r}")
         stats.extra = self._pop_counters()
         if stats.failures:
             self._warn.warning(
                 f"reward '{self.key}': {stats.failures}/{n} samples scored 0 "
                 f"({stats.errors} errors, {stats.timeouts} timeouts); first: {first_error!r}"
             )
-        return scores, stats
+        return scores, failed, stats
 
     def _pop_counters(self) -> dict[str, int]:
         pop = getattr(self.fn, "pop_counters", None)
@@ -106,6 +117,7 @@ class RewardResult:
     per_reward: dict[str, list[float]]  # unweighted; 0 where the sample is outside its domains
     stats: dict[str, RewardStats]
     means: dict[str, float] = field(default_factory=dict)  # over the samples each reward scored
+    failed: list[bool] = field(default_factory=list)  # a reward failed, or the sum overflowed
 
     @classmethod
     def concat(cls, parts: Sequence[RewardResult]) -> RewardResult:
@@ -125,7 +137,8 @@ class RewardResult:
                     scored += p.stats[k].samples
             if scored:
                 means[k] = total / scored
-        return cls(scores=scores, per_reward=per_reward, stats=stats, means=means)
+        failed = [x for p in parts for x in p.failed]
+        return cls(scores, per_reward, stats, means, failed)
 
     def metrics(self, prefix: str = "reward") -> dict[str, float]:
         """Flat ``{prefix}/{key}/{counter}`` numbers for TensorBoard / metrics.jsonl."""
@@ -187,19 +200,24 @@ class RewardManager:
         per_reward: dict[str, list[float]] = {}
         stats: dict[str, RewardStats] = {}
         means: dict[str, float] = {}
+        failed = [False] * n
         for r in self.rewards:
             domains = r.cfg.domains
             idx = [i for i in range(n) if domains is None or inputs[i].domain in domains]
-            sub, st = r.score([inputs[i] for i in idx])
+            sub, bad, st = r.score([inputs[i] for i in idx])
             full = [0.0] * n
-            for i, x in zip(idx, sub, strict=True):
+            for i, x, b in zip(idx, sub, bad, strict=True):
                 full[i] = x
                 total[i] += r.cfg.weight * x
+                failed[i] |= b
             per_reward[r.key], stats[r.key] = full, st
             if idx:
                 means[r.key] = sum(sub) / len(sub)
             self.totals[r.key].add(st)
-        return RewardResult(scores=total, per_reward=per_reward, stats=stats, means=means)
+        for i, x in enumerate(total):
+            if not finite_in_float32(x):  # each score fits, their weighted sum does not
+                total[i], failed[i] = 0.0, True
+        return RewardResult(total, per_reward, stats, means, failed)
 
     def close(self) -> None:
         """Close every reward that holds resources."""

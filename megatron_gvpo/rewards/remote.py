@@ -10,8 +10,9 @@ servers read, the rest are ours)::
 one per query, in order (the key is ``score_key``); a null or non-finite entry fails that sample.
 Connection errors, time-outs, 429 and 5xx are retried up to ``max_retries`` times with
 exponential backoff; other 4xx and malformed bodies are not. A request that still fails scores
-its samples 0 (counted as errors). ``request_timeout_s`` bounds the connect and each socket read,
-not the whole transfer.
+its samples 0 (counted as errors). ``request_timeout_s`` is a deadline for the whole request
+(connect, headers, body): a server that trickles its answer is cut off there too. Requests run
+in daemon threads, so a stuck server never holds up interpreter exit.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ import random
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import requests
+import urllib3
 
 from megatron_gvpo.rewards.base import EventCounts, RewardInput
-from megatron_gvpo.rewards.guard import RateLimitedLogger
+from megatron_gvpo.rewards.guard import RateLimitedLogger, call_guarded
 from megatron_gvpo.rewards.registry import register_reward
 
 logger = logging.getLogger(__name__)
@@ -77,18 +78,28 @@ class RemoteReward:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
-        self._pool: ThreadPoolExecutor | None = None
         self._warn = RateLimitedLogger(logger, 60.0)
 
     def __call__(self, inputs: Sequence[RewardInput]) -> list[float | None]:
         chunks = [inputs[i : i + self.batch_size] for i in range(0, len(inputs), self.batch_size)]
         if len(chunks) <= 1 or self.max_concurrency == 1:
             results = [self._score_chunk(c) for c in chunks]
-        else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.max_concurrency, "remote-reward")
-            results = list(self._pool.map(self._score_chunk, chunks))
+        else:  # daemon threads (guard.call_guarded): never joined at interpreter exit
+            outcomes = call_guarded(
+                self._score_chunk, chunks, self._chunk_bound_s(), self.max_concurrency
+            )
+            results = [
+                r if err is None else [None] * len(c)
+                for (r, err), c in zip(outcomes, chunks, strict=True)
+            ]
         return [x for r in results for x in r]
+
+    def _chunk_bound_s(self) -> float:
+        """Longest a chunk can take: every attempt at its deadline plus the longest backoffs."""
+        backoff = sum(
+            min(self.max_backoff_s, self.backoff_s * 2**a) for a in range(self.max_retries)
+        )
+        return (self.max_retries + 1) * self.request_timeout_s + backoff + 1.0
 
     def body(self, chunk: Sequence[RewardInput]) -> dict[str, Any]:
         """The JSON request body for ``chunk`` (schema in the module docstring)."""
@@ -139,14 +150,17 @@ class RemoteReward:
 
     def _post(self, data: str, n: int) -> list[float | None]:
         self._count("requests")
+        deadline = time.monotonic() + self.request_timeout_s
         resp = self._session().post(
-            self.url, data=data, headers=self.headers, timeout=self.request_timeout_s
+            self.url, data=data, headers=self.headers, timeout=self.request_timeout_s, stream=True
         )
-        resp.raise_for_status()
+        with resp:
+            resp.raise_for_status()
+            body = _read_until(resp, deadline, self.request_timeout_s)
         try:
-            payload = resp.json()
+            payload = json.loads(body)
         except ValueError as e:
-            raise _Malformed(f"response is not JSON: {resp.text[:200]!r}") from e
+            raise _Malformed(f"response is not JSON: {body[:200]!r}") from e
         scores = payload.get(self.score_key) if isinstance(payload, dict) else None
         if not isinstance(scores, list) or len(scores) != n:
             raise _Malformed(f"expected {{{self.score_key!r}: [{n} floats]}}, got {payload!r:.200}")
@@ -168,14 +182,28 @@ class RemoteReward:
         return self._events.pop()
 
     def close(self) -> None:
-        """Stop the request threads and close the HTTP sessions."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """Close the HTTP sessions (a request still running in a daemon thread is abandoned)."""
         with self._lock:
             sessions, self._sessions = self._sessions, []
         for s in sessions:
             s.close()
+
+
+def _read_until(resp: requests.Response, deadline: float, timeout_s: float) -> bytes:
+    """The response body, or ``requests.Timeout`` once ``deadline`` passes. ``read1`` returns
+    whatever one socket read brings (a trickling server cannot make it wait for a full buffer),
+    and each socket read also stops at the per-read timeout, so a silent server ends it too."""
+    body = bytearray()
+    try:
+        while piece := resp.raw.read1(65536, decode_content=True):
+            body += piece
+            if time.monotonic() > deadline:
+                raise requests.Timeout(f"no complete response within {timeout_s:g} s")
+    except urllib3.exceptions.ReadTimeoutError as e:
+        raise requests.Timeout(f"read timed out: {e}") from e
+    except urllib3.exceptions.HTTPError as e:  # reset, protocol error mid-body
+        raise requests.ConnectionError(f"reading the response: {e}") from e
+    return bytes(body)
 
 
 def _finite(x: Any) -> float | None:

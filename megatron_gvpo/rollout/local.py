@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from megatron_gvpo.bridge.fp8 import DEFAULT_BLOCK, FP8_DTYPE, SCALE_SUFFIX, dequantize_blockwise
+from megatron_gvpo.data.tokenizer import CHECKPOINT_META, hf_dir, load_tokenizer
 from megatron_gvpo.rollout.base import (
     GenerateRequest,
     NamedTensors,
@@ -114,12 +115,27 @@ class LocalEngine(RolloutEngine):
 
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.path = check_model_dir(model_path)
         self.device = torch.device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(self.path), dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        ).to(self.device)
-        self.model.eval()
+        self.trust_remote_code = trust_remote_code
+        if (Path(model_path) / CHECKPOINT_META).is_file():
+            # A converted Megatron checkpoint: architecture from its hf/ folder; the weights
+            # arrive with the trainer's first update_weights, before any rollout.
+            from transformers import AutoConfig
+
+            self.path = hf_dir(model_path)
+            config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=trust_remote_code)
+            self.model = AutoModelForCausalLM.from_config(
+                config, dtype=config.dtype, trust_remote_code=trust_remote_code
+            )
+        else:
+            self.path = check_model_dir(model_path)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(self.path),
+                dtype=dtype,
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+            )
+        self.model.to(self.device).eval()
         self.tokenizer = tokenizer if tokenizer is not None else self._folder_tokenizer()
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else self._eos_ids())
         self.max_batch_size = max_batch_size
@@ -132,12 +148,10 @@ class LocalEngine(RolloutEngine):
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     def _folder_tokenizer(self):
-        """The folder's fast tokenizer (not AutoTokenizer: see DESIGN.md on qwen2), or None."""
+        """The folder's tokenizer through the one loader (``data.tokenizer``), or None."""
         if not (self.path / "tokenizer.json").is_file():
             return None
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(str(self.path))
+        return load_tokenizer(self.path, self.trust_remote_code)
 
     def _eos_ids(self) -> list[int]:
         """EOS ids of the generation config and the model config (either may hold a list)."""

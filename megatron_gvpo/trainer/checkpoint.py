@@ -8,12 +8,14 @@
         hf/                   (trainer.export_hf) an HF checkpoint of the actor
 
 Each checkpoint is written into ``step_N.tmp`` and renamed when complete, so a crash or a kill
-during a write leaves the previous checkpoints whole; ``.tmp`` folders are never loaded. Nothing
-here unpickles: the state is JSON and safetensors.
+during a write leaves the previous checkpoints whole; ``.tmp`` folders are never loaded. Our own
+state is JSON and safetensors; megatron's ``model_optim/.metadata`` is a pickle, read through
+``bridge.safe_metadata`` (metadata classes only), and its tensors with ``weights_only`` loads.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import re
@@ -27,8 +29,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_gvpo.bridge import safe_metadata
 from megatron_gvpo.bridge.checkpoint import MCORE_VERSION, check_mcore_version
+from megatron_gvpo.bridge.dist_save import InProcessSave
 from megatron_gvpo.bridge.hf_io import publish_dir, staging_dir
 from megatron_gvpo.bridge.mapping import is_checkpoint_only
 from megatron_gvpo.parallel.launch import barrier, is_rank0
@@ -108,9 +113,29 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "model_optim").mkdir(parents=True)
     barrier()
+    try:
+        _write(tmp, step, model, optimizer, trainer_state, export_hf)
+    except (Exception, CheckpointException) as e:  # torch's is a BaseException
+        if not _disk_full(e):
+            raise
+        if is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)  # free what the partial write took
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on device while writing checkpoint {tmp} "
+            f"(the previous checkpoints in {checkpoint_root(run_dir)} are intact)",
+        ) from e
+    if is_rank0():
+        publish_dir(final)
+        _prune(checkpoint_root(run_dir), keep_last)
+    barrier()
+    return final
+
+
+def _write(tmp: Path, step: int, model, optimizer, trainer_state: dict, export_hf) -> None:
     model_sd = model.sharded_state_dict()
     state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
-    dist_checkpointing.save(state, str(tmp / "model_optim"))
+    dist_checkpointing.save(state, str(tmp / "model_optim"), sharded_strategy=InProcessSave())
     tensors, meta = _rng_state()
     save_file(tensors, str(tmp / f"rng_rank{_rank()}.safetensors"))
     (tmp / f"rng_rank{_rank()}.json").write_text(json.dumps(meta))
@@ -120,10 +145,26 @@ def save_checkpoint(
     if is_rank0():
         record = {"step": step, "megatron_core": MCORE_VERSION, **trainer_state}
         (tmp / "trainer_state.json").write_text(json.dumps(record))
-        publish_dir(final)
-        _prune(checkpoint_root(run_dir), keep_last)
-    barrier()
-    return final
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC anywhere in ``e``'s chain (megatron wraps writer errors in its own exceptions)."""
+    seen: set[int] = set()
+    todo = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(x):
+            return True
+        todo += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)  # torch's CheckpointException: rank -> error
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return False
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -133,6 +174,7 @@ def _prune(root: Path, keep_last: int) -> None:
 
 def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG from ``ckpt``; return the trainer state."""
+    safe_metadata.install()  # .metadata is unpickled: admit only metadata classes
     ckpt = Path(ckpt)
     trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
     check_mcore_version(trainer_state.get("megatron_core"), ckpt / "trainer_state.json")

@@ -11,7 +11,10 @@ combinations; every error names the Hydra key, one command-line override away fr
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +89,9 @@ class RewardSection:
 
     rewards: list[Any] = field(default_factory=lambda: [{"name": "toy_addition"}])
     """Each ``{name, weight, kwargs...}``: a registered reward or ``module:function``."""
+    on_error: str = "drop"
+    """A sample whose reward failed (raised, timed out, non-finite in float32): ``drop`` takes it
+    out of its group (the group's statistics use the others); ``zero`` trains on it as 0."""
 
 
 @dataclass
@@ -134,6 +140,14 @@ class TrainerSection:
     """Write reward_curve.png every 10 steps."""
     log_entropy: bool = True
     """Report the policy's mean response-token entropy (one more reduction over the vocabulary)."""
+    max_consecutive_skips: int = 3
+    """Steps whose loss or gradient norm is not finite are skipped (no update); this many in a
+    row stop the run with an error."""
+    stop_grace_s: float = 120.0
+    """After SIGTERM/SIGUSR1, seconds to wait for the running step before exiting without saving
+    it (the last checkpoint stands); a step that ends in time is saved."""
+    allow_config_change: bool = False
+    """Resume even when algorithm, lr or group size differ from the checkpoint's config."""
     eval_interval: int = 0
     """Preference training: evaluate on data.eval_path every this many steps (0: only at the end)."""
 
@@ -177,11 +191,42 @@ def _section(cls: type, raw: dict | None, prefix: str) -> Any:
         raise ValueError(
             f"unknown config key {prefix}.{unknown[0]} (known: {', '.join(sorted(names))})"
         )
+    _check_types(cls, raw, prefix)
     try:
         return cls(**raw)
     except (TypeError, ValueError) as e:
         msg = str(e)
         raise ValueError(msg if msg.startswith(f"{prefix}.") else f"{prefix}: {msg}") from None
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _check_types(cls: type, raw: dict, prefix: str) -> None:
+    """Scalar fields get a value of their declared type (``trainer.max_steps=2.5`` or
+    ``trainer.seed=abc`` fail here, naming the key, also when a dict does not come through
+    Hydra's schema); ints are accepted where floats are."""
+    hints = typing.get_type_hints(cls)
+    for name, value in raw.items():
+        hint = hints.get(name)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        options = typing.get_args(hint) if union else (hint,)
+        allowed = [t for t in options if t in _SCALARS or t is type(None)]
+        if len(allowed) != len(options):
+            continue  # containers, nested sections: checked by their own code
+        ok = any(
+            (value is None and t is type(None))
+            or (t is bool and isinstance(value, bool))
+            or (t is int and isinstance(value, int) and not isinstance(value, bool))
+            or (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+            or (t is str and isinstance(value, str))
+            for t in allowed
+        )
+        if not ok:
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"{prefix}.{name} must be {names}, got {value!r}")
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            raw[name] = float(value)
 
 
 def sections_from_dict(raw: dict) -> RunConfig:
@@ -223,6 +268,16 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         keep_last=t.keep_last,
         replay_capacity=t.replay_capacity,
     )
+    if t.clip_grad < 0:
+        raise ValueError(f"trainer.clip_grad must be >= 0 (0: no clipping), got {t.clip_grad}")
+    if t.max_consecutive_skips < 1:
+        raise ValueError(
+            f"trainer.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}"
+        )
+    if t.stop_grace_s < 0:
+        raise ValueError(f"trainer.stop_grace_s must be >= 0, got {t.stop_grace_s}")
+    if cfg.reward.on_error not in ("drop", "zero"):
+        raise ValueError(f"reward.on_error={cfg.reward.on_error!r}: drop or zero")
     if not 0 <= t.min_lr <= t.lr:
         raise ValueError(
             f"trainer.min_lr={t.min_lr} must lie in [0, trainer.lr={t.lr}] (the decay's floor)"
@@ -246,6 +301,17 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _positive(
         "rollout", n_samples_per_prompt=r.n_samples_per_prompt, max_new_tokens=r.max_new_tokens
     )
+    if r.n_samples_per_prompt < 2 and not objective.offline:
+        raise ValueError(
+            f"rollout.n_samples_per_prompt={r.n_samples_per_prompt}: {a.name} learns from "
+            "differences within a prompt's group of responses; use 2 or more"
+        )
+    if r.temperature < 0:
+        raise ValueError(f"rollout.temperature must be >= 0, got {r.temperature}")
+    if not 0 < r.top_p <= 1:
+        raise ValueError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    if r.top_k == 0 or r.top_k < -1:
+        raise ValueError(f"rollout.top_k must be -1 (off) or >= 1, got {r.top_k}")
     if r.backend == "sglang":
         sglang_config(r, m.path or "<the demo model>", t.run_dir)  # typed and checked now
     if m.precision not in PRECISIONS:
@@ -257,6 +323,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     m.fp8.validate(m.precision, m.transformer_impl)  # hardware checks too: fail before any model
     if m.path is not None and not Path(m.path).exists():
         raise FileNotFoundError(f"model.path={m.path}: no such file or directory")
+    if m.path is not None:
+        _check_model_type(Path(m.path))
     if not cfg.reward.rewards:
         raise ValueError("reward.rewards is empty: name at least one reward")
     if objective.offline and cfg.data.builtin == "toy_addition":
@@ -277,6 +345,25 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             "to the field that holds it"
         )
     cfg.data.check_files()
+
+
+def _check_model_type(path: Path) -> None:
+    """An unsupported architecture (gpt2, ...) is named before anything is built."""
+    from megatron_gvpo.data.tokenizer import hf_dir
+    from megatron_gvpo.models.hf_config import SUPPORTED_MODEL_TYPES
+
+    cfg_file = hf_dir(path) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"model.path={path}: no config.json at {cfg_file}")
+    try:
+        model_type = json.loads(cfg_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"model.path: {cfg_file} is not a JSON object ({e})") from None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model.path: {cfg_file}: model_type {model_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
 
 
 def sglang_kwargs(r: RolloutSection, model_path: str, run_dir: str | None = None) -> dict:

@@ -41,13 +41,20 @@ class DataSection(PreferenceDataConfig):
 class PromptSource:
     """Tokenised prompts and the sampler that deals them out, ``prompts_per_step`` at a time."""
 
-    def __init__(self, cfg: DataSection, model_path: str, run_dir: Path, batch_size: int):
+    def __init__(
+        self,
+        cfg: DataSection,
+        model_path: str,
+        run_dir: Path,
+        batch_size: int,
+        trust_remote_code: bool = False,
+    ):
         if cfg.builtin == "toy_addition":
             path = run_dir / "data" / "toy_addition.jsonl"
             if not path.is_file():
                 write_jsonl(generate_toy_dataset(cfg.builtin_size, seed=cfg.seed), path)
             cfg = DataSection(**{**cfg.__dict__, "path": str(path), "builtin": None})
-        self.tokenizer = load_tokenizer(model_path)
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.dataset = load_prompts(cfg, self.tokenizer)
         self.sampler = PromptSampler(len(self.dataset), batch_size, cfg.shuffle, cfg.seed)
         self.domains = self.dataset.domains() or ["default"]

@@ -30,16 +30,22 @@ class PromptGroup:
     domain: str | None = None
     engine_logprobs: list[list[float]] = field(default_factory=list)
     """The engine's logprob of each response token (empty for replayed groups)."""
+    reward_failed: list[bool] = field(default_factory=list)
+    """Responses whose reward failed (scored 0; empty: none, or a replayed group)."""
 
     def select(self, keep: Sequence[int]) -> PromptGroup:
         """The group restricted to the responses at ``keep``."""
-        lps = [self.engine_logprobs[j] for j in keep] if self.engine_logprobs else []
+
+        def pick(xs: list) -> list:
+            return [xs[j] for j in keep] if xs else []
+
         return PromptGroup(
             self.prompt_ids,
-            [self.responses[j] for j in keep],
-            [self.rewards[j] for j in keep],
+            pick(self.responses),
+            pick(self.rewards),
             self.domain,
-            lps,
+            pick(self.engine_logprobs),
+            pick(self.reward_failed),
         )
 
     def to_replay(self) -> tuple:
@@ -115,6 +121,7 @@ def rollout_and_score(
                 result.scores[offset : offset + n],
                 row.domain,
                 [s.logprobs for s in group],
+                result.failed[offset : offset + n],
             )
         )
         offset += n
@@ -133,16 +140,26 @@ def rollout_and_score(
 
 
 def filter_groups(
-    groups: list[PromptGroup], min_response_tokens: int, dynamic_sampling: bool, metrics: dict
+    groups: list[PromptGroup],
+    min_response_tokens: int,
+    dynamic_sampling: bool,
+    drop_failed: bool,
+    metrics: dict,
 ) -> list[PromptGroup]:
-    """Drop responses shorter than ``min_response_tokens`` (at least 1 token), then, with
-    ``dynamic_sampling`` (DAPO), groups whose rewards are all equal; count what was dropped."""
-    kept, dropped = [], 0
+    """Drop responses shorter than ``min_response_tokens`` (at least 1 token) and, with
+    ``drop_failed`` (``reward.on_error=drop``), responses whose reward failed (a failure is no
+    0: the group's statistics use the others); then, with ``dynamic_sampling`` (DAPO), groups
+    whose rewards are all equal. Counts what was dropped."""
+    kept, short, failed = [], 0, 0
     for g in groups:
         keep = [j for j, r in enumerate(g.responses) if len(r) >= max(1, min_response_tokens)]
-        dropped += len(g.responses) - len(keep)
+        short += len(g.responses) - len(keep)
+        failed += sum(g.reward_failed)
+        if drop_failed and g.reward_failed:
+            keep = [j for j in keep if not g.reward_failed[j]]
         kept.append(g.select(keep))
-    metrics["filter/short_responses"] = dropped
+    metrics["filter/short_responses"] = short
+    metrics["filter/reward_failed"] = failed
     if dynamic_sampling:
         before = len(kept)
         kept = [g for g in kept if len(set(g.rewards)) > 1]

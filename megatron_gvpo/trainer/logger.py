@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +38,24 @@ class MetricsLogger:
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def _truncate(self, resume_step: int) -> None:
+        """Keep the lines up to ``resume_step``; a torn last line (a kill mid-write) is dropped.
+        The file is replaced atomically, so a kill here leaves the old or the new file whole."""
         if not self.jsonl.is_file():
             return
-        keep = [
-            line
-            for line in self.jsonl.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= resume_step
-        ]
-        self.jsonl.write_text("".join(line + "\n" for line in keep))
+        lines = [line for line in self.jsonl.read_text().splitlines() if line.strip()]
+        keep = []
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                if i == len(lines) - 1:
+                    break  # torn by a kill during the write: that step is rerun anyway
+                raise ValueError(f"{self.jsonl}:{i + 1}: not a JSON line ({e})") from None
+            if row.get("step", 0) <= resume_step:
+                keep.append(line)
+        tmp = self.jsonl.with_name(self.jsonl.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.jsonl)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import random
-import signal
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -22,13 +21,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from megatron_gvpo.bridge.export import ExportConfig, iter_buckets_on_rank0
 from megatron_gvpo.bridge.hf_io import copy_side_files, write_bucket_shards
+from megatron_gvpo.data.tokenizer import hf_dir
 from megatron_gvpo.models.forward import forward_backward
 from megatron_gvpo.parallel.ddp import wrap_with_ddp
-from megatron_gvpo.parallel.initialize import destroy, device, initialize
+from megatron_gvpo.parallel.initialize import destroy, initialize
 from megatron_gvpo.parallel.launch import broadcast_object, is_rank0
 from megatron_gvpo.rollout.base import SamplingParams
 from megatron_gvpo.trainer.batch import (
@@ -51,10 +50,17 @@ from megatron_gvpo.trainer.groups import (
     rollout_and_score,
     to_batch,
 )
+from megatron_gvpo.trainer.guards import (
+    StepGuard,
+    StopSignal,
+    check_finite_params,
+    check_resume_config,
+)
 from megatron_gvpo.trainer.logger import MetricsLogger
 from megatron_gvpo.trainer.metrics import Metric, combine_updates, reduce_metrics
 from megatron_gvpo.trainer.objectives import StepInputs, build_objective, load_builtin_objectives
 from megatron_gvpo.trainer.replay import ReplayBuffer
+from megatron_gvpo.trainer.secrets import redact
 from megatron_gvpo.trainer.setup import (
     build_engine,
     build_model,
@@ -77,7 +83,9 @@ class Trainer:
         # (the config itself was validated whole by run_config_from_dict).
         self.rewards = build_rewards(cfg.reward) if is_rank0() else None
         self.model_path = resolve_model_path(cfg.model)
-        self.prompts = PromptSource(cfg.data, self.model_path, self.run_dir, t.prompts_per_step)
+        self.prompts = PromptSource(
+            cfg.data, self.model_path, self.run_dir, t.prompts_per_step, cfg.model.trust_remote_code
+        )
         self.objective = build_objective(cfg.algorithm, self.prompts.domains)
         initialize(cfg.parallel)
         model, self.arch = build_model(cfg.model, self.model_path)
@@ -85,6 +93,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(self.ddp, t, cfg.model)
         self.reference = build_reference(cfg, self.model_path)
         self.replay = ReplayBuffer(t.replay_capacity)
+        self.step_guard = StepGuard(t.max_consecutive_skips)
         self.engine = (
             build_engine(r, self.model_path, cfg.model.trust_remote_code, run_dir=t.run_dir)
             if is_rank0()
@@ -109,7 +118,10 @@ class Trainer:
         clock.split("rollout", "reward", rollout.reward_seconds)  # count each second once
         metrics = dict(rollout.metrics)
 
-        groups = filter_groups(rollout.groups, t.min_response_tokens, t.dynamic_sampling, metrics)
+        drop_failed = self.cfg.reward.on_error == "drop"
+        groups = filter_groups(
+            rollout.groups, t.min_response_tokens, t.dynamic_sampling, drop_failed, metrics
+        )
         metrics.update(reward_metrics(groups))
         fresh = [g for g in groups if g.responses]
         rng = random.Random(request_seed(t.seed, self.step, -1))
@@ -169,15 +181,20 @@ class Trainer:
                 temperature=self.cfg.algorithm.temperature,
                 with_entropy=t.log_entropy,
             )
-            _, grad_norm, _ = self.optimizer.step()
-            self.scheduler.step(1)
             metrics = reduce_metrics(results)
-            metrics["grad_norm"] = Metric(float(grad_norm or 0.0), "mean")
             values = {k: float(m.value) for k, m in metrics.items()}
+            if self.step_guard.skip(self.ddp, self.optimizer, values):
+                continue  # non-finite loss or gradient: counted, never applied
+            ok, grad_norm, _ = self.optimizer.step()
+            if not self.step_guard.stepped(ok, grad_norm):
+                continue
+            self.scheduler.step(1)
+            metrics["grad_norm"] = Metric(float(grad_norm or 0.0), "mean")
             for k, v in self.objective.derived_metrics(values).items():
                 metrics[k] = Metric(v, "mean")
             per_update.append(metrics)
         out = combine_updates(per_update)
+        out["train/skipped_steps"] = self.step_guard.pop_skipped()
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         out.update(self.objective.metrics())
         return out
@@ -201,7 +218,7 @@ class Trainer:
         """Rounds until ``trainer.max_steps``, or until SIGUSR1/SIGTERM (Slurm's warning before
         a time limit or preemption): then the current step finishes, is saved, and we exit."""
         t = self.cfg.trainer
-        stop = _StopSignal()
+        stop = StopSignal(t.stop_grace_s)
         self.weight_sync.sync(version=self.step)
         while self.step < t.max_steps:
             self.step += 1
@@ -228,6 +245,7 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             return
+        check_resume_config(ckpt, asdict(self.cfg), self.cfg.trainer.allow_config_change)
         state = load_checkpoint(ckpt, self.ddp, self.optimizer)
         self.step = state["step"]
         self.scheduler.load_state_dict(state["scheduler"])
@@ -239,12 +257,13 @@ class Trainer:
 
     def save(self) -> None:
         t = self.cfg.trainer
+        check_finite_params(self.ddp)  # a checkpoint never holds non-finite weights
         state = {
             "scheduler": self.scheduler.state_dict(),
             "prompts": self.prompts.state_dict(),
             "replay": self.replay.state_dict(),
             **self.objective.state_dict(),
-            "config": asdict(self.cfg),
+            "config": redact(asdict(self.cfg)),  # no credentials in checkpoints
         }
         export_hf = self._export_hf if t.export_hf else None
         save_checkpoint(
@@ -256,7 +275,7 @@ class Trainer:
         buckets = iter_buckets_on_rank0(self.ddp, self.arch, ExportConfig())
         if is_rank0():
             write_bucket_shards(buckets, out_dir)
-            copy_side_files(self.model_path, out_dir)
+            copy_side_files(hf_dir(self.model_path), out_dir)  # a converted checkpoint: its hf/
         else:
             for _ in buckets:  # take part in the gathers and sends
                 pass
@@ -297,25 +316,6 @@ class _PhaseClock:
         out["time/step"] = sum(self.seconds.values())
         out["throughput/tokens_per_s"] = tokens / max(out["time/step"], 1e-9)
         return out
-
-
-class _StopSignal:
-    """Records SIGUSR1/SIGTERM; ``agreed()`` is True on every rank once any rank got one."""
-
-    def __init__(self) -> None:
-        self.received = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = True
-
-    def agreed(self) -> bool:
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return self.received
-        flag = torch.tensor([float(self.received)], device=device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def train(cfg: RunConfig) -> None:

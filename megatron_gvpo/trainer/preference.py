@@ -37,11 +37,18 @@ from megatron_gvpo.trainer.batch import (
 from megatron_gvpo.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.data import DataSection
+from megatron_gvpo.trainer.guards import (
+    StepGuard,
+    StopSignal,
+    check_finite_params,
+    check_resume_config,
+)
 from megatron_gvpo.trainer.logger import MetricsLogger
-from megatron_gvpo.trainer.loop import _PhaseClock, _StopSignal
+from megatron_gvpo.trainer.loop import _PhaseClock
 from megatron_gvpo.trainer.metrics import reduce_metrics
 from megatron_gvpo.trainer.objectives import StepInputs, build_objective
 from megatron_gvpo.trainer.objectives.preference import step_margins
+from megatron_gvpo.trainer.secrets import redact
 from megatron_gvpo.trainer.setup import (
     build_model,
     build_optimizer,
@@ -53,11 +60,18 @@ from megatron_gvpo.trainer.setup import (
 class PairSource:
     """Tokenised training and evaluation pairs, their groups, and the sampler over training pairs."""
 
-    def __init__(self, cfg: DataSection, model_path: str, run_dir: Path, batch_size: int):
+    def __init__(
+        self,
+        cfg: DataSection,
+        model_path: str,
+        run_dir: Path,
+        batch_size: int,
+        trust_remote_code: bool = False,
+    ):
         if cfg.builtin == "preference_demo":
             train, evals = write_preference_demo(run_dir / "data", cfg.builtin_size, cfg.seed)
             cfg = replace(cfg, path=str(train), eval_path=str(evals), builtin=None)
-        tokenizer = load_tokenizer(model_path)
+        tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.train = load_pairs(cfg, tokenizer)
         self.eval: PairDataset | None = None
         if cfg.eval_path is not None:
@@ -110,7 +124,10 @@ class PreferenceTrainer:
         self.run_dir = Path(t.run_dir)
         self.model_path = resolve_model_path(cfg.model)
         # Pairs are read and checked before any model is built.
-        self.data = PairSource(cfg.data, self.model_path, self.run_dir, t.prompts_per_step)
+        self.data = PairSource(
+            cfg.data, self.model_path, self.run_dir, t.prompts_per_step, cfg.model.trust_remote_code
+        )
+        self.step_guard = StepGuard(t.max_consecutive_skips)
         self.objective = build_objective(cfg.algorithm, self.data.groups)
         self.objective.set_group_sizes(self.data.group_counts)
         initialize(cfg.parallel)
@@ -149,9 +166,15 @@ class PreferenceTrainer:
         results = forward_backward(
             self.ddp, mbs, loss_fn, temperature=self.temperature, with_entropy=t.log_entropy
         )
-        _, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(1)
         out = {k: float(m.value) for k, m in reduce_metrics(results).items()}
+        out["train/skipped_steps"] = 0
+        if self.step_guard.skip(self.ddp, self.optimizer, out):
+            out["train/skipped_steps"] = self.step_guard.pop_skipped()
+            return out  # non-finite loss or gradient: counted, never applied
+        ok, grad_norm, _ = self.optimizer.step()
+        if self.step_guard.stepped(ok, grad_norm):
+            self.scheduler.step(1)
+        out["train/skipped_steps"] = self.step_guard.pop_skipped()
         out["grad_norm"] = float(grad_norm or 0.0)
         out.update(self.objective.derived_metrics(out))
         out["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -199,7 +222,7 @@ class PreferenceTrainer:
     def fit(self) -> None:
         """Steps until ``trainer.max_steps`` (or a stop signal: save the step and exit)."""
         t = self.cfg.trainer
-        stop = _StopSignal()
+        stop = StopSignal(self.cfg.trainer.stop_grace_s)
         while self.step < t.max_steps:
             self.step += 1
             metrics = self.round()
@@ -220,6 +243,7 @@ class PreferenceTrainer:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             return
+        check_resume_config(ckpt, asdict(self.cfg), self.cfg.trainer.allow_config_change)
         state = load_checkpoint(ckpt, self.ddp, self.optimizer)
         self.step = state["step"]
         self.scheduler.load_state_dict(state["scheduler"])
@@ -230,10 +254,11 @@ class PreferenceTrainer:
 
     def save(self) -> None:
         t = self.cfg.trainer
+        check_finite_params(self.ddp)  # a checkpoint never holds non-finite weights
         state = {
             "scheduler": self.scheduler.state_dict(),
             "pairs": self.data.state_dict(),
             **self.objective.state_dict(),
-            "config": asdict(self.cfg),
+            "config": redact(asdict(self.cfg)),  # no credentials in checkpoints
         }
         save_checkpoint(self.run_dir, self.step, self.ddp, self.optimizer, state, t.keep_last)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_gvpo.parallel.store import listening_store
 from megatron_gvpo.rollout.sglang.client import Endpoint, HTTPClient, SGLangError
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,8 @@ class UpdateGroup:
         self.offsets = [1 + sum(tps[:k]) for k in range(len(tps))]
         self.world_size = 1 + sum(tps)
         self._timeout = timedelta(seconds=timeout_s)
-        self.store = dist.TCPStore(address, port, self.world_size, is_master=True,
-                                   timeout=self._timeout, wait_for_workers=False)
+        # listens on ``address`` only (a bare TCPStore binds every interface)
+        self.store = listening_store(address, port, self.world_size, self._timeout)
         self.port = self.store.port
         self.pg: Any = None
         self.device = torch.device("cpu")

@@ -1,0 +1,183 @@
+"""Hostile or wrong inputs are refused early and never run code: tokenizers (auto_map,
+transformers 5's ``TokenizersBackend``, converted checkpoints), config values, rewards that do
+not fit in float32. Issue 15 items 1, 5, 6, 7 and issue 11 item 9(b)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from megatron_gvpo.data.tokenizer import hf_dir, load_tokenizer
+from megatron_gvpo.demo.task import build_char_tokenizer
+from megatron_gvpo.models.tiny import save_tiny_hf_model
+from megatron_gvpo.rewards import RewardInput, RewardManager, register_reward
+from megatron_gvpo.trainer.config import run_config_from_dict
+
+
+@pytest.fixture(scope="module")
+def qwen2_char_folder(tmp_path_factory) -> Path:
+    """A qwen2-typed tiny model whose char tokenizer was saved by transformers 5 itself."""
+    d = tmp_path_factory.mktemp("tb") / "m"
+    tok = build_char_tokenizer()
+    save_tiny_hf_model(d, "qwen2", vocab_size=len(tok))
+    tok.save_pretrained(d)
+    return d
+
+
+def _reference_ids(folder: Path, text: str) -> list[int]:
+    """The ``tokenizers`` library on the saved tokenizer.json: no transformers class involved."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
+
+
+def test_transformers5_saved_tokenizer_loads_as_saved(qwen2_char_folder):
+    cfg = json.loads((qwen2_char_folder / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "TokenizersBackend"  # what transformers 5 writes
+    tok = load_tokenizer(qwen2_char_folder)
+    assert tok(" 1 2 ")["input_ids"] == _reference_ids(qwen2_char_folder, " 1 2 ")
+    assert tok.decode(tok(" 1 2 ")["input_ids"], skip_special_tokens=True) == " 1 2 "
+
+
+def test_engine_and_data_share_the_loader(qwen2_char_folder):
+    from megatron_gvpo.rollout.local import LocalEngine
+
+    engine = LocalEngine(qwen2_char_folder)
+    ids = _reference_ids(qwen2_char_folder, "7 + 8 =")
+    assert engine.tokenizer("7 + 8 =")["input_ids"] == ids
+    assert engine.tokenizer.decode(ids, skip_special_tokens=True) == "7 + 8 ="
+
+
+def _converted_layout(src: Path, out: Path) -> Path:
+    """The files tools/convert_hf_to_mcore.py puts next to the weights (bridge/checkpoint.py)."""
+    import shutil
+
+    (out / "model").mkdir(parents=True)
+    shutil.copytree(src, out / "hf", ignore=shutil.ignore_patterns("*.safetensors"))
+    meta = {"padded_vocab_size": 128, "precision": "fp32", "source": str(src), "format_version": 1}
+    (out / "megatron_gvpo.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_converted_checkpoint_tokenizer_and_engine_use_hf_folder(qwen2_char_folder, tmp_path):
+    from megatron_gvpo.rollout.local import LocalEngine
+    from megatron_gvpo.trainer.config import DataSection
+    from megatron_gvpo.trainer.data import PromptSource
+
+    ckpt = _converted_layout(qwen2_char_folder, tmp_path / "ckpt")
+    assert hf_dir(ckpt) == ckpt / "hf"
+    text = " 12 + 30 ="
+    assert load_tokenizer(ckpt)(text)["input_ids"] == _reference_ids(qwen2_char_folder, text)
+    rows = tmp_path / "p.jsonl"
+    rows.write_text(json.dumps({"prompt": text, "answer": "42"}) + "\n")
+    src = PromptSource(DataSection(path=str(rows)), str(ckpt), tmp_path, 1)
+    assert src.next_batch()[0].prompt_ids == _reference_ids(qwen2_char_folder, text)
+    engine = LocalEngine(ckpt)  # architecture from hf/config.json; weights come with the sync
+    assert engine.vocab_size == json.loads((ckpt / "hf" / "config.json").read_text())["vocab_size"]
+
+
+_EVIL = """
+from pathlib import Path
+Path({marker!r}).write_text("ran")
+from transformers import PreTrainedTokenizerFast as EvilTokenizer
+"""
+
+
+def _evil_folder(root: Path, tokenizer_class: str) -> tuple[Path, Path]:
+    d = root / f"evil_{tokenizer_class}"
+    build_char_tokenizer().save_pretrained(d)
+    marker = root / f"marker_{tokenizer_class}"
+    (d / "evil.py").write_text(_EVIL.format(marker=str(marker)))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.update(
+        tokenizer_class=tokenizer_class, auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    )
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return d, marker
+
+
+@pytest.mark.parametrize("tokenizer_class", ["EvilTokenizer", "TokenizersBackend"])
+def test_auto_map_never_prompts_or_runs_without_trust(tmp_path, tokenizer_class):
+    folder, marker = _evil_folder(tmp_path, tokenizer_class)
+    code = (
+        "from megatron_gvpo.data.tokenizer import load_tokenizer\n"
+        f"try:\n    load_tokenizer({str(folder)!r}, trust_remote_code=False)\n"
+        "    print('LOADED')\n"
+        "except ValueError as e:\n    print('REFUSED', e)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        stdin=subprocess.DEVNULL,  # a prompt would read EOF here and crash the process
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not marker.exists(), "the folder's code ran"
+    assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
+    if tokenizer_class == "TokenizersBackend":  # the saved tokenizer.json is usable as is
+        assert "LOADED" in proc.stdout
+    else:
+        assert "REFUSED" in proc.stdout and "model.trust_remote_code" in proc.stdout
+
+
+def _raw(**sections) -> dict:
+    raw = {"trainer": {"run_dir": "/tmp/unused"}, "data": {"builtin": "toy_addition"}}
+    for k, v in sections.items():
+        raw[k] = {**raw.get(k, {}), **v}
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"rollout": {"n_samples_per_prompt": 1}}, "rollout.n_samples_per_prompt=1"),
+        ({"trainer": {"max_steps": 2.5}}, "trainer.max_steps must be int, got 2.5"),
+        ({"trainer": {"clip_grad": -1.0}}, "trainer.clip_grad must be >= 0"),
+        ({"trainer": {"seed": "abc"}}, "trainer.seed must be int, got 'abc'"),
+        ({"rollout": {"top_p": "abc"}}, "rollout.top_p must be float, got 'abc'"),
+        ({"rollout": {"top_p": 1.5}}, "rollout.top_p must be in (0, 1]"),
+        ({"rollout": {"top_k": 0}}, "rollout.top_k must be -1 (off) or >= 1"),
+        ({"reward": {"on_error": "skip"}}, "reward.on_error='skip'"),
+        ({"trainer": {"max_consecutive_skips": 0}}, "trainer.max_consecutive_skips"),
+    ],
+)
+def test_bad_values_fail_in_config_validation_naming_the_key(sections, message):
+    with pytest.raises(ValueError) as e:
+        run_config_from_dict(_raw(**sections))
+    assert message in str(e.value)
+
+
+def test_gpt2_is_named_unsupported_before_any_model(tmp_path):
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8}))
+    with pytest.raises(ValueError, match=r"'gpt2' is not supported; supported: llama, mistral"):
+        run_config_from_dict(_raw(model={"path": str(d)}))
+
+
+@register_reward("test_huge_rewards", override=True)
+def _huge(sample: RewardInput) -> float:
+    return float(sample.response)
+
+
+def test_rewards_checked_in_float32_and_marked_failed():
+    manager = RewardManager([{"name": "test_huge_rewards"}])
+    out = manager([RewardInput("p", r) for r in ("1e39", "1e300", "0.5", "3e38", "nan")])
+    assert out.failed == [True, True, False, False, True]
+    assert out.scores == [0.0, 0.0, 0.5, 3e38, 0.0]
+    assert out.stats["test_huge_rewards"].errors == 3
+    # each fits in float32, their weighted sum (6e38) does not: the sample fails too
+    twice = RewardManager(
+        [{"name": "test_huge_rewards"}, {"name": "test_huge_rewards", "tag": "b"}]
+    )
+    assert twice([RewardInput("p", "3e38")]).failed == [True]

@@ -1,0 +1,140 @@
+"""Nothing hangs on a slow peer and nothing listens beyond the job (issue 15 items 3 and 8).
+
+The slow reward server is a local HTTP server on 127.0.0.1 that answers 200 with a large
+Content-Length and then sends one byte every 0.5 s, forever: per-read timeouts never fire on it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import REPO
+
+from megatron_gvpo.rewards import RewardInput
+from megatron_gvpo.rewards.base import RewardConfig
+from megatron_gvpo.rewards.remote import RemoteReward
+
+
+class _Trickle(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "1000000")
+        self.end_headers()
+        try:
+            while not self.server.stopping.is_set():
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.5)
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def trickle_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    server.daemon_threads = True
+    server.stopping = threading.Event()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/score"
+    server.stopping.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_trickling_server_is_cut_off_at_the_request_deadline(trickle_url):
+    reward = RemoteReward(trickle_url, request_timeout_s=1.5, max_retries=1, backoff_s=0.01)
+    start = time.monotonic()
+    box: list = []
+    worker = threading.Thread(
+        target=lambda: box.append(reward([RewardInput("p", "r"), RewardInput("p", "s")])),
+        daemon=True,  # a hang is abandoned, not waited for
+    )
+    worker.start()
+    worker.join(15)
+    elapsed = time.monotonic() - start
+    assert box == [[None, None]], "the request did not end"
+    assert 3.0 <= elapsed < 6.0  # two attempts of 1.5 s (+ one read), not forever
+    counters = reward.pop_counters()
+    assert counters["http_timeouts"] == 2 and counters["failed_requests"] == 1
+    reward.close()
+
+
+_EXITS = """
+import sys, time
+from megatron_gvpo.rewards import RewardInput, RewardManager
+cfg = {{"name": "remote", "kwargs": {{"url": "{url}", "request_timeout_s": 1.0, "max_retries": 0,
+        "batch_size": 1, "max_concurrency": 2}}}}
+with RewardManager([cfg]) as manager:
+    result = manager([RewardInput("p", str(i)) for i in range(4)])
+print("scored", result.failed, flush=True)
+"""
+
+
+def test_a_process_with_stuck_reward_requests_scores_and_exits(trickle_url):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXITS.format(url=trickle_url)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "scored [True, True, True, True]" in proc.stdout
+    assert time.monotonic() - start < 20
+
+
+def test_user_rewards_get_a_default_timeout_and_builtins_run_inline():
+    from megatron_gvpo.rewards.base import USER_REWARD_TIMEOUT_S
+
+    assert RewardConfig("my_module:score").timeout_s == USER_REWARD_TIMEOUT_S
+    assert RewardConfig("my_module:score", timeout_s=None).timeout_s is None
+    assert RewardConfig("math").timeout_s is None  # math-verify's SIGALRM needs the main thread
+
+
+_LISTENERS = """
+import psutil
+from megatron_gvpo.parallel.initialize import ParallelConfig, initialize
+initialize(ParallelConfig())
+ips = {c.laddr.ip for c in psutil.Process().net_connections(kind="inet") if c.status == "LISTEN"}
+print("LISTEN", sorted(ips))
+"""
+
+
+def test_single_process_rendezvous_listens_on_loopback_only():
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME"):
+        env.pop(k, None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LISTENERS], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LISTEN ['127.0.0.1']" in proc.stdout, proc.stdout
+
+
+def test_sglang_weight_update_store_listens_on_its_address_only():
+    import psutil
+
+    from megatron_gvpo.rollout.sglang.client import Endpoint
+    from megatron_gvpo.rollout.sglang.group import UpdateGroup
+
+    server = Endpoint(0, "http://127.0.0.1:1", tp_size=1)
+    group = UpdateGroup("g", [server], "127.0.0.1", 0, "gloo", timeout_s=5.0)
+    mine = [
+        c.laddr
+        for c in psutil.Process().net_connections(kind="inet")
+        if c.status == "LISTEN" and c.laddr.port == group.port
+    ]
+    assert [a.ip for a in mine] == ["127.0.0.1"]
