@@ -279,8 +279,11 @@ def check_config(launch: Launch, paths, monkeypatch) -> None:
 
 
 def mark_converted(paths) -> None:
-    Path(paths["MCORE_CKPT"]).mkdir(parents=True, exist_ok=True)
-    (Path(paths["MCORE_CKPT"]) / "megatron_gvpo.json").write_text("{}\n")
+    """What the converter leaves: its marker and the HF config (the trainer checks model_type)."""
+    ckpt = Path(paths["MCORE_CKPT"])
+    (ckpt / "hf").mkdir(parents=True, exist_ok=True)
+    (ckpt / "megatron_gvpo.json").write_text("{}\n")
+    (ckpt / "hf" / "config.json").write_text('{"model_type": "llama"}\n')
 
 
 def header_nodes(script: str) -> int:

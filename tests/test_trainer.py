@@ -19,7 +19,14 @@ import pytest
 from conftest import REPO, torchrun_cmd
 
 # Keys that differ between two identical runs only because they measure wall time.
-_TIMING = ("time/", "sync/", "throughput/", "rollout/tokens_per_s", "rollout/generate_s")
+_TIMING = (
+    "time/",
+    "sync/",
+    "throughput/",
+    "rollout/tokens_per_s",
+    "rollout/generate_s",
+    "rollout/reward_busy_s",
+)
 
 
 def _env(cache: Path, extra_path: Path | None = None) -> dict:
