@@ -75,8 +75,11 @@ class InProcessSave(TorchDistSaveShardedStrategy):
     def __init__(self, thread_count: int = 2) -> None:
         super().__init__("torch_dist", 1, thread_count=thread_count)
 
-    def async_save(self, sharded_state_dict, checkpoint_dir: Path) -> AsyncRequest:
-        # The same steps as the parent's async_save without its cached-plan options.
+    def async_save(
+        self, sharded_state_dict, checkpoint_dir: Path, async_strategy: str = "mcore"
+    ) -> AsyncRequest:
+        # The same steps as the parent's async_save without its cached-plan options; megatron-core
+        # 0.19's ``save`` passes ``async_strategy="mcore"`` (its own writer, which this replaces).
         sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
             sharded_state_dict, self.keep_only_main_replica
         )
