@@ -340,11 +340,13 @@ def test_torn_metrics_line_resumes_and_config_changes_are_refused(tiny_model, tm
     assert "trainer.allow_config_change=true" in proc.stderr
     proc = train(tiny_model, run, "trainer.max_steps=2", "algorithm=dr_grpo", ok=False)
     assert "algorithm.name: 'gvpo' -> 'dr_grpo'" in proc.stderr
+    # Allowed: a new group size (the optimizer state does not depend on it; megatron-core 0.19
+    # cannot load optimizer state into changed lr/wd parameter groups, which then fails clearly).
     train(
         tiny_model,
         run,
         "trainer.max_steps=2",
-        "trainer.lr=0.01",
+        "rollout.n_samples_per_prompt=2",
         "trainer.allow_config_change=true",
     )
     assert [r["step"] for r in metrics(run)] == [1, 2]

@@ -189,7 +189,18 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict
     missing = [k for k in result.missing_keys if not is_checkpoint_only(k)]
     if missing:
         raise KeyError(f"{ckpt}/model_optim: no weights for {', '.join(missing[:8])}")
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:
+        if "parameter group" not in str(e):
+            raise
+        # megatron-core 0.19 matches optimizer parameter groups by their max_lr/min_lr/wd.
+        raise ValueError(
+            f"{ckpt}: its optimizer state was saved with other optimizer settings "
+            f"(trainer.lr, trainer.min_lr, trainer.weight_decay); megatron-core {MCORE_VERSION} "
+            "cannot load it into the changed ones. Keep the checkpoint's values to resume, or "
+            "start a new run from an exported HF checkpoint (trainer.export_hf=true)"
+        ) from e
     rng = ckpt / f"rng_rank{_rank()}.safetensors"
     if rng.is_file():
         _set_rng_state(load_file(str(rng)), json.loads(rng.with_suffix(".json").read_text()))
