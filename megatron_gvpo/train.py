@@ -6,6 +6,7 @@ Also the console script ``megatron-gvpo-train``. Runs the embedded CPU demo by d
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -16,10 +17,16 @@ from omegaconf import DictConfig, OmegaConf
 # The schemas every YAML in configs/ starts from must be registered before Hydra composes; that
 # imports megatron-core, whose import-time warnings are kept here and replayed into train.log
 # once logging is set up (the console shows only what a user can act on).
+# torch's CUDA build on a CPU-only machine logs "No CUDA runtime is found" to stderr when
+# megatron-core imports torch.utils.cpp_extension: harmless there (we run on the CPU), so that one
+# logger stays quiet during the import.
+_CPP_EXT = logging.getLogger("torch.utils.cpp_extension")
+_CPP_EXT.disabled = True
 with warnings.catch_warnings(record=True) as _IMPORT_WARNINGS:
     from megatron_gvpo.trainer.config import register_configs, run_config_from_dict
 
     register_configs()
+_CPP_EXT.disabled = False
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
