@@ -138,3 +138,61 @@ def test_sglang_weight_update_store_listens_on_its_address_only():
         if c.status == "LISTEN" and c.laddr.port == group.port
     ]
     assert [a.ip for a in mine] == ["127.0.0.1"]
+
+
+# A "trainer" that starts a "server" with rollout/sglang/server.start from a worker thread (as a
+# restart does), prints the server's pid, and waits to be killed. The server is a sleeping Python
+# that prints its own pid into a file (launch flags are appended to its argv and ignored).
+_TRAINER = r"""
+import sys, threading, time
+from pathlib import Path
+from megatron_gvpo.rollout.sglang import server
+from megatron_gvpo.rollout.sglang.client import Endpoint
+from megatron_gvpo.rollout.sglang.config import SGLangConfig
+
+pidfile, watchdog = Path(sys.argv[1]), sys.argv[2] == "1"
+code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)"
+cfg = SGLangConfig(model_path="unused", launch_command=[sys.executable, "-c", code, str(pidfile)])
+if not watchdog:
+    real = server.subprocess.Popen
+    server.subprocess.Popen = lambda cmd, **kw: real(cmd[cmd.index("--") + 1:], **kw)
+s = Endpoint(index=0, url="http://127.0.0.1:1", port=1, log_path=pidfile.with_suffix(".log"))
+t = threading.Thread(target=server.start, args=(cfg, "unused", s))
+t.start(); t.join()
+print("started", flush=True)
+time.sleep(120)
+"""
+
+
+def _server_alive_after_trainer_killed(tmp_path, watchdog: bool) -> bool:
+    pidfile = tmp_path / f"server{int(watchdog)}.pid"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", _TRAINER, str(pidfile), str(int(watchdog))],
+        stdout=subprocess.PIPE, env=env, text=True,
+    )
+    try:
+        assert trainer.stdout.readline().strip() == "started"
+        deadline = time.monotonic() + 30
+        while not pidfile.is_file() or not pidfile.read_text():
+            assert time.monotonic() < deadline, "the fake server never started"
+            time.sleep(0.1)
+        pid = int(pidfile.read_text())
+    finally:
+        trainer.kill()  # SIGKILL: no atexit, no terminate()
+        trainer.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.1)
+    os.killpg(os.getpgid(pid), 9)  # the negative control's orphan
+    return True
+
+
+def test_a_started_server_dies_with_a_sigkilled_trainer(tmp_path):
+    assert not _server_alive_after_trainer_killed(tmp_path, watchdog=True)
+    # Negative control: the same server started without the watchdog outlives the trainer.
+    assert _server_alive_after_trainer_killed(tmp_path, watchdog=False)

@@ -4,7 +4,8 @@ Where things are:
 
 - ``config.py``  ``SGLangConfig`` (every field documented)
 - ``client.py``  HTTP, retries, and which routes a server release offers
-- ``server.py``  starting/stopping server processes (flags, clean environment, health)
+- ``server.py``  starting/stopping server processes (flags, clean environment, health);
+  ``watchdog.py`` kills a server whose trainer died without stopping it
 - ``pool.py``    the engine's servers: picking one per request, restarting dead ones
 - ``generate.py`` ``/generate`` bodies, parsing, streaming jobs
 - ``engine.py``  ``SGLangEngine``: generation plus the begin/finish steps of every weight sync

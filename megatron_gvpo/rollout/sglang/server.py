@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ TORCHRUN_VARS = (
     "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
 )
 TORCHRUN_PREFIXES = ("TORCHELASTIC_", "TORCH_ELASTIC_")
+WATCHDOG = Path(__file__).with_name("watchdog.py")  # run by path: no package imports
 
 
 def clean_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -56,9 +58,11 @@ def launch_command(cfg: SGLangConfig, model_path: str, s: Endpoint) -> list[str]
 
 
 def start(cfg: SGLangConfig, model_path: str, s: Endpoint) -> None:
-    """Start server ``s`` in its own session (so its whole process group can be stopped)."""
+    """Start server ``s`` in its own session (so its whole process group can be stopped), under a
+    watchdog that kills it if this process dies without stopping it (``watchdog.py``)."""
     cmd = launch_command(cfg, model_path, s)
     log.info("starting SGLang server %d: %s", s.index, " ".join(cmd))
+    cmd = [sys.executable, str(WATCHDOG), str(os.getpid()), "--", *cmd]
     with open(s.log_path, "ab") as logf:  # the child keeps its own descriptor
         s.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, start_new_session=True,
