@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import math
 import os
@@ -250,22 +251,27 @@ def decode_standin_bucket(payload: str) -> dict:
 
 
 class FifoLock:
-    """A lock granted strictly in arrival order (as asyncio.Lock in ``queueing_call``)."""
+    """Turns granted strictly in ticket (arrival) order (as asyncio.Lock in ``queueing_call``)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._next = self._serving = 0
 
-    def __enter__(self) -> None:
+    def ticket(self) -> int:
         with self._cond:
-            ticket = self._next
             self._next += 1
-            self._cond.wait_for(lambda: self._serving == ticket)
+            return self._next - 1
 
-    def __exit__(self, *exc: object) -> None:
+    @contextlib.contextmanager
+    def turn(self, ticket: int):
         with self._cond:
-            self._serving += 1
-            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._serving == ticket)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._serving += 1
+                self._cond.notify_all()
 
 
 class FakeState:
@@ -293,6 +299,7 @@ class FakeState:
         self.weights: dict[str, Any] = {}
         self.groups: dict[str, Any] = {}
         self.nonces: list[str] = []
+        self.arrived: set[str] = set()  # group-name parts seen by ``arrive``
         self.generates = 0
         self.faults = {
             "fail_generate": 0,  # the next N /generate answer 500
@@ -306,13 +313,33 @@ class FakeState:
             "crash_marker": "",  # ... unless this file exists (then crash once and create it)
             "stale_version": False,  # the live weight version reports an old value
             "health_wait_s": 0.2,  # a paused server's health check answers 503 after this
-            "arrival_delay": {},  # group-name substring -> seconds a request takes to arrive
+            # group-name part -> (other part, seconds): the first call naming part queues only
+            # after a call naming other has queued, or after that many seconds (network latency
+            # made deterministic for ordering tests)
+            "arrival_after": {},
             "collective_timeout_s": 30.0,  # group rendezvous and broadcasts give up after this
         }
         unknown = set(faults) - set(self.faults)
         if unknown:
             raise TypeError(f"unknown fault(s) {sorted(unknown)}")
         self.faults.update(faults)
+
+    def arrive(self, entry: dict) -> int:
+        """A control call arrives (see ``arrival_after``): it is logged and gets its ticket for
+        ``control`` at once, so the log, the arrival rules and the turns agree on one order."""
+        body = entry["body"]
+        name = body.get("group_name", "") if isinstance(body, dict) else ""
+        rules = self.faults["arrival_after"]
+        with self.cond:
+            for part, (other, seconds) in rules.items():
+                if part in name and part not in self.arrived:
+                    self.cond.wait_for(lambda o=other: o in self.arrived, timeout=seconds)
+            ticket = self.control.ticket()
+            self.log.append(entry)
+            self.arrived.update(p for p in rules if p in name)
+            self.arrived.update(o for o, _ in rules.values() if o in name)
+            self.cond.notify_all()
+        return ticket
 
     def take(self, fault: str) -> bool:
         """Consume one occurrence of a counted fault."""
@@ -353,19 +380,17 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body()
             route = ROUTES.get((method, path))
             available = route is not None and self.state.generation in route[1]
-            if available and route[2]:  # control or weight call: wait for its turn
-                name = (body or {}).get("group_name", "") if isinstance(body, dict) else ""
-                for part, delay in self.state.faults["arrival_delay"].items():
-                    if part in name:
-                        time.sleep(delay)
-            if not path.startswith("/fake/"):
+            entry = {"method": method, "path": path, "body": body}
+            if available and route[2]:  # control or weight call: logged with its turn's ticket
+                ticket = self.state.arrive(entry)
+            elif not path.startswith("/fake/"):
                 with self.state.lock:
-                    self.state.log.append({"method": method, "path": path, "body": body})
+                    self.state.log.append(entry)
             if not available:
                 return self._reply(404, {"detail": "Not Found"})
             fn, _, locked = route
             if locked:
-                with self.state.control:
+                with self.state.control.turn(ticket):
                     result = fn(self, body)
             else:
                 result = fn(self, body)
@@ -796,11 +821,11 @@ class FakeSGLangServer:
         self.httpd.server_close()
 
 
-def _delays(items: list[str]) -> dict[str, float]:
+def _arrival_rules(items: list[str]) -> dict[str, tuple[str, float]]:
     out = {}
     for item in items:
-        part, _, seconds = item.rpartition(":")
-        out[part] = float(seconds)
+        part, other, seconds = item.split(":")
+        out[part] = (other, float(seconds))
     return out
 
 
@@ -822,8 +847,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fake-exit-after-generates", type=int, default=0)
     p.add_argument("--fake-crash-marker", default="")
     p.add_argument("--fake-collective-timeout", type=float, default=30.0)
-    p.add_argument("--fake-arrival-delay", action="append", default=[],
-                   help="GROUP_NAME_PART:SECONDS, delay before a matching call queues")
+    p.add_argument("--fake-arrival-after", action="append", default=[],
+                   help="PART:OTHER:SECONDS, the first call whose group name has PART queues "
+                        "after one naming OTHER (or after SECONDS)")
     a = p.parse_args(argv)
     inherited = sorted(k for k in os.environ if k.startswith("TORCHELASTIC_"))
     if inherited:  # stands in for SGLang's broken process-group start-up under torchrun
@@ -837,7 +863,7 @@ def main(argv: list[str] | None = None) -> None:
                               decode_s_per_token=a.fake_decode_s_per_token,
                               exit_after_generates=a.fake_exit_after_generates,
                               crash_marker=a.fake_crash_marker,
-                              arrival_delay=_delays(a.fake_arrival_delay),
+                              arrival_after=_arrival_rules(a.fake_arrival_after),
                               collective_timeout_s=a.fake_collective_timeout)
     print(f"protocol fake ({a.fake_generation}) listening on {server.url}", flush=True)
     server.httpd.serve_forever()

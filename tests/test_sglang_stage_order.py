@@ -2,8 +2,8 @@
 
 The servers are protocol fakes (tests/sglang_fake_server.py) run as processes; like SGLang they
 run control and weight calls one at a time in arrival order. Network latency is made
-deterministic with ``--fake-arrival-delay``: server A sees stage 1's calls late, server B sees
-stage 0's late. Posting concurrently per stage (the old order) then deadlocks in the groups'
+deterministic with ``--fake-arrival-after``: server A queues stage 1's first call only after
+stage 0's has queued (or 3 s passed), server B the other way round. Posting concurrently per stage (the old order) then deadlocks in the groups'
 rendezvous until the collective time-out; stages taking turns (``StageTurns``) pass.
 """
 
@@ -40,7 +40,7 @@ def _stage_main(spec, stage: int, version: int, ordered: bool, store_port: int, 
     """One trainer stage's source rank: its own sender and buckets, turns through the store."""
     store = dist.TCPStore("127.0.0.1", store_port, is_master=False)
     sender = StageWeightSender(spec, stage, ordered=ordered, store=store)
-    store.add("ready", 1)  # start together: the arrival delays, not the imports, set the order
+    store.add("ready", 1)  # start together: the arrival rules, not the imports, set the order
     while store.add("ready", 0) < 2:
         time.sleep(0.01)
     try:
@@ -94,10 +94,11 @@ def model_dir(tmp_path) -> Path:
 
 
 def _servers(tmp_path, model_dir):
-    """Server A gets stage 1's calls 1 s late, server B stage 0's."""
+    """Server A takes stage 0's calls first, server B stage 1's (each waits at most 3 s for the
+    other stage, so stages taking turns get through)."""
     flags = ["--fake-collective-timeout", str(COLLECTIVE_S)]
-    a, ua = _start_fakes(1, tmp_path, model_dir, *flags, "--fake-arrival-delay", "_pp1:1.0")
-    b, ub = _start_fakes(1, tmp_path, model_dir, *flags, "--fake-arrival-delay", "_pp0:1.0")
+    a, ua = _start_fakes(1, tmp_path, model_dir, *flags, "--fake-arrival-after", "_pp1:_pp0:3")
+    b, ub = _start_fakes(1, tmp_path, model_dir, *flags, "--fake-arrival-after", "_pp0:_pp1:3")
     return a + b, ua + ub
 
 
