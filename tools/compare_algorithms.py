@@ -44,6 +44,7 @@ from megatron_gvpo.demo.task import (  # noqa: E402
     toy_prompt,
     toy_reward,
 )
+from megatron_gvpo.trainer.data import DataSection  # noqa: E402
 
 # Arm name -> Hydra overrides on top of the demo config. Defaults of each algorithm otherwise.
 ARMS: dict[str, list[str]] = {
@@ -60,10 +61,14 @@ DIAGNOSTIC_ARMS: dict[str, list[str]] = {
     "grpo_u4": ["algorithm=grpo", "trainer.updates_per_round=4"],
     "gvpo_u4_beta1": ["algorithm=gvpo", "trainer.updates_per_round=4", "algorithm.beta=1.0"],
     "gvpo_u4_lr2.5e-4": ["algorithm=gvpo", "trainer.updates_per_round=4", "trainer.lr=2.5e-4"],
+    # With one update per rollout GVPO's gradient is Dr.GRPO's times
+    # beta * max_new_tokens * samples / ((k - 1) * groups) = 0.1 * 4 * 128 / (7 * 16) = 0.457 on
+    # the demo; Adam is blind to that factor except through clip_grad, scaled here to match.
+    "gvpo_clip0.457": ["algorithm=gvpo", "trainer.clip_grad=0.457"],
 }
 ALL_ARMS = {**ARMS, **DIAGNOSTIC_ARMS}
 DIGITS = 2
-DATA_ROWS = 2000  # data.builtin_size of the demo config
+DATA_ROWS = DataSection().builtin_size  # rows of each run's RL prompt file (data.builtin_size)
 
 
 def heldout_rows(seeds: list[int]) -> list[dict[str, str]]:
@@ -147,6 +152,11 @@ def run_one(arm: str, seed: int, args, rows) -> dict:
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise RuntimeError(f"{arm} seed {seed} failed (rc {proc.returncode}): see {log.name}")
+    train_file = run_dir / "data" / "toy_addition.jsonl"
+    trained = {json.loads(line)["prompt"] for line in train_file.read_text().splitlines() if line}
+    leaked = trained & {r["prompt"] for r in rows}
+    if leaked:  # e.g. a data.builtin_size or data.seed override the held-out set did not expect
+        raise RuntimeError(f"{train_file} holds held-out prompts: {sorted(leaked)[:5]}")
     metrics = read_metrics(run_dir)[: args.steps]
     rewards = [m["reward/mean"] for m in metrics]
     out = {
