@@ -67,6 +67,8 @@ DIAGNOSTIC_ARMS: dict[str, list[str]] = {
     # the lower lr alone, one update per rollout
     "gvpo_lr2.5e-4": ["algorithm=gvpo", "trainer.lr=2.5e-4"],
     "grpo_lr2.5e-4": ["algorithm=grpo", "trainer.lr=2.5e-4"],
+    "grpo_nokl_lr2.5e-4": ["algorithm=grpo", "algorithm.kl_beta=0", "trainer.lr=2.5e-4"],
+    "dr_grpo_lr2.5e-4": ["algorithm=dr_grpo", "trainer.lr=2.5e-4"],
     # With one update per rollout GVPO's gradient is Dr.GRPO's times
     # beta * max_new_tokens * samples / ((k - 1) * groups) = 0.1 * 4 * 128 / (7 * 16) = 0.457 on
     # the demo; Adam is blind to that factor except through clip_grad, scaled here to match.
