@@ -1,6 +1,6 @@
 """GVPO against the GRPO family on the embedded demo, at equal rollouts, over several seeds.
 
-    python tools/compare_algorithms.py --steps 60 --seeds 0,1,2,3,4 --out runs/compare/results.json
+    python tools/compare_algorithms.py --steps 100 --seeds 0,1,2,3,4 --out runs/compare/results.json
 
 Every run is an independent ``python -m megatron_gvpo.train`` subprocess on the demo config (README
 command 1) with ``OMP_NUM_THREADS=1``, at most ``--jobs`` at a time. For a given seed every arm
@@ -222,7 +222,7 @@ def main() -> None:
         "--arms", default=",".join(ARMS), help=f"comma list of: {', '.join(ALL_ARMS)}"
     )
     p.add_argument("--seeds", default="0,1,2,3,4")
-    p.add_argument("--steps", type=int, default=60, help="trainer.max_steps of every run")
+    p.add_argument("--steps", type=int, default=100, help="trainer.max_steps of every run")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--run-root", default="runs/compare")
     p.add_argument("--out", default=None, help="JSON of every run (default <run-root>/results.json)")
