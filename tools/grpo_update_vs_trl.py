@@ -11,6 +11,11 @@ gradient norm clipped to 1, one optimizer step per rollout, fp32. Prints one JSO
 pre-clip gradient norm of every step on both sides, and ||w_TRL - w_ours|| / ||w_TRL - w_0||
 after the last step, for our default advantage epsilon (1e-6) and for TRL's (1e-4).
 
+``--end-to-end`` instead trains both from the demo's warm-started model on its prompts (exact-match
+reward, 16 prompts x 8, ``--steps`` steps at ``--lr`` constant, the settings above) for each of
+``--seeds`` and prints mean ± std of the held-out greedy accuracy (``compare_algorithms.py``'s
+held-out pairs and evaluation) and of the last-10 reward on both sides.
+
 TRL is not a dependency of this project: install it into its own venv, e.g.
 ``python3 -m venv /work/trlvenv && /work/trlvenv/bin/pip install torch==2.13.0 'trl==1.16.*'``.
 """
@@ -27,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRL_SIDE = Path(__file__).with_name("_trl_fixed_batch.py")
+TRL_DEMO = Path(__file__).with_name("_trl_demo_run.py")
 PROMPTS = {  # prompt -> fixed completions (text, ends with EOS); rewards 1 1 0 0 / 1 0 0 1 ...
     "12+34=": [["46", True], ["47", True], ["4", True], ["46", True]],
     "7+8=": [["15", True], ["15", True], ["1555", False], ["16", True]],
@@ -125,12 +131,70 @@ def relative_difference(trl_weights: Path, ours_hf: Path, init: Path) -> float:
     return (num / den) ** 0.5
 
 
+def end_to_end(args, env: dict) -> dict:
+    """Ours and TRL from the demo model, ``args.seeds``; greedy held-out accuracy of each."""
+    import statistics
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from compare_algorithms import greedy_eval, heldout_rows
+
+    from megatron_gvpo.demo.model import demo_model_path
+    from megatron_gvpo.demo.task import generate_toy_dataset, write_jsonl
+
+    work, seeds = Path(args.work) / "end_to_end", [int(x) for x in args.seeds.split(",")]
+    model = demo_model_path(os.environ.get("MEGATRON_GVPO_CACHE", "~/.cache/megatron_gvpo"))
+    rows = heldout_rows(seeds)
+    reward = f"[{{name:'{Path(args.work) / 'exact_reward.py'}:exact_match',timeout_s:null}}]"
+    out = {"heldout_prompts": len(rows), "initial": greedy_eval(model, rows)["heldout_greedy_acc"]}
+    for s in seeds:
+        data = write_jsonl(generate_toy_dataset(2000, seed=s), work / f"data{s}.jsonl")
+        run = {side: work / f"{side}_s{s}" for side in ("ours", "trl")}
+        for d in run.values():
+            subprocess.run(["rm", "-rf", str(d)], check=True)
+        trl_cmd = [args.trl_python, str(TRL_DEMO), str(model), str(data), str(run["trl"]),
+                   str(args.steps), str(args.lr), str(s)]  # fmt: skip
+        subprocess.run(trl_cmd, env=env, check=True, capture_output=True)
+        ours_cmd = [
+            sys.executable, "-m", "megatron_gvpo.train", "model=hf", "data=jsonl",
+            "algorithm=grpo", f"model.path={model}", "model.precision=fp32",
+            "data.apply_chat_template=false", f"data.path={data}", f"data.seed={s}",
+            f"reward.rewards={reward}", "rollout.n_samples_per_prompt=8",
+            "rollout.max_new_tokens=4", "trainer.prompts_per_step=16",
+            f"trainer.max_steps={args.steps}", f"trainer.lr={args.lr}",
+            f"trainer.min_lr={args.lr}", "trainer.weight_decay=0.0", "trainer.clip_grad=1.0",
+            f"trainer.seed={s}", f"trainer.save_interval={args.steps}", "trainer.export_hf=true",
+            "trainer.plot=false", f"trainer.run_dir={run['ours']}", "algorithm.eps_low=0.2",
+            "algorithm.eps_high=0.2", "algorithm.kl_beta=0.0",
+        ]  # fmt: skip
+        env_ours = {**env, "PYTHONPATH": str(REPO)}
+        subprocess.run(ours_cmd, env=env_ours, check=True, capture_output=True, cwd=REPO)
+        metrics = [json.loads(x) for x in (run["ours"] / "metrics.jsonl").read_text().splitlines()]
+        hf = run["ours"] / "checkpoints" / f"step_{args.steps:06d}" / "hf"
+        trl_rewards = json.loads((run["trl"] / "rewards.json").read_text())
+        out[f"ours_s{s}"] = {
+            "acc": greedy_eval(hf, rows)["heldout_greedy_acc"],
+            "last10": statistics.fmean(m["reward/mean"] for m in metrics[-10:]),
+        }
+        out[f"trl_s{s}"] = {
+            "acc": greedy_eval(run["trl"] / "final", rows)["heldout_greedy_acc"],
+            "last10": statistics.fmean(trl_rewards[-10:]),
+        }
+    for side in ("ours", "trl"):
+        for key in ("acc", "last10"):
+            v = [out[f"{side}_s{s}"][key] for s in seeds]
+            std = statistics.stdev(v) if len(v) > 1 else 0.0
+            out[f"{side}_{key}"] = f"{statistics.fmean(v):.3f} ± {std:.3f}"
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--trl-python", help="python of a venv with trl installed")
     p.add_argument("--work", default="/tmp/grpo_update_vs_trl")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--end-to-end", action="store_true", help="train both from the demo model")
+    p.add_argument("--seeds", default="0,1,2,3", help="--end-to-end: comma list of seeds")
     p.add_argument("--ours-side", help=argparse.SUPPRESS)  # run dir: internal, one side per process
     p.add_argument("--adv-eps", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -144,6 +208,9 @@ def main() -> None:
     build_task(work)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("PYTHONPATH", None)
+    if args.end_to_end:
+        print(json.dumps(end_to_end(args, env), ensure_ascii=False))
+        return
     trl_out = work / "trl"
     cmd = [args.trl_python, str(TRL_SIDE), str(work), str(args.steps), str(args.lr), str(trl_out)]
     subprocess.run(cmd, env=env, check=True, capture_output=True)
