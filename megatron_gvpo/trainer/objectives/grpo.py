@@ -173,7 +173,13 @@ class PolicyObjective(Objective):
 
 @dataclass
 class GRPOObjectiveConfig(PolicyObjectiveConfig):
-    """DeepSeekMath GRPO: (R - mean) / std advantages, per-sequence token mean, k3 KL 0.04."""
+    """DeepSeekMath GRPO: (R - mean) / std advantages, per-sequence token mean, k3 KL 0.04.
+
+    Against TRL's ``GRPOTrainer`` (1.16) with ``loss_type="grpo"``: the same update (sample std
+    with Bessel's correction, clip, aggregation, Adam, gradient-norm clipping), except that TRL
+    divides by ``std + 1e-4`` where we (and verl) use ``std + 1e-6``, and TRL's defaults differ:
+    no KL (``beta=0``), ``loss_type="dapo"``, and a linear decay of the learning rate to 0
+    (transformers' ``lr_scheduler_type``; ours is constant). See docs/benchmarks.md."""
 
     name: str = "grpo"
 
