@@ -222,3 +222,26 @@ def test_process_engine_samples_equal_the_in_process_engine(tiny_models):
     assert not proc.health()
     with pytest.raises(RuntimeError, match="shut down"):
         proc.generate(requests, sampling)
+
+
+def test_config_errors_name_the_key():
+    from megatron_gvpo.trainer.config import sections_from_dict
+    from megatron_gvpo.trainer.objectives import algorithm_config
+
+    cases = [
+        ({"trainer": {"async_training": {"max_staleness": -1}}}, "trainer.async_training.max_st"),
+        ({"trainer": {"async_training": {"staleness": 1}}}, "trainer.async_training.staleness"),
+        ({"rollout": {"local": {"sampling_dtype": "fp7"}}}, "rollout.local.sampling_dtype"),
+        ({"rollout": {"local": {"proces": True}}}, "rollout.local.proces"),
+    ]
+    for raw, key in cases:
+        with pytest.raises(ValueError, match=key):
+            sections_from_dict(raw)
+    cfg = sections_from_dict({"trainer": {"async_training": {"max_staleness": 2}}})
+    assert cfg.trainer.async_training.max_staleness == 2
+    with pytest.raises(ValueError, match="algorithm.use_tis has no meaning for gvpo"):
+        algorithm_config(name="gvpo", use_tis=True)
+    grpo = algorithm_config(name="grpo", use_tis=True, tis_clip=3, kl_beta=0.0)
+    assert grpo.policy_loss_config().tis_clip == 3
+    with pytest.raises(ValueError, match="algorithm.tis_clip"):
+        algorithm_config(name="grpo", use_tis=True, tis_clip=0, kl_beta=0.0)

@@ -95,7 +95,7 @@ class RoundSource:
 
     def metrics(self) -> dict[str, float]:
         """Seconds the actor waited on the rollout this round, and rounds generated ahead."""
-        out = {"async/actor_wait_s": self._waited, "async/rounds_ahead": len(self._pending)}
+        out = {"time/actor_wait": self._waited, "async/rounds_ahead": len(self._pending)}
         self._waited = 0.0
         return out
 
