@@ -379,6 +379,9 @@ def test_async_rollout_with_bf16_engine_and_tis(demo_cache, tmp_path):
     # bf16 engine weights: a visible logprob gap already on round 1 (fp32: < 1e-4, above).
     assert rows[0]["rollout/logprob_abs_diff/mean"] > 1e-3
     assert all(0 < r["tis_mean"] <= r["tis_max"] <= 2.0 for r in rows)
+    # The clip ratio is against the actor's recomputed theta' (one update per round: ratio 1),
+    # not against the stale bf16 engine, whose logprobs differ by the gap above.
+    assert all(abs(r["ratio_min"] - 1) < 1e-5 and abs(r["ratio_max"] - 1) < 1e-5 for r in rows)
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["step_000003", "step_000004"]
 

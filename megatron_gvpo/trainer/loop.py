@@ -103,6 +103,7 @@ class Trainer:
             else None
         )
         if ahead and self.engine is not None and self.engine.colocated:
+            self.engine.shutdown()
             raise ValueError(
                 "trainer.async_training.max_staleness > 0 needs an engine that does not share "
                 "the trainer's accelerators (this one is colocated)"
