@@ -2,7 +2,8 @@
 
     flock /tmp/bench.lock python tools/bench_async.py async     # sync vs max_staleness 1, 2
     flock /tmp/bench.lock python tools/bench_async.py mismatch  # GVPO, GRPO, GRPO+TIS, bf16 engine
-    python tools/bench_async.py mismatch --perturb temperature=1.3 --seeds 1 2 3
+    python tools/bench_async.py mismatch --perturb temperature=1.5 --seeds 1 2 3
+    python tools/bench_async.py async --arms sync max_staleness=1 --extra trainer.lr=3e-4 --tag _lr3e-4
 
 Each run is README's main command (``python -m megatron_gvpo.train``: the demo, GVPO, 60 steps)
 with ``trainer.seed`` and ``data.seed`` set to the seed and the arm's overrides, in its own
@@ -131,9 +132,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--perturb", default="bf16", help="mismatch: bf16 or temperature=<T>")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_async")
     p.add_argument("--table", action="store_true", help="only print the table of --out's log")
+    p.add_argument("--arms", nargs="+", help="run only these arms (names as in the table)")
+    p.add_argument("--extra", nargs="*", default=[], help="overrides added to every arm")
+    p.add_argument("--tag", default="", help="suffix of the log's name (runs with --extra)")
     args = p.parse_args(argv)
     arms = ASYNC_ARMS if args.mode == "async" else mismatch_arms(args.perturb)
-    tag = args.mode if args.mode == "async" else f"mismatch_{args.perturb}"
+    if args.arms:
+        arms = {a: arms[a] for a in args.arms}
+    arms = {a: o + args.extra for a, o in arms.items()}
+    tag = (args.mode if args.mode == "async" else f"mismatch_{args.perturb}") + args.tag
     log = args.out / f"{tag}.jsonl"  # appended: seeds may be run in separate locked calls
     log.parent.mkdir(parents=True, exist_ok=True)
     if args.table:
