@@ -60,7 +60,7 @@ def mismatch_arms(perturb: str) -> dict[str, list[str]]:
 
 def run(out: Path, arm: str, seed: int, overrides: list[str], steps: int) -> dict:
     """One training run; its metrics rows and process wall time."""
-    run_dir = out / f"{''.join(c if c.isalnum() else '_' for c in arm)}_seed{seed}"
+    run_dir = out / f"{_safe(arm)}_seed{seed}"
     if run_dir.exists():
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -76,6 +76,11 @@ def run(out: Path, arm: str, seed: int, overrides: list[str], steps: int) -> dic
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"rows": rows, "wall_s": wall}
+
+
+def _safe(name: str) -> str:
+    """A path part Hydra's override grammar takes (no '=', spaces, ...)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _mean(xs: list[float]) -> float:
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         per_seed = {}
         for arm, overrides in arms.items():  # interleaved: every arm once per seed
-            per_seed[arm] = run(args.out / tag, arm, seed, overrides, args.steps)
+            per_seed[arm] = run(args.out / _safe(tag), arm, seed, overrides, args.steps)
             print(f"seed {seed} {arm}: {per_seed[arm]['wall_s']:.1f}s", file=sys.stderr)
         if args.mode == "async":
             stats = {a: summarise_async(r) for a, r in per_seed.items()}
