@@ -1,9 +1,14 @@
 """Async rollout and engine/trainer mismatch on the demo, several seeds, arms interleaved.
 
     flock /tmp/bench.lock python tools/bench_async.py async     # sync vs max_staleness 1, 2
-    flock /tmp/bench.lock python tools/bench_async.py mismatch  # GVPO, GRPO, GRPO+TIS, bf16 engine
+    python tools/bench_async.py mismatch                        # GVPO, GRPO, GRPO+TIS, bf16 engine
     python tools/bench_async.py mismatch --perturb temperature=1.5 --seeds 1 2 3
     python tools/bench_async.py async --arms sync max_staleness=1 --extra trainer.lr=3e-4 --tag _lr3e-4
+
+``async`` reports times: run it under the lock. ``mismatch`` (and ``async``'s reward columns)
+report rewards and logprob gaps, which are the same for the same seed whatever the load.
+Results are appended to ``<out>/<mode>.jsonl`` (seeds may be run in separate calls, e.g. one
+locked call per seed); the table printed at the end covers every seed in that file.
 
 Each run is README's main command (``python -m megatron_gvpo.train``: the demo, GVPO, 60 steps)
 with ``trainer.seed`` and ``data.seed`` set to the seed and the arm's overrides, in its own
