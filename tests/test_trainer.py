@@ -352,6 +352,41 @@ def test_every_algorithm_trains(demo_cache, tmp_path, algorithm):
 
 
 @pytest.mark.slow
+def test_async_rollout_with_bf16_engine_and_tis(demo_cache, tmp_path):
+    """trainer.async_training.max_staleness=1 (the engine in its own process, generating round
+    t + 1 while round t trains), a bf16 engine and GRPO with TIS: every trained sample is within
+    the bound, the staleness and wait metrics are reported, TIS weights reach the log."""
+    run = tmp_path / "run"
+    train(
+        demo_cache,
+        f"trainer.run_dir={run}",
+        "algorithm=grpo",
+        "algorithm.kl_beta=0",
+        "algorithm.use_tis=true",
+        "rollout.local.sampling_dtype=bfloat16",
+        "trainer.async_training.max_staleness=1",
+        *_SMALL,
+        "trainer.max_steps=4",
+    )
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # Round 1 is sampled by the starting weights (version 0) and trained at version 0; round t
+    # was generated while round t - 1 trained: by version t - 2, trained at t - 1.
+    assert [r["async/staleness_max"] for r in rows] == [0, 1, 1, 1]
+    assert all(r["async/dropped_stale"] == 0 and r["async/unknown_version"] == 0 for r in rows)
+    assert all(r["async/rounds_ahead"] == 1 and r["time/actor_wait"] >= 0 for r in rows)
+    assert all("time/rollout_wait" in r for r in rows)
+    # bf16 engine weights: a visible logprob gap already on round 1 (fp32: < 1e-4, above).
+    assert rows[0]["rollout/logprob_abs_diff/mean"] > 1e-3
+    assert all(0 < r["tis_mean"] <= r["tis_max"] <= 2.0 for r in rows)
+    # The clip ratio is against the actor's recomputed theta' (one update per round: ratio 1),
+    # not against the stale bf16 engine, whose logprobs differ by the gap above.
+    assert all(abs(r["ratio_min"] - 1) < 1e-5 and abs(r["ratio_max"] - 1) < 1e-5 for r in rows)
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_000003", "step_000004"]
+
+
+@pytest.mark.slow
 def test_demo_runs_at_tp2_pp2_under_torchrun(demo_cache, tmp_path):
     """Same first step as one process: same engine samples and rewards, same loss to 1e-5."""
     one, four = tmp_path / "one", tmp_path / "four"

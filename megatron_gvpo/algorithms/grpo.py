@@ -33,6 +33,15 @@ full-batch loss when the call sees the whole batch. For Dr.GRPO set ``max_len`` 
 length limit) explicitly in split use: its default is this call's ``T``, which may differ between
 micro-batches.
 
+Truncated importance sampling (TIS, off by default): when the sampling engine's own logprobs
+``rollout_logprobs`` are given and ``config.tis_clip`` is set, each token's surrogate loss is
+multiplied by the detached weight ``w_t = min(exp(old_t - rollout_t), tis_clip)``: the ratio of
+theta' (the actor's recomputed logprob of the sampled token) to the engine's, truncated above, as
+slime's ``--use-tis``/``--tis-clip`` and verl's token-level rollout IS do. GSPO uses the
+sequence-level weight ``min(exp(mean_t (old - rollout)), tis_clip)``, matching its ratio. The
+KL term is not weighted. Diagnostics ``tis_mean``, ``tis_max`` and ``tis_clip_fraction`` (share of
+weights cut at ``tis_clip``) are added.
+
 Diagnostics (detached 0-dim tensors, over this call's response tokens, or sequences for GSPO):
 ``pg_loss`` and ``kl_loss`` (the two parts of ``loss``), ``clip_fraction`` (share of tokens whose
 surrogate takes the clipped branch, i.e. whose gradient is cut: ``A > 0, r > 1 + eps_high`` or
@@ -89,12 +98,14 @@ class PolicyLossConfig:
         eps_high: upper clip, ratio <= 1 + eps_high; >= eps_low. ``None``: equal to ``eps_low``.
         kl_beta: weight of the KL-to-reference term (0 disables it; > 0 needs ``ref_logprobs``).
         kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (see ``kl.py``).
+        tis_clip: truncation C of the rollout importance weight (``None``: no TIS); > 0.
     """
 
     eps_low: float = 0.2
     eps_high: float | None = None
     kl_beta: float = 0.0
     kl_estimator: str = "k3"
+    tis_clip: float | None = None
 
     def __post_init__(self) -> None:
         eps_low = _finite_number("eps_low", self.eps_low)
@@ -114,6 +125,11 @@ class PolicyLossConfig:
             raise ValueError(
                 f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}"
             )
+        if self.tis_clip is not None:
+            tis_clip = _finite_number("tis_clip", self.tis_clip)
+            if tis_clip <= 0:
+                raise ValueError(f"tis_clip must be > 0, got {self.tis_clip!r}")
+            object.__setattr__(self, "tis_clip", tis_clip)
         object.__setattr__(self, "eps_low", eps_low)
         object.__setattr__(self, "eps_high", eps_high)
         object.__setattr__(self, "kl_beta", kl_beta)
@@ -307,6 +323,43 @@ def _clipped_surrogate(
     return -torch.minimum(unclipped, clipped), clipped < unclipped
 
 
+def _tis_log_weights(
+    old_logprobs: Tensor, rollout_logprobs: Tensor | None, mask: Tensor, config: PolicyLossConfig
+) -> Tensor | None:
+    """Per-token ``old - rollout`` (0 where masked), or None when TIS is off."""
+    if config.tis_clip is None:
+        return None
+    if rollout_logprobs is None:
+        raise ValueError(
+            f"tis_clip={config.tis_clip} needs rollout_logprobs (the engine's logprobs); got None"
+        )
+    if rollout_logprobs.shape != mask.shape:
+        raise ValueError(
+            f"rollout_logprobs has shape {tuple(rollout_logprobs.shape)}, expected "
+            f"{tuple(mask.shape)}"
+        )
+    dtype = torch.promote_types(old_logprobs.dtype, torch.float32)
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    old = torch.where(mask, old_logprobs.detach().to(device=mask.device, dtype=dtype), zero)
+    eng = torch.where(mask, rollout_logprobs.detach().to(device=mask.device, dtype=dtype), zero)
+    return old - eng
+
+
+def _tis_weights(log_w: Tensor, valid: Tensor, tis_clip: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Detached ``min(exp(log_w), tis_clip)`` and its diagnostics over ``valid`` entries."""
+    with torch.no_grad():
+        raw = torch.exp(log_w)
+        w = raw.clamp(max=tis_clip)
+        picked, n = w[valid], int(valid.sum())
+        zero = torch.zeros((), dtype=w.dtype, device=w.device)
+        diag = {
+            "tis_mean": picked.mean() if n else zero + 1,
+            "tis_max": picked.max() if n else zero + 1,
+            "tis_clip_fraction": (raw[valid] > tis_clip).to(w.dtype).mean() if n else zero,
+        }
+    return w, diag
+
+
 def _token_level(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -314,8 +367,10 @@ def _token_level(
     response_mask: Tensor,
     ref_logprobs: Tensor | None,
     config: PolicyLossConfig,
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
-    """Per-token ``(pg, kl or None, mask, ratio, clipped)``; pg and kl hold 0 where masked."""
+    rollout_logprobs: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """Per-token ``(pg, kl or None, mask, ratio, clipped, tis diagnostics)``; pg and kl hold 0
+    where masked; pg carries the TIS weight when ``config.tis_clip`` is set."""
     mask, lp, log_ratio, adv, ref = _prepare(
         logprobs, old_logprobs, advantages, response_mask, ref_logprobs, config
     )
@@ -323,12 +378,17 @@ def _token_level(
         adv = adv[:, None].expand_as(log_ratio)
     ratio = torch.exp(log_ratio)
     pg, clipped = _clipped_surrogate(ratio, adv, config.eps_low, config.eps_high)
+    tis_diag: dict[str, Tensor] = {}
+    log_w = _tis_log_weights(old_logprobs, rollout_logprobs, mask, config)
+    if log_w is not None:
+        w, tis_diag = _tis_weights(log_w, mask, config.tis_clip)
+        pg = pg * w.to(pg.dtype)
     zero = torch.zeros((), dtype=pg.dtype, device=pg.device)
     pg = torch.where(mask, pg, zero)
     kl = None
     if ref is not None:
         kl = torch.where(mask, kl_estimate(lp, ref, config.kl_estimator), zero)
-    return pg, kl, mask, ratio, clipped & mask
+    return pg, kl, mask, ratio, clipped & mask, tis_diag
 
 
 def _ratio_diag(ratio: Tensor, clipped: Tensor, valid: Tensor) -> dict[str, Tensor]:
@@ -382,19 +442,20 @@ def grpo_loss(
     ref_logprobs: Tensor | None = None,
     *,
     num_sequences: float | int | None = None,
+    rollout_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO (DeepSeekMath): per-sequence token mean of the clipped surrogate (+ KL), then the sum
     over sequences divided by ``num_sequences`` (default: this call's sequences with >= 1 response
     token). ``config`` defaults to ``GRPOConfig()`` (kl_beta 0.04: needs ``ref_logprobs``)."""
     config = GRPOConfig() if config is None else config
-    pg, kl, mask, ratio, clipped = _token_level(
-        logprobs, old_logprobs, advantages, response_mask, ref_logprobs, config
+    pg, kl, mask, ratio, clipped, tis = _token_level(
+        logprobs, old_logprobs, advantages, response_mask, ref_logprobs, config, rollout_logprobs
     )
     lengths = mask.sum(dim=1).clamp(min=1).to(pg.dtype)
     pg_sum = (pg.sum(dim=1) / lengths).sum()
     kl_sum = None if kl is None else (kl.sum(dim=1) / lengths).sum()
     norm = _normalizer("num_sequences", num_sequences, mask.any(dim=1).sum().to(pg.dtype))
-    diag = _ratio_diag(ratio, clipped, mask)
+    diag = {**_ratio_diag(ratio, clipped, mask), **tis}
     return _finish(pg_sum, kl_sum, norm, config, diag, kl, mask)
 
 
@@ -407,18 +468,19 @@ def dr_grpo_loss(
     ref_logprobs: Tensor | None = None,
     *,
     num_sequences: float | int | None = None,
+    rollout_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Dr.GRPO: no length normalisation: sum of all token losses divided by the constant
     ``num_sequences * max_len`` (``config.max_len``, default this call's ``T``). Use it with
     ``group_advantages(..., normalize_std=False)``."""
     config = DrGRPOConfig() if config is None else config
-    pg, kl, mask, ratio, clipped = _token_level(
-        logprobs, old_logprobs, advantages, response_mask, ref_logprobs, config
+    pg, kl, mask, ratio, clipped, tis = _token_level(
+        logprobs, old_logprobs, advantages, response_mask, ref_logprobs, config, rollout_logprobs
     )
     max_len = getattr(config, "max_len", None) or logprobs.shape[1]
     n_seq = _normalizer("num_sequences", num_sequences, mask.any(dim=1).sum().to(pg.dtype))
     norm = n_seq * float(max_len)
-    diag = _ratio_diag(ratio, clipped, mask)
+    diag = {**_ratio_diag(ratio, clipped, mask), **tis}
     return _finish(pg.sum(), None if kl is None else kl.sum(), norm, config, diag, kl, mask)
 
 
@@ -431,17 +493,18 @@ def dapo_loss(
     ref_logprobs: Tensor | None = None,
     *,
     num_tokens: float | int | None = None,
+    rollout_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DAPO: clip-higher surrogate, token-level mean over all response tokens of the batch:
     sum of token losses divided by ``num_tokens`` (default: this call's response tokens).
     Dynamic sampling (``nonconstant_group_mask``) and the overlong reward term
     (``overlong_penalty``) are applied by the caller before the advantages."""
     config = DAPOConfig() if config is None else config
-    pg, kl, mask, ratio, clipped = _token_level(
-        logprobs, old_logprobs, advantages, response_mask, ref_logprobs, config
+    pg, kl, mask, ratio, clipped, tis = _token_level(
+        logprobs, old_logprobs, advantages, response_mask, ref_logprobs, config, rollout_logprobs
     )
     norm = _normalizer("num_tokens", num_tokens, mask.sum().to(pg.dtype))
-    diag = _ratio_diag(ratio, clipped, mask)
+    diag = {**_ratio_diag(ratio, clipped, mask), **tis}
     return _finish(pg.sum(), None if kl is None else kl.sum(), norm, config, diag, kl, mask)
 
 
@@ -454,6 +517,7 @@ def gspo_loss(
     ref_logprobs: Tensor | None = None,
     *,
     num_sequences: float | int | None = None,
+    rollout_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO: sequence-level, length-normalised ratio ``s_b = exp(mean_t (logp - old))`` over the
     response tokens, clipped to ``[1 - eps_low, 1 + eps_high]``, with a per-sequence advantage
@@ -475,6 +539,11 @@ def gspo_loss(
     valid = mask.any(dim=1)
     seq_ratio = torch.exp(log_ratio.sum(dim=1) / lengths)
     pg, clipped = _clipped_surrogate(seq_ratio, adv, config.eps_low, config.eps_high)
+    tis: dict[str, Tensor] = {}
+    log_w = _tis_log_weights(old_logprobs, rollout_logprobs, mask, config)
+    if log_w is not None:  # sequence level, length-normalised like GSPO's ratio
+        w, tis = _tis_weights(log_w.sum(dim=1) / lengths, valid, config.tis_clip)
+        pg = pg * w.to(pg.dtype)
     zero = torch.zeros((), dtype=dtype, device=pg.device)
     pg_sum = torch.where(valid, pg, zero).sum()
     kl = None
@@ -483,5 +552,5 @@ def gspo_loss(
         kl = torch.where(mask, kl_estimate(lp, ref, config.kl_estimator), zero)
         kl_sum = (kl.sum(dim=1) / lengths).sum()
     norm = _normalizer("num_sequences", num_sequences, valid.sum().to(dtype))
-    diag = _ratio_diag(seq_ratio, clipped & valid, valid)
+    diag = {**_ratio_diag(seq_ratio, clipped & valid, valid), **tis}
     return _finish(pg_sum, kl_sum, norm, config, diag, kl, mask)

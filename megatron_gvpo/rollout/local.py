@@ -136,6 +136,8 @@ class LocalEngine(RolloutEngine):
                 trust_remote_code=trust_remote_code,
             )
         self.model.to(self.device).eval()
+        if dtype != "auto":  # also for a converted checkpoint, built in its config's dtype
+            self.model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         self.tokenizer = tokenizer if tokenizer is not None else self._folder_tokenizer()
         self.eos_token_ids = set(eos_token_ids if eos_token_ids is not None else self._eos_ids())
         self.max_batch_size = max_batch_size

@@ -14,7 +14,7 @@ from megatron_gvpo.data.batching import StepPlan, pack_sequences, plan_step
 from megatron_gvpo.models.forward import MicroBatch, compute_logprobs
 
 # Per-sample token tensors (one 1-D tensor of response length per sample), padded per micro-batch.
-_TOKEN_KEYS = ("old_logprobs", "ref_logprobs")
+_TOKEN_KEYS = ("old_logprobs", "ref_logprobs", "rollout_logprobs")
 # Per-sample scalars, one [N] tensor each.
 _SAMPLE_KEYS = ("group_ids", "rewards", "advantages", "domains")
 
@@ -36,6 +36,9 @@ class RolloutBatch:
     ref_logprobs: list[Tensor] | None = None
     advantages: Tensor | None = None
     domains: Tensor | None = None
+    rollout_logprobs: list[Tensor] | None = None
+    """The engine's response-token logprobs (for TIS in the GRPO family); None when any group
+    has none (replayed groups)."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

@@ -54,6 +54,28 @@ class ModelSection:
             self.fp8 = FP8Config.from_dict(self.fp8, prefix="model.fp8")
 
 
+LOCAL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class LocalEngineSection:
+    """``rollout.local.*``: the embedded transformers engine (``rollout/local.py``)."""
+
+    process: bool | None = None
+    """Run it in its own process (``rollout/process.py``) so generation overlaps training;
+    None: only when ``trainer.async_training.max_staleness > 0``."""
+    sampling_dtype: str = "auto"
+    """The engine's weight dtype: auto (the checkpoint's), float32, bfloat16 or float16. A dtype
+    other than the actor's samples from a perturbed policy (engine/trainer mismatch, as bf16
+    inference engines have); ``rollout/logprob_abs_diff/*`` measures the gap."""
+
+    def __post_init__(self) -> None:
+        if self.sampling_dtype not in LOCAL_DTYPES:
+            raise ValueError(
+                f"rollout.local.sampling_dtype={self.sampling_dtype!r}: {', '.join(LOCAL_DTYPES)}"
+            )
+
+
 @dataclass
 class RolloutSection:
     """``rollout.*``: how responses are sampled, and the engine that samples them."""
@@ -81,6 +103,12 @@ class RolloutSection:
     """Blockwise e4m3 weight sync (needs an FP8-capable engine)."""
     sglang: dict[str, Any] = field(default_factory=dict)
     """``SGLangConfig`` fields (``rollout/sglang/config.py``), checked with the rest of the config."""
+    local: LocalEngineSection = field(default_factory=LocalEngineSection)
+    """The embedded engine's own settings (``backend=local``)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.local, dict):  # from Hydra: the rollout.local sub-tree
+            self.local = _section(LocalEngineSection, self.local, "rollout.local")
 
 
 @dataclass
@@ -92,6 +120,30 @@ class RewardSection:
     on_error: str = "drop"
     """A sample whose reward failed (raised, timed out, non-finite in float32): ``drop`` takes it
     out of its group (the group's statistics use the others); ``zero`` trains on it as 0."""
+
+
+@dataclass
+class AsyncTrainingSection:
+    """``trainer.async_training.*``: rollout overlapped with training (``trainer/async_rollout.py``).
+
+    Named after verl's ``async_training`` section: the issue's ``trainer.async`` cannot be a
+    dataclass field (``async`` is a Python keyword) and Hydra's structured configs are dataclasses.
+    """
+
+    max_staleness: int = 0
+    """Rounds generated ahead of training: round t + k is sampled by the weights of version
+    t - 1 while round t trains; samples older than actor version - k are dropped and counted.
+    0: the synchronous loop. Exact for GVPO (Theorem 2); the GRPO family may add algorithm.use_tis."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_staleness, bool) or not isinstance(self.max_staleness, int):
+            raise ValueError(
+                f"trainer.async_training.max_staleness must be an int, got {self.max_staleness!r}"
+            )
+        if self.max_staleness < 0:
+            raise ValueError(
+                f"trainer.async_training.max_staleness must be >= 0, got {self.max_staleness}"
+            )
 
 
 @dataclass
@@ -150,6 +202,14 @@ class TrainerSection:
     """Resume even when algorithm, lr or group size differ from the checkpoint's config."""
     eval_interval: int = 0
     """Preference training: evaluate on data.eval_path every this many steps (0: only at the end)."""
+    async_training: AsyncTrainingSection = field(default_factory=AsyncTrainingSection)
+    """Rollout overlapped with training (off by default)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.async_training, dict):  # from Hydra: the sub-tree
+            self.async_training = _section(
+                AsyncTrainingSection, self.async_training, "trainer.async_training"
+            )
 
 
 @dataclass
@@ -314,6 +374,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ValueError(f"rollout.top_k must be -1 (off) or >= 1, got {r.top_k}")
     if r.backend == "sglang":
         sglang_config(r, m.path or "<the demo model>", t.run_dir)  # typed and checked now
+        if r.local != LocalEngineSection():
+            raise ValueError("rollout.local.* set the embedded engine's options: rollout.backend=local")
     if m.precision not in PRECISIONS:
         raise ValueError(f"model.precision={m.precision!r}: {', '.join(PRECISIONS)}")
     if m.transformer_impl not in ("auto", "transformer_engine", "local"):

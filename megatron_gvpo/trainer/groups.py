@@ -32,6 +32,8 @@ class PromptGroup:
     """The engine's logprob of each response token (empty for replayed groups)."""
     reward_failed: list[bool] = field(default_factory=list)
     """Responses whose reward failed (scored 0; empty: none, or a replayed group)."""
+    weight_versions: list[int] = field(default_factory=list)
+    """The engine weight version that sampled each response (empty for replayed groups)."""
 
     def select(self, keep: Sequence[int]) -> PromptGroup:
         """The group restricted to the responses at ``keep``."""
@@ -46,6 +48,7 @@ class PromptGroup:
             self.domain,
             pick(self.engine_logprobs),
             pick(self.reward_failed),
+            pick(self.weight_versions),
         )
 
     def to_replay(self) -> tuple:
@@ -122,6 +125,7 @@ def rollout_and_score(
                 row.domain,
                 [s.logprobs for s in group],
                 result.failed[offset : offset + n],
+                [s.weight_version for s in group],
             )
         )
         offset += n
@@ -167,6 +171,34 @@ def filter_groups(
     return kept
 
 
+def drop_stale(
+    groups: list[PromptGroup], actor_version: int, max_staleness: int, metrics: dict
+) -> list[PromptGroup]:
+    """Drop responses sampled by weights older than ``actor_version - max_staleness`` (counted
+    in ``async/dropped_stale``) and report the staleness ``actor_version - weight version`` of
+    the kept ones. Responses of unknown version (-1: an engine that does not report one) are
+    kept and counted in ``async/unknown_version``."""
+    kept, dropped, unknown, staleness = [], 0, 0, []
+    for g in groups:
+        keep = []
+        for j, v in enumerate(g.weight_versions or [-1] * len(g.responses)):
+            if v < 0:
+                unknown += 1
+                keep.append(j)
+            elif actor_version - v <= max_staleness:
+                staleness.append(actor_version - v)
+                keep.append(j)
+        dropped += len(g.responses) - len(keep)
+        kept.append(g if len(keep) == len(g.responses) else g.select(keep))
+    metrics["async/dropped_stale"] = dropped
+    metrics["async/unknown_version"] = unknown
+    if staleness:
+        metrics["async/staleness_mean"] = sum(staleness) / len(staleness)
+        metrics["async/staleness_max"] = max(staleness)
+        metrics["async/version_lag"] = min(staleness)  # how many syncs the newest sample missed
+    return kept
+
+
 def mix_replay(
     fresh: list[PromptGroup], replay: ReplayBuffer, ratio: float, rng: random.Random, metrics: dict
 ) -> list[PromptGroup]:
@@ -183,6 +215,7 @@ def mix_replay(
 def to_batch(groups: Sequence[PromptGroup], domains: Sequence[str]) -> RolloutBatch:
     """One row per response; group ids are the groups' positions, domains index ``domains``."""
     prompt_ids, response_ids, gids, rewards, doms = [], [], [], [], []
+    engine = [torch.tensor(lp, dtype=torch.float32) for g in groups for lp in g.engine_logprobs]
     for gi, g in enumerate(groups):
         d = domains.index(g.domain) if g.domain in domains else 0
         for resp, rew in zip(g.responses, g.rewards, strict=True):
@@ -197,6 +230,14 @@ def to_batch(groups: Sequence[PromptGroup], domains: Sequence[str]) -> RolloutBa
         group_ids=torch.tensor(gids, dtype=torch.long),
         rewards=torch.tensor(rewards, dtype=torch.float32),
         domains=torch.tensor(doms, dtype=torch.long),
+        rollout_logprobs=engine if _aligned(engine, response_ids) else None,
+    )
+
+
+def _aligned(engine: list[torch.Tensor], responses: list[list[int]]) -> bool:
+    """Every response has one engine logprob per token (replayed groups have none)."""
+    return len(engine) == len(responses) and all(
+        e.numel() == len(r) for e, r in zip(engine, responses, strict=True)
     )
 
 

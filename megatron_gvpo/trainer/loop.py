@@ -30,6 +30,7 @@ from megatron_gvpo.parallel.ddp import wrap_with_ddp
 from megatron_gvpo.parallel.initialize import destroy, initialize
 from megatron_gvpo.parallel.launch import broadcast_object, is_rank0
 from megatron_gvpo.rollout.base import SamplingParams
+from megatron_gvpo.trainer.async_rollout import RoundSource
 from megatron_gvpo.trainer.batch import (
     RolloutBatch,
     build_micro_batches,
@@ -42,6 +43,7 @@ from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.data import PromptSource
 from megatron_gvpo.trainer.groups import (
     RolloutResult,
+    drop_stale,
     filter_groups,
     logprob_mismatch,
     mix_replay,
@@ -94,11 +96,19 @@ class Trainer:
         self.reference = build_reference(cfg, self.model_path)
         self.replay = ReplayBuffer(t.replay_capacity)
         self.step_guard = StepGuard(t.max_consecutive_skips)
+        ahead = t.async_training.max_staleness
         self.engine = (
-            build_engine(r, self.model_path, cfg.model.trust_remote_code, run_dir=t.run_dir)
+            build_engine(r, self.model_path, cfg.model.trust_remote_code, t.run_dir, ahead > 0)
             if is_rank0()
             else None
         )
+        if ahead and self.engine is not None and self.engine.colocated:
+            self.engine.shutdown()
+            raise ValueError(
+                "trainer.async_training.max_staleness > 0 needs an engine that does not share "
+                "the trainer's accelerators (this one is colocated)"
+            )
+        self.rounds = RoundSource(self.prompts, self._rollout if is_rank0() else None, ahead)
         export = ExportConfig(bucket_bytes=r.bucket_mb << 20, fp8=r.fp8)
         self.weight_sync = build_weight_sync(self.ddp, self.arch, export, self.engine)
         self.step = 0
@@ -111,17 +121,19 @@ class Trainer:
         """One step: rollout, rewards, assemble, logprobs, updates, sync."""
         t = self.cfg.trainer
         clock = _PhaseClock()
-        rows = self.prompts.next_batch()
-        with clock("rollout"):
-            rollout = broadcast_object(self._rollout(rows) if is_rank0() else None)
+        with clock("rollout"):  # async: round self.step was generated while earlier ones trained
+            rollout = broadcast_object(self.rounds.next(self.step))
             self.weight_sync.after_rollout()
-        clock.split("rollout", "reward", rollout.reward_seconds)  # count each second once
+        if not self.rounds.ahead:
+            clock.split("rollout", "reward", rollout.reward_seconds)  # count each second once
         metrics = dict(rollout.metrics)
 
         drop_failed = self.cfg.reward.on_error == "drop"
         groups = filter_groups(
             rollout.groups, t.min_response_tokens, t.dynamic_sampling, drop_failed, metrics
         )
+        # The actor is at version step - 1 (synced after each round); older samples are dropped.
+        groups = drop_stale(groups, self.step - 1, self.rounds.max_staleness, metrics)
         metrics.update(reward_metrics(groups))
         fresh = [g for g in groups if g.responses]
         rng = random.Random(request_seed(t.seed, self.step, -1))
@@ -135,13 +147,17 @@ class Trainer:
         metrics.update(logprob_mismatch(batch.old_logprobs, fresh))
         with clock("train"):
             metrics.update(self._updates(batch))
+        with clock("rollout_wait"):
+            self.rounds.wait_idle()  # new weights never land inside a generation
         with clock("sync"):
             metrics.update(self.weight_sync.sync(version=self.step))
+        metrics.update(self.rounds.metrics())
         metrics.update(clock.metrics(tokens=sum(batch.lengths)))
         return metrics
 
-    def _rollout(self, rows) -> RolloutResult:
-        """Driver rank: sample ``rollout.n_samples_per_prompt`` responses per prompt, score them."""
+    def _rollout(self, step: int, rows) -> RolloutResult:
+        """Driver rank: sample ``rollout.n_samples_per_prompt`` responses per prompt of round
+        ``step``, score them (in a background thread when rounds are generated ahead)."""
         r, seed = self.cfg.rollout, self.cfg.trainer.seed
         sampling = SamplingParams(
             max_new_tokens=r.max_new_tokens,
@@ -150,7 +166,7 @@ class Trainer:
             top_k=r.top_k,
             stop=list(r.stop),
         )
-        seeds = [request_seed(seed, self.step, i) for i in range(len(rows))]
+        seeds = [request_seed(seed, step, i) for i in range(len(rows))]
         return rollout_and_score(
             self.engine, self.rewards, rows, sampling, r.n_samples_per_prompt, seeds
         )
@@ -236,6 +252,7 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
+        self.rounds.close()  # rounds in flight are discarded
         if self.engine is not None:
             self.engine.shutdown()
         self.weight_sync.close()
@@ -260,7 +277,7 @@ class Trainer:
         check_finite_params(self.ddp)  # a checkpoint never holds non-finite weights
         state = {
             "scheduler": self.scheduler.state_dict(),
-            "prompts": self.prompts.state_dict(),
+            "prompts": self.rounds.prompt_state(),  # as of the last trained round
             "replay": self.replay.state_dict(),
             **self.objective.state_dict(),
             "config": redact(asdict(self.cfg)),  # no credentials in checkpoints

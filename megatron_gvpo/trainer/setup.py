@@ -96,17 +96,25 @@ def build_rewards(section: RewardSection) -> RewardManager:
 
 
 def build_engine(r: RolloutSection, model_path: str, trust_remote_code: bool,
-                 run_dir: str | None = None) -> RolloutEngine:
-    """The rollout engine of ``rollout.backend``, loaded with the actor's starting weights."""
+                 run_dir: str | None = None, overlapped: bool = False) -> RolloutEngine:
+    """The rollout engine of ``rollout.backend``, loaded with the actor's starting weights;
+    ``overlapped`` (async training) puts the embedded engine in its own process unless
+    ``rollout.local.process`` says otherwise."""
     if r.backend == "local":
-        from megatron_gvpo.rollout.local import LocalEngine
-
-        return LocalEngine(
-            model_path,
+        kwargs = dict(
+            model_path=model_path,
             device=r.device,
+            dtype=r.local.sampling_dtype,
             max_batch_size=r.max_batch_size,
             trust_remote_code=trust_remote_code,
         )
+        if r.local.process if r.local.process is not None else overlapped:
+            from megatron_gvpo.rollout.process import ProcessEngine
+
+            return ProcessEngine(**kwargs)
+        from megatron_gvpo.rollout.local import LocalEngine
+
+        return LocalEngine(**kwargs)
     from megatron_gvpo.rollout.sglang import SGLangEngine
 
     return SGLangEngine(sglang_config(r, model_path, run_dir))

@@ -61,6 +61,12 @@ class PolicyObjectiveConfig(ObjectiveConfig):
     overlong_buffer_len: int = 0
     """DAPO's soft overlong punishment: responses longer than max_response_len - this lose up to
     1 reward, linearly (0: off)."""
+    use_tis: bool = False
+    """Truncated importance sampling against the engine's logprobs (slime's ``--use-tis``): each
+    token's policy-gradient term is weighted by min(pi_theta'(y) / pi_engine(y), tis_clip),
+    detached. Corrects engine/trainer mismatch and stale (async) samples; GVPO needs none."""
+    tis_clip: float = 2.0
+    """The truncation C of the TIS weight (slime's ``--tis-clip``, verl's rollout_is_threshold)."""
 
     loss_config: ClassVar[type[PolicyLossConfig]] = GRPOConfig
 
@@ -103,6 +109,8 @@ class PolicyObjectiveConfig(ObjectiveConfig):
         }
         if self.name == "dr_grpo":
             overrides["max_len"] = self.max_response_len
+        if self.use_tis:
+            overrides["tis_clip"] = self.tis_clip
         try:
             return self.loss_config(kl_estimator=self.kl_estimator, **overrides)
         except ValueError as e:
@@ -117,6 +125,7 @@ POLICY_METRICS = {
     "num_sequences": "sum",
     "ratio_min": "min",
     "ratio_max": "max",
+    "tis_max": "max",
 }
 
 
@@ -140,6 +149,7 @@ class PolicyMicroBatchLoss:
             x["response_mask"].to(dev),
             self.policy,
             ref_logprobs=None if ref is None else ref.to(dev),
+            rollout_logprobs=_to(x.get("rollout_logprobs"), dev) if self.policy.tis_clip else None,
             **self.norm,
         )
         tokens = float(x["response_mask"].sum())
@@ -148,6 +158,10 @@ class PolicyMicroBatchLoss:
             rule = POLICY_METRICS.get(k, "mean")
             metrics[k] = Metric(v.detach().float(), rule, tokens if rule == "mean" else 1.0)
         return loss, metrics
+
+
+def _to(t: Tensor | None, dev: torch.device) -> Tensor | None:
+    return None if t is None else t.to(dev)
 
 
 class PolicyObjective(Objective):
