@@ -5,7 +5,9 @@ megatron-core assumes CUDA in a few places: tensors created with ``device="cuda"
 ``torch.cuda.synchronize``/streams, and the CUDA RNG tracker. This module bridges exactly those
 with a process-wide ``TorchFunctionMode`` that maps CUDA devices to the CPU, plus a handful of
 ``torch.cuda`` functions. It is a portability layer for correctness tests and the CPU demo, not
-for speed, and it is enabled only when CUDA is absent (see :func:`enable_cpu_compat`).
+for speed, and it is enabled only when CUDA is absent (see :func:`enable_cpu_compat`). The
+training step's forward (model and loss) runs with the mode suspended (:func:`native_torch`):
+only megatron's schedule, DDP, optimizer and checkpoint code need it.
 """
 
 from __future__ import annotations
@@ -50,9 +52,11 @@ class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites every ``device=cuda`` (and ``.cuda()``/``.to("cuda")``) to the CPU."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if "device" in kwargs:
-            kwargs["device"] = _map_device(kwargs["device"])
+        # Hot path first: this runs for every torch call made while the mode is active.
+        if kwargs and "device" in kwargs:
+            kwargs = {**kwargs, "device": _map_device(kwargs["device"])}
+        if func not in _SPECIAL:
+            return func(*args, **(kwargs or {}))
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
@@ -60,9 +64,22 @@ class _CudaToCpuMode(TorchFunctionMode):
             return _TYPE_STRINGS.get(name, name)
         if func is torch.Tensor.to and len(args) >= 2 and _is_cuda_device(args[1]):
             args = (args[0], _CPU, *args[2:])
-        if func in (torch.Tensor.pin_memory, torch.Tensor.record_stream):
-            return args[0] if func is torch.Tensor.pin_memory else None
-        return func(*args, **kwargs)
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        if func is torch.Tensor.record_stream:
+            return None
+        return func(*args, **(kwargs or {}))
+
+
+_SPECIAL = frozenset(
+    {
+        torch.Tensor.cuda,
+        torch.Tensor.type,
+        torch.Tensor.to,
+        torch.Tensor.pin_memory,
+        torch.Tensor.record_stream,
+    }
+)
 
 
 class _NullStream:
@@ -142,3 +159,24 @@ def enable_cpu_compat() -> bool:
 
 def cpu_compat_active() -> bool:
     return _mode is not None
+
+
+@contextlib.contextmanager
+def native_torch():
+    """Suspend the CUDA->CPU mode inside the block (a no-op when it is off).
+
+    The mode costs a Python call per torch function; the model's forward and our loss code make
+    no CUDA assumption (``torch.cuda.current_device`` is patched, not the mode's work), so the
+    step's hot path runs without it. When another mode sits above ours (``with torch.device``),
+    nothing is suspended.
+    """
+    from torch.overrides import _get_current_function_mode
+
+    if _mode is None or _get_current_function_mode() is not _mode:
+        yield
+        return
+    _mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _mode.__enter__()
