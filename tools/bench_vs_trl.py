@@ -166,10 +166,10 @@ def trl_command(args, task, shape: str, steps: int, run_dir: Path) -> list[str]:
     ]
 
 
-def timed(cmd: list[str], env: dict, log: Path) -> float:
+def timed(cmd: list[str], env: dict, log: Path, cwd: Path) -> float:
     t0 = time.perf_counter()
     with log.open("w") as f:
-        rc = subprocess.run(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - t0
     if rc != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
@@ -212,9 +212,10 @@ def main(argv=None) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     task = build_task(work)
+    # ``python -m`` puts the working directory first on sys.path: ours runs from its checkout.
     runners = {
-        "ours": (ours_command, _env(args.threads, args.ours_pythonpath)),
-        "trl": (trl_command, _env(args.threads, None)),
+        "ours": (ours_command, _env(args.threads, args.ours_pythonpath), Path(args.ours_pythonpath)),
+        "trl": (trl_command, _env(args.threads, None), work),
     }
     results = {}
     for shape in shapes:
@@ -223,12 +224,12 @@ def main(argv=None) -> None:
         for rep in range(args.repeats):
             for n in (args.short, args.long):
                 for arm in arms:  # interleaved: ours, trl, ours, trl
-                    make, env = runners[arm]
+                    make, env, cwd = runners[arm]
                     run_dir = work / "runs" / f"{arm}_{shape}_{n}_{rep}"
                     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
                     run_dir.mkdir(parents=True)
                     cmd = make(args, task, shape, n, run_dir)
-                    wall = timed(cmd, env, run_dir.parent / f"{run_dir.name}.log")
+                    wall = timed(cmd, env, run_dir.parent / f"{run_dir.name}.log", cwd)
                     walls[(arm, n)].append(wall)
                     print(f"{shape} {arm} {n} steps: {wall:.2f} s", flush=True)
                     if arm == "ours" and n == args.long:
