@@ -29,7 +29,7 @@ import torch
 
 
 def exact_match(prompts, completions, answer, **kwargs) -> list[float]:
-    return [1.0 if c.strip() == str(a).strip() else 0.0 for c, a in zip(completions, answer)]
+    return [1.0 if c.strip() == str(a).strip() else 0.0 for c, a in zip(completions, answer, strict=True)]
 
 
 def main() -> None:
