@@ -85,7 +85,7 @@ def main() -> None:
         fp16=False,
         use_cpu=True,
         seed=args.seed,
-        logging_steps=10**9,
+        logging_steps=1,  # one printed line per step: bench_vs_trl times the lines
         save_strategy="no",
         report_to="none",
         log_completions=False,

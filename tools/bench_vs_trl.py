@@ -14,7 +14,11 @@ Each side runs as its own subprocess with ``OMP_NUM_THREADS=1`` (and one torch t
 8 prompts x 4 and 32 prompts x 8. A figure is the *marginal* wall time per step: (wall time of a
 ``--long``-step run - wall time of a ``--short``-step run) / (long - short), each run timed from
 process start to exit, so start-up, the final save and shutdown cancel. ``start-up`` is the
-intercept, wall(short) - short x marginal. Arms are interleaved (ours, TRL, ours, TRL...) so load
+intercept, wall(short) - short x marginal. On a loaded machine the start-up time of a process
+varies by seconds and swamps the difference; the tool therefore also reports the *median step
+interval*: the median time between consecutive per-step lines each side prints (our console
+summary; TRL's logged dict, ``logging_steps=1``), over the long run's steps after ``--short``:
+every per-step cost on both sides, none of the start-up. Arms are interleaved (ours, TRL, ours, TRL...) so load
 on a shared machine hits both; ``--repeats`` > 1 takes the median per arm. Our per-phase
 breakdown is the mean of ``time/*`` from ``metrics.jsonl`` over the long run's steps after the
 short run's (the same steps the marginal covers). Run under ``flock /tmp/bench.lock`` on a
@@ -32,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -101,6 +106,7 @@ def _env(threads: int, pythonpath: str | None) -> dict[str, str]:
         HF_DATASETS_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         PYTHONWARNINGS="ignore",
+        PYTHONUNBUFFERED="1",
     )
     env.pop("PYTHONPATH", None)
     if pythonpath:
@@ -166,15 +172,35 @@ def trl_command(args, task, shape: str, steps: int, run_dir: Path) -> list[str]:
     ]
 
 
-def timed(cmd: list[str], env: dict, log: Path, cwd: Path) -> float:
+# A line each side prints once per optimizer step: our console summary, TRL's logged dict
+# (``logging_steps=1``; with tqdm off, transformers' PrinterCallback prints it).
+STEP_LINE = {"ours": re.compile(r"^step \d+:"), "trl": re.compile(r"^\{.*'step_time'")}
+
+
+def timed(cmd: list[str], env: dict, log: Path, cwd: Path, step_line: re.Pattern) -> tuple:
+    """Wall time of ``cmd`` from start to exit, and when each per-step line arrived."""
     t0 = time.perf_counter()
+    stamps = []
     with log.open("w") as f:
-        rc = subprocess.run(cmd, env=env, cwd=cwd, stdout=f, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for line in proc.stdout:
+            if step_line.match(line):
+                stamps.append(time.perf_counter())
+            f.write(line)
+        rc = proc.wait()
     wall = time.perf_counter() - t0
     if rc != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {rc}; log {log}:\n{tail}")
-    return wall
+    return wall, stamps
+
+
+def median_interval(stamps: list[float], skip: int) -> float | None:
+    """Median time between consecutive per-step lines after the first ``skip`` steps."""
+    gaps = [b - a for a, b in zip(stamps[skip:], stamps[skip + 1 :], strict=False)]
+    return statistics.median(gaps) if gaps else None
 
 
 def phase_means(run_dir: Path, after_step: int) -> dict[str, float]:
@@ -220,6 +246,7 @@ def main(argv=None) -> None:
     results = {}
     for shape in shapes:
         walls = {(a, n): [] for a in arms for n in (args.short, args.long)}
+        intervals = {a: [] for a in arms}
         phases = []
         for rep in range(args.repeats):
             for n in (args.short, args.long):
@@ -229,8 +256,13 @@ def main(argv=None) -> None:
                     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
                     run_dir.mkdir(parents=True)
                     cmd = make(args, task, shape, n, run_dir)
-                    wall = timed(cmd, env, run_dir.parent / f"{run_dir.name}.log", cwd)
+                    log = run_dir.parent / f"{run_dir.name}.log"
+                    wall, stamps = timed(cmd, env, log, cwd, STEP_LINE[arm])
                     walls[(arm, n)].append(wall)
+                    if n == args.long:
+                        if len(stamps) != n:
+                            raise RuntimeError(f"{log}: {len(stamps)} step lines for {n} steps")
+                        intervals[arm].append(median_interval(stamps, args.short))
                     print(f"{shape} {arm} {n} steps: {wall:.2f} s", flush=True)
                     if arm == "ours" and n == args.long:
                         phases.append(phase_means(run_dir, args.short))
@@ -241,6 +273,7 @@ def main(argv=None) -> None:
             per_step = (long - short) / (args.long - args.short)
             row[arm] = {
                 "s_per_step": round(per_step, 4),
+                "median_step_interval_s": round(statistics.median(intervals[arm]), 4),
                 "startup_s": round(short - args.short * per_step, 2),
                 "wall_short": [round(w, 2) for w in walls[(arm, args.short)]],
                 "wall_long": [round(w, 2) for w in walls[(arm, args.long)]],
@@ -251,6 +284,9 @@ def main(argv=None) -> None:
             }
         if "ours" in row and "trl" in row:
             row["ratio"] = round(row["ours"]["s_per_step"] / row["trl"]["s_per_step"], 3)
+            row["ratio_median_interval"] = round(
+                row["ours"]["median_step_interval_s"] / row["trl"]["median_step_interval_s"], 3
+            )
         results[shape] = row
         print(json.dumps({shape: row}), flush=True)
     line = json.dumps(results)
