@@ -144,6 +144,40 @@ def _patch_cuda_namespace() -> None:
     mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
+def _single_rank_all_reduce() -> None:
+    """``dist.all_reduce`` over a group of one rank returns at once (the identity, exactly).
+
+    gloo still hands each such call to its worker thread; on a loaded 2-core box that cost
+    milliseconds per call, several per step (megatron's grad norm, the step guard). Calls inside a
+    coalescing block are left to torch, which records them for the block's end.
+    """
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    original = dist.all_reduce
+    if getattr(original, "_single_rank_fast_path", False):
+        return
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        pg = group if group is not None else c10d._get_default_group()
+        if dist.get_world_size(pg) == 1 and pg not in c10d._world.pg_coalesce_state:
+            return _NullWork() if async_op else None
+        return original(tensor, op=op, group=group, async_op=async_op)
+
+    all_reduce._single_rank_fast_path = True
+    dist.all_reduce = all_reduce
+
+
+class _NullWork:
+    """A finished ``dist.Work``."""
+
+    def wait(self, *args, **kwargs) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
 def enable_cpu_compat() -> bool:
     """Install the CUDA->CPU bridge once per process when CUDA is absent; return whether active."""
     global _mode
@@ -151,6 +185,7 @@ def enable_cpu_compat() -> bool:
         return False
     if _mode is None:
         _patch_cuda_namespace()
+        _single_rank_all_reduce()
         _mode = _CudaToCpuMode()
         _mode.__enter__()
         logger.info("CUDA not available: megatron-core runs on CPU through the compat layer")
