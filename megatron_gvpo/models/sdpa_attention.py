@@ -2,12 +2,12 @@
 
 Drop-in for megatron-core's local ``DotProductAttention`` (same constructor and forward), used in
 the local layer spec when Transformer Engine is absent. It needs no CUDA memory buffer, handles
-GQA, and supports packed sequences (``PackedSeqParams`` with ``cu_seqlens_q``), so the CPU path can train
-on packed batches like TE does on GPU.
+GQA, and supports packed sequences (``PackedSeqParams`` with ``cu_seqlens_q``), so the CPU path
+can train on packed batches like TE does on GPU.
 
 Packed sequences are regrouped into a few right-padded batches of similar lengths (one gather in,
 one gather out) and each batch is one causal SDPA call: right padding never enters a real token's
-causal window, so no mask is needed. Measured on the CPU (``tools/bench_vs_trl.py``, see
+causal window, so no mask is needed. Measured on the CPU (``tools/bench_attention.py``,
 ``docs/benchmarks.md``): one SDPA call per sequence cost a slice and, in backward, a zero-filled
 full-size gradient per sequence and layer, O(sequences x tokens); a single block-diagonal mask
 costs (sum len)^2.
