@@ -17,6 +17,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 
+from megatron_gvpo.parallel.cpu_compat import native_torch
 from megatron_gvpo.parallel.initialize import device
 from megatron_gvpo.parallel.logprobs import vocab_parallel_logprobs
 
@@ -67,22 +68,24 @@ def forward_backward(
         pos = mb.position_ids
         if pos is None:
             pos = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-        output = model_chunk(
-            tokens, pos.to(device), attention_mask=None, packed_seq_params=mb.packed_seq_params
-        )
+        with native_torch():  # the CPU compat layer's mode is for megatron's schedule, not this
+            output = model_chunk(
+                tokens, pos.to(device), attention_mask=None, packed_seq_params=mb.packed_seq_params
+            )
 
         def loss_func(logits: torch.Tensor):
             # logits [b, s, V/tp]: position t predicts token t + 1.
-            out = vocab_parallel_logprobs(
-                logits[:, :-1],
-                tokens[:, 1:],
-                true_vocab_size=true_vocab,
-                temperature=temperature,
-                return_entropy=with_entropy,
-            )
-            logprobs, entropy = out if with_entropy else (out, None)
-            loss, metrics = loss_fn(logprobs, entropy, mb)
-            return loss, torch.ones((), dtype=torch.int), metrics
+            with native_torch():
+                out = vocab_parallel_logprobs(
+                    logits[:, :-1],
+                    tokens[:, 1:],
+                    true_vocab_size=true_vocab,
+                    temperature=temperature,
+                    return_entropy=with_entropy,
+                )
+                logprobs, entropy = out if with_entropy else (out, None)
+                loss, metrics = loss_fn(logprobs, entropy, mb)
+                return loss, torch.ones((), dtype=torch.int), metrics
 
         return output, loss_func
 
@@ -127,12 +130,13 @@ def compute_logprobs(
         tensors = [
             results[i][k] if results else torch.empty(b, s - 1, device=device()) for k in keys
         ]
-        tensors = [_broadcast_from_last_stage(t) for t in tensors]
+        tensors = [broadcast_from_last_stage(t) for t in tensors]
         out.append(tuple(tensors) if with_entropy else tensors[0])
     return out
 
 
-def _broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
+def broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` of the last pipeline stage on every stage of the PP group (in place)."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return t
     t = t.contiguous()

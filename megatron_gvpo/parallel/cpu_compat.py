@@ -5,7 +5,9 @@ megatron-core assumes CUDA in a few places: tensors created with ``device="cuda"
 ``torch.cuda.synchronize``/streams, and the CUDA RNG tracker. This module bridges exactly those
 with a process-wide ``TorchFunctionMode`` that maps CUDA devices to the CPU, plus a handful of
 ``torch.cuda`` functions. It is a portability layer for correctness tests and the CPU demo, not
-for speed, and it is enabled only when CUDA is absent (see :func:`enable_cpu_compat`).
+for speed, and it is enabled only when CUDA is absent (see :func:`enable_cpu_compat`). The
+training step's forward (model and loss) runs with the mode suspended (:func:`native_torch`):
+only megatron's schedule, DDP, optimizer and checkpoint code need it.
 """
 
 from __future__ import annotations
@@ -50,9 +52,11 @@ class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites every ``device=cuda`` (and ``.cuda()``/``.to("cuda")``) to the CPU."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if "device" in kwargs:
-            kwargs["device"] = _map_device(kwargs["device"])
+        # Hot path first: this runs for every torch call made while the mode is active.
+        if kwargs and "device" in kwargs:
+            kwargs = {**kwargs, "device": _map_device(kwargs["device"])}
+        if func not in _SPECIAL:
+            return func(*args, **(kwargs or {}))
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
@@ -60,9 +64,22 @@ class _CudaToCpuMode(TorchFunctionMode):
             return _TYPE_STRINGS.get(name, name)
         if func is torch.Tensor.to and len(args) >= 2 and _is_cuda_device(args[1]):
             args = (args[0], _CPU, *args[2:])
-        if func in (torch.Tensor.pin_memory, torch.Tensor.record_stream):
-            return args[0] if func is torch.Tensor.pin_memory else None
-        return func(*args, **kwargs)
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        if func is torch.Tensor.record_stream:
+            return None
+        return func(*args, **(kwargs or {}))
+
+
+_SPECIAL = frozenset(
+    {
+        torch.Tensor.cuda,
+        torch.Tensor.type,
+        torch.Tensor.to,
+        torch.Tensor.pin_memory,
+        torch.Tensor.record_stream,
+    }
+)
 
 
 class _NullStream:
@@ -127,6 +144,40 @@ def _patch_cuda_namespace() -> None:
     mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
+def _single_rank_all_reduce() -> None:
+    """``dist.all_reduce`` over a group of one rank returns at once (the identity, exactly).
+
+    gloo still hands each such call to its worker thread; on a loaded 2-core box that cost
+    milliseconds per call, several per step (megatron's grad norm, the step guard). Calls inside a
+    coalescing block are left to torch, which records them for the block's end.
+    """
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    original = dist.all_reduce
+    if getattr(original, "_single_rank_fast_path", False):
+        return
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        pg = group if group is not None else c10d._get_default_group()
+        if dist.get_world_size(pg) == 1 and pg not in c10d._world.pg_coalesce_state:
+            return _NullWork() if async_op else None
+        return original(tensor, op=op, group=group, async_op=async_op)
+
+    all_reduce._single_rank_fast_path = True
+    dist.all_reduce = all_reduce
+
+
+class _NullWork:
+    """A finished ``dist.Work``."""
+
+    def wait(self, *args, **kwargs) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
 def enable_cpu_compat() -> bool:
     """Install the CUDA->CPU bridge once per process when CUDA is absent; return whether active."""
     global _mode
@@ -134,6 +185,7 @@ def enable_cpu_compat() -> bool:
         return False
     if _mode is None:
         _patch_cuda_namespace()
+        _single_rank_all_reduce()
         _mode = _CudaToCpuMode()
         _mode.__enter__()
         logger.info("CUDA not available: megatron-core runs on CPU through the compat layer")
@@ -142,3 +194,24 @@ def enable_cpu_compat() -> bool:
 
 def cpu_compat_active() -> bool:
     return _mode is not None
+
+
+@contextlib.contextmanager
+def native_torch():
+    """Suspend the CUDA->CPU mode inside the block (a no-op when it is off).
+
+    The mode costs a Python call per torch function; the model's forward and our loss code make
+    no CUDA assumption (``torch.cuda.current_device`` is patched, not the mode's work), so the
+    step's hot path runs without it. When another mode sits above ours (``with torch.device``),
+    nothing is suspended.
+    """
+    from torch.overrides import _get_current_function_mode
+
+    if _mode is None or _get_current_function_mode() is not _mode:
+        yield
+        return
+    _mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _mode.__enter__()

@@ -19,6 +19,8 @@ from megatron.core.utils import get_model_config
 
 
 def _finalize_grads_unscaled(model: list[torch.nn.Module], num_tokens=None, **kwargs) -> None:
+    if torch.distributed.get_world_size() == 1:
+        return  # nothing to sum over: one rank holds every gradient, unscaled
     finalize_model_grads(model, num_tokens=None, **kwargs)
 
 

@@ -236,14 +236,26 @@ class LocalEngine(RolloutEngine):
         logp = torch.log_softmax(logits / (temp if temp > 0 else 1.0), dim=-1)
         if temp > 0:
             probs = truncate_probs(logp.exp(), sampling.top_k, sampling.top_p)
+        live = [b for b, r in enumerate(rows) if r.finish is None]
         tokens = torch.zeros(len(rows), dtype=torch.long)
-        for b, r in enumerate(rows):
-            if r.finish is not None:
-                continue
-            tok = int(logits[b].argmax()) if temp == 0 else draw(probs[b], r.gen)
-            tokens[b] = tok
+        if not live:
+            return tokens
+        if temp == 0:
+            chosen = logits.argmax(-1)
+        else:  # draw() for every live row at once: its own uniform, the same inverse-CDF lookup
+            u = [torch.rand((), generator=rows[b].gen, dtype=torch.float64).item() for b in live]
+            cdf = probs[live].double().cumsum(-1)
+            x = cdf[:, -1:] * torch.tensor(u, dtype=torch.float64).unsqueeze(-1)
+            chosen = torch.zeros(len(rows), dtype=torch.long)
+            chosen[live] = torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(
+                max=probs.shape[-1] - 1
+            )
+        tokens[live] = chosen[live]
+        picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
+        for b, tok in zip(live, tokens[live].tolist(), strict=True):
+            r = rows[b]
             r.tokens.append(tok)
-            r.logprobs.append(float(logp[b, tok]))
+            r.logprobs.append(picked[b])
             self._check_stop(r, sampling)
         return tokens
 

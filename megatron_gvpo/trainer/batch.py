@@ -11,7 +11,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
 from megatron_gvpo.data.batching import StepPlan, pack_sequences, plan_step
-from megatron_gvpo.models.forward import MicroBatch, compute_logprobs
+from megatron_gvpo.models.forward import MicroBatch, broadcast_from_last_stage, compute_logprobs
+from megatron_gvpo.parallel.cpu_compat import native_torch
 
 # Per-sample token tensors (one 1-D tensor of response length per sample), padded per micro-batch.
 _TOKEN_KEYS = ("old_logprobs", "ref_logprobs", "rollout_logprobs")
@@ -84,6 +85,7 @@ def plan_for(
     )
 
 
+@native_torch()
 def build_micro_batches(batch: RolloutBatch, plan: StepPlan, pad_id: int = 0) -> list[MicroBatch]:
     """This DP rank's packed micro-batches, each carrying its samples' tensors in ``extra``."""
     rank = parallel_state.get_data_parallel_rank()
@@ -154,6 +156,53 @@ def _pad_rows(rows: list[Tensor], width: int) -> Tensor:
     return out
 
 
+def _flat_offsets(batch: RolloutBatch) -> list[int]:
+    offsets = [0]
+    for r in batch.response_ids:
+        offsets.append(offsets[-1] + len(r))
+    return offsets
+
+
+def _rows_to_samples(
+    flat: Tensor, offsets: list[int], model: torch.nn.Module, pp_broadcast: bool = False
+) -> list[Tensor]:
+    """Per-sample rows from this rank's zero-filled flat vector, summed over DP (and taken from
+    the last PP stage with ``pp_broadcast``), identical on every rank."""
+    dev = next(model.parameters()).device
+    if pp_broadcast and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        flat = broadcast_from_last_stage(flat.to(dev)).cpu()
+    flat = sum_over_dp(flat, dev)
+    return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(offsets) - 1)]
+
+
+class OldLogprobsFromForward:
+    """A micro-batch loss wrapper for a round's only update, where theta = theta': the detached
+    response-token logprobs of the update's own forward *are* the theta' logprobs, so no separate
+    forward-only pass is needed (TRL skips it too when ``num_iterations == 1``).
+
+    Each micro-batch's ``extra["old_logprobs"]`` is set from its forward before the objective's
+    loss reads it; :meth:`collect` then gives every rank every sample's, as
+    :func:`response_token_logprobs` would.
+    """
+
+    def __init__(self, loss_fn, batch: RolloutBatch):
+        self.loss_fn = loss_fn
+        self.offsets = _flat_offsets(batch)
+        self.flat = torch.zeros(self.offsets[-1], dtype=torch.float32)
+
+    def __call__(self, logprobs: Tensor, entropy: Tensor | None, mb: MicroBatch):
+        old = response_logprobs(logprobs.detach(), mb).float()
+        mb.extra["old_logprobs"] = old
+        for row, i in zip(old.cpu(), mb.extra["sample_ids"].tolist(), strict=True):
+            a, e = self.offsets[i], self.offsets[i + 1]
+            self.flat[a:e] = row[: e - a]
+        return self.loss_fn(logprobs, entropy, mb)
+
+    def collect(self, model: torch.nn.Module) -> list[Tensor]:
+        """Every sample's theta' logprobs on every rank (collective over DP and PP)."""
+        return _rows_to_samples(self.flat, self.offsets, model, pp_broadcast=True)
+
+
 @torch.no_grad()
 def response_token_logprobs(
     model: torch.nn.Module, batch: RolloutBatch, plan: StepPlan, temperature: float = 1.0
@@ -165,19 +214,17 @@ def response_token_logprobs(
     samples on other ranks).
     """
     micro_batches = build_micro_batches(batch, plan)
-    offsets = [0]
-    for r in batch.response_ids:
-        offsets.append(offsets[-1] + len(r))
+    offsets = _flat_offsets(batch)
     flat = torch.zeros(offsets[-1], dtype=torch.float32)
     for lp, mb in zip(
         compute_logprobs(model, micro_batches, temperature), micro_batches, strict=True
     ):
-        rows = response_logprobs(lp, mb).float().cpu()
-        for row, i in zip(rows, mb.extra["sample_ids"].tolist(), strict=True):
-            n = offsets[i + 1] - offsets[i]
-            flat[offsets[i] : offsets[i + 1]] = row[:n]
-    flat = sum_over_dp(flat, next(model.parameters()).device)
-    return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(batch))]
+        with native_torch():
+            rows = response_logprobs(lp, mb).float().cpu()
+            for row, i in zip(rows, mb.extra["sample_ids"].tolist(), strict=True):
+                n = offsets[i + 1] - offsets[i]
+                flat[offsets[i] : offsets[i + 1]] = row[:n]
+    return _rows_to_samples(flat, offsets, model)
 
 
 @torch.no_grad()

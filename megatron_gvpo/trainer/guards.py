@@ -45,6 +45,11 @@ def _local_nonfinite(tensors) -> bool:
 
 
 def _grads(model: torch.nn.Module):
+    buffers = getattr(model, "buffers", None)
+    if isinstance(buffers, list):  # megatron DDP: every main_grad is a view of these flat buffers
+        for b in buffers + list(getattr(model, "expert_parallel_buffers", [])):
+            yield b.grad_data
+        return
     for p in model.parameters():
         yield getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad
 

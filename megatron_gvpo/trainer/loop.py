@@ -32,6 +32,7 @@ from megatron_gvpo.parallel.launch import broadcast_object, is_rank0
 from megatron_gvpo.rollout.base import SamplingParams
 from megatron_gvpo.trainer.async_rollout import RoundSource
 from megatron_gvpo.trainer.batch import (
+    OldLogprobsFromForward,
     RolloutBatch,
     build_micro_batches,
     plan_for,
@@ -144,9 +145,9 @@ class Trainer:
 
         with clock("logprob"):
             self._old_and_ref_logprobs(batch)
-        metrics.update(logprob_mismatch(batch.old_logprobs, fresh))
         with clock("train"):
             metrics.update(self._updates(batch))
+        metrics.update(logprob_mismatch(batch.old_logprobs, fresh))  # theta' is known now
         with clock("rollout_wait"):
             self.rounds.wait_idle()  # new weights never land inside a generation
         with clock("sync"):
@@ -175,7 +176,8 @@ class Trainer:
         """theta' (the policy that sampled) and, if the objective needs it, the reference."""
         plan = self._plan(batch)
         temperature = self.cfg.algorithm.temperature
-        batch.old_logprobs = response_token_logprobs(self.ddp, batch, plan, temperature)
+        if self.cfg.trainer.updates_per_round > 1:  # else the only update's forward gives them
+            batch.old_logprobs = response_token_logprobs(self.ddp, batch, plan, temperature)
         if self.reference is not None:
             batch.ref_logprobs = response_token_logprobs(self.reference, batch, plan, temperature)
 
@@ -188,15 +190,19 @@ class Trainer:
             mbs = build_micro_batches(sub, plan)
             step = StepInputs(sub, plan, mbs, partial(self._step_logprobs, sub, mbs, u == 0))
             loss_fn = self.objective.step_loss(step)
+            # theta = theta' at a round's only update: its forward's detached logprobs are s'.
+            fill = OldLogprobsFromForward(loss_fn, sub) if sub.old_logprobs is None else None
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
             results = forward_backward(
                 self.ddp,
                 mbs,
-                loss_fn,
+                fill or loss_fn,
                 temperature=self.cfg.algorithm.temperature,
                 with_entropy=t.log_entropy,
             )
+            if fill is not None:  # one update: sub is the whole batch, in order
+                batch.old_logprobs = sub.old_logprobs = fill.collect(self.ddp)
             metrics = reduce_metrics(results)
             values = {k: float(m.value) for k, m in metrics.items()}
             if self.step_guard.skip(self.ddp, self.optimizer, values):
@@ -217,7 +223,11 @@ class Trainer:
 
     def _step_logprobs(self, sub: RolloutBatch, mbs, first_update: bool):
         """``(s, s')`` of the step's samples at the current theta. On a round's first update
-        theta = theta', so s = s' and no forward pass is needed."""
+        theta = theta', so s = s' and no forward pass is needed (delta = beta (s - s') is all
+        that is used: zeros when s' comes from the update's own forward)."""
+        if first_update and sub.old_logprobs is None:
+            zeros = torch.zeros(len(sub), dtype=torch.float64)
+            return zeros, zeros
         if first_update:
             old = torch.stack([x.double().sum() for x in sub.old_logprobs])
             return old, old
