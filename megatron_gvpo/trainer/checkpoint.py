@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ from megatron_gvpo.bridge.dist_save import InProcessSave
 from megatron_gvpo.bridge.hf_io import publish_dir, staging_dir
 from megatron_gvpo.bridge.mapping import is_checkpoint_only
 from megatron_gvpo.parallel.launch import barrier, is_rank0
+from megatron_gvpo.trainer.guards import check_finite_params, check_resume_config
+from megatron_gvpo.trainer.secrets import redact
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -95,6 +98,48 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> No
     random.setstate((v, tuple(state), gauss))
     name, keys, *rest = meta["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+@dataclass
+class RunState:
+    """What a driver checkpoints besides the model and optimizer: the LR scheduler, the
+    objective (its ``state_dict`` keys sit at the top level) and named stateful parts (the
+    prompt sampler, the replay buffer, the pair sampler...)."""
+
+    scheduler: Any
+    objective: Any
+    parts: dict[str, Any] = field(default_factory=dict)
+
+    def resume(self, run_dir: str | Path, config: dict, allow_change: bool, model, optimizer) -> int:
+        """Load the newest checkpoint under ``run_dir`` (config changes refused unless allowed);
+        the step it holds, 0 when there is none."""
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            return 0
+        check_resume_config(ckpt, config, allow_change)
+        state = load_checkpoint(ckpt, model, optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+        self.objective.load_state_dict(state)
+        if is_rank0():
+            print(f"resumed from {ckpt} at step {state['step']}", flush=True)
+        return state["step"]
+
+    def save(self, run_dir: str | Path, step: int, config: dict, model, optimizer, keep_last: int,
+             part_states: dict[str, Any] | None = None, export_hf=None) -> Path:
+        """Collective: check the weights are finite, then write ``step`` (``config`` is stored
+        redacted). ``part_states`` replaces a part's ``state_dict()`` (async rounds in flight)."""
+        check_finite_params(model)  # a checkpoint never holds non-finite weights
+        states = {name: part.state_dict() for name, part in self.parts.items()}
+        states.update(part_states or {})
+        state = {
+            "scheduler": self.scheduler.state_dict(),
+            **states,
+            **self.objective.state_dict(),
+            "config": redact(config),  # no credentials in checkpoints
+        }
+        return save_checkpoint(run_dir, step, model, optimizer, state, keep_last, export_hf)
 
 
 def save_checkpoint(

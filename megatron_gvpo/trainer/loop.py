@@ -26,6 +26,7 @@ from megatron_gvpo.bridge.export import ExportConfig, iter_buckets_on_rank0
 from megatron_gvpo.bridge.hf_io import copy_side_files, write_bucket_shards
 from megatron_gvpo.data.tokenizer import hf_dir
 from megatron_gvpo.models.forward import forward_backward
+from megatron_gvpo.parallel.cpu_compat import native_torch
 from megatron_gvpo.parallel.ddp import wrap_with_ddp
 from megatron_gvpo.parallel.initialize import destroy, initialize
 from megatron_gvpo.parallel.launch import broadcast_object, is_rank0
@@ -39,7 +40,7 @@ from megatron_gvpo.trainer.batch import (
     response_token_logprobs,
     step_seq_logprobs,
 )
-from megatron_gvpo.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_gvpo.trainer.checkpoint import RunState
 from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.data import PromptSource
 from megatron_gvpo.trainer.groups import (
@@ -56,14 +57,11 @@ from megatron_gvpo.trainer.groups import (
 from megatron_gvpo.trainer.guards import (
     StepGuard,
     StopSignal,
-    check_finite_params,
-    check_resume_config,
 )
 from megatron_gvpo.trainer.logger import MetricsLogger
 from megatron_gvpo.trainer.metrics import Metric, combine_updates, reduce_metrics
 from megatron_gvpo.trainer.objectives import StepInputs, build_objective, load_builtin_objectives
 from megatron_gvpo.trainer.replay import ReplayBuffer
-from megatron_gvpo.trainer.secrets import redact
 from megatron_gvpo.trainer.setup import (
     build_engine,
     build_model,
@@ -168,9 +166,10 @@ class Trainer:
             stop=list(r.stop),
         )
         seeds = [request_seed(seed, step, i) for i in range(len(rows))]
-        return rollout_and_score(
-            self.engine, self.rewards, rows, sampling, r.n_samples_per_prompt, seeds
-        )
+        with native_torch():  # the embedded engine's decode loop makes no CUDA assumption
+            return rollout_and_score(
+                self.engine, self.rewards, rows, sampling, r.n_samples_per_prompt, seeds
+            )
 
     def _old_and_ref_logprobs(self, batch: RolloutBatch) -> None:
         """theta' (the policy that sampled) and, if the objective needs it, the reference."""
@@ -269,32 +268,19 @@ class Trainer:
         destroy()
 
     def _resume(self) -> None:
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            return
-        check_resume_config(ckpt, asdict(self.cfg), self.cfg.trainer.allow_config_change)
-        state = load_checkpoint(ckpt, self.ddp, self.optimizer)
-        self.step = state["step"]
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.prompts.load_state_dict(state["prompts"])
-        self.replay.load_state_dict(state["replay"])
-        self.objective.load_state_dict(state)
-        if is_rank0():
-            print(f"resumed from {ckpt} at step {self.step}", flush=True)
+        t = self.cfg.trainer
+        self.state = RunState(self.scheduler, self.objective, {"prompts": self.prompts,
+                                                               "replay": self.replay})
+        self.step = self.state.resume(
+            self.run_dir, asdict(self.cfg), t.allow_config_change, self.ddp, self.optimizer
+        )
 
     def save(self) -> None:
         t = self.cfg.trainer
-        check_finite_params(self.ddp)  # a checkpoint never holds non-finite weights
-        state = {
-            "scheduler": self.scheduler.state_dict(),
-            "prompts": self.rounds.prompt_state(),  # as of the last trained round
-            "replay": self.replay.state_dict(),
-            **self.objective.state_dict(),
-            "config": redact(asdict(self.cfg)),  # no credentials in checkpoints
-        }
-        export_hf = self._export_hf if t.export_hf else None
-        save_checkpoint(
-            self.run_dir, self.step, self.ddp, self.optimizer, state, t.keep_last, export_hf
+        self.state.save(
+            self.run_dir, self.step, asdict(self.cfg), self.ddp, self.optimizer, t.keep_last,
+            part_states={"prompts": self.rounds.prompt_state()},  # as of the last trained round
+            export_hf=self._export_hf if t.export_hf else None,
         )
 
     def _export_hf(self, out_dir: Path) -> None:

@@ -34,21 +34,18 @@ from megatron_gvpo.trainer.batch import (
     response_token_logprobs,
     step_seq_logprobs,
 )
-from megatron_gvpo.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_gvpo.trainer.checkpoint import RunState
 from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.data import DataSection
 from megatron_gvpo.trainer.guards import (
     StepGuard,
     StopSignal,
-    check_finite_params,
-    check_resume_config,
 )
 from megatron_gvpo.trainer.logger import MetricsLogger
 from megatron_gvpo.trainer.loop import _PhaseClock
 from megatron_gvpo.trainer.metrics import reduce_metrics
 from megatron_gvpo.trainer.objectives import StepInputs, build_objective
 from megatron_gvpo.trainer.objectives.preference import step_margins
-from megatron_gvpo.trainer.secrets import redact
 from megatron_gvpo.trainer.setup import (
     build_model,
     build_optimizer,
@@ -240,25 +237,12 @@ class PreferenceTrainer:
         destroy()
 
     def _resume(self) -> None:
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            return
-        check_resume_config(ckpt, asdict(self.cfg), self.cfg.trainer.allow_config_change)
-        state = load_checkpoint(ckpt, self.ddp, self.optimizer)
-        self.step = state["step"]
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.data.load_state_dict(state["pairs"])
-        self.objective.load_state_dict(state)
-        if is_rank0():
-            print(f"resumed from {ckpt} at step {self.step}", flush=True)
+        t = self.cfg.trainer
+        self.state = RunState(self.scheduler, self.objective, {"pairs": self.data})
+        self.step = self.state.resume(
+            self.run_dir, asdict(self.cfg), t.allow_config_change, self.ddp, self.optimizer
+        )
 
     def save(self) -> None:
-        t = self.cfg.trainer
-        check_finite_params(self.ddp)  # a checkpoint never holds non-finite weights
-        state = {
-            "scheduler": self.scheduler.state_dict(),
-            "pairs": self.data.state_dict(),
-            **self.objective.state_dict(),
-            "config": redact(asdict(self.cfg)),  # no credentials in checkpoints
-        }
-        save_checkpoint(self.run_dir, self.step, self.ddp, self.optimizer, state, t.keep_last)
+        self.state.save(self.run_dir, self.step, asdict(self.cfg), self.ddp, self.optimizer,
+                        self.cfg.trainer.keep_last)
