@@ -115,8 +115,11 @@ def test_concurrent_stage_posting_deadlocks_two_servers(tmp_path, model_dir):
         results, elapsed, logs = _run_stages(urls, ordered=False)
     finally:
         _stop(procs)
-    assert all(isinstance(r, str) for r in results.values()), results  # both stages failed
-    assert elapsed >= COLLECTIVE_S  # ... after waiting out the collective time-out
+    # The sync fails: at least one stage, after waiting out the collective time-out. (Once one
+    # server's first rendezvous times out it moves on to the other stage's, which may still meet
+    # the other server's pending one: which stage then gets through depends on timing.)
+    assert any(isinstance(r, str) for r in results.values()), results
+    assert elapsed >= COLLECTIVE_S
     firsts = [next(e["body"]["group_name"] for e in log
                    if e["path"] == "/init_weights_update_group") for log in logs]
     assert firsts[0].endswith("_pp0") and firsts[1].endswith("_pp1")  # opposite orders
