@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from _trl_grpo_peer import exact_match, matched_grpo_config  # tools/ is sys.path[0]
 
 
 def main() -> None:
@@ -24,7 +25,7 @@ def main() -> None:
     from datasets import load_dataset
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     tok = PreTrainedTokenizerFast.from_pretrained(str(work / "model"))
     batch = json.loads((work / "batch.json").read_text())
@@ -47,23 +48,8 @@ def main() -> None:
 
     GRPOTrainer._generate_single_turn = generate_fixed
 
-    def exact_match(prompts, completions, answer, **kw):
-        pairs = zip(completions, answer, strict=True)
-        return [1.0 if c.strip() == str(a).strip() else 0.0 for c, a in pairs]
-
     model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32)
-    config = GRPOConfig(
-        output_dir=out, max_steps=steps, per_device_train_batch_size=len(batch) * k,
-        num_generations=k, steps_per_generation=1, gradient_accumulation_steps=1,
-        num_iterations=1, max_completion_length=4, temperature=1.0, top_p=1.0, top_k=0,
-        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, beta=0.0,
-        epsilon=0.2, epsilon_high=0.2, loss_type="grpo", scale_rewards="group",
-        importance_sampling_level="token", mask_truncated_completions=False,
-        disable_dropout=True, gradient_checkpointing=False, use_vllm=False, bf16=False,
-        fp16=False, use_cpu=True, seed=0, logging_steps=1, save_strategy="no", report_to="none",
-        log_completions=False, dataloader_num_workers=0, disable_tqdm=True,
-    )  # fmt: skip
+    config = matched_grpo_config(out=out, steps=steps, prompts=len(batch), k=k, lr=lr, seed=0)
     dataset = load_dataset("json", data_files=str(work / "prompts.jsonl"), split="train")
     trainer = GRPOTrainer(
         model=model, reward_funcs=exact_match, args=config, train_dataset=dataset,

@@ -32,6 +32,57 @@ def exact_match(prompts, completions, answer, **kwargs) -> list[float]:
     return [1.0 if c.strip() == str(a).strip() else 0.0 for c, a in zip(completions, answer, strict=True)]
 
 
+def matched_grpo_config(
+    *, out: str, steps: int, prompts: int, k: int, lr: float, seed: int, max_new_tokens: int = 4,
+    temperature: float = 1.0, epsilon: float = 0.2, max_grad_norm: float = 1.0,
+):
+    """The ``GRPOConfig`` matched to our ``algorithm=grpo`` run (the fields listed above); also
+    used by ``_trl_fixed_batch.py`` and ``_trl_demo_run.py``."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
+        output_dir=out,
+        max_steps=steps,
+        per_device_train_batch_size=prompts * k,
+        num_generations=k,
+        steps_per_generation=1,
+        gradient_accumulation_steps=1,
+        num_iterations=1,
+        max_completion_length=max_new_tokens,
+        temperature=temperature,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=max_grad_norm,
+        beta=0.0,
+        epsilon=epsilon,
+        epsilon_high=epsilon,
+        loss_type="grpo",
+        scale_rewards="group",
+        importance_sampling_level="token",
+        mask_truncated_completions=False,
+        disable_dropout=True,
+        gradient_checkpointing=False,
+        use_vllm=False,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        seed=seed,
+        logging_steps=1,  # one printed line per step: bench_vs_trl times the lines
+        save_strategy="no",
+        report_to="none",
+        log_completions=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     for name in ("model", "data", "out"):
@@ -46,51 +97,15 @@ def main() -> None:
 
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     dataset = load_dataset("json", data_files=args.data, split="train")
-    config = GRPOConfig(
-        output_dir=args.out,
-        max_steps=args.steps,
-        per_device_train_batch_size=args.prompts * args.k,
-        num_generations=args.k,
-        steps_per_generation=1,
-        gradient_accumulation_steps=1,
-        num_iterations=1,
-        max_completion_length=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=1.0,
-        top_k=0,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        max_grad_norm=args.max_grad_norm,
-        beta=0.0,
-        epsilon=args.epsilon,
-        epsilon_high=args.epsilon,
-        loss_type="grpo",
-        scale_rewards="group",
-        importance_sampling_level="token",
-        mask_truncated_completions=False,
-        disable_dropout=True,
-        gradient_checkpointing=False,
-        use_vllm=False,
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        seed=args.seed,
-        logging_steps=1,  # one printed line per step: bench_vs_trl times the lines
-        save_strategy="no",
-        report_to="none",
-        log_completions=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+    config = matched_grpo_config(
+        out=args.out, steps=args.steps, prompts=args.prompts, k=args.k, lr=args.lr,
+        seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        epsilon=args.epsilon, max_grad_norm=args.max_grad_norm,
     )
     trainer = GRPOTrainer(
         model=model,
