@@ -163,6 +163,12 @@ def _flat_offsets(batch: RolloutBatch) -> list[int]:
     return offsets
 
 
+def _scatter_rows(flat: Tensor, offsets: list[int], rows: Tensor, mb: MicroBatch) -> None:
+    """Write a micro-batch's padded per-sample rows into their samples' spans of ``flat``."""
+    for row, i in zip(rows, mb.extra["sample_ids"].tolist(), strict=True):
+        flat[offsets[i] : offsets[i + 1]] = row[: offsets[i + 1] - offsets[i]]
+
+
 def _rows_to_samples(
     flat: Tensor, offsets: list[int], model: torch.nn.Module, pp_broadcast: bool = False
 ) -> list[Tensor]:
@@ -193,9 +199,7 @@ class OldLogprobsFromForward:
     def __call__(self, logprobs: Tensor, entropy: Tensor | None, mb: MicroBatch):
         old = response_logprobs(logprobs.detach(), mb).float()
         mb.extra["old_logprobs"] = old
-        for row, i in zip(old.cpu(), mb.extra["sample_ids"].tolist(), strict=True):
-            a, e = self.offsets[i], self.offsets[i + 1]
-            self.flat[a:e] = row[: e - a]
+        _scatter_rows(self.flat, self.offsets, old.cpu(), mb)
         return self.loss_fn(logprobs, entropy, mb)
 
     def collect(self, model: torch.nn.Module) -> list[Tensor]:
@@ -220,10 +224,7 @@ def response_token_logprobs(
         compute_logprobs(model, micro_batches, temperature), micro_batches, strict=True
     ):
         with native_torch():
-            rows = response_logprobs(lp, mb).float().cpu()
-            for row, i in zip(rows, mb.extra["sample_ids"].tolist(), strict=True):
-                n = offsets[i + 1] - offsets[i]
-                flat[offsets[i] : offsets[i + 1]] = row[:n]
+            _scatter_rows(flat, offsets, response_logprobs(lp, mb).float().cpu(), mb)
     return _rows_to_samples(flat, offsets, model)
 
 
