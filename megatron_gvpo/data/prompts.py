@@ -214,11 +214,12 @@ def _skip_bad_row(cfg: DataConfig, stats: LoadStats, source: str, e: Exception) 
         stats.bad_examples.append(f"{source}: {e}")
 
 
-def read_rows(cfg: DataConfig) -> tuple[list[PromptRow], LoadStats]:
+def read_rows(cfg: DataConfig, key: str = "data.path") -> tuple[list[PromptRow], LoadStats]:
     """Read and validate every row (no tokenizer needed): fails on the first malformed row,
-    naming its file and line (JSONL, 1-based) or row (parquet, 0-based), unless skipped."""
+    naming its file and line (JSONL, 1-based) or row (parquet, 0-based), unless skipped.
+    ``key`` names the config field that gave ``cfg.path`` in errors."""
     stats, rows = LoadStats(), []
-    for path in resolve_files(cfg.path):
+    for path in resolve_files(cfg.path, key):
         reader = _iter_parquet if path.suffix == ".parquet" else _iter_jsonl
         for source, raw in reader(path):
             stats.rows += 1
@@ -256,11 +257,12 @@ def _encode(texts: list[str], templated: list[bool], tokenizer) -> list[list[int
     return out
 
 
-def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
-    """Read, validate and tokenise ``cfg.path``; drop (and count) prompts over the length limit."""
+def load_prompts(cfg: DataConfig, tokenizer, key: str = "data.path") -> PromptDataset:
+    """Read, validate and tokenise ``cfg.path``; drop (and count) prompts over the length limit.
+    ``key`` names the config field that gave ``cfg.path`` (an eval set's, for example)."""
     if cfg.max_prompt_length < 1:
         raise DataError(f"data.max_prompt_length must be >= 1, got {cfg.max_prompt_length}")
-    rows, stats = read_rows(cfg)
+    rows, stats = read_rows(cfg, key)
     texts, flags, kept_rows = [], [], []
     for row in rows:
         try:
@@ -277,27 +279,29 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
             continue
         prompts.append(Prompt(ids, text, row.answer, row.domain, row.metadata, row.source))
     stats.kept = len(prompts)
-    _report(cfg, stats)
+    _report(cfg, stats, key)
     return PromptDataset(prompts, stats)
 
 
-def _report(cfg: DataConfig, stats: LoadStats) -> None:
+def _report(cfg: DataConfig, stats: LoadStats, key: str) -> None:
     if stats.bad:
         logger.warning(
-            "data.path: skipped %d malformed row(s) of %d; first: %s",
+            "%s: skipped %d malformed row(s) of %d; first: %s",
+            key,
             stats.bad,
             stats.rows,
             "; ".join(stats.bad_examples),
         )
     if stats.too_long:
         logger.warning(
-            "data.path: dropped %d prompt(s) longer than data.max_prompt_length=%d tokens "
+            "%s: dropped %d prompt(s) longer than data.max_prompt_length=%d tokens "
             "(filtered, not truncated, as verl's filter_overlong_prompts does)",
+            key,
             stats.too_long,
             cfg.max_prompt_length,
         )
     if not stats.kept:
         raise DataError(
-            f"data.path: no prompts left ({stats.rows} rows read, {stats.bad} malformed, "
+            f"{key}: no prompts left ({stats.rows} rows read, {stats.bad} malformed, "
             f"{stats.too_long} over data.max_prompt_length={cfg.max_prompt_length})"
         )

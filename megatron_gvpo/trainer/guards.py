@@ -165,6 +165,9 @@ RESUME_KEYS = (
     "rollout.n_samples_per_prompt",
     "rollout.temperature",
     "model.precision",
+    "eval",  # what an eval metric means, and which checkpoint is the best
+    "trainer.save_best",
+    "trainer.save_best_mode",
 )
 
 
