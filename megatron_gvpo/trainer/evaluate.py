@@ -31,7 +31,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -236,6 +236,17 @@ class EvalSchedule:
         if step == 0:
             return self.at_start
         return step == self.max_steps or bool(self.interval and step % self.interval == 0)
+
+    def after_step(
+        self, step: int, evaluate: Callable[[], dict[str, float]], metrics: dict[str, float]
+    ) -> bool:
+        """When step ``step`` is due, ``evaluate()`` into ``metrics``; True when that is a new
+        best (the driver then saves this step)."""
+        if not self.due(step):
+            return False
+        evals = evaluate()
+        metrics.update(evals)
+        return self.improved(step, evals)
 
     def improved(self, step: int, metrics: Mapping[str, float]) -> bool:
         """Record ``metrics`` of ``step``; True when they hold a new best (save this step)."""

@@ -274,11 +274,7 @@ class Trainer:
         while self.step < t.max_steps:
             self.step += 1
             metrics = self.round()
-            best = False
-            if self.eval_schedule.due(self.step):
-                evals = self.evaluate()
-                metrics.update(evals)
-                best = self.eval_schedule.improved(self.step, evals)
+            best = self.eval_schedule.after_step(self.step, self.evaluate, metrics)
             self.logger.log(self.step, metrics)
             stopping = stop.agreed()
             if self.step % t.save_interval == 0 or self.step == t.max_steps or stopping or best:
