@@ -6,7 +6,8 @@ the others. Started by tools/gpu_check.sh (which installs the wheels first); wri
 
 Stages: ``env`` (versions, device, pip check), ``gpu_tests`` (the ``gpu``-marked tests),
 ``logprob_parity`` (Megatron actor vs transformers, bf16, TP1, a 0.16B llama), ``bench_train``
-(tools/bench_train.py --preset gpu-1b), ``demo`` (the trainer, actor and local engine on CUDA).
+(tools/bench_train.py --preset gpu-1b), ``demo`` (the trainer, actor and local engine on CUDA,
+with its held-out eval at step 0 and at the end).
 Without CUDA the GPU stages are skipped and say so; ``--cpu-smoke`` then runs each of them at
 CPU size instead, to prove the plumbing (reported as ``smoke``, never as ``passed``).
 """
@@ -188,10 +189,14 @@ def demo_stage(stage: Stage, out: Path, work: Path, deadline: float, cuda: bool,
         if (run_dir / name).is_file():
             shutil.copy(run_dir / name, out / f"demo_{name}")
     rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    train = [r for r in rows if r.get("step", 0) >= 1]
     stage.result = {
         "step_lines": steps,
-        "reward_mean": [round(r.get("reward/mean", float("nan")), 3) for r in rows],
-        "step_s": [round(r.get("time/step", float("nan")), 2) for r in rows],
+        "reward_mean": [round(r.get("reward/mean", float("nan")), 3) for r in train],
+        "step_s": [round(r.get("time/step", float("nan")), 2) for r in train],
+        # held-out greedy accuracy through the CUDA engine (step 0 and the last step), its cost
+        "eval_accuracy": {r["step"]: round(r["eval/accuracy"], 3) for r in rows if "eval/accuracy" in r},
+        "eval_s": [round(r["time/eval"], 2) for r in rows if "time/eval" in r],
     }
     if not cuda:
         stage.status = "smoke" if stage.status == "passed" else "smoke-failed"
