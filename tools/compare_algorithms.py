@@ -74,6 +74,35 @@ def eval_files(root: Path) -> tuple[Path, Path]:
     )
 
 
+def heldout_rows(seeds: list[int] | None = None) -> list[dict]:
+    """The greedy set's rows (500 distinct held-out pairs; no RL prompt file holds one, whatever
+    the seed: RL prompts come from the training split)."""
+    return toy_eval_rows(EVAL_PROMPTS, seed=0)
+
+
+def greedy_eval(hf_path: Path, rows: list[dict]) -> dict[str, float]:
+    """Held-out greedy accuracy of an HF folder by transformers ``generate`` and the demo reward
+    (for models trained outside this trainer, e.g. TRL's in ``grpo_update_vs_trl.py``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_gvpo.data.tokenizer import load_tokenizer
+    from megatron_gvpo.demo.model import MAX_NEW_TOKENS
+    from megatron_gvpo.demo.task import toy_reward
+
+    tok = load_tokenizer(hf_path)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_path), dtype=torch.float32).eval()
+    ids = torch.tensor([tok(r["prompt"])["input_ids"] for r in rows])  # one length: no padding
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+    texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    acc = sum(toy_reward(t, r["answer"]) for t, r in zip(texts, rows, strict=True)) / len(rows)
+    return {"heldout_greedy_acc": acc}
+
+
 def run_one(arm: str, lr: float, seed: int, args, files: tuple[Path, Path]) -> dict:
     """Train one arm at one lr and seed (unless ``--reuse`` finds it done); its eval rows."""
     run_dir = Path(args.run_root) / f"{arm}_lr{lr:g}_s{seed}"
