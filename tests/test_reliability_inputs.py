@@ -181,3 +181,25 @@ def test_rewards_checked_in_float32_and_marked_failed():
         [{"name": "test_huge_rewards"}, {"name": "test_huge_rewards", "tag": "b"}]
     )
     assert twice([RewardInput("p", "3e38")]).failed == [True]
+
+
+def test_run_dir_lock_is_per_rank_and_excludes_the_same_rank_of_another_process(tmp_path):
+    from megatron_gvpo.trainer.runlock import hold_run_dir
+
+    held = hold_run_dir(tmp_path, rank=1)  # this process is rank 1 of a running job
+    assert held == tmp_path / ".lock.rank1"
+    assert f"pid {os.getpid()} rank 1" in held.read_text()
+    code = (
+        "import fcntl, os, sys\n"
+        "for name in sys.argv[2:]:\n"
+        "    fd = os.open(os.path.join(sys.argv[1], name), os.O_RDWR | os.O_CREAT)\n"
+        "    try:\n        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print(name, 'free')\n"
+        "    except BlockingIOError:\n        print(name, 'held')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), ".lock.rank1", ".lock"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout.split() == [".lock.rank1", "held", ".lock", "free"], proc.stderr

@@ -376,3 +376,38 @@ def test_secrets_in_reward_kwargs_are_not_written(tiny_model, tmp_path):
         data = p.read_bytes()
         for secret in (b"sk-LITERAL-123", b"HEADER-SECRET-456", b"ENV-SECRET-789"):
             assert secret not in data, (p, secret)
+
+
+_LOCK_HOLDER = """
+import fcntl, os, socket, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, f"host {socket.gethostname()} pid {os.getpid()}".encode())
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_trainer_on_a_held_run_dir_refuses_and_a_killed_holder_does_not_block(
+    tiny_model, tmp_path
+):
+    # The holder takes the documented lock (an exclusive flock on <run_dir>/.lock) with fcntl
+    # itself, as a running trainer does; the second trainer must stop before writing anything.
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, str(run / ".lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = train(tiny_model, run, "trainer.max_steps=1", ok=False, timeout=120)
+    finally:
+        holder.kill()  # like kill -9: the kernel drops the flock, the file stays
+        holder.wait(timeout=30)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert f"trainer.run_dir={run} " in lines[0] and f"pid {holder.pid}" in lines[0]
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # no hydra/, log or metrics
+    train(tiny_model, run, "trainer.max_steps=1")  # the stale lock file does not block
+    assert [r["step"] for r in metrics(run)] == [1]
