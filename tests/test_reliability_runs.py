@@ -237,9 +237,23 @@ def _poison(metadata: Path, marker: Path) -> None:
     subprocess.run([sys.executable, "-c", _HOSTILE, str(metadata), str(marker)], check=True)
 
 
-def test_hostile_metadata_never_runs_on_resume(tiny_model, tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def one_step_run(tiny_model, tmp_path_factory) -> Path:
+    """A run directory after one step (one checkpoint); tests resume from copies of it."""
+    run = tmp_path_factory.mktemp("one_step") / "run"
     train(tiny_model, run, "trainer.max_steps=1")
+    return run
+
+
+def _copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns(".lock*"))
+    return to
+
+
+def test_hostile_metadata_never_runs_on_resume(tiny_model, one_step_run, tmp_path):
+    run = _copy_run(one_step_run, tmp_path / "run")
     metadata = run / "checkpoints" / "step_000001" / "model_optim" / ".metadata"
     marker = tmp_path / "PWNED"
     _poison(metadata, marker)
@@ -289,6 +303,92 @@ def test_hostile_metadata_in_converted_checkpoints_never_runs(converted, tmp_pat
         expect_ok=False,
     )
     assert code != 0 and expect in err and not marker.exists()
+
+
+_HOSTILE_BYTES = """
+import dataclasses, io, os, pickle, sys
+import torch
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+folder, marker = sys.argv[1], sys.argv[2]
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch " + marker,))
+
+buf = io.BytesIO()
+torch.save([Evil()], buf)
+payload = buf.getvalue()
+if len(sys.argv) > 3:  # common.pt instead of the bytes records
+    with open(os.path.join(folder, "common.pt"), "wb") as f:
+        f.write(payload)
+    sys.exit()
+with open(os.path.join(folder, ".metadata"), "rb") as f:
+    md = pickle.load(f)  # written by this test a moment ago: benign
+# Every bytes record (the layers' _extra_state) now points at the payload, appended to its file;
+# .metadata itself stays plain metadata.
+for idx, info in list(md.storage_data.items()):
+    if isinstance(md.state_dict_metadata[idx.fqn], BytesStorageMetadata):
+        path = os.path.join(folder, info.relative_path)
+        offset = os.path.getsize(path)
+        with open(path, "ab") as f:
+            f.write(payload)
+        md.storage_data[idx] = dataclasses.replace(info, offset=offset, length=len(payload))
+with open(os.path.join(folder, ".metadata"), "wb") as f:
+    pickle.dump(md, f)
+"""
+
+
+def test_hostile_bytes_records_and_common_pt_never_run_on_any_load_path(
+    tiny_model, one_step_run, converted, tmp_path
+):
+    import shutil
+
+    marker = tmp_path / "PWNED"
+    run = _copy_run(one_step_run, tmp_path / "run")
+    run_common = _copy_run(one_step_run, tmp_path / "run_common")
+    optim = run / "checkpoints" / "step_000001" / "model_optim"
+    bad = tmp_path / "bad_ckpt"
+    shutil.copytree(converted, bad)
+    for folder in (optim, bad / "model"):
+        subprocess.run([sys.executable, "-c", _HOSTILE_BYTES, folder, marker], check=True)
+    common = run_common / "checkpoints" / "step_000001" / "model_optim" / "common.pt"
+    if common.is_file():  # megatron-core < 0.19; loaded without an explicit weights_only
+        subprocess.run(
+            [sys.executable, "-c", _HOSTILE_BYTES, common.parent, marker, "common"], check=True
+        )
+    grpo = ("algorithm=grpo", f"algorithm.ref_model={bad}")
+    to_hf = ["--mcore-dir", str(bad), "--out-dir", str(tmp_path / "hf")]
+    launches = {  # started together: each is refused within seconds
+        "resume": (_cmd(tiny_model, run, "trainer.max_steps=2"), {}),
+        "model.path": (_cmd(bad, tmp_path / "run1", "trainer.max_steps=1"), {}),
+        "ref_model": (_cmd(converted, tmp_path / "run2", "trainer.max_steps=1", *grpo), {}),
+        "convert": ([sys.executable, str(REPO / "tools" / "convert_mcore_to_hf.py"), *to_hf], {}),
+    }
+    if common.is_file():  # an environment that turns torch's default off
+        cmd = _cmd(tiny_model, run_common, "trainer.max_steps=2")
+        launches["common.pt"] = (cmd, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    procs = {
+        name: subprocess.Popen(
+            cmd,
+            env={**_env(), **env},
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (cmd, env) in launches.items()
+    }
+    errs = {name: p.communicate(timeout=300)[1] for name, p in procs.items()}
+    assert not marker.exists(), "a checkpoint's pickle ran code"
+    for name, p in procs.items():
+        assert p.returncode != 0, name
+    record = "refusing to load posix.system from a bytes record"
+    assert f"{optim}/__0_" in errs["resume"] and record in errs["resume"]
+    for name in ("model.path", "ref_model", "convert"):
+        assert f"{bad / 'model'}/__0_" in errs[name] and record in errs[name], errs[name][-2000:]
+    if "common.pt" in errs:
+        assert "refusing to load posix.system from a checkpoint file" in errs["common.pt"]
 
 
 _ENOSPC_RUNNER = """

@@ -9,8 +9,9 @@
 
 Each checkpoint is written into ``step_N.tmp`` and renamed when complete, so a crash or a kill
 during a write leaves the previous checkpoints whole; ``.tmp`` folders are never loaded. Our own
-state is JSON and safetensors; megatron's ``model_optim/.metadata`` is a pickle, read through
-``bridge.safe_metadata`` (metadata classes only), and its tensors with ``weights_only`` loads.
+state is JSON and safetensors; megatron's ``model_optim/`` holds pickles (``.metadata``, bytes
+records in ``.distcp`` files, ``common.pt``), all read through ``bridge.safe_metadata``'s
+restricted unpicklers.
 """
 
 from __future__ import annotations
@@ -219,7 +220,6 @@ def _prune(root: Path, keep_last: int) -> None:
 
 def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG from ``ckpt``; return the trainer state."""
-    safe_metadata.install()  # .metadata is unpickled: admit only metadata classes
     ckpt = Path(ckpt)
     trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
     check_mcore_version(trainer_state.get("megatron_core"), ckpt / "trainer_state.json")
@@ -229,7 +229,8 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True),
     }
-    state = dist_checkpointing.load(sharded, str(ckpt / "model_optim"))
+    with safe_metadata.restricted_loads(ckpt / "model_optim"):  # no pickle in it may run code
+        state = dist_checkpointing.load(sharded, str(ckpt / "model_optim"))
     result = torch.nn.Module.load_state_dict(model, state["model"], strict=False)
     missing = [k for k in result.missing_keys if not is_checkpoint_only(k)]
     if missing:
