@@ -203,3 +203,21 @@ def test_run_dir_lock_is_per_rank_and_excludes_the_same_rank_of_another_process(
         timeout=60,
     )
     assert proc.stdout.split() == [".lock.rank1", "held", ".lock", "free"], proc.stderr
+
+
+def test_rounds_without_a_trainable_group_are_counted_then_stop_naming_the_key():
+    from megatron_gvpo.trainer.groups import PromptGroup, reward_metrics
+    from megatron_gvpo.trainer.guards import NoTrainableRoundsError, StepGuard
+
+    # two domains, one of which lost every response: its means are left out, nothing divides by 0
+    groups = [PromptGroup([1], [[2], [3]], [1.0, 0.0], "a"), PromptGroup([1], [], [], "b")]
+    assert reward_metrics(groups)["reward/mean/a"] == 0.5
+    assert "reward/mean/b" not in reward_metrics(groups)
+    guard = StepGuard(max_consecutive_skips=2)
+    assert guard.round_trainable(False, "16 failed rewards") is False
+    assert guard.round_trainable(True, "") is True  # a trained round resets the count
+    assert guard.round_trainable(False, "16 failed rewards") is False
+    with pytest.raises(NoTrainableRoundsError, match=r"2 rounds in a row .*16 failed rewards"):
+        guard.round_trainable(False, "16 failed rewards")
+    with pytest.raises(NoTrainableRoundsError, match=r"trainer\.max_consecutive_skips=2"):
+        guard.round_trainable(False, "")

@@ -102,6 +102,12 @@ def overflowing_loss(sample):
     # float32-finite, but its square is not: the loss is inf on every step
     return 1e30 if next(_calls) % 5 == 0 else 0.5
 
+def fails_in_the_first_round(sample):
+    # every reward of round 1 (4 prompts x 4 samples) fails, then the toy reward
+    if next(_calls) < 16:
+        return float("nan")
+    return toy_reward(sample.response, sample.label or "")
+
 def hangs_after_first_step(sample):
     if next(_calls) >= 16:  # 4 prompts x 4 samples per step
         time.sleep(3600)
@@ -509,5 +515,24 @@ def test_a_second_trainer_on_a_held_run_dir_refuses_and_a_killed_holder_does_not
     assert len(lines) == 1, proc.stderr[-3000:]
     assert f"trainer.run_dir={run} " in lines[0] and f"pid {holder.pid}" in lines[0]
     assert sorted(p.name for p in run.iterdir()) == [".lock"]  # no hydra/, log or metrics
-    train(tiny_model, run, "trainer.max_steps=1")  # the stale lock file does not block
-    assert [r["step"] for r in metrics(run)] == [1]
+    from megatron_gvpo.trainer.runlock import hold_run_dir
+
+    assert hold_run_dir(run) == run / ".lock"  # the killed holder's file does not block
+    assert f"pid {os.getpid()} " in (run / ".lock").read_text()
+
+
+def test_a_round_whose_rewards_all_fail_is_skipped_and_counted(tiny_model, tmp_path):
+    extra = _reward_module(tmp_path, _REWARDS)
+    run = tmp_path / "run"
+    train(
+        tiny_model,
+        run,
+        "trainer.max_steps=2",
+        'reward.rewards=[{name: "fault_rewards:fails_in_the_first_round", timeout_s: null}]',
+        extra=extra,
+    )
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["train/skipped_rounds"] for r in rows] == [1, 0]
+    assert rows[0]["filter/reward_failed"] == 16 and "loss" not in rows[0]
+    assert rows[1]["filter/reward_failed"] == 0 and "loss" in rows[1]

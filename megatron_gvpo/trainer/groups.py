@@ -256,6 +256,8 @@ def reward_metrics(groups: Sequence[PromptGroup]) -> dict[str, float]:
         by_domain.setdefault(str(g.domain), []).extend(g.rewards)
     if len(by_domain) > 1:
         for d, xs in by_domain.items():
+            if not xs:  # every response of the domain was dropped
+                continue
             metrics[f"reward/mean/{d}"] = sum(xs) / len(xs)
             metrics[f"reward/accuracy/{d}"] = sum(x >= 1.0 - 1e-9 for x in xs) / len(xs)
     if lengths:

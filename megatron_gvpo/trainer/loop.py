@@ -135,6 +135,8 @@ class Trainer:
         groups = drop_stale(groups, self.step - 1, self.rounds.max_staleness, metrics)
         metrics.update(reward_metrics(groups))
         fresh = [g for g in groups if g.responses]
+        if not self._trainable(fresh, metrics):
+            return self._skipped_round(metrics, clock)
         rng = random.Random(request_seed(t.seed, self.step, -1))
         batch = to_batch(
             mix_replay(fresh, self.replay, t.replay_ratio, rng, metrics), self.prompts.domains
@@ -152,6 +154,29 @@ class Trainer:
             metrics.update(self.weight_sync.sync(version=self.step))
         metrics.update(self.rounds.metrics())
         metrics.update(clock.metrics(tokens=sum(batch.lengths)))
+        return metrics
+
+    def _trainable(self, fresh: list, metrics: dict) -> bool:
+        """Whether a group with two responses is left; counts the round if not (raises after
+        ``trainer.max_consecutive_skips`` in a row)."""
+        trainable = any(len(g.responses) >= 2 for g in fresh)
+        why = f"{metrics.get('filter/reward_failed', 0)} failed rewards, "
+        why += f"{metrics.get('filter/short_responses', 0)} short responses"
+        ok = self.step_guard.round_trainable(trainable, why)
+        metrics["train/skipped_rounds"] = int(not ok)
+        return ok
+
+    def _skipped_round(self, metrics: dict, clock: _PhaseClock) -> dict:
+        """A round with nothing to train on: no update; the engine is still tagged with the step
+        (samples keep their versions) and the round is logged."""
+        with clock("rollout_wait"):
+            self.rounds.wait_idle()
+        with clock("sync"):
+            metrics.update(self.weight_sync.sync(version=self.step))
+        metrics["train/skipped_steps"] = 0
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics.update(self.rounds.metrics())
+        metrics.update(clock.metrics(tokens=0))
         return metrics
 
     def _rollout(self, step: int, rows) -> RolloutResult:
