@@ -149,6 +149,13 @@ def _raw(**sections) -> dict:
         ({"rollout": {"top_k": 0}}, "rollout.top_k must be -1 (off) or >= 1"),
         ({"reward": {"on_error": "skip"}}, "reward.on_error='skip'"),
         ({"trainer": {"max_consecutive_skips": 0}}, "trainer.max_consecutive_skips"),
+        ({"trainer": {"lr": float("inf")}}, "trainer.lr must be a finite number, got inf"),
+        ({"trainer": {"clip_grad": float("nan")}}, "trainer.clip_grad must be a finite number"),
+        ({"trainer": {"weight_decay": float("nan")}}, "trainer.weight_decay must be a finite"),
+        (
+            {"trainer": {"max_tokens_per_microbatch": 1}},
+            "trainer.max_tokens_per_microbatch=1 cannot hold one sample",
+        ),
     ],
 )
 def test_bad_values_fail_in_config_validation_naming_the_key(sections, message):
@@ -221,3 +228,50 @@ def test_rounds_without_a_trainable_group_are_counted_then_stop_naming_the_key()
         guard.round_trainable(False, "16 failed rewards")
     with pytest.raises(NoTrainableRoundsError, match=r"trainer\.max_consecutive_skips=2"):
         guard.round_trainable(False, "")
+
+
+def test_max_new_tokens_past_the_models_context_is_refused_before_any_model(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(
+        json.dumps({"model_type": "llama", "max_position_embeddings": 16})
+    )
+    raw = _raw(model={"path": str(d)}, rollout={"max_new_tokens": 16})
+    with pytest.raises(ValueError, match=r"rollout\.max_new_tokens=16 leaves no room .*=16"):
+        run_config_from_dict(raw)
+    run_config_from_dict(_raw(model={"path": str(d)}, rollout={"max_new_tokens": 15}))
+
+
+def test_prompts_that_leave_no_room_for_a_response_are_dropped_and_counted(tmp_path, caplog):
+    from megatron_gvpo.data.prompts import DataConfig, load_prompts
+    from megatron_gvpo.trainer.data import prompt_room
+
+    tok = build_char_tokenizer()
+    texts = ["1 + 2 =", "11 + 22 =", "111 + 222 =", "1"]
+    rows = tmp_path / "p.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": t, "answer": "0"}) + "\n" for t in texts))
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 14}))
+    room = prompt_room(tmp_path, max_new_tokens=4, max_tokens_per_microbatch=4096)
+    assert room[0] == 10 and "max_position_embeddings=14" in room[1]
+    assert prompt_room(tmp_path, 4, 12)[0] == 8  # the micro-batch budget binds first
+    lengths = [len(tok(t)["input_ids"]) for t in texts]
+    with caplog.at_level("WARNING"):
+        data = load_prompts(DataConfig(path=str(rows)), tok, room)
+    assert [p.text for p in data] == [t for t, n in zip(texts, lengths, strict=True) if n + 4 <= 14]
+    assert data.stats.no_room == sum(n + 4 > 14 for n in lengths) > 0
+    assert f"dropped {data.stats.no_room} prompt(s) longer than 10 tokens" in caplog.text
+
+
+def test_pairs_whose_chosen_equals_rejected_are_named_in_a_warning(tmp_path, caplog):
+    from megatron_gvpo.data.preference import PreferenceDataConfig, load_pairs
+
+    rows = tmp_path / "pairs.jsonl"
+    pairs = [("1 + 1 =", " 2", " 3"), ("2 + 2 =", " 4", " 4"), ("3 + 3 =", " 6", " 6")]
+    rows.write_text(
+        "".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in pairs)
+    )
+    with caplog.at_level("WARNING"):
+        data = load_pairs(PreferenceDataConfig(path=str(rows)), build_char_tokenizer())
+    assert len(data) == 3  # kept: a warning, not an error
+    assert "2 pair(s) whose 'chosen' and 'rejected' are the same tokens" in caplog.text
+    assert f"{rows}:2" in caplog.text

@@ -63,6 +63,7 @@ class LoadStats:
     kept: int = 0
     bad: int = 0
     too_long: int = 0
+    no_room: int = 0  # prompts that leave no room for a full-length response (``room``)
     bad_examples: list[str] = field(default_factory=list)  # the first few reasons
 
 
@@ -256,8 +257,15 @@ def _encode(texts: list[str], templated: list[bool], tokenizer) -> list[list[int
     return out
 
 
-def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
-    """Read, validate and tokenise ``cfg.path``; drop (and count) prompts over the length limit."""
+def load_prompts(
+    cfg: DataConfig, tokenizer, room: tuple[int, str] | None = None
+) -> PromptDataset:
+    """Read, validate and tokenise ``cfg.path``; drop (and count) prompts over the length limit.
+
+    ``room``: (the most prompt tokens that leave room for a full-length response, what sets that
+    bound); longer prompts are dropped and counted too (a response would run past the model's
+    context or the micro-batch budget).
+    """
     if cfg.max_prompt_length < 1:
         raise DataError(f"data.max_prompt_length must be >= 1, got {cfg.max_prompt_length}")
     rows, stats = read_rows(cfg)
@@ -275,13 +283,16 @@ def load_prompts(cfg: DataConfig, tokenizer) -> PromptDataset:
         if len(ids) > cfg.max_prompt_length:
             stats.too_long += 1
             continue
+        if room is not None and len(ids) > room[0]:
+            stats.no_room += 1
+            continue
         prompts.append(Prompt(ids, text, row.answer, row.domain, row.metadata, row.source))
     stats.kept = len(prompts)
-    _report(cfg, stats)
+    _report(cfg, stats, room)
     return PromptDataset(prompts, stats)
 
 
-def _report(cfg: DataConfig, stats: LoadStats) -> None:
+def _report(cfg: DataConfig, stats: LoadStats, room: tuple[int, str] | None = None) -> None:
     if stats.bad:
         logger.warning(
             "data.path: skipped %d malformed row(s) of %d; first: %s",
@@ -296,8 +307,15 @@ def _report(cfg: DataConfig, stats: LoadStats) -> None:
             stats.too_long,
             cfg.max_prompt_length,
         )
+    no_room = ""
+    if room is not None:
+        no_room = f"longer than {room[0]} tokens, which leave no room for a response ({room[1]})"
+    if stats.no_room:
+        logger.warning("data.path: dropped %d prompt(s) %s", stats.no_room, no_room)
     if not stats.kept:
         raise DataError(
             f"data.path: no prompts left ({stats.rows} rows read, {stats.bad} malformed, "
-            f"{stats.too_long} over data.max_prompt_length={cfg.max_prompt_length})"
+            f"{stats.too_long} over data.max_prompt_length={cfg.max_prompt_length}"
+            + (f", {stats.no_room} {no_room}" if stats.no_room else "")
+            + ")"
         )

@@ -42,7 +42,7 @@ from megatron_gvpo.trainer.batch import (
 )
 from megatron_gvpo.trainer.checkpoint import RunState
 from megatron_gvpo.trainer.config import RunConfig
-from megatron_gvpo.trainer.data import PromptSource
+from megatron_gvpo.trainer.data import PromptSource, prompt_room
 from megatron_gvpo.trainer.groups import (
     RolloutResult,
     drop_stale,
@@ -84,8 +84,10 @@ class Trainer:
         # (the config itself was validated whole by run_config_from_dict).
         self.rewards = build_rewards(cfg.reward) if is_rank0() else None
         self.model_path = resolve_model_path(cfg.model)
+        room = prompt_room(self.model_path, r.max_new_tokens, t.max_tokens_per_microbatch)
         self.prompts = PromptSource(
-            cfg.data, self.model_path, self.run_dir, t.prompts_per_step, cfg.model.trust_remote_code
+            cfg.data, self.model_path, self.run_dir, t.prompts_per_step, cfg.model.trust_remote_code,
+            room,
         )
         self.objective = build_objective(cfg.algorithm, self.prompts.domains)
         initialize(cfg.parallel)
