@@ -275,3 +275,59 @@ def test_pairs_whose_chosen_equals_rejected_are_named_in_a_warning(tmp_path, cap
     assert len(data) == 3  # kept: a warning, not an error
     assert "2 pair(s) whose 'chosen' and 'rejected' are the same tokens" in caplog.text
     assert f"{rows}:2" in caplog.text
+
+
+def test_invalid_utf8_in_jsonl_names_the_line_and_can_be_skipped(tmp_path):
+    from megatron_gvpo.data.prompts import DataConfig, DataError, load_prompts
+
+    rows = tmp_path / "p.jsonl"
+    good = json.dumps({"prompt": "1 + 1 =", "answer": "2"}).encode() + b"\n"
+    rows.write_bytes(good + b'{"prompt": "caf\xe9 =", "answer": "1"}\n' + good)
+    with pytest.raises(DataError, match=rf"{rows}:2: invalid UTF-8 .*data\.skip_bad_rows"):
+        load_prompts(DataConfig(path=str(rows)), build_char_tokenizer())
+    data = load_prompts(DataConfig(path=str(rows), skip_bad_rows=True), build_char_tokenizer())
+    assert len(data) == 2 and data.stats.bad == 1
+
+
+def test_a_model_path_symlink_loop_and_an_unwritable_run_dir_are_named(tmp_path):
+    from megatron_gvpo.trainer.runlock import RunDirError, hold_run_dir
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(FileNotFoundError, match=rf"model\.path={a}: a symlink loop"):
+        run_config_from_dict(_raw(model={"path": str(a)}))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunDirError, match=r"trainer\.run_dir=.*/file/run cannot be written"):
+        hold_run_dir(tmp_path / "file" / "run")
+
+
+def test_resuming_with_another_reward_is_refused_and_redacted_secrets_are_not_a_change(tmp_path):
+    from megatron_gvpo.trainer.guards import check_resume_config
+    from megatron_gvpo.trainer.secrets import redact
+
+    def config(name: str, key: str) -> dict:
+        return {"reward": {"rewards": [{"name": name, "kwargs": {"api_key": key}}]}}
+
+    (tmp_path / "trainer_state.json").write_text(
+        json.dumps({"step": 1, "config": redact(config("math", "sk-1"))})
+    )
+    assert "sk-1" not in (tmp_path / "trainer_state.json").read_text()
+    check_resume_config(tmp_path, config("math", "sk-1"), allow=False)  # the same reward
+    with pytest.raises(ValueError, match=r"reward\.rewards: .*'math'.* -> .*'format'"):
+        check_resume_config(tmp_path, config("format", "sk-1"), allow=False)
+
+
+def test_a_short_write_on_a_full_filesystem_is_reported_as_a_full_disk(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from megatron_gvpo.trainer import checkpoint
+
+    usage = namedtuple("usage", "total used free")
+    # what torch's zip writer raises when the disk fills mid-write (no errno)
+    err = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 4096))
+    assert checkpoint._disk_full(err, tmp_path / "step_000002.tmp")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 0, 1 << 40))
+    assert not checkpoint._disk_full(err, tmp_path / "step_000002.tmp")  # some other failure

@@ -536,3 +536,33 @@ def test_a_round_whose_rewards_all_fail_is_skipped_and_counted(tiny_model, tmp_p
     assert [r["train/skipped_rounds"] for r in rows] == [1, 0]
     assert rows[0]["filter/reward_failed"] == 16 and "loss" not in rows[0]
     assert rows[1]["filter/reward_failed"] == 0 and "loss" in rows[1]
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(
+    tiny_model, one_step_run, tmp_path
+):
+    import shutil
+
+    run = _copy_run(one_step_run, tmp_path / "run")
+    # A newer checkpoint whose weights file was cut short (a crash or a full disk mid-copy).
+    step1, step2 = run / "checkpoints" / "step_000001", run / "checkpoints" / "step_000002"
+    shutil.copytree(step1, step2)
+    state = json.loads((step2 / "trainer_state.json").read_text())
+    (step2 / "trainer_state.json").write_text(json.dumps({**state, "step": 2}))
+    shard = sorted((step2 / "model_optim").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    env = {k: v for k, v in _env().items() if k != "PYTHONWARNINGS"}  # what a user sees
+    proc = subprocess.run(
+        _cmd(tiny_model, run, "trainer.max_steps=2"),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warning = f"warning: checkpoint {step2} is unreadable (EOFError); resuming from {step1}\n"
+    assert warning in proc.stderr
+    assert f"resumed from {step1} at step 1" in proc.stdout
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+    assert "FutureWarning" not in proc.stderr  # library deprecations stay in train.log

@@ -65,6 +65,10 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint metadata file references something other than plain metadata."""
 
 
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint metadata file is truncated or garbled (not a refused global)."""
+
+
 class MetadataUnpickler(pickle.Unpickler):
     """Unpickles torch distributed-checkpoint metadata and refuses every other global."""
 
@@ -90,7 +94,9 @@ def load_metadata(stream, source: str) -> Any:
     except UnsafeCheckpointError:
         raise
     except Exception as e:  # truncated or garbled: name the file
-        raise UnsafeCheckpointError(f"{source}: unreadable checkpoint metadata ({e!r})") from e
+        raise UnreadableCheckpointError(
+            f"{source}: unreadable checkpoint metadata ({e!r})"
+        ) from None
 
 
 def read_metadata_file(path: str | Path) -> Any:

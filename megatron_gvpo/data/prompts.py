@@ -123,11 +123,18 @@ def resolve_files(path: str | list[str] | tuple[str, ...], key: str = "data.path
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """(``file:line``, parsed row or the ``_BadRow`` saying why not); lines are decoded one by
+    one, so invalid UTF-8 is a bad row naming its line like invalid JSON."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, _BadRow(f"invalid UTF-8 (byte {e.start + 1} of the line)")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:

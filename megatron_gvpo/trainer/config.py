@@ -11,6 +11,7 @@ combinations; every error names the Hydra key, one command-line override away fr
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -407,8 +408,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"model.transformer_impl={m.transformer_impl!r}: auto, transformer_engine or local"
         )
     m.fp8.validate(m.precision, m.transformer_impl)  # hardware checks too: fail before any model
-    if m.path is not None and not Path(m.path).exists():
-        raise FileNotFoundError(f"model.path={m.path}: no such file or directory")
+    if m.path is not None:
+        _check_exists(Path(m.path), "model.path")
     if m.path is not None:
         context = _check_model_type(Path(m.path))
         if r.max_new_tokens >= context and not objective.offline:
@@ -436,6 +437,25 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             "to the field that holds it"
         )
     cfg.data.check_files()
+
+
+def _check_exists(path: Path, key: str) -> None:
+    """``path`` exists; a symlink loop or a dangling link is named as such (``Path.exists`` says
+    only False for both)."""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python 3.11 raises this for a loop
+        raise FileNotFoundError(f"{key}={path}: a symlink loop") from None
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise FileNotFoundError(
+                f"{key}={path}: a symlink to {os.readlink(path)}, which does not exist"
+            ) from None
+        raise FileNotFoundError(f"{key}={path}: no such file or directory") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FileNotFoundError(f"{key}={path}: a symlink loop") from None
+        raise FileNotFoundError(f"{key}={path}: {e.strerror}") from None
 
 
 def _check_model_type(path: Path) -> int:

@@ -174,7 +174,8 @@ class StopSignal:
         return stop
 
 
-# What a resumed run may not silently change: the objective, its optimisation and its groups.
+# What a resumed run may not silently change: the objective, its optimisation, its groups and
+# what scores them.
 RESUME_KEYS = (
     "algorithm",
     "trainer.lr",
@@ -188,6 +189,8 @@ RESUME_KEYS = (
     "rollout.n_samples_per_prompt",
     "rollout.temperature",
     "model.precision",
+    "reward.rewards",  # compared as saved: secrets redacted on both sides
+    "reward.on_error",
 )
 
 
@@ -220,7 +223,10 @@ def check_resume_config(ckpt: Path, current: dict, allow: bool) -> None:
     saved = json.loads((ckpt / "trainer_state.json").read_text()).get("config")
     if not saved:
         return
-    changes = config_changes(saved, json.loads(json.dumps(current)))  # tuples as saved: lists
+    from megatron_gvpo.trainer.secrets import redact
+
+    # as saved: redacted (secrets are ***), tuples as lists
+    changes = config_changes(saved, json.loads(json.dumps(redact(current))))
     if not changes:
         return
     listing = "\n  ".join(changes)

@@ -37,7 +37,11 @@ _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 _HELD: dict[Path, int] = {}  # run dir -> descriptor holding its lock in this process
 
 
-class RunDirBusy(RuntimeError):
+class RunDirError(RuntimeError):
+    """The run directory cannot be used: not writable, or held by another trainer."""
+
+
+class RunDirBusy(RunDirError):
     """Another live process holds the run directory's lock."""
 
 
@@ -51,15 +55,23 @@ def hold_run_dir(run_dir: str | Path, rank: int | None = None) -> Path:
     """Lock ``run_dir`` for this process until it exits (idempotent); returns the lock file.
 
     Raises :class:`RunDirBusy` naming the directory and the holder when another live process
-    has it. ``rank`` defaults to ``$RANK`` (0 outside torchrun).
+    has it, :class:`RunDirError` when the directory cannot be created or written (read-only
+    filesystem, no permission, a file in the way). ``rank`` defaults to ``$RANK`` (0 outside
+    torchrun).
     """
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-    run_dir = Path(run_dir).resolve()
+    run_dir = Path(run_dir).absolute()
     if run_dir in _HELD:
         return lock_path(run_dir, rank)
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = lock_path(run_dir, rank)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise RunDirError(
+            f"trainer.run_dir={run_dir} cannot be written ({e.strerror or e}: "
+            f"{e.filename or path})"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -99,5 +111,5 @@ class RunDirLockCallback(Callback):
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
         try:
             hold_run_dir(config.trainer.run_dir)
-        except RunDirBusy as e:
+        except RunDirError as e:
             raise SystemExit(f"error: {e}") from None
