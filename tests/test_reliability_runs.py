@@ -345,45 +345,31 @@ with open(os.path.join(folder, ".metadata"), "wb") as f:
 """
 
 
-def test_hostile_bytes_records_and_common_pt_never_run_on_any_load_path(
+def test_hostile_bytes_records_never_run_on_any_load_path(
     tiny_model, one_step_run, converted, tmp_path
 ):
     import shutil
 
     marker = tmp_path / "PWNED"
     run = _copy_run(one_step_run, tmp_path / "run")
-    run_common = _copy_run(one_step_run, tmp_path / "run_common")
     optim = run / "checkpoints" / "step_000001" / "model_optim"
     bad = tmp_path / "bad_ckpt"
     shutil.copytree(converted, bad)
     for folder in (optim, bad / "model"):
         subprocess.run([sys.executable, "-c", _HOSTILE_BYTES, folder, marker], check=True)
-    common = run_common / "checkpoints" / "step_000001" / "model_optim" / "common.pt"
-    if common.is_file():  # megatron-core < 0.19; loaded without an explicit weights_only
-        subprocess.run(
-            [sys.executable, "-c", _HOSTILE_BYTES, common.parent, marker, "common"], check=True
-        )
     grpo = ("algorithm=grpo", f"algorithm.ref_model={bad}")
     to_hf = ["--mcore-dir", str(bad), "--out-dir", str(tmp_path / "hf")]
     launches = {  # started together: each is refused within seconds
-        "resume": (_cmd(tiny_model, run, "trainer.max_steps=2"), {}),
-        "model.path": (_cmd(bad, tmp_path / "run1", "trainer.max_steps=1"), {}),
-        "ref_model": (_cmd(converted, tmp_path / "run2", "trainer.max_steps=1", *grpo), {}),
-        "convert": ([sys.executable, str(REPO / "tools" / "convert_mcore_to_hf.py"), *to_hf], {}),
+        "resume": _cmd(tiny_model, run, "trainer.max_steps=2"),
+        "model.path": _cmd(bad, tmp_path / "run1", "trainer.max_steps=1"),
+        "ref_model": _cmd(converted, tmp_path / "run2", "trainer.max_steps=1", *grpo),
+        "convert": [sys.executable, str(REPO / "tools" / "convert_mcore_to_hf.py"), *to_hf],
     }
-    if common.is_file():  # an environment that turns torch's default off
-        cmd = _cmd(tiny_model, run_common, "trainer.max_steps=2")
-        launches["common.pt"] = (cmd, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
     procs = {
         name: subprocess.Popen(
-            cmd,
-            env={**_env(), **env},
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        for name, (cmd, env) in launches.items()
+        for name, cmd in launches.items()
     }
     errs = {name: p.communicate(timeout=300)[1] for name, p in procs.items()}
     assert not marker.exists(), "a checkpoint's pickle ran code"
@@ -393,8 +379,23 @@ def test_hostile_bytes_records_and_common_pt_never_run_on_any_load_path(
     assert f"{optim}/__0_" in errs["resume"] and record in errs["resume"]
     for name in ("model.path", "ref_model", "convert"):
         assert f"{bad / 'model'}/__0_" in errs[name] and record in errs[name], errs[name][-2000:]
-    if "common.pt" in errs:
-        assert "refusing to load posix.system from a checkpoint file" in errs["common.pt"]
+
+
+def test_hostile_common_pt_never_runs_even_when_the_environment_turns_weights_only_off(
+    tmp_path, monkeypatch
+):
+    # megatron-core 0.16-0.18 torch.load common.pt without weights_only: torch's default then
+    # decides, and TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns it off.
+    from megatron_gvpo.bridge.safe_metadata import UnsafeCheckpointError, restricted_loads
+
+    marker = tmp_path / "PWNED"
+    subprocess.run([sys.executable, "-c", _HOSTILE_BYTES, tmp_path, marker, "common"], check=True)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to load posix\.system"):
+        with restricted_loads(tmp_path):
+            torch.load(tmp_path / "common.pt", map_location="cpu")  # as megatron-core 0.16 does
+    assert not marker.exists()
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"  # restored afterwards
 
 
 _ENOSPC_RUNNER = """
