@@ -331,3 +331,27 @@ def test_a_short_write_on_a_full_filesystem_is_reported_as_a_full_disk(tmp_path,
     assert checkpoint._disk_full(err, tmp_path / "step_000002.tmp")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 0, 1 << 40))
     assert not checkpoint._disk_full(err, tmp_path / "step_000002.tmp")  # some other failure
+
+
+def test_started_servers_keep_off_the_trainers_gpus_outside_the_colocated_mode(monkeypatch):
+    from megatron_gvpo.rollout.sglang.client import Endpoint
+    from megatron_gvpo.rollout.sglang.config import SGLangConfig
+    from megatron_gvpo.rollout.sglang.server import launch_command
+
+    def first_gpus(cfg: SGLangConfig) -> list[str]:
+        cmds = [launch_command(cfg, "m", Endpoint(k, "http://x", port=1)) for k in range(2)]
+        return [c[c.index("--base-gpu-id") + 1] for c in cmds]
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # the trainer holds GPUs 0 and 1 of this node
+    sglang = {"model_path": "m", "weight_sync": "distributed", "base_gpu_id": 0}
+    with pytest.raises(ValueError, match=r"rollout\.sglang: sglang\.base_gpu_id=0: .*GPUs 0-1"):
+        run_config_from_dict(_raw(rollout={"backend": "sglang", "sglang": sglang}))
+    for mode in ("distributed", "disk"):
+        cfg = SGLangConfig(
+            model_path="m", weight_sync=mode, sync_dir="/s", tp_size=2, num_servers=2
+        )
+        assert first_gpus(cfg) == ["2", "4"]  # GPUs 2-3 and 4-5
+    assert first_gpus(SGLangConfig(model_path="m", weight_sync="tensor")) == ["0", "1"]
+    assert first_gpus(
+        SGLangConfig(model_path="m", weight_sync="disk", sync_dir="/s", base_gpu_id=3)
+    ) == ["3", "4"]
