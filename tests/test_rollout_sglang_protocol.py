@@ -451,6 +451,31 @@ def test_begin_finish_update_control_flow_and_stale_version():
             "/end_weight_update", "/flush_cache", "/continue_generation", "/model_info"]
 
 
+def test_a_begin_refused_partway_leaves_no_server_paused_or_in_a_session():
+    with FakeSGLangServer() as a, FakeSGLangServer(refuse_begin=1) as b, \
+            attach(a, b, weight_sync="distributed") as eng:
+        with pytest.raises(SGLangError, match="weight update refused"):
+            eng.update_weights(_buckets(), version=1)
+        for fake in (a, b):
+            assert not fake.state.paused and not fake.state.session
+        assert sync_paths(a) == ["/pause_generation", "/begin_weight_update",
+                                 "/end_weight_update", "/continue_generation"]
+        assert eng.health() and eng.weight_version == -1
+
+
+def test_attaching_to_servers_left_paused_in_a_session_resumes_and_reclaims_them():
+    with FakeSGLangServer() as fake:
+        fake.state.paused = fake.state.session = True  # a trainer died inside its sync
+        with SGLangEngine(SGLangConfig(urls=[fake.url], **{**FAST, "startup_timeout_s": 5.0}),
+                          serializer=encode_standin_bucket) as eng:
+            assert eng.health()
+            eng.update_weights(_buckets(), version=2)
+            assert eng.weight_version == 2 and not fake.state.session
+        assert sync_paths(fake)[:5] == ["/continue_generation", "/pause_generation",
+                                        "/begin_weight_update", "/end_weight_update",
+                                        "/begin_weight_update"]
+
+
 # -- pause, flush, health, memory ----------------------------------------------------------------
 
 
