@@ -316,6 +316,9 @@ class FakeState:
             "crash_marker": "",  # ... unless this file exists (then crash once and create it)
             "stale_version": False,  # the live weight version reports an old value
             "health_wait_s": 0.2,  # a paused server's health check answers 503 after this
+            # as a router: the next N /health_generate answer 503 "No available workers" (its
+            # health checks hold the workers unhealthy after a long sync)
+            "no_available_workers": 0,
             # group-name part -> (other part, seconds): the first call naming part queues only
             # after a call naming other has queued, or after that many seconds (network latency
             # made deterministic for ordering tests)
@@ -441,6 +444,8 @@ def _fail(message: str) -> tuple[int, dict]:
 
 def health(h: _Handler, body: Any):
     st = h.state
+    if st.take("no_available_workers"):
+        return 503, {"error": {"message": "No available workers"}}
     with st.lock:
         paused = st.paused
     if paused:  # the health request waits on the pause like any generate request, then gives up

@@ -586,6 +586,22 @@ def test_router_mode_generates_via_router_and_syncs_workers(tmp_path):
     assert "/update_weights_from_disk" in worker_paths and "/generate" not in worker_paths
 
 
+def test_after_a_sync_the_engine_waits_for_the_router_to_route_again(tmp_path):
+    with FakeSGLangServer() as router, FakeSGLangServer() as worker, SGLangEngine(
+            SGLangConfig(router_url=router.url, urls=[worker.url], weight_sync="disk",
+                         sync_dir=str(tmp_path / "sync"), model_path=str(tmp_path), **FAST)) as eng:
+        (tmp_path / "config.json").write_text("{}")
+        router.state.faults["no_available_workers"] = 3  # the sync outlasted its health checks
+        eng.update_weights(_buckets(), version=1)
+        assert router.state.faults["no_available_workers"] == 0  # polled until it routed again
+        sample = eng.generate([GenerateRequest([1], n=1, seed=1)], SAMPLING)[0][0]
+        assert sample.weight_version == 1
+        router.state.faults["no_available_workers"] = 10**6  # it never recovers
+        eng.cfg.router_recovery_timeout_s = 0.3
+        with pytest.raises(SGLangError, match="router_recovery_timeout_s=0.3"):
+            eng.update_weights(_buckets(), version=2)
+
+
 def test_timeouts_behind_a_router_abort_on_the_workers():
     # sglang-router has no /abort_request: the abort goes to the workers (unknown rids: no-op)
     with FakeSGLangServer(slow_generate=1, slow_s=1.5) as router, FakeSGLangServer() as a, \

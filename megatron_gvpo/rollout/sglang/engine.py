@@ -225,6 +225,29 @@ class SGLangEngine(RolloutEngine):
             s.stale = False
         self._version = version
         self._client.bump("weight_syncs")
+        if self.cfg.router_url:
+            self._wait_for_router()
+
+    def _wait_for_router(self) -> None:
+        """Before the next rollout: poll the router's ``/health_generate`` (a generation through
+        it; 503 while it holds every worker unhealthy) until it routes again, at most
+        ``router_recovery_timeout_s``."""
+        router = self._pool.gen[0]
+        deadline = time.monotonic() + self.cfg.router_recovery_timeout_s
+        waited = False
+        while not self._client.probe(router):
+            if time.monotonic() > deadline:
+                raise SGLangError(
+                    f"router {router.url} did not route again within "
+                    f"rollout.sglang.router_recovery_timeout_s={self.cfg.router_recovery_timeout_s:g}"
+                    " s after a weight sync (its health checks marked the paused workers "
+                    "unhealthy; see README for the router's health-check flags)"
+                )
+            if not waited:
+                log.warning("router %s holds the workers unhealthy after the sync; waiting",
+                            router.url)
+                waited = True
+            time.sleep(self.cfg.health_poll_s)
 
     def abort_update(self) -> None:
         """After a failed sync: close open sessions and let generation continue (best effort);
