@@ -264,9 +264,7 @@ def _encode(texts: list[str], templated: list[bool], tokenizer) -> list[list[int
     return out
 
 
-def load_prompts(
-    cfg: DataConfig, tokenizer, room: tuple[int, str] | None = None
-) -> PromptDataset:
+def load_prompts(cfg: DataConfig, tokenizer, room: tuple[int, str] | None = None) -> PromptDataset:
     """Read, validate and tokenise ``cfg.path``; drop (and count) prompts over the length limit.
 
     ``room``: (the most prompt tokens that leave room for a full-length response, what sets that

@@ -69,8 +69,7 @@ def hold_run_dir(run_dir: str | Path, rank: int | None = None) -> Path:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise RunDirError(
-            f"trainer.run_dir={run_dir} cannot be written ({e.strerror or e}: "
-            f"{e.filename or path})"
+            f"trainer.run_dir={run_dir} cannot be written ({e.strerror or e}: {e.filename or path})"
         ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
