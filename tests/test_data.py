@@ -17,8 +17,10 @@ from megatron_gvpo.data.tokenizer import load_tokenizer
 from megatron_gvpo.demo.task import (
     build_char_tokenizer,
     generate_toy_dataset,
+    is_heldout,
     save_char_tokenizer,
     toy_reward,
+    worked_answer,
     write_jsonl,
 )
 
@@ -253,20 +255,20 @@ def test_char_tokenizer_round_trip(tmp_path, s):
     "response,answer,reward",
     [
         ("82", "82", 1.0),
-        (" 82\n", "82", 1.0),
-        ("83", "82", 0.25),
-        ("28", "82", 0.0),
+        (" 82\n", 82, 1.0),
+        ("83", "82", 0.0),
+        ("28", 82, 0.0),
         ("", "82", 0.0),
-        ("8", "82", 0.25),
-        ("820", "82", 1 / 3),
-        ("10", "100", 1 / 3),
-        ("1O0", "100", 1 / 3),
-        ("7", "7", 1.0),
-        ("7x", "7", 0.25),
+        ("820", "82", 0.0),
+        ("[2+0=2,8+0+0=8]82", 82, 1.0),  # work shown, then the answer
+        ("82, no: 83", "82", 0.0),  # the last integer counts
+        ("the sum is 100.", "100", 1.0),
+        ("-7", "-7", 1.0),
+        ("7", "seven", 0.0),  # an answer that is not an integer scores nothing
     ],
 )
 def test_toy_reward_table(response, answer, reward):
-    assert toy_reward(response, answer) == pytest.approx(reward, abs=1e-12)
+    assert toy_reward(response, answer) == reward
 
 
 def test_toy_dataset_splits_and_loading(tmp_path):
@@ -274,14 +276,35 @@ def test_toy_dataset_splits_and_loading(tmp_path):
     assert rows == generate_toy_dataset(200, seed=0)
     for r in rows:
         a, b = map(int, r["prompt"][:-1].split("+"))
-        assert len(r["prompt"]) == 6 and r["answer"] == str(a + b)
+        assert len(r["prompt"]) == 6 and r["answer"] == a + b
         assert r["domain"] == ("carry" if a % 10 + b % 10 >= 10 else "nocarry")
     train = {r["prompt"] for r in generate_toy_dataset(300, seed=1, split="train")}
     held = {r["prompt"] for r in generate_toy_dataset(100, seed=1, split="heldout")}
     assert train and held and not train & held
+    # One pair in five is held out, spread over every ones digit of both operands.
+    pairs = [(a, b) for a in range(100) for b in range(100) if is_heldout(a, b)]
+    assert 1800 < len(pairs) < 2200
+    assert {b % 10 for _, b in pairs} == set(range(10)) == {a % 10 for a, _ in pairs}
     f = write_jsonl(rows, tmp_path / "toy.jsonl")
     ds = load_prompts(DataConfig(path=str(f), max_prompt_length=7), build_char_tokenizer())
     assert len(ds) == 200 and ds.domains() == ["carry", "nocarry"]
+    assert all(p.answer == str(r["answer"]) for p, r in zip(ds, rows, strict=True))
+
+
+def test_worked_answers_are_right_column_by_column():
+    """Each column's sum is right, the carry is the ones column's tens digit, and the demo
+    reward reads the final sum."""
+    for a in range(100):
+        for b in range(100):
+            w = worked_answer(a, b)
+            ones, tens = w[1 : w.index("]")].split(",")
+            terms, total = ones.split("=")
+            assert [int(t) for t in terms.split("+")] == [a % 10, b % 10]
+            assert int(total) == a % 10 + b % 10
+            terms, tens_total = tens.split("=")
+            assert [int(t) for t in terms.split("+")] == [a // 10, b // 10, int(total) // 10]
+            assert int(tens_total) == a // 10 + b // 10 + int(total) // 10
+            assert w.endswith(f"]{a + b}") and toy_reward(w, a + b) == 1.0
 
 
 # ---------------------------------------------------------------- warm-start tool

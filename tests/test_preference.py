@@ -369,7 +369,7 @@ def test_train_metrics_and_restart_give_identical_metrics(char_model, tmp_path):
     out = _train(*common, f"trainer.run_dir={restarted}", "trainer.max_steps=6")
     assert "resumed from" in out.stdout and "step_000003" in out.stdout
     a, b = _rows(straight), _rows(restarted)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4, 5, 6]
     timing = ("time/", "throughput/")
     for x, y in zip(a, b, strict=True):
         assert {k: v for k, v in x.items() if not k.startswith(timing)} == {
@@ -377,11 +377,13 @@ def test_train_metrics_and_restart_give_identical_metrics(char_model, tmp_path):
         }, x["step"]
     keys = ["loss", "preference/loss", "preference/accuracy", "preference/margin"]
     keys += ["preference/accuracy/worst", "grad_norm", "robust/alpha/small", "robust/alpha/large"]
+    evals, a = a[0], a[1:]  # the step-0 row: eval only, before any update
+    assert all(k.startswith(("eval/", "time/")) for k in evals if k != "step")
     for r in a:
         assert all(k in r for k in keys), sorted(set(keys) - set(r))
     for g in ("small", "large"):  # per group: in the steps whose pairs include the group
         assert any(f"preference/accuracy/{g}" in r and f"preference/loss/{g}" in r for r in a)
-    for r in (a[2], a[5]):  # eval every 3 steps and at the end
+    for r in (evals, a[2], a[5]):  # eval at the start, every 3 steps and at the end
         for k in ("accuracy", "loss", "margin", "accuracy/small", "accuracy/worst"):
             assert f"eval/preference/{k}" in r
     assert "eval/preference/accuracy" not in a[0]

@@ -29,6 +29,7 @@ _SMALL = (
     "rollout.n_samples_per_prompt=4",
     "trainer.plot=false",
     "data.builtin_size=64",
+    "data.builtin_eval_size=0",  # no held-out eval: the fault rewards count their calls
 )
 
 

@@ -59,8 +59,14 @@ def train(cache: Path, *overrides: str, nproc: int = 1, ok: bool = True, extra_p
     return proc
 
 
-def metrics(run_dir: Path) -> list[dict]:
+def all_rows(run_dir: Path) -> list[dict]:
+    """Every row of ``metrics.jsonl``: the step-0 eval row, then one per step."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """The training steps' rows (step >= 1)."""
+    return [r for r in all_rows(run_dir) if r["step"] >= 1]
 
 
 def comparable(row: dict) -> dict:
@@ -74,31 +80,107 @@ def demo_cache(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("first_run")
     proc = train(cache, f"trainer.run_dir={run}", "trainer.max_steps=1")
     assert "building the demo model" in proc.stdout
-    assert (cache / "toy_addition_v1" / "model.safetensors").is_file()
+    assert (cache / "toy_addition_v2" / "model.safetensors").is_file()
     return cache
 
 
+def greedy_accuracy(hf_dir: Path, eval_file: Path) -> float:
+    """Held-out greedy accuracy by plain transformers ``generate`` (no trainer code): the last
+    integer of each decoded answer against the row's ``answer``."""
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(hf_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    rows = [json.loads(x) for x in eval_file.read_text().splitlines() if x]
+    ids = torch.tensor([tok(r["prompt"])["input_ids"] for r in rows])  # one length: no padding
+    with torch.no_grad():
+        out = model.generate(
+            ids, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+    right = 0
+    for r, seq in zip(rows, out[:, ids.shape[1] :].tolist(), strict=True):
+        seq = seq[: seq.index(tok.eos_token_id)] if tok.eos_token_id in seq else seq
+        found = re.findall(r"-?\d+", tok.decode(seq, skip_special_tokens=True))
+        right += bool(found) and int(found[-1]) == int(r["answer"])
+    return right / len(rows)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["gvpo", "grpo"])
-def test_demo_learns(demo_cache, tmp_path, algorithm):
-    """README's main command (the defaults), 60 steps: the reward curve rises by >= 0.2."""
+def test_demo_learns(demo_cache, tmp_path):
+    """README's main command (the defaults): held-out greedy accuracy, in the run's own eval,
+    rises by >= 0.2 and the sampled reward rises; an independent greedy decode by transformers
+    of the starting model and of the exported final one agrees with the run's eval. (The other
+    algorithms' learning on the demo: tools/compare_algorithms.py, docs/benchmarks.md.)"""
     run = tmp_path / "run"
-    train(demo_cache, f"trainer.run_dir={run}", f"algorithm={algorithm}")
-    rows = metrics(run)
-    assert [r["step"] for r in rows] == list(range(1, 61))
-    first = sum(r["reward/mean"] for r in rows[:10]) / 10
-    last = sum(r["reward/mean"] for r in rows[-10:]) / 10
-    assert last - first >= 0.2, (first, last)
+    train(demo_cache, f"trainer.run_dir={run}", "trainer.export_hf=true")
+    rows = all_rows(run)
+    assert [r["step"] for r in rows] == list(range(0, 61))
+    evals = {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
+    assert list(evals) == [0, 10, 20, 30, 40, 50, 60]  # at start, every 10 steps, at the end
+    assert 0.2 <= evals[0] <= 0.6 and evals[60] - evals[0] >= 0.2, evals
+    steps = rows[1:]
+    first = sum(r["reward/mean"] for r in steps[:10]) / 10
+    last = sum(r["reward/mean"] for r in steps[-10:]) / 10
+    assert last - first >= 0.1, (first, last)
+    eval_file = run / "data" / "eval.jsonl"
+    assert greedy_accuracy(demo_cache / "toy_addition_v2", eval_file) == pytest.approx(
+        evals[0], abs=0.03
+    )
+    hf = run / "checkpoints" / "step_000060" / "hf"
+    assert greedy_accuracy(hf, eval_file) == pytest.approx(evals[60], abs=0.03)
     keys = ("loss", "rollout/logprob_abs_diff/mean", "time/rollout", "time/train", "grad_norm")
-    keys += ("entropy", "delta_std", "c_std", "reward_var_explained") if algorithm == "gvpo" else ()
+    keys += ("entropy", "delta_std", "c_std", "reward_var_explained")
     for key in keys:
-        assert all(key in r for r in rows), key
+        assert all(key in r for r in steps), key
+    # 4 updates per round against one theta': from the second on, s != s' and the variance term
+    # acts (with one update per round delta would be 0 throughout).
+    assert all(r["delta_std"] > 0 for r in steps)
     # Engine and actor see the same weights after every sync: fp32 logprobs agree closely.
-    assert max(r["rollout/logprob_abs_diff/max"] for r in rows) < 1e-4
+    assert max(r["rollout/logprob_abs_diff/max"] for r in steps) < 1e-4
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "reward_curve.png").stat().st_size > 1000
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["step_000040", "step_000060"]  # save_interval 20, keep_last 2
+
+
+@pytest.mark.slow
+def test_eval_rows_best_checkpoint_and_resume(demo_cache, tmp_path):
+    """Evaluations at 0, 2, 4 (first run), then 6 after a resume: each exactly once; the best
+    step's checkpoint survives keep_last=1, is named by best.json, carries its HF export, and
+    decodes to the accuracy the run reported for it."""
+    run = tmp_path / "run"
+    common = (
+        f"trainer.run_dir={run}",
+        *_SMALL,
+        "trainer.eval_interval=2",
+        "trainer.save_interval=100",
+        "trainer.keep_last=1",
+        "trainer.save_best=eval/accuracy",
+        "trainer.export_hf=true",
+    )
+    out = train(demo_cache, *common, "trainer.max_steps=4")
+    assert [x.split(":")[0] for x in out.stdout.splitlines() if x.startswith("eval step")] == [
+        "eval step 0", "eval step 2", "eval step 4",
+    ]  # fmt: skip
+    out = train(demo_cache, *common, "trainer.max_steps=6")
+    assert "at step 4" in out.stdout
+    rows = all_rows(run)
+    assert [r["step"] for r in rows] == list(range(0, 7))
+    evals = {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
+    assert list(evals) == [0, 2, 4, 6]
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    trained = {s: v for s, v in evals.items() if s > 0}
+    top = max(trained.values())
+    assert best["metric"] == "eval/accuracy" and best["value"] == top
+    assert best["step"] == min(s for s, v in trained.items() if v == top)  # ties: the first
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert kept == sorted({best["path"], "step_000006"})
+    hf = run / "checkpoints" / best["path"] / "hf"
+    assert greedy_accuracy(hf, run / "data" / "eval.jsonl") == pytest.approx(top, abs=0.03)
 
 
 _SLOW_REWARD = """
@@ -109,7 +191,12 @@ def score(sample):
     time.sleep(0.03)  # slow enough that a kill lands inside a step
     return toy_reward(sample.response, sample.label or "")
 """
-_SMALL = ("trainer.prompts_per_step=8", "rollout.n_samples_per_prompt=4", "trainer.save_interval=3")
+_SMALL = (
+    "trainer.prompts_per_step=8",
+    "rollout.n_samples_per_prompt=4",
+    "trainer.save_interval=3",
+    "data.builtin_eval_size=16",
+)
 
 
 # Library noise that must not reach the console (it goes to train.log), and transformers'
@@ -199,8 +286,11 @@ def test_resume_after_kill_gives_identical_metrics(demo_cache, tmp_path):
 
     out = train(demo_cache, f"trainer.run_dir={killed}", *common, extra_path=tmp_path)
     assert "resumed from" in out.stdout and "step_000003" in out.stdout
-    a, b = metrics(straight), metrics(killed)
-    assert [r["step"] for r in b] == list(range(1, 7))
+    a, b = all_rows(straight), all_rows(killed)
+    # One row per step, the step-0 eval row once; the resumed run evaluates where the straight
+    # one does (step 0 before the kill, step 6 at the end), with the same greedy results.
+    assert [r["step"] for r in b] == list(range(0, 7))
+    assert [r["step"] for r in b if "eval/accuracy" in r] == [0, 6]
     for x, y in zip(a, b, strict=True):
         assert comparable(x) == comparable(y), x["step"]
 
@@ -227,7 +317,7 @@ def test_sigusr1_saves_the_current_step_and_exits_for_requeue(demo_cache, tmp_pa
     log = run / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
-        if log.is_file() and len(log.read_text().splitlines()) >= 2:
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:  # eval row 0, steps 1, 2
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)
@@ -238,7 +328,7 @@ def test_sigusr1_saves_the_current_step_and_exits_for_requeue(demo_cache, tmp_pa
     assert (run / "checkpoints" / f"step_{last:06d}" / "trainer_state.json").is_file()
     out = train(demo_cache, *args, f"trainer.max_steps={last + 1}", extra_path=tmp_path)
     assert f"at step {last}" in out.stdout
-    assert [r["step"] for r in metrics(run)] == list(range(1, last + 2))
+    assert [r["step"] for r in all_rows(run)] == list(range(0, last + 2))
 
 
 @pytest.mark.slow
@@ -254,7 +344,7 @@ def test_unfinished_checkpoint_write_leaves_previous_loadable(demo_cache, tmp_pa
             f.write_bytes(f.read_bytes()[:50])  # truncated mid-write
     out = train(demo_cache, f"trainer.run_dir={run}", *_SMALL, "trainer.max_steps=4")
     assert "step_000003 at step 3" in out.stdout
-    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    assert [r["step"] for r in all_rows(run)] == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.slow
@@ -284,7 +374,7 @@ def test_split_groups_replay_and_hf_export(demo_cache, tmp_path):
     assert all(r["rollout/logprob_abs_diff/max"] < 1e-4 for r in rows)
     hf = run / "checkpoints" / "step_000004" / "hf"
     model = AutoModelForCausalLM.from_pretrained(str(hf))
-    start = load_file(str(demo_cache / "toy_addition_v1" / "model.safetensors"))
+    start = load_file(str(demo_cache / "toy_addition_v2" / "model.safetensors"))
     trained = dict(model.named_parameters())
     assert set(start) == set(trained)
     changed = [n for n, w in start.items() if not torch.equal(w, trained[n].detach())]
@@ -335,6 +425,9 @@ def test_every_algorithm_trains(demo_cache, tmp_path, algorithm):
         f"algorithm={algorithm}",
         *_SMALL,
         "trainer.max_steps=2",
+        # one update per round: a step's metrics are then that update's (with several, each is
+        # the mean over the round's updates, and the mean of per-update maxima is no maximum)
+        "trainer.updates_per_round=1",
     )
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] > 0 for r in rows)
@@ -367,9 +460,14 @@ def test_async_rollout_with_bf16_engine_and_tis(demo_cache, tmp_path):
         "trainer.async_training.max_staleness=1",
         *_SMALL,
         "trainer.max_steps=4",
+        "trainer.updates_per_round=1",
+        "trainer.eval_interval=1",
     )
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # Every eval samples with the weights just synced (version = step), never a round generated
+    # ahead by older weights (the evaluator refuses other versions; here they are logged).
+    assert [r["eval/weight_version"] for r in all_rows(run)] == [0, 1, 2, 3, 4]
     # Round 1 is sampled by the starting weights (version 0) and trained at version 0; round t
     # was generated while round t - 1 trained: by version t - 2, trained at t - 1.
     assert [r["async/staleness_max"] for r in rows] == [0, 1, 1, 1]
@@ -416,6 +514,7 @@ def test_sglang_backend_with_per_stage_sync_against_the_protocol_fake(demo_cache
         "rollout.n_samples_per_prompt=4",
         "trainer.prompts_per_step=4",
         "trainer.max_steps=2",
+        "data.builtin_eval_size=8",
         "rollout.sglang.weight_sync=distributed",
         f"++rollout.sglang.launch_command=[{','.join(fake)}]",
         "++rollout.sglang.dist_backend=gloo",
@@ -425,10 +524,15 @@ def test_sglang_backend_with_per_stage_sync_against_the_protocol_fake(demo_cache
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["sync/gb_per_s"] > 0 and r["response_length/mean"] == 4 for r in rows)
-    # The engine's own counters reach the log, read at each rollout: one /generate per response;
-    # by step 2's rollout, the start-up sync and step 1's.
-    assert rows[-1]["engine/generate_requests"] == 2 * 4 * 4
+    # The engine's own counters reach the log, read at each rollout: one /generate per response
+    # (the step-0 eval's 8 greedy requests, then 4 x 4 per step); by step 2's rollout, the
+    # start-up sync and step 1's.
+    assert rows[-1]["engine/generate_requests"] == 8 + 2 * 4 * 4
     assert rows[-1]["engine/weight_syncs"] == 2 and rows[-1]["engine/retries"] == 0
+    # Eval goes through the same servers, on the weights just synced (step 0: the start-up ones).
+    evals = [r for r in all_rows(run) if "eval/accuracy" in r]
+    assert [(r["step"], r["eval/weight_version"]) for r in evals] == [(0, 0), (2, 2)]
+    assert all(0 <= r["eval/accuracy"] <= 1 and r["eval/response_length"] > 0 for r in evals)
 
 
 @pytest.mark.parametrize(
@@ -450,6 +554,9 @@ def test_sglang_backend_with_per_stage_sync_against_the_protocol_fake(demo_cache
         (["algorithm.eps_low=0.2"], "algorithm.eps_low"),  # GVPO has no clip
         (["rollout=sglang", "+rollout.sglang.bogus=1"], "rollout.sglang.bogus"),
         (["rollout=sglang", "rollout.sglang.weight_sync=nccl"], "rollout.sglang"),
+        (["eval.n_samples=4"], "eval.n_samples"),  # greedy samples would all be equal
+        (["data.builtin_eval_size=0", "trainer.save_best=eval/accuracy"], "trainer.save_best"),
+        (["+data.eval_sets={hard: /nonexistent/hard.jsonl}"], "data.eval_sets.hard"),
     ],
 )
 def test_bad_config_fails_before_any_model_is_built(tmp_path, overrides, key):

@@ -21,7 +21,8 @@ engine process's start-up is in the process wall time), steps per minute, the ac
 the rollout per step, the first-10 and last-10 mean reward, the reward gain per loop minute, and
 the last-10 reward at equal wall time (the steps done by the time the fastest run of the seed
 finished). ``mismatch`` reports per arm the last-10 and final reward and the engine/actor
-logprob gap (``rollout/logprob_abs_diff``), with the TIS weights where used.
+logprob gap (``rollout/logprob_abs_diff``), with the TIS weights where used. Both report the
+run's own held-out greedy accuracy (``eval/accuracy``: at step 0, midway, at the end).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def run(out: Path, arm: str, seed: int, overrides: list[str], steps: int) -> dic
     cmd = [
         sys.executable, "-m", "megatron_gvpo.train", f"trainer.run_dir={run_dir}",
         f"trainer.seed={seed}", f"data.seed={seed}", f"trainer.max_steps={steps}",
-        "trainer.plot=false", *overrides,
+        "trainer.plot=false", f"trainer.eval_interval={steps // 2}", *overrides,
     ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
@@ -80,7 +81,18 @@ def run(out: Path, arm: str, seed: int, overrides: list[str], steps: int) -> dic
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"rows": rows, "wall_s": wall}
+    evals = {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
+    return {"rows": [r for r in rows if r["step"] >= 1], "evals": evals, "wall_s": wall}
+
+
+def heldout(runs: dict) -> dict[str, float]:
+    """Held-out greedy accuracy at step 0, at the middle evaluation and at the end."""
+    steps = sorted(runs["evals"])
+    return {
+        "heldout_start": runs["evals"][steps[0]],
+        "heldout_mid": runs["evals"][steps[len(steps) // 2]],
+        "heldout_end": runs["evals"][steps[-1]],
+    }
 
 
 def _safe(name: str) -> str:
@@ -107,6 +119,7 @@ def summarise_async(runs: dict) -> dict:
         "gain_per_min": (_mean(reward[-10:]) - _mean(reward[:10])) / minutes,
         "staleness_mean": _mean([r.get("async/staleness_mean", 0.0) for r in rows]),
         "dropped": sum(r.get("async/dropped_stale", 0) for r in rows),
+        **heldout(runs),
         "cum": [sum(loop[: i + 1]) for i in range(len(loop))],
         "reward": reward,
     }
@@ -121,6 +134,7 @@ def summarise_mismatch(runs: dict) -> dict:
         "final": reward[-1],
         "lp_diff_mean": _mean([r["rollout/logprob_abs_diff/mean"] for r in rows]),
         "lp_diff_max": max(r["rollout/logprob_abs_diff/max"] for r in rows),
+        **heldout(runs),
     }
     if "tis_mean" in rows[0]:
         out["tis_mean"] = _mean([r["tis_mean"] for r in rows])

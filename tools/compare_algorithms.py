@@ -1,24 +1,25 @@
-"""GVPO against the GRPO family on the embedded demo, at equal rollouts, over several seeds.
+"""GVPO against the GRPO family on the embedded demo, judged on held-out evaluation.
 
-    python tools/compare_algorithms.py --steps 100 --seeds 0,1,2,3,4 --out runs/compare/results.json
+    python tools/compare_algorithms.py --seeds 0,1,2 --lrs 1e-4,3e-4,1e-3 --out runs/compare/sweep.json
+    python tools/compare_algorithms.py --seeds 0,1,2,3,4 --arm-lrs gvpo=3e-4,grpo=1e-3 --reuse
 
 Every run is an independent ``python -m megatron_gvpo.train`` subprocess on the demo config (README
 command 1) with ``OMP_NUM_THREADS=1``, at most ``--jobs`` at a time. For a given seed every arm
 sees the same prompts in the same order (``data.seed``), the same prompts per step, responses per
-prompt and steps, and the same per-request sampling seeds (``trainer.seed``); arms differ only in
-``algorithm.*`` and the overrides listed in ``ARMS``.
+prompt and steps, and the same per-request sampling seeds (``trainer.seed``): equal rollouts.
+Arms differ only in ``algorithm.*``, the overrides listed in ``ARMS`` and the learning rate.
 
-Two figures per run:
+The figures are the runs' own evaluation (``trainer/evaluate.py``), read from ``metrics.jsonl``:
+one held-out set (500 distinct held-out pairs of the demo task, the same file for every run),
+scored greedily (``eval/accuracy``) and, as the named set ``sampled``, its first 200 prompts with
+``--pass-k`` responses each at temperature 1 (``eval/sampled/pass@k``, ``eval/sampled/accuracy``
+= pass@1). Evaluations run at step 0, midway and at the end (``trainer.eval_interval`` =
+steps / 2).
 
-- ``last10_reward``: the mean of ``reward/mean`` (the sampled rollouts' reward) over the last 10
-  steps, from the run's ``metrics.jsonl``;
-- ``heldout_greedy_acc`` (and ``heldout_greedy_reward``): greedy decoding of the final policy
-  (the HF export of the last checkpoint, loaded by transformers) on held-out prompts, scored by
-  the demo reward. Held-out prompts are the pairs of the demo task's held-out split (never in the
-  warm-start data) that appear in none of the runs' RL prompt files, so no run trains on them.
-
-Prints a Markdown table (mean, sample std and min..max over seeds) and writes every run's figures
-to ``--out`` (JSON). ``--reuse`` keeps finished runs found under ``--run-root``.
+Each arm's learning rate is the one of ``--lrs`` (or ``--arm-lrs``) with the best mean final greedy
+accuracy over the seeds. Prints a Markdown table per learning rate (the sweep) and one at each
+arm's best learning rate: mean ± sample std over seeds, min..max. ``--reuse`` keeps finished runs
+found under ``--run-root``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,86 +38,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_gvpo.demo.task import (  # noqa: E402
-    generate_toy_dataset,
-    is_heldout,
-    toy_prompt,
-    toy_reward,
-)
-from megatron_gvpo.trainer.data import DataSection  # noqa: E402
+from megatron_gvpo.demo.task import write_jsonl  # noqa: E402
+from megatron_gvpo.trainer.data import toy_eval_rows  # noqa: E402
 
 # Arm name -> Hydra overrides on top of the demo config. Defaults of each algorithm otherwise.
 ARMS: dict[str, list[str]] = {
-    "gvpo": ["algorithm=gvpo"],  # beta 0.1 (the paper's), 1 update per rollout
+    "gvpo": ["algorithm=gvpo", "trainer.updates_per_round=1"],  # beta 0.1, centred REINFORCE
     "gvpo_u4": ["algorithm=gvpo", "trainer.updates_per_round=4"],  # the paper's 4 per rollout
-    "grpo": ["algorithm=grpo"],  # clip 0.2, std advantages, k3 KL 0.04 to the initial policy
-    "dr_grpo": ["algorithm=dr_grpo"],
+    # clip 0.2, std advantages, k3 KL 0.04 to the initial policy
+    "grpo": ["algorithm=grpo", "trainer.updates_per_round=1"],
+    "dr_grpo": ["algorithm=dr_grpo", "trainer.updates_per_round=1"],
     # DAPO with dynamic sampling, as configs/algorithm/dapo.yaml says to use it
-    "dapo": ["algorithm=dapo", "trainer.dynamic_sampling=true"],
-}
-# Ablations that look for why arms differ (docs/benchmarks.md); run with --arms.
-DIAGNOSTIC_ARMS: dict[str, list[str]] = {
-    "grpo_nokl": ["algorithm=grpo", "algorithm.kl_beta=0"],
+    "dapo": ["algorithm=dapo", "trainer.dynamic_sampling=true", "trainer.updates_per_round=1"],
+    "gspo": ["algorithm=gspo", "trainer.updates_per_round=1"],
+    # a diagnostic: GRPO with the paper's 4 updates per rollout (its ratio clip then acts)
     "grpo_u4": ["algorithm=grpo", "trainer.updates_per_round=4"],
-    "gvpo_u4_beta1": ["algorithm=gvpo", "trainer.updates_per_round=4", "algorithm.beta=1.0"],
-    # 4 Adam steps per rollout move the policy about 4x as far: the same lr / 4
-    "gvpo_u4_lr2.5e-4": ["algorithm=gvpo", "trainer.updates_per_round=4", "trainer.lr=2.5e-4"],
-    "grpo_u4_lr2.5e-4": ["algorithm=grpo", "trainer.updates_per_round=4", "trainer.lr=2.5e-4"],
-    "dr_grpo_u4_lr2.5e-4": ["algorithm=dr_grpo", "trainer.updates_per_round=4", "trainer.lr=2.5e-4"],
-    # the lower lr alone, one update per rollout
-    "gvpo_lr2.5e-4": ["algorithm=gvpo", "trainer.lr=2.5e-4"],
-    "grpo_lr2.5e-4": ["algorithm=grpo", "trainer.lr=2.5e-4"],
-    "grpo_nokl_lr2.5e-4": ["algorithm=grpo", "algorithm.kl_beta=0", "trainer.lr=2.5e-4"],
-    "dr_grpo_lr2.5e-4": ["algorithm=dr_grpo", "trainer.lr=2.5e-4"],
-    # With one update per rollout GVPO's gradient is Dr.GRPO's times
-    # beta * max_new_tokens * samples / ((k - 1) * groups) = 0.1 * 4 * 128 / (7 * 16) = 0.457 on
-    # the demo; Adam is blind to that factor except through clip_grad, scaled here to match.
-    "gvpo_clip0.457": ["algorithm=gvpo", "trainer.clip_grad=0.457"],
 }
-ALL_ARMS = {**ARMS, **DIAGNOSTIC_ARMS}
-DIGITS = 2
-DATA_ROWS = DataSection().builtin_size  # rows of each run's RL prompt file (data.builtin_size)
-
-
-def heldout_rows(seeds: list[int]) -> list[dict[str, str]]:
-    """Held-out-split pairs (not in warm-start training) absent from every seed's RL prompts."""
-    used = set()
-    for s in seeds:
-        used.update(r["prompt"] for r in generate_toy_dataset(DATA_ROWS, seed=s, digits=DIGITS))
-    hi = 10**DIGITS
-    rows = []
-    for a in range(hi):
-        for b in range(hi):
-            p = toy_prompt(a, b, DIGITS)
-            if is_heldout(a, b, DIGITS) and p not in used:
-                rows.append({"prompt": p, "answer": str(a + b)})
-    return rows
-
-
-_EVAL_LOCK = threading.Lock()
-
-
-def greedy_eval(hf_path: Path, rows: list[dict[str, str]]) -> dict[str, float]:
-    """Greedy accuracy (exact answers) and mean reward of the HF model at ``hf_path``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from megatron_gvpo.data.tokenizer import load_tokenizer
-    from megatron_gvpo.demo.model import sample_answers
-
-    with _EVAL_LOCK:  # one evaluation at a time: the runs own the cores
-        torch.set_num_threads(1)
-        hf_logging.disable_progress_bar()
-        tok = load_tokenizer(hf_path)
-        model = AutoModelForCausalLM.from_pretrained(str(hf_path), dtype=torch.float32).eval()
-        gen = torch.Generator().manual_seed(0)  # unused at temperature 0
-        texts = sample_answers(model, tok, [r["prompt"] for r in rows], 0.0, gen)
-    rewards = [toy_reward(t, r["answer"]) for t, r in zip(texts, rows, strict=True)]
-    return {
-        "heldout_greedy_acc": sum(x == 1.0 for x in rewards) / len(rows),
-        "heldout_greedy_reward": sum(rewards) / len(rows),
-    }
+EVAL_PROMPTS = 500
+SAMPLED_PROMPTS = 200
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -127,30 +65,39 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def final_hf(run_dir: Path, steps: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{steps:06d}" / "hf"
+def eval_files(root: Path) -> tuple[Path, Path]:
+    """The greedy set and the sampled (pass@k) set, written once for every run."""
+    rows = toy_eval_rows(EVAL_PROMPTS, seed=0)
+    return (
+        write_jsonl(rows, root / "eval_greedy.jsonl"),
+        write_jsonl(rows[:SAMPLED_PROMPTS], root / "eval_sampled.jsonl"),
+    )
 
 
-def run_one(arm: str, seed: int, args, rows) -> dict:
-    """Train one arm at one seed (unless ``--reuse`` finds it done), then score it."""
-    run_dir = Path(args.run_root) / f"{arm}_s{seed}"
-    hf = final_hf(run_dir, args.steps)
-    done = len(read_metrics(run_dir)) >= args.steps and (hf / "config.json").is_file()
+def run_one(arm: str, lr: float, seed: int, args, files: tuple[Path, Path]) -> dict:
+    """Train one arm at one lr and seed (unless ``--reuse`` finds it done); its eval rows."""
+    run_dir = Path(args.run_root) / f"{arm}_lr{lr:g}_s{seed}"
+    done = any(r.get("step") == args.steps and "eval/accuracy" in r for r in read_metrics(run_dir))
     wall = None
     if not (args.reuse and done):
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
+        greedy, sampled = files
+        sampled_set = f"{{path: {sampled}, temperature: 1.0, n_samples: {args.pass_k}}}"
         cmd = [
             sys.executable, "-m", "megatron_gvpo.train",
             f"trainer.run_dir={run_dir}",
             f"trainer.seed={seed}",
             f"data.seed={seed}",
             f"trainer.max_steps={args.steps}",
+            f"trainer.lr={lr}",
+            f"trainer.eval_interval={args.steps // 2}",
             f"trainer.save_interval={args.steps}",
             "trainer.keep_last=1",
-            "trainer.export_hf=true",
             "trainer.plot=false",
-            *ALL_ARMS[arm],
+            f"data.eval_path={greedy}",
+            f"+data.eval_sets={{sampled: {sampled_set}}}",
+            *ARMS[arm],
             *args.override,
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -159,31 +106,35 @@ def run_one(arm: str, seed: int, args, rows) -> dict:
             proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
-            raise RuntimeError(f"{arm} seed {seed} failed (rc {proc.returncode}): see {log.name}")
-    train_file = run_dir / "data" / "toy_addition.jsonl"
-    trained = {json.loads(line)["prompt"] for line in train_file.read_text().splitlines() if line}
-    leaked = trained & {r["prompt"] for r in rows}
-    if leaked:  # e.g. a data.builtin_size or data.seed override the held-out set did not expect
-        raise RuntimeError(f"{train_file} holds held-out prompts: {sorted(leaked)[:5]}")
-    metrics = read_metrics(run_dir)[: args.steps]
-    rewards = [m["reward/mean"] for m in metrics]
+            raise RuntimeError(f"{arm} lr {lr} seed {seed} failed (rc {proc.returncode}): {log.name}")
+    rows = read_metrics(run_dir)
+    evals = {r["step"]: r for r in rows if "eval/accuracy" in r}
+    train = [r for r in rows if "reward/mean" in r]
+    k = args.pass_k
     out = {
         "arm": arm,
+        "lr": lr,
         "seed": seed,
         "run_dir": str(run_dir),
-        "overrides": ALL_ARMS[arm] + list(args.override),
+        "overrides": ARMS[arm] + [f"trainer.lr={lr:g}"] + list(args.override),
         "wall_s": wall,
-        "first_reward": rewards[0],
-        "last10_reward": statistics.fmean(rewards[-10:]),
-        "reward_curve": rewards,
-        # before clipping; the mean over the round's updates when there are several
-        "grad_norm_step1": metrics[0].get("grad_norm"),
-        "step_s": statistics.fmean(m["time/step"] for m in metrics),
+        "eval": {
+            step: {
+                "greedy_acc": r["eval/accuracy"],
+                "pass@1": r["eval/sampled/accuracy"],
+                f"pass@{k}": r[f"eval/sampled/pass@{k}"],
+            }
+            for step, r in sorted(evals.items())
+        },
+        "first10_reward": statistics.fmean(r["reward/mean"] for r in train[:10]),
+        "last10_reward": statistics.fmean(r["reward/mean"] for r in train[-10:]),
+        "grad_norm_step1": train[0].get("grad_norm"),
+        "step_s": statistics.fmean(r["time/step"] for r in train),
     }
-    out.update(greedy_eval(hf, rows))
+    end = out["eval"][args.steps]
     print(
-        f"{arm:>8} seed {seed}: last10 {out['last10_reward']:.3f} heldout greedy acc "
-        f"{out['heldout_greedy_acc']:.3f} ({wall or 0:.0f} s)",
+        f"{arm:>8} lr {lr:g} seed {seed}: held-out greedy {out['eval'][0]['greedy_acc']:.3f} -> "
+        f"{end['greedy_acc']:.3f}, pass@{k} {end[f'pass@{k}']:.3f} ({wall or 0:.0f} s)",
         flush=True,
     )
     return out
@@ -195,34 +146,54 @@ def spread(values: list[float]) -> str:
     return f"{mean:.3f} ± {std:.3f} ({min(values):.3f}..{max(values):.3f})"
 
 
-def table(results: list[dict], baseline: dict[str, float]) -> str:
+def table(results: list[dict], steps: int, k: int) -> str:
+    mid = steps // 2
     lines = [
-        "| arm | overrides | last-10 reward | held-out greedy acc | held-out greedy reward | "
-        "grad norm, step 1 | s/step |",
-        "|---|---|---|---|---|---|---|",
-        f"| initial policy | - | - | {baseline['heldout_greedy_acc']:.3f} | "
-        f"{baseline['heldout_greedy_reward']:.3f} | - | - |",
+        f"| arm | lr | seeds | greedy acc, step 0 | greedy acc, step {mid} | greedy acc, step {steps} "
+        f"| pass@1, step {steps} | pass@{k}, step 0 | pass@{k}, step {steps} | last-10 reward | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm in dict.fromkeys(r["arm"] for r in results):
-        rs = [r for r in results if r["arm"] == arm]
-        over = " ".join(f"`{o}`" for o in rs[0]["overrides"])
+    keys = dict.fromkeys((r["arm"], r["lr"]) for r in results)
+    for arm, lr in keys:
+        rs = [r for r in results if (r["arm"], r["lr"]) == (arm, lr)]
+
+        def at(step: int, key: str, rs=rs) -> str:
+            return spread([r["eval"][step][key] for r in rs])
+
         lines.append(
-            f"| {arm} (n={len(rs)}) | {over} | {spread([r['last10_reward'] for r in rs])} | "
-            f"{spread([r['heldout_greedy_acc'] for r in rs])} | "
-            f"{spread([r['heldout_greedy_reward'] for r in rs])} | "
-            f"{statistics.fmean(r['grad_norm_step1'] for r in rs):.3g} | "
+            f"| {arm} | {lr:g} | {len(rs)} | {at(0, 'greedy_acc')} | {at(mid, 'greedy_acc')} | "
+            f"{at(steps, 'greedy_acc')} | {at(steps, 'pass@1')} | {at(0, f'pass@{k}')} | "
+            f"{at(steps, f'pass@{k}')} | {spread([r['last10_reward'] for r in rs])} | "
             f"{statistics.fmean(r['step_s'] for r in rs):.2f} |"
         )
     return "\n".join(lines)
 
 
+def best_lrs(results: list[dict], steps: int) -> dict[str, float]:
+    """Each arm's lr with the best mean final greedy accuracy (ties: the smaller lr)."""
+    best: dict[str, tuple[float, float]] = {}
+    for arm, lr in sorted(dict.fromkeys((r["arm"], r["lr"]) for r in results)):
+        acc = statistics.fmean(
+            r["eval"][steps]["greedy_acc"] for r in results if (r["arm"], r["lr"]) == (arm, lr)
+        )
+        if arm not in best or acc > best[arm][1]:
+            best[arm] = (lr, acc)
+    return {arm: lr for arm, (lr, _) in best.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--arms", default=",".join(ARMS), help=f"comma list of: {', '.join(ALL_ARMS)}"
+        "--arms", default=",".join(a for a in ARMS if a != "grpo_u4"),
+        help=f"comma list of: {', '.join(ARMS)}",
     )
-    p.add_argument("--seeds", default="0,1,2,3,4")
-    p.add_argument("--steps", type=int, default=100, help="trainer.max_steps of every run")
+    p.add_argument("--lrs", default="1e-4,3e-4,1e-3", help="learning rates swept for every arm")
+    p.add_argument(
+        "--arm-lrs", default="", help="arm=lr,...: run these arms at this lr only (not --lrs)"
+    )
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=60, help="trainer.max_steps of every run")
+    p.add_argument("--pass-k", type=int, default=8, help="responses per prompt of the sampled set")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--run-root", default="runs/compare")
     p.add_argument("--out", default=None, help="JSON of every run (default <run-root>/results.json)")
@@ -231,43 +202,44 @@ def main() -> None:
         "--override", action="append", default=[], help="extra Hydra override for every arm"
     )
     args = p.parse_args()
-    arms = [a for a in args.arms.split(",") if a]
-    unknown = [a for a in arms if a not in ALL_ARMS]
+    arm_lrs = dict(x.split("=") for x in args.arm_lrs.split(",") if x)
+    arms = list(arm_lrs) or [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
     if unknown:
-        p.error(f"--arms: unknown {unknown}; known: {', '.join(ALL_ARMS)}")
+        p.error(f"--arms/--arm-lrs: unknown {unknown}; known: {', '.join(ARMS)}")
+    if args.steps < 10 or args.steps % 2:
+        p.error("--steps must be an even number >= 10 (evaluated at 0, steps/2, steps)")
     seeds = [int(s) for s in args.seeds.split(",")]
-    if args.steps < 10:
-        p.error("--steps must be >= 10 (the last-10 mean)")
-    rows = heldout_rows(seeds)
-    Path(args.run_root).mkdir(parents=True, exist_ok=True)
+    lrs = [float(x) for x in args.lrs.split(",")]
+    root = Path(args.run_root)
+    root.mkdir(parents=True, exist_ok=True)
+    files = eval_files(root)
 
-    from megatron_gvpo.demo.model import demo_model_path
-
-    cache = os.environ.get("MEGATRON_GVPO_CACHE", "~/.cache/megatron_gvpo")
-    baseline = greedy_eval(demo_model_path(cache), rows)
-    print(f"{len(rows)} held-out prompts; initial policy: {baseline}", flush=True)
-
-    jobs = [(a, s) for s in seeds for a in arms]  # seed-major: partial results stay balanced
+    jobs = [
+        (a, lr, s)
+        for s in seeds  # seed-major: partial results stay balanced
+        for a in arms
+        for lr in ([float(arm_lrs[a])] if a in arm_lrs else lrs)
+    ]
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda j: run_one(j[0], j[1], args, rows), jobs))
+        results = list(pool.map(lambda j: run_one(*j, args, files), jobs))
     elapsed = time.perf_counter() - start
-    out = Path(args.out or Path(args.run_root) / "results.json")
+    out = Path(args.out or root / "results.json")
+    best = best_lrs(results, args.steps)
     out.write_text(
         json.dumps(
-            {
-                "steps": args.steps,
-                "seeds": seeds,
-                "heldout_prompts": len(rows),
-                "baseline": baseline,
-                "wall_s": elapsed,
-                "runs": results,
-            },
+            {"steps": args.steps, "seeds": seeds, "pass_k": args.pass_k, "best_lr": best,
+             "wall_s": elapsed, "runs": results},
             indent=1,
         )
-    )
+    )  # fmt: skip
     print(f"\n{len(jobs)} runs in {elapsed / 60:.1f} min; figures in {out}\n")
-    print(table(results, baseline))
+    print("All learning rates:\n")
+    print(table(results, args.steps, args.pass_k))
+    print("\nEach arm at its best learning rate:\n")
+    at_best = [r for r in results if best[r["arm"]] == r["lr"]]
+    print(table(at_best, args.steps, args.pass_k))
 
 
 if __name__ == "__main__":

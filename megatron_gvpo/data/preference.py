@@ -49,7 +49,8 @@ class PreferenceDataConfig(DataConfig):
     group_key: str = "group"
     """The pair's group label (Group-Robust PO's groups); absent from every row: one group."""
     eval_path: Any = None
-    """Held-out pairs (same format) for evaluation every trainer.eval_interval steps; None: none."""
+    """Held-out rows in data.path's format (pairs for preference training, prompts for RL),
+    evaluated as trainer.eval_interval and trainer.eval_at_start say; None: none."""
     sampling: str = "uniform"
     """uniform: shuffled epochs over the rows, each pair once per epoch; group: the paper's draw,
     a group g with probability N_g/N, then a pair of g uniformly, with replacement. Both give a

@@ -222,11 +222,12 @@ def _skip_bad_row(cfg: DataConfig, stats: LoadStats, source: str, e: Exception) 
         stats.bad_examples.append(f"{source}: {e}")
 
 
-def read_rows(cfg: DataConfig) -> tuple[list[PromptRow], LoadStats]:
+def read_rows(cfg: DataConfig, key: str = "data.path") -> tuple[list[PromptRow], LoadStats]:
     """Read and validate every row (no tokenizer needed): fails on the first malformed row,
-    naming its file and line (JSONL, 1-based) or row (parquet, 0-based), unless skipped."""
+    naming its file and line (JSONL, 1-based) or row (parquet, 0-based), unless skipped.
+    ``key`` names the config field that gave ``cfg.path`` in errors."""
     stats, rows = LoadStats(), []
-    for path in resolve_files(cfg.path):
+    for path in resolve_files(cfg.path, key):
         reader = _iter_parquet if path.suffix == ".parquet" else _iter_jsonl
         for source, raw in reader(path):
             stats.rows += 1
@@ -264,8 +265,14 @@ def _encode(texts: list[str], templated: list[bool], tokenizer) -> list[list[int
     return out
 
 
-def load_prompts(cfg: DataConfig, tokenizer, room: tuple[int, str] | None = None) -> PromptDataset:
+def load_prompts(
+    cfg: DataConfig,
+    tokenizer,
+    key: str = "data.path",
+    room: tuple[int, str] | None = None,
+) -> PromptDataset:
     """Read, validate and tokenise ``cfg.path``; drop (and count) prompts over the length limit.
+    ``key`` names the config field that gave ``cfg.path`` (an eval set's, for example).
 
     ``room``: (the most prompt tokens that leave room for a full-length response, what sets that
     bound); longer prompts are dropped and counted too (a response would run past the model's
@@ -273,7 +280,7 @@ def load_prompts(cfg: DataConfig, tokenizer, room: tuple[int, str] | None = None
     """
     if cfg.max_prompt_length < 1:
         raise DataError(f"data.max_prompt_length must be >= 1, got {cfg.max_prompt_length}")
-    rows, stats = read_rows(cfg)
+    rows, stats = read_rows(cfg, key)
     texts, flags, kept_rows = [], [], []
     for row in rows:
         try:
@@ -293,22 +300,26 @@ def load_prompts(cfg: DataConfig, tokenizer, room: tuple[int, str] | None = None
             continue
         prompts.append(Prompt(ids, text, row.answer, row.domain, row.metadata, row.source))
     stats.kept = len(prompts)
-    _report(cfg, stats, room)
+    _report(cfg, stats, key, room)
     return PromptDataset(prompts, stats)
 
 
-def _report(cfg: DataConfig, stats: LoadStats, room: tuple[int, str] | None = None) -> None:
+def _report(
+    cfg: DataConfig, stats: LoadStats, key: str, room: tuple[int, str] | None = None
+) -> None:
     if stats.bad:
         logger.warning(
-            "data.path: skipped %d malformed row(s) of %d; first: %s",
+            "%s: skipped %d malformed row(s) of %d; first: %s",
+            key,
             stats.bad,
             stats.rows,
             "; ".join(stats.bad_examples),
         )
     if stats.too_long:
         logger.warning(
-            "data.path: dropped %d prompt(s) longer than data.max_prompt_length=%d tokens "
+            "%s: dropped %d prompt(s) longer than data.max_prompt_length=%d tokens "
             "(filtered, not truncated, as verl's filter_overlong_prompts does)",
+            key,
             stats.too_long,
             cfg.max_prompt_length,
         )
@@ -316,10 +327,10 @@ def _report(cfg: DataConfig, stats: LoadStats, room: tuple[int, str] | None = No
     if room is not None:
         no_room = f"longer than {room[0]} tokens, which leave no room for a response ({room[1]})"
     if stats.no_room:
-        logger.warning("data.path: dropped %d prompt(s) %s", stats.no_room, no_room)
+        logger.warning("%s: dropped %d prompt(s) %s", key, stats.no_room, no_room)
     if not stats.kept:
         raise DataError(
-            f"data.path: no prompts left ({stats.rows} rows read, {stats.bad} malformed, "
+            f"{key}: no prompts left ({stats.rows} rows read, {stats.bad} malformed, "
             f"{stats.too_long} over data.max_prompt_length={cfg.max_prompt_length}"
             + (f", {stats.no_room} {no_room}" if stats.no_room else "")
             + ")"

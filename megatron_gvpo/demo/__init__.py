@@ -11,5 +11,6 @@ from megatron_gvpo.rewards import RewardInput, register_reward
 
 @register_reward("toy_addition", override=True)
 def toy_addition_reward(sample: RewardInput) -> float:
-    """The demo task's exact partial-credit reward (``demo.task.toy_reward``)."""
+    """The demo task's reward: 1 when the last integer of the response is the sum, else 0
+    (``demo.task.toy_reward``)."""
     return toy_reward(sample.response, sample.label or "")

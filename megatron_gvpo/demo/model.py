@@ -1,18 +1,23 @@
 """The demo's warm-start model: a tiny llama-family model briefly trained on the toy task.
 
 Plain torch + transformers (AdamW, fp32, CPU) for a fixed number of steps on two-digit additions,
-loss on the answer and EOS only. Label smoothing 0.5 leaves half the probability spread over the
-vocabulary: the greedy answer is mostly right, but answers sampled at temperature 1 earn a mean
-reward of about 0.15-0.2, which RL then lifts by sharpening the policy. (Greedy accuracy is not
-kept low on purpose: on this task it jumps at a seed-dependent step, so a half-trained model is
-not reproducible across seeds.) ``tools/make_demo_model.py`` is the command-line front end; the
-trainer calls :func:`build_demo_model` when the demo model is not cached yet.
+loss on the answer and EOS only. The training answers come from a teacher that shows its work
+(``task.worked_answer``: ``[7+8=15,5+6+1=12]125``) in ``worked_share`` of the rows and writes the
+bare sum in the others. After ``steps`` steps the model has learned both habits unevenly: worked
+answers are mostly right, bare sums often wrong, and it starts a worked answer with probability
+about ``worked_share``. So its greedy answer is a bare sum (held-out accuracy about 0.4), its
+temperature-1 samples are coherent (mean response-token entropy about 0.3 nats) and right about
+half the time. RL from the exact reward then raises held-out accuracy by shifting the policy to
+the answers that earn it (showing the work) and sharpening them. ``tools/make_demo_model.py`` is
+the command-line front end; the trainer calls :func:`build_demo_model` when the demo model is not
+cached yet.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -23,11 +28,14 @@ import torch
 from megatron_gvpo.demo.task import (
     build_char_tokenizer,
     generate_toy_dataset,
+    is_heldout,
     save_char_tokenizer,
+    toy_prompt,
     toy_reward,
+    worked_answer,
 )
 
-MAX_NEW_TOKENS = 4  # a two-digit sum has at most 3 digits, then EOS
+MAX_NEW_TOKENS = 24  # the longest worked answer ("[9+9=18,9+9+1=19]198") is 20 tokens, then EOS
 EVAL_SEED_OFFSET = 1_000_003  # held-out eval prompts are drawn with seed + this
 
 
@@ -36,10 +44,11 @@ class WarmStartConfig:
     """Model size and the fixed supervised schedule (defaults chosen as the module doc says)."""
 
     seed: int = 0
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 3e-3
-    label_smoothing: float = 0.5
+    worked_share: float = 0.3
+    """Share of training answers that show their work (the rest are bare sums)."""
     hidden: int = 64
     layers: int = 2
     eval_prompts: int = 256
@@ -69,12 +78,26 @@ def tiny_llama_config(tokenizer, hidden: int, layers: int):
     )
 
 
+def teacher_rows(n: int, seed: int, worked_share: float) -> list[dict[str, str]]:
+    """``n`` warm-start rows ``{prompt, response}`` on training-split pairs: a worked answer with
+    probability ``worked_share``, else the bare sum."""
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        if is_heldout(a, b):
+            continue
+        response = worked_answer(a, b) if rng.random() < worked_share else str(a + b)
+        rows.append({"prompt": toy_prompt(a, b), "response": response})
+    return rows
+
+
 def encode_examples(rows, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``[BOS] prompt answer [EOS]`` ids, and labels masked to answer + EOS."""
+    """Right-padded ``[BOS] prompt response [EOS]`` ids, and labels masked to response + EOS."""
     seqs, labels = [], []
     for row in rows:
         prompt = tokenizer(row["prompt"])["input_ids"]
-        answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
         ids = prompt + answer + [tokenizer.eos_token_id]
         seqs.append(ids)
         labels.append([-100] * len(prompt) + ids[len(prompt) :])
@@ -88,43 +111,54 @@ def encode_examples(rows, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def sample_answers(
     model, tokenizer, prompts, temperature: float, gen: torch.Generator
-) -> list[str]:
+) -> tuple[list[str], float]:
     """Decode answers for equal-length prompts: greedy when ``temperature`` is 0, else sampled
-    from the full softmax (no top-k/top-p), stopping at EOS or ``MAX_NEW_TOKENS``."""
+    from the full softmax (no top-k/top-p), stopping at EOS or ``MAX_NEW_TOKENS``. Also returns
+    the mean entropy (nats) of the temperature-scaled distribution over the response tokens."""
     ids = torch.tensor([tokenizer(p)["input_ids"] for p in prompts])
     out = torch.empty(len(prompts), 0, dtype=torch.long)
+    alive = torch.ones(len(prompts), dtype=torch.bool)
+    entropy, tokens = 0.0, 0
     for _ in range(MAX_NEW_TOKENS):
         logits = model(torch.cat([ids, out], 1)).logits[:, -1].float()
+        logp = torch.log_softmax(logits / (temperature or 1.0), -1)
+        entropy += float(-(logp.exp() * logp).sum(-1)[alive].sum())
+        tokens += int(alive.sum())
         if temperature == 0:
             nxt = logits.argmax(-1)
         else:
-            probs = torch.softmax(logits / temperature, -1)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            nxt = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
         out = torch.cat([out, nxt[:, None]], 1)
+        alive &= nxt != tokenizer.eos_token_id
+        if not alive.any():
+            break
     texts = []
     for row in out.tolist():
         if tokenizer.eos_token_id in row:
             row = row[: row.index(tokenizer.eos_token_id)]
         texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    return texts
+    return texts, entropy / max(tokens, 1)
 
 
 def evaluate(model, tokenizer, rows, seed: int, samples: int) -> dict[str, float]:
-    """Greedy accuracy and reward, and mean reward and exact rate at temperature 1, on ``rows``."""
+    """Greedy accuracy, and at temperature 1 the mean reward, the mean response-token entropy and
+    the share of answers that show their work, on ``rows``."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
-    greedy = sample_answers(model, tokenizer, prompts, 0.0, gen)
-    sampled = [
-        t for _ in range(samples) for t in sample_answers(model, tokenizer, prompts, 1.0, gen)
-    ]
+    greedy, _ = sample_answers(model, tokenizer, prompts, 0.0, gen)
+    sampled, entropy = [], 0.0
+    for _ in range(samples):
+        texts, ent = sample_answers(model, tokenizer, prompts, 1.0, gen)
+        sampled += texts
+        entropy += ent / samples
     g_rewards = [toy_reward(t, a) for t, a in zip(greedy, answers, strict=True)]
     s_rewards = [toy_reward(t, a) for t, a in zip(sampled, answers * samples, strict=True)]
     return {
-        "greedy_accuracy": sum(r == 1.0 for r in g_rewards) / len(rows),
-        "greedy_reward": sum(g_rewards) / len(rows),
+        "greedy_accuracy": sum(g_rewards) / len(rows),
         "sampled_reward": sum(s_rewards) / len(s_rewards),
-        "sampled_accuracy": sum(r == 1.0 for r in s_rewards) / len(s_rewards),
+        "sampled_entropy": entropy,
+        "sampled_worked_share": sum(t.startswith("[") for t in sampled) / len(sampled),
     }
 
 
@@ -142,7 +176,7 @@ def train(cfg: WarmStartConfig, tokenizer):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))
-    rows = generate_toy_dataset(cfg.steps * cfg.batch_size, seed=cfg.seed, split="train")
+    rows = teacher_rows(cfg.steps * cfg.batch_size, cfg.seed, cfg.worked_share)
     model.train()
     for step in range(cfg.steps):
         batch = rows[step * cfg.batch_size : (step + 1) * cfg.batch_size]
@@ -152,7 +186,6 @@ def train(cfg: WarmStartConfig, tokenizer):
             logits.reshape(-1, logits.shape[-1]),
             labels[:, 1:].reshape(-1),
             ignore_index=-100,
-            label_smoothing=cfg.label_smoothing,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -219,7 +252,7 @@ def build_demo_model(out_dir: str | Path, seed: int = 0) -> dict:
         torch.set_num_threads(threads)
 
 
-DEMO_MODEL = "toy_addition_v1"  # bump when the demo model's recipe changes
+DEMO_MODEL = "toy_addition_v2"  # bump when the demo model's recipe changes
 
 
 def demo_model_path(cache_dir: str | Path) -> Path:

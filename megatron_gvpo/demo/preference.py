@@ -7,8 +7,9 @@
 
 A model can tell the groups apart from the prompt, but a uniform objective spends 90% of its
 gradient on the majority's rule, which carries over to the minority's prompts; Group-Robust PO
-raises the weight of whichever group has the larger loss. Held-out pairs (``demo.task.is_heldout``
-operand pairs, never in the training file) measure each group's preference accuracy.
+raises the weight of whichever group has the larger loss. Held-out pairs (operand pairs whose
+second operand is a multiple of 5, ``heldout_pair``; never in the training file) measure each
+group's preference accuracy.
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from megatron_gvpo.demo.task import is_heldout, toy_prompt, write_jsonl
+from megatron_gvpo.demo.task import toy_prompt, write_jsonl
 
 MINORITY_SHARE = 0.1
 EVAL_SHARE = 0.2  # eval pairs per training pair
+
+
+def heldout_pair(a: int, b: int) -> bool:
+    """The preference demo's held-out operand pairs: those whose ``b`` is a multiple of 5."""
+    return b % 5 == 0
 
 
 def preference_pair(a: int, b: int) -> dict[str, str]:
@@ -45,7 +51,7 @@ def generate_preference_dataset(n: int, seed: int, split: str = "train") -> list
         minority = rng.random() < MINORITY_SHARE
         a = rng.randint(0, 9) if minority else rng.randint(10, 99)
         b = rng.randint(0, 99)
-        if is_heldout(a, b) == (split == "heldout"):
+        if heldout_pair(a, b) == (split == "heldout"):
             rows.append(preference_pair(a, b))
     return rows
 

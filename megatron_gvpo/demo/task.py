@@ -1,9 +1,11 @@
-"""The built-in demo task: two-digit addition ("07+45=" -> "52") with an exact, partial-credit
-reward, and the character-level tokenizer the demo model uses.
+"""The built-in demo task: two-digit addition ("07+45=" -> 52) with an exact reward on the last
+integer of the response, and the character-level tokenizer the demo model uses.
 
 Operands are zero-padded to a fixed width so every prompt has the same length; the answer is the
-plain sum. A tiny model warm-started briefly gets some digits right, so the reward is dense enough
-for RL to lift within minutes on CPU (see ``tools/make_demo_model.py``).
+integer sum. A response may show its work before the answer (``worked_answer``: the ones column,
+then the tens column with its carry, then the sum); the reward reads only the last integer.
+A fifth of the operand pairs, chosen by a hash (``is_heldout``), is held out: never in warm-start
+training nor in the RL prompts, only in the evaluation set.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import string
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,9 +22,11 @@ PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 # Printable ASCII plus newline: enough for prompts, chat templates and tests, one token per char.
 CHARS = "".join(c for c in string.printable if c not in "\t\r\x0b\x0c")
-# A row's pair is held out from warm-start training when (a * 10**digits + b) % HELDOUT_EVERY == 0.
+# A pair is held out when a multiplicative hash of (a, b) is 0 modulo HELDOUT_EVERY: one pair in
+# five, spread over every digit (a plain modulus would hold out whole ones digits of b).
 HELDOUT_EVERY = 5
-EXACT_BONUS = 0.5
+_HASH = 2654435761  # Knuth's multiplicative hash constant
+_INTEGER = re.compile(r"-?\d+")
 
 
 def build_char_tokenizer():
@@ -58,8 +63,18 @@ def save_char_tokenizer(out_dir: str | Path):
 
 
 def is_heldout(a: int, b: int, digits: int = 2) -> bool:
-    """Whether the pair (a, b) belongs to the held-out split (never seen in warm-start training)."""
-    return (a * 10**digits + b) % HELDOUT_EVERY == 0
+    """Whether the pair (a, b) belongs to the held-out split (never seen in warm-start training
+    or in the RL prompts): one pair in ``HELDOUT_EVERY``, by a hash of the pair."""
+    return (a * 10**digits + b) * _HASH % 2**32 % HELDOUT_EVERY == 0
+
+
+def worked_answer(a: int, b: int) -> str:
+    """The sum with its working shown, column by column: ``[7+8=15,5+6+1=12]125`` for 57+68
+    (ones column, then tens column plus the carry, then the sum; two-digit operands)."""
+    ones = a % 10 + b % 10
+    carry = ones // 10
+    tens = a // 10 + b // 10 + carry
+    return f"[{a % 10}+{b % 10}={ones},{a // 10}+{b // 10}+{carry}={tens}]{a + b}"
 
 
 def toy_prompt(a: int, b: int, digits: int = 2) -> str:
@@ -69,8 +84,9 @@ def toy_prompt(a: int, b: int, digits: int = 2) -> str:
 
 def generate_toy_dataset(
     n: int, seed: int, digits: int = 2, split: str = "all"
-) -> list[dict[str, str]]:
-    """``n`` addition rows ``{prompt, answer, domain}`` drawn with ``seed`` (pairs may repeat).
+) -> list[dict]:
+    """``n`` addition rows ``{prompt, answer, domain}`` drawn with ``seed`` (pairs may repeat;
+    ``answer`` is the integer sum).
 
     ``split``: "all", "train" (pairs not held out) or "heldout". ``domain`` is "carry" when the
     ones digits carry, else "nocarry", so group-robust losses have two real groups."""
@@ -86,7 +102,7 @@ def generate_toy_dataset(
         if split != "all" and is_heldout(a, b, digits) != (split == "heldout"):
             continue
         domain = "carry" if a % 10 + b % 10 >= 10 else "nocarry"
-        rows.append({"prompt": toy_prompt(a, b, digits), "answer": str(a + b), "domain": domain})
+        rows.append({"prompt": toy_prompt(a, b, digits), "answer": a + b, "domain": domain})
     return rows
 
 
@@ -102,14 +118,17 @@ def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
     return path
 
 
-def toy_reward(response_text: str, answer: str) -> float:
-    """Exact reward in [0, 1]: 1 for the exact answer, else ``EXACT_BONUS`` times the fraction of
-    positions (left-aligned, over the longer string) that match.
+def last_integer(text: str) -> int | None:
+    """The last integer written in ``text`` (an optional minus sign, then digits), or None."""
+    found = _INTEGER.findall(text)
+    return int(found[-1]) if found else None
 
-    Surrounding whitespace is ignored; anything else extra costs credit."""
-    response, answer = response_text.strip(), str(answer).strip()
-    if response == answer:
-        return 1.0
-    width = max(len(response), len(answer))
-    hits = sum(r == a for r, a in zip(response, answer, strict=False))
-    return EXACT_BONUS * hits / width
+
+def toy_reward(response_text: str, answer: str | int) -> float:
+    """1.0 when the last integer of the response equals ``answer``, else 0.0 (work shown before
+    the answer is allowed; an answer that is not an integer scores 0)."""
+    try:
+        expected = int(str(answer).strip())
+    except ValueError:
+        return 0.0
+    return float(last_integer(response_text) == expected)

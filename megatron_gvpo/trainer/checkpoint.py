@@ -162,16 +162,18 @@ class RunState:
                 )
         self.scheduler.load_state_dict(state["scheduler"])
         for name, part in self.parts.items():
-            part.load_state_dict(state[name])
+            if name in state:  # a part added since the checkpoint was written keeps its start
+                part.load_state_dict(state[name])
         self.objective.load_state_dict(state)
         if is_rank0():
             print(f"resumed from {ckpt} at step {state['step']}", flush=True)
         return state["step"]
 
     def save(self, run_dir: str | Path, step: int, config: dict, model, optimizer, keep_last: int,
-             part_states: dict[str, Any] | None = None, export_hf=None) -> Path:
+             part_states: dict[str, Any] | None = None, export_hf=None, best=None) -> Path:
         """Collective: check the weights are finite, then write ``step`` (``config`` is stored
-        redacted). ``part_states`` replaces a part's ``state_dict()`` (async rounds in flight)."""
+        redacted). ``part_states`` replaces a part's ``state_dict()`` (async rounds in flight).
+        ``best`` (an ``EvalSchedule``): its best step survives pruning and ``best.json`` names it."""
         check_finite_params(model)  # a checkpoint never holds non-finite weights
         states = {name: part.state_dict() for name, part in self.parts.items()}
         states.update(part_states or {})
@@ -181,7 +183,11 @@ class RunState:
             **self.objective.state_dict(),
             "config": redact(config),  # no credentials in checkpoints
         }
-        return save_checkpoint(run_dir, step, model, optimizer, state, keep_last, export_hf)
+        keep = best.protected_steps() if best is not None else set()
+        final = save_checkpoint(run_dir, step, model, optimizer, state, keep_last, export_hf, keep)
+        if best is not None and is_rank0():
+            best.write_best(checkpoint_root(run_dir))
+        return final
 
 
 def save_checkpoint(
@@ -192,8 +198,10 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep_last: int,
     export_hf: Callable[[Path], None] | None = None,
+    keep: set[int] = frozenset(),
 ) -> Path:
-    """Collectively write the checkpoint of ``step``; returns its folder. Rank 0 writes JSON."""
+    """Collectively write the checkpoint of ``step``; returns its folder. Rank 0 writes JSON.
+    Pruning keeps the newest ``keep_last`` checkpoints and those of the steps in ``keep``."""
     final = checkpoint_root(run_dir) / f"step_{step:06d}"
     tmp = staging_dir(final)
     if is_rank0():
@@ -214,7 +222,7 @@ def save_checkpoint(
         ) from e
     if is_rank0():
         publish_dir(final)
-        _prune(checkpoint_root(run_dir), keep_last)
+        _prune(checkpoint_root(run_dir), keep_last, keep)
     barrier()
     return final
 
@@ -321,9 +329,11 @@ def _any_rank_failed(failed: bool) -> bool:
     return bool(t.item())
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, keep: set[int] = frozenset()) -> None:
+    names = {f"step_{s:06d}" for s in keep}
     for p in _step_dirs(root)[:-keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
+        if p.name not in names:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from megatron_gvpo.models.fp8 import FP8Config
 from megatron_gvpo.models.gpt import PRECISIONS
 from megatron_gvpo.parallel.initialize import ParallelConfig, validate_layout
 from megatron_gvpo.trainer.data import DataSection
+from megatron_gvpo.trainer.evaluate import EvalSection, eval_set_config
 from megatron_gvpo.trainer.objectives import (
     ObjectiveConfig,
     algorithm_config,
@@ -86,7 +87,7 @@ class RolloutSection:
     """local (transformers in the driver process) or sglang (SGLang servers)."""
     n_samples_per_prompt: int = 8
     """Responses per prompt: the group size k."""
-    max_new_tokens: int = 4
+    max_new_tokens: int = 24
     """Response length limit."""
     temperature: float = 1.0
     top_p: float = 1.0
@@ -203,7 +204,15 @@ class TrainerSection:
     allow_config_change: bool = False
     """Resume even when algorithm, lr or group size differ from the checkpoint's config."""
     eval_interval: int = 0
-    """Preference training: evaluate on data.eval_path every this many steps (0: only at the end)."""
+    """Evaluate the eval sets (data.eval_path, data.eval_sets) every this many steps; 0: only at
+    the end (the last step always evaluates)."""
+    eval_at_start: bool = True
+    """Also evaluate before any update: a ``"step": 0`` row (fresh runs; a resumed run has it)."""
+    save_best: str | None = None
+    """An eval metric (e.g. ``eval/accuracy``): keep the checkpoint of its best step beside the
+    keep_last ones (``checkpoints/best.json`` names it); exported as HF with export_hf."""
+    save_best_mode: str = "max"
+    """max or min: which direction of trainer.save_best is better."""
     async_training: AsyncTrainingSection = field(default_factory=AsyncTrainingSection)
     """Rollout overlapped with training (off by default)."""
 
@@ -223,6 +232,7 @@ class RunConfig:
     reward: RewardSection
     data: DataSection
     trainer: TrainerSection
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 _SECTION_TYPES = {
@@ -232,6 +242,7 @@ _SECTION_TYPES = {
     "reward": RewardSection,
     "data": DataSection,
     "trainer": TrainerSection,
+    "eval": EvalSection,
 }
 
 
@@ -370,7 +381,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         )
     if t.lr_decay_style not in ("constant", "linear", "cosine"):
         raise ValueError(f"trainer.lr_decay_style={t.lr_decay_style!r}: constant, linear or cosine")
-    if t.prompts_per_step % t.updates_per_round:
+    if t.prompts_per_step % t.updates_per_round and not objective.offline:
         raise ValueError(
             f"trainer.prompts_per_step={t.prompts_per_step} must be a multiple of "
             f"trainer.updates_per_round={t.updates_per_round} (each update takes whole groups)"
@@ -431,6 +442,20 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         )
     if t.eval_interval < 0:
         raise ValueError(f"trainer.eval_interval must be >= 0, got {t.eval_interval}")
+    for name, spec in (cfg.data.eval_sets or {}).items():
+        eval_set_config(cfg.eval, name, spec)  # each set's own eval.* settings, typed now
+    if t.save_best_mode not in ("max", "min"):
+        raise ValueError(f"trainer.save_best_mode={t.save_best_mode!r}: max or min")
+    if t.save_best is not None:
+        if not t.save_best.startswith("eval/"):
+            raise ValueError(
+                f"trainer.save_best={t.save_best!r}: name an eval metric, e.g. eval/accuracy"
+            )
+        if not cfg.data.has_eval():
+            raise ValueError(
+                f"trainer.save_best={t.save_best!r} needs an eval set: set data.eval_path "
+                "or data.eval_sets"
+            )
     if objective.needs_domains and not cfg.data.domain_key:
         raise ValueError(
             f"algorithm.name={a.name} needs a domain label per prompt: set data.domain_key "

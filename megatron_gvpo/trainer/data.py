@@ -1,20 +1,25 @@
-"""The run's prompts: ``data.*`` -> a tokenised dataset and a resumable sampler.
+"""The run's prompts: ``data.*`` -> a tokenised dataset, a resumable sampler, the eval sets.
 
 ``data.builtin=toy_addition`` (the demo) writes the built-in task as JSONL into the run directory
-and then reads it like any user file, so the demo exercises the same loader.
+(``data/toy_addition.jsonl``: training-split pairs; ``data/eval.jsonl``: distinct held-out pairs,
+the eval set unless ``data.eval_path`` names another) and then reads them like any user file, so
+the demo exercises the same loader.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from megatron_gvpo.data.preference import PreferenceDataConfig
-from megatron_gvpo.data.prompts import Prompt, load_prompts, resolve_files
+from megatron_gvpo.data.prompts import Prompt, PromptDataset, load_prompts, resolve_files
 from megatron_gvpo.data.sampler import PromptSampler
 from megatron_gvpo.data.tokenizer import hf_dir, load_tokenizer
-from megatron_gvpo.demo.task import generate_toy_dataset, write_jsonl
+from megatron_gvpo.demo.task import generate_toy_dataset, is_heldout, toy_prompt, write_jsonl
 
 BUILTINS = ("toy_addition", "preference_demo")
 
@@ -25,18 +30,73 @@ class DataSection(PreferenceDataConfig):
 
     builtin: str | None = None  # toy_addition or preference_demo: generated (data.path ignored)
     builtin_size: int = 2000  # rows of the built-in task
+    builtin_eval_size: int = 500
+    """Distinct held-out pairs in the built-in task's eval set (``<run_dir>/data/eval.jsonl``);
+    0: no built-in eval set."""
+    eval_sets: dict[str, Any] = field(default_factory=dict)
+    """Named eval sets ``{name: path}`` (same row schema as data.path), reported under
+    ``eval/<name>/``; ``data.eval_path`` is the unnamed one, reported under ``eval/``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.builtin is not None and self.builtin not in BUILTINS:
             raise ValueError(f"data.builtin={self.builtin!r} is not one of {', '.join(BUILTINS)}")
+        for name in self.eval_sets or {}:
+            if not isinstance(name, str) or not name or "/" in name:
+                raise ValueError(f"data.eval_sets: {name!r} is not a valid set name (no '/')")
+        if self.builtin_eval_size < 0:
+            raise ValueError(f"data.builtin_eval_size must be >= 0, got {self.builtin_eval_size}")
 
     def check_files(self) -> None:
         """A missing data file fails here, before any model is built."""
         if self.builtin is None:
             resolve_files(self.path)
-            if self.eval_path is not None:
-                resolve_files(self.eval_path, "data.eval_path")
+        if self.eval_path is not None and self.builtin != "preference_demo":
+            resolve_files(self.eval_path, "data.eval_path")
+        for name, (path, key) in eval_set_paths(self).items():
+            if name:
+                resolve_files(path, key)
+
+    def has_eval(self) -> bool:
+        """Whether the run has an eval set (the built-in tasks bring their own)."""
+        builtin = self.builtin == "preference_demo" or (
+            self.builtin == "toy_addition" and self.builtin_eval_size > 0
+        )
+        return builtin or self.eval_path is not None or bool(self.eval_sets)
+
+
+def toy_eval_rows(n: int, seed: int) -> list[dict]:
+    """``n`` distinct held-out addition pairs (or all of them, if fewer), drawn with ``seed``."""
+    pairs = [(a, b) for a in range(100) for b in range(100) if is_heldout(a, b)]
+    random.Random(seed).shuffle(pairs)
+    return [
+        {
+            "prompt": toy_prompt(a, b),
+            "answer": a + b,
+            "domain": "carry" if a % 10 + b % 10 >= 10 else "nocarry",
+        }
+        for a, b in pairs[:n]
+    ]
+
+
+def eval_set_paths(cfg: DataSection) -> dict[str, tuple[Any, str]]:
+    """Each eval set's name ("" for ``data.eval_path``), path and config key."""
+    named: dict[str, tuple[Any, str]] = {}
+    if cfg.eval_path is not None:
+        named[""] = (cfg.eval_path, "data.eval_path")
+    for name, spec in (cfg.eval_sets or {}).items():
+        path = spec.get("path") if isinstance(spec, Mapping) else spec
+        named[name] = (path, f"data.eval_sets.{name}")
+    return named
+
+
+def load_eval_sets(cfg: DataSection, tokenizer) -> dict[str, PromptDataset]:
+    """``data.eval_path`` (named "") and ``data.eval_sets``, read and tokenised like the training
+    prompts; empty when none is configured."""
+    return {
+        name: load_prompts(replace(cfg, path=path), tokenizer, key)
+        for name, (path, key) in eval_set_paths(cfg).items()
+    }
 
 
 def prompt_room(
@@ -72,10 +132,17 @@ class PromptSource:
         if cfg.builtin == "toy_addition":
             path = run_dir / "data" / "toy_addition.jsonl"
             if not path.is_file():
-                write_jsonl(generate_toy_dataset(cfg.builtin_size, seed=cfg.seed), path)
-            cfg = DataSection(**{**cfg.__dict__, "path": str(path), "builtin": None})
+                rows = generate_toy_dataset(cfg.builtin_size, seed=cfg.seed, split="train")
+                write_jsonl(rows, path)
+            evals, eval_path = run_dir / "data" / "eval.jsonl", cfg.eval_path
+            if eval_path is None and cfg.builtin_eval_size:
+                if not evals.is_file():
+                    write_jsonl(toy_eval_rows(cfg.builtin_eval_size, cfg.seed), evals)
+                eval_path = str(evals)
+            cfg = replace(cfg, path=str(path), builtin=None, eval_path=eval_path)
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
-        self.dataset = load_prompts(cfg, self.tokenizer, room)
+        self.dataset = load_prompts(cfg, self.tokenizer, room=room)
+        self.eval_sets = load_eval_sets(cfg, self.tokenizer)
         self.sampler = PromptSampler(len(self.dataset), batch_size, cfg.shuffle, cfg.seed)
         self.domains = self.dataset.domains() or ["default"]
 

@@ -191,6 +191,9 @@ RESUME_KEYS = (
     "model.precision",
     "reward.rewards",  # compared as saved: secrets redacted on both sides
     "reward.on_error",
+    "eval",  # what an eval metric means, and which checkpoint is the best
+    "trainer.save_best",
+    "trainer.save_best_mode",
 )
 
 

@@ -1,7 +1,9 @@
 """Where a step's metrics go: TensorBoard, ``metrics.jsonl``, a one-line summary, a reward plot.
 
 Only rank 0 writes. On resume, lines of ``metrics.jsonl`` past the resumed step are dropped, so
-the file always describes one consistent run.
+the file always describes one consistent run (a fresh start drops every line, the step-0 eval row
+of an attempt that saved nothing included). A row with held-out eval metrics gets its own
+console line.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ SUMMARY_KEYS = (
     ("rollout/logprob_abs_diff/mean", "lp_diff {:.1e}"),
     ("time/step", "{:.1f}s"),
 )
+EVAL_KEYS = (("reward", "reward {:.3f}"), ("response_length", "len {:.1f}"))
 
 
 class MetricsLogger:
@@ -35,11 +38,13 @@ class MetricsLogger:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._truncate(resume_step)
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step + 1)
+        purge = resume_step + 1 if resume_step else 0  # a fresh start replaces a step-0 point too
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
 
     def _truncate(self, resume_step: int) -> None:
-        """Keep the lines up to ``resume_step``; a torn last line (a kill mid-write) is dropped.
-        The file is replaced atomically, so a kill here leaves the old or the new file whole."""
+        """Keep the lines up to ``resume_step`` (none on a fresh start, ``resume_step`` 0); a
+        torn last line (a kill mid-write) is dropped. The file is replaced atomically, so a kill
+        here leaves the old or the new file whole."""
         if not self.jsonl.is_file():
             return
         lines = [line for line in self.jsonl.read_text().splitlines() if line.strip()]
@@ -51,7 +56,7 @@ class MetricsLogger:
                 if i == len(lines) - 1:
                     break  # torn by a kill during the write: that step is rerun anyway
                 raise ValueError(f"{self.jsonl}:{i + 1}: not a JSON line ({e})") from None
-            if row.get("step", 0) <= resume_step:
+            if resume_step and row.get("step", 0) <= resume_step:
                 keep.append(line)
         tmp = self.jsonl.with_name(self.jsonl.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
@@ -68,10 +73,15 @@ class MetricsLogger:
                 self.writer.add_scalar(k, v, step)
         self.writer.flush()
         parts = [fmt.format(row[k]) for k, fmt in SUMMARY_KEYS if isinstance(row.get(k), float)]
-        print(f"step {step}: " + " | ".join(parts), flush=True)
+        if parts:
+            print(f"step {step}: " + " | ".join(parts), flush=True)
+        evals = eval_summary(row)
+        if evals:
+            print(f"eval step {step}: {evals}", flush=True)
 
     def plot(self, key: str = "reward/mean") -> Path | None:
-        """Write ``<run_dir>/reward_curve.png`` from metrics.jsonl (all steps so far)."""
+        """Write ``<run_dir>/reward_curve.png`` from metrics.jsonl (all steps so far): the
+        training reward, and each eval set's accuracy at the steps it was evaluated."""
         if not self.enabled or not self.jsonl.is_file():
             return None
         import matplotlib
@@ -83,7 +93,7 @@ class MetricsLogger:
         xs = [r["step"] for r in rows if key in r]
         ys = [r[key] for r in rows if key in r]
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(xs, ys, marker=".", lw=1)
+        ax.plot(xs, ys, marker=".", lw=1, label=key)
         if len(ys) >= 5:
             w = 5
             smooth = [
@@ -91,9 +101,13 @@ class MetricsLogger:
                 for i in range(len(ys))
             ]
             ax.plot(xs, smooth, lw=2, label="mean of last 5")
-            ax.legend()
+        for ek in sorted({k for r in rows for k in r if _is_eval_accuracy(k)}):
+            ex = [r["step"] for r in rows if ek in r]
+            ax.plot(ex, [r[ek] for r in rows if ek in r], marker="o", lw=1.5, label=ek)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         ax.set_xlabel("step")
-        ax.set_ylabel(key)
+        ax.set_ylabel(f"{key} / held-out accuracy")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         out = self.run_dir / "reward_curve.png"
@@ -104,6 +118,35 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _is_eval_accuracy(key: str) -> bool:
+    """``eval/accuracy`` or ``eval/<set>/accuracy`` (not the per-domain splits)."""
+    parts = key.split("/")
+    return parts[0] == "eval" and parts[-1] == "accuracy" and len(parts) <= 3 and (
+        len(parts) == 2 or not parts[1].startswith("accuracy")
+    )
+
+
+def eval_summary(row: dict[str, Any]) -> str:
+    """One console line for the eval metrics in ``row``: per set, accuracy, pass@k, reward,
+    length; then the time. Empty when the row holds none."""
+    prefixes = sorted({k[: -len("accuracy")] for k in row if _is_eval_accuracy(k)})
+    parts = []
+    for prefix in prefixes:
+        name = prefix[len("eval/") :].rstrip("/")
+        head = f"{name}: " if name else ""
+        items = [f"{head}accuracy {row[prefix + 'accuracy']:.3f}"]
+        items += [
+            f"{k[len(prefix):]} {row[k]:.3f}"
+            for k in sorted(row)
+            if k.startswith(prefix + "pass@") and "/" not in k[len(prefix) :]
+        ]
+        items += [fmt.format(row[prefix + k]) for k, fmt in EVAL_KEYS if prefix + k in row]
+        parts.append(" | ".join(items))
+    if parts and isinstance(row.get("time/eval"), float):
+        parts.append(f"{row['time/eval']:.1f}s")
+    return " | ".join(parts)
 
 
 def _plain(v: Any) -> Any:

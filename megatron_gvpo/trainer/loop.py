@@ -2,7 +2,7 @@
 
     prompts -> rollout + rewards (the driver rank owns the engine) -> groups on every rank
     -> filters, replay -> batch -> theta' logprobs (+ reference) -> optimizer steps
-    -> weight sync -> metrics, checkpoint
+    -> weight sync -> held-out eval (when due) -> metrics, checkpoint
 
 Every rank runs this loop; ranks hold the same step batch and compute the same placement plan, so
 only the rollout, the reward and the engine live on the driver rank (global rank 0). What differs
@@ -43,6 +43,7 @@ from megatron_gvpo.trainer.batch import (
 from megatron_gvpo.trainer.checkpoint import RunState
 from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.data import PromptSource, prompt_room
+from megatron_gvpo.trainer.evaluate import EvalSchedule, Evaluator
 from megatron_gvpo.trainer.groups import (
     RolloutResult,
     drop_stale,
@@ -112,6 +113,17 @@ class Trainer:
         self.rounds = RoundSource(self.prompts, self._rollout if is_rank0() else None, ahead)
         export = ExportConfig(bucket_bytes=r.bucket_mb << 20, fp8=r.fp8)
         self.weight_sync = build_weight_sync(self.ddp, self.arch, export, self.engine)
+        self.eval_schedule = EvalSchedule(
+            t.eval_interval, t.eval_at_start, t.max_steps, t.save_best, t.save_best_mode
+        )
+        self.evaluator = (
+            Evaluator.build(
+                self.prompts.eval_sets, cfg.eval, cfg.data.eval_sets, r.max_new_tokens, r.stop,
+                t.seed,
+            )
+            if self.prompts.eval_sets and is_rank0()
+            else None
+        )
         self.step = 0
         self._resume()
         self.logger = MetricsLogger(self.run_dir, is_rank0(), resume_step=self.step)
@@ -198,6 +210,18 @@ class Trainer:
                 self.engine, self.rewards, rows, sampling, r.n_samples_per_prompt, seeds
             )
 
+    def evaluate(self) -> dict:
+        """The eval sets' metrics (``eval/...``) on every rank, sampled by the driver rank's
+        engine with the weights of the last sync; empty without an eval set."""
+        if not self.prompts.eval_sets:
+            return {}
+        self.rounds.wait_idle()  # nothing in flight: the engine holds version self.step only
+        metrics = None
+        if self.evaluator is not None:
+            with native_torch():
+                metrics = self.evaluator.run(self.engine, self.rewards, version=self.step)
+        return broadcast_object(metrics)
+
     def _old_and_ref_logprobs(self, batch: RolloutBatch) -> None:
         """theta' (the policy that sampled) and, if the objective needs it, the reference."""
         plan = self._plan(batch)
@@ -272,11 +296,15 @@ class Trainer:
         t = self.cfg.trainer
         stop = StopSignal(t.stop_grace_s)
         self.weight_sync.sync(version=self.step)
+        if self.step == 0 and self.prompts.eval_sets and self.eval_schedule.due(0):
+            self.logger.log(0, self.evaluate())  # the starting point, before any update
         while self.step < t.max_steps:
             self.step += 1
-            self.logger.log(self.step, self.round())
+            metrics = self.round()
+            best = self.eval_schedule.after_step(self.step, self.evaluate, metrics)
+            self.logger.log(self.step, metrics)
             stopping = stop.agreed()
-            if self.step % t.save_interval == 0 or self.step == t.max_steps or stopping:
+            if self.step % t.save_interval == 0 or self.step == t.max_steps or stopping or best:
                 self.save()
             if t.plot and is_rank0() and (self.step % 10 == 0 or self.step == t.max_steps):
                 self.logger.plot()
@@ -296,8 +324,8 @@ class Trainer:
 
     def _resume(self) -> None:
         t = self.cfg.trainer
-        self.state = RunState(self.scheduler, self.objective, {"prompts": self.prompts,
-                                                               "replay": self.replay})
+        parts = {"prompts": self.prompts, "replay": self.replay, "eval": self.eval_schedule}
+        self.state = RunState(self.scheduler, self.objective, parts)
         self.step = self.state.resume(
             self.run_dir, asdict(self.cfg), t.allow_config_change, self.ddp, self.optimizer
         )
@@ -308,6 +336,7 @@ class Trainer:
             self.run_dir, self.step, asdict(self.cfg), self.ddp, self.optimizer, t.keep_last,
             part_states={"prompts": self.rounds.prompt_state()},  # as of the last trained round
             export_hf=self._export_hf if t.export_hf else None,
+            best=self.eval_schedule,
         )
 
     def _export_hf(self, out_dir: Path) -> None:

@@ -2,7 +2,8 @@
 
     next pairs (resumable sampler) -> reference logprobs (frozen model, recomputed per step)
     -> objective.step_loss (GR: alpha moves first) -> Megatron forward_backward -> optimizer step
-    -> metrics; evaluation on data.eval_path every trainer.eval_interval steps and at the end
+    -> metrics; evaluation on data.eval_path before the first step, every trainer.eval_interval
+    steps and at the end (``trainer/evaluate.py``'s schedule and best checkpoint)
     -> checkpoint every trainer.save_interval
 
 A pair is a group of two samples (chosen, rejected) in a ``RolloutBatch``; the placement plan
@@ -37,6 +38,7 @@ from megatron_gvpo.trainer.batch import (
 from megatron_gvpo.trainer.checkpoint import RunState
 from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.data import DataSection
+from megatron_gvpo.trainer.evaluate import EvalSchedule
 from megatron_gvpo.trainer.guards import (
     StepGuard,
     StopSignal,
@@ -134,6 +136,9 @@ class PreferenceTrainer:
         self.reference = build_reference(cfg, self.model_path)
         self.temperature = cfg.algorithm.temperature
         self._eval_batch: RolloutBatch | None = None
+        self.eval_schedule = EvalSchedule(
+            t.eval_interval, t.eval_at_start, t.max_steps, t.save_best, t.save_best_mode
+        )
         self.step = 0
         self._resume()
         self.logger = MetricsLogger(self.run_dir, is_rank0(), resume_step=self.step)
@@ -220,14 +225,15 @@ class PreferenceTrainer:
         """Steps until ``trainer.max_steps`` (or a stop signal: save the step and exit)."""
         t = self.cfg.trainer
         stop = StopSignal(self.cfg.trainer.stop_grace_s)
+        if self.step == 0 and self.data.eval is not None and self.eval_schedule.due(0):
+            self.logger.log(0, self.evaluate())  # the starting point, before any update
         while self.step < t.max_steps:
             self.step += 1
             metrics = self.round()
-            if self.step == t.max_steps or (t.eval_interval and self.step % t.eval_interval == 0):
-                metrics.update(self.evaluate())
+            best = self.eval_schedule.after_step(self.step, self.evaluate, metrics)
             self.logger.log(self.step, metrics)
             stopping = stop.agreed()
-            if self.step % t.save_interval == 0 or self.step == t.max_steps or stopping:
+            if self.step % t.save_interval == 0 or self.step == t.max_steps or stopping or best:
                 self.save()
             if stopping:
                 if is_rank0():
@@ -238,11 +244,12 @@ class PreferenceTrainer:
 
     def _resume(self) -> None:
         t = self.cfg.trainer
-        self.state = RunState(self.scheduler, self.objective, {"pairs": self.data})
+        parts = {"pairs": self.data, "eval": self.eval_schedule}
+        self.state = RunState(self.scheduler, self.objective, parts)
         self.step = self.state.resume(
             self.run_dir, asdict(self.cfg), t.allow_config_change, self.ddp, self.optimizer
         )
 
     def save(self) -> None:
         self.state.save(self.run_dir, self.step, asdict(self.cfg), self.ddp, self.optimizer,
-                        self.cfg.trainer.keep_last)
+                        self.cfg.trainer.keep_last, best=self.eval_schedule)
