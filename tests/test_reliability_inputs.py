@@ -256,7 +256,7 @@ def test_prompts_that_leave_no_room_for_a_response_are_dropped_and_counted(tmp_p
     assert prompt_room(tmp_path, 4, 12)[0] == 8  # the micro-batch budget binds first
     lengths = [len(tok(t)["input_ids"]) for t in texts]
     with caplog.at_level("WARNING"):
-        data = load_prompts(DataConfig(path=str(rows)), tok, room)
+        data = load_prompts(DataConfig(path=str(rows)), tok, room=room)
     assert [p.text for p in data] == [t for t, n in zip(texts, lengths, strict=True) if n + 4 <= 14]
     assert data.stats.no_room == sum(n + 4 > 14 for n in lengths) > 0
     assert f"dropped {data.stats.no_room} prompt(s) longer than 10 tokens" in caplog.text
