@@ -33,8 +33,14 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
-    _redact_hydra_output()
     raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    from megatron_gvpo.trainer.runlock import RunDirError, hold_run_dir
+
+    try:  # already held when Hydra ran our callback (configs/config.yaml); idempotent
+        hold_run_dir(raw["trainer"]["run_dir"])
+    except RunDirError as e:
+        raise SystemExit(f"error: {e}") from None
+    _redact_hydra_output()
     from megatron_gvpo.trainer.console import banner, run_summary, setup_logging
 
     log_path = setup_logging(raw["trainer"]["run_dir"])

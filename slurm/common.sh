@@ -515,6 +515,12 @@ gvpo_start_engines() {
     done
 }
 
+# Router health checks vs weight syncs (sglang-router 0.3.x, router_args.py): a worker paused
+# for a sync fails /health (a generation in SGLang 0.5.23); the defaults (a check every 60 s,
+# 3 failures mark it unhealthy, 2 successes restore it) turn a sync of a few minutes into up to
+# 2 minutes of 503 "No available workers". Checked every 10 s, 200 failures (33 min, longer than
+# rollout.sglang.sync_timeout_s) before a worker is dropped, 1 success to restore it; a dead
+# worker is still cut off at once by the router's circuit breaker. ROUTER_EXTRA_ARGS come last.
 gvpo_start_router() {
     local extra=()
     if [[ -n ${ROUTER_EXTRA_ARGS:-} ]]; then
@@ -525,6 +531,8 @@ gvpo_start_router() {
     gvpo_spawn router "${GVPO_SRUN[@]}" --output="$GVPO_LOG_DIR/router.log" --open-mode=append \
         "$GVPO_PYTHON" -m sglang_router.launch_router --worker-urls "${GVPO_ENGINE_URLS[@]}" \
         --host "$(gvpo_addr "$GVPO_ROUTER_HOST")" --port "$ROUTER_PORT" \
+        --health-check-interval-secs 10 --health-success-threshold 1 \
+        --health-failure-threshold 200 \
         ${extra[@]+"${extra[@]}"}
 }
 

@@ -26,6 +26,8 @@ Observable rules reproduced (a route a generation lacks answers 404):
   ``/begin_weight_update`` ... ``/end_weight_update`` answer 400 without receiving anything;
   begin twice or end without begin answer 400
   (``managers/scheduler_components/weight_updater.py:187-335``). Disk updates need none.
+  A session or a pause left by an interrupted trainer stays until someone ends it (tests set
+  ``state.session`` / ``state.paused``); ``refuse_begin`` makes a begin fail.
 - ``/init_weights_update_group`` joins a real gloo group with torch's own helper, as
   ``utils/common.py:2859`` ``init_custom_process_group`` does; torch refuses a name the process
   already holds (400), ``/destroy_weights_update_group`` frees it (400 if unknown).
@@ -303,6 +305,7 @@ class FakeState:
         self.generates = 0
         self.faults = {
             "fail_generate": 0,  # the next N /generate answer 500
+            "refuse_begin": 0,  # the next N /begin_weight_update answer 400 (nothing opened)
             "drop_generate": 0,  # the next N /generate close the connection without answering
             "slow_generate": 0,  # the next N /generate sleep slow_s first
             "slow_s": 1.0,
@@ -313,6 +316,9 @@ class FakeState:
             "crash_marker": "",  # ... unless this file exists (then crash once and create it)
             "stale_version": False,  # the live weight version reports an old value
             "health_wait_s": 0.2,  # a paused server's health check answers 503 after this
+            # as a router: the next N /health_generate answer 503 "No available workers" (its
+            # health checks hold the workers unhealthy after a long sync)
+            "no_available_workers": 0,
             # group-name part -> (other part, seconds): the first call naming part queues only
             # after a call naming other has queued, or after that many seconds (network latency
             # made deterministic for ordering tests)
@@ -438,6 +444,8 @@ def _fail(message: str) -> tuple[int, dict]:
 
 def health(h: _Handler, body: Any):
     st = h.state
+    if st.take("no_available_workers"):
+        return 503, {"error": {"message": "No available workers"}}
     with st.lock:
         paused = st.paused
     if paused:  # the health request waits on the pause like any generate request, then gives up
@@ -605,6 +613,8 @@ def begin_update(h: _Handler, body: Any):
     st = h.state
     if st.session:
         return _fail("a weight-update session is already open; call end_weight_update() first")
+    if st.take("refuse_begin"):
+        return _fail("injected: weight update refused")
     st.session = True
     return _ok()
 

@@ -149,6 +149,13 @@ def _raw(**sections) -> dict:
         ({"rollout": {"top_k": 0}}, "rollout.top_k must be -1 (off) or >= 1"),
         ({"reward": {"on_error": "skip"}}, "reward.on_error='skip'"),
         ({"trainer": {"max_consecutive_skips": 0}}, "trainer.max_consecutive_skips"),
+        ({"trainer": {"lr": float("inf")}}, "trainer.lr must be a finite number, got inf"),
+        ({"trainer": {"clip_grad": float("nan")}}, "trainer.clip_grad must be a finite number"),
+        ({"trainer": {"weight_decay": float("nan")}}, "trainer.weight_decay must be a finite"),
+        (
+            {"trainer": {"max_tokens_per_microbatch": 1}},
+            "trainer.max_tokens_per_microbatch=1 cannot hold one sample",
+        ),
     ],
 )
 def test_bad_values_fail_in_config_validation_naming_the_key(sections, message):
@@ -181,3 +188,170 @@ def test_rewards_checked_in_float32_and_marked_failed():
         [{"name": "test_huge_rewards"}, {"name": "test_huge_rewards", "tag": "b"}]
     )
     assert twice([RewardInput("p", "3e38")]).failed == [True]
+
+
+def test_run_dir_lock_is_per_rank_and_excludes_the_same_rank_of_another_process(tmp_path):
+    from megatron_gvpo.trainer.runlock import hold_run_dir
+
+    held = hold_run_dir(tmp_path, rank=1)  # this process is rank 1 of a running job
+    assert held == tmp_path / ".lock.rank1"
+    assert f"pid {os.getpid()} rank 1" in held.read_text()
+    code = (
+        "import fcntl, os, sys\n"
+        "for name in sys.argv[2:]:\n"
+        "    fd = os.open(os.path.join(sys.argv[1], name), os.O_RDWR | os.O_CREAT)\n"
+        "    try:\n        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print(name, 'free')\n"
+        "    except BlockingIOError:\n        print(name, 'held')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), ".lock.rank1", ".lock"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout.split() == [".lock.rank1", "held", ".lock", "free"], proc.stderr
+
+
+def test_rounds_without_a_trainable_group_are_counted_then_stop_naming_the_key():
+    from megatron_gvpo.trainer.groups import PromptGroup, reward_metrics
+    from megatron_gvpo.trainer.guards import NoTrainableRoundsError, StepGuard
+
+    # two domains, one of which lost every response: its means are left out, nothing divides by 0
+    groups = [PromptGroup([1], [[2], [3]], [1.0, 0.0], "a"), PromptGroup([1], [], [], "b")]
+    assert reward_metrics(groups)["reward/mean/a"] == 0.5
+    assert "reward/mean/b" not in reward_metrics(groups)
+    guard = StepGuard(max_consecutive_skips=2)
+    assert guard.round_trainable(False, "16 failed rewards") is False
+    assert guard.round_trainable(True, "") is True  # a trained round resets the count
+    assert guard.round_trainable(False, "16 failed rewards") is False
+    with pytest.raises(NoTrainableRoundsError, match=r"2 rounds in a row .*16 failed rewards"):
+        guard.round_trainable(False, "16 failed rewards")
+    with pytest.raises(NoTrainableRoundsError, match=r"trainer\.max_consecutive_skips=2"):
+        guard.round_trainable(False, "")
+
+
+def test_max_new_tokens_past_the_models_context_is_refused_before_any_model(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(
+        json.dumps({"model_type": "llama", "max_position_embeddings": 16})
+    )
+    raw = _raw(model={"path": str(d)}, rollout={"max_new_tokens": 16})
+    with pytest.raises(ValueError, match=r"rollout\.max_new_tokens=16 leaves no room .*=16"):
+        run_config_from_dict(raw)
+    run_config_from_dict(_raw(model={"path": str(d)}, rollout={"max_new_tokens": 15}))
+
+
+def test_prompts_that_leave_no_room_for_a_response_are_dropped_and_counted(tmp_path, caplog):
+    from megatron_gvpo.data.prompts import DataConfig, load_prompts
+    from megatron_gvpo.trainer.data import prompt_room
+
+    tok = build_char_tokenizer()
+    texts = ["1 + 2 =", "11 + 22 =", "111 + 222 =", "1"]
+    rows = tmp_path / "p.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": t, "answer": "0"}) + "\n" for t in texts))
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 14}))
+    room = prompt_room(tmp_path, max_new_tokens=4, max_tokens_per_microbatch=4096)
+    assert room[0] == 10 and "max_position_embeddings=14" in room[1]
+    assert prompt_room(tmp_path, 4, 12)[0] == 8  # the micro-batch budget binds first
+    lengths = [len(tok(t)["input_ids"]) for t in texts]
+    with caplog.at_level("WARNING"):
+        data = load_prompts(DataConfig(path=str(rows)), tok, room=room)
+    assert [p.text for p in data] == [t for t, n in zip(texts, lengths, strict=True) if n + 4 <= 14]
+    assert data.stats.no_room == sum(n + 4 > 14 for n in lengths) > 0
+    assert f"dropped {data.stats.no_room} prompt(s) longer than 10 tokens" in caplog.text
+
+
+def test_pairs_whose_chosen_equals_rejected_are_named_in_a_warning(tmp_path, caplog):
+    from megatron_gvpo.data.preference import PreferenceDataConfig, load_pairs
+
+    rows = tmp_path / "pairs.jsonl"
+    pairs = [("1 + 1 =", " 2", " 3"), ("2 + 2 =", " 4", " 4"), ("3 + 3 =", " 6", " 6")]
+    rows.write_text(
+        "".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in pairs)
+    )
+    with caplog.at_level("WARNING"):
+        data = load_pairs(PreferenceDataConfig(path=str(rows)), build_char_tokenizer())
+    assert len(data) == 3  # kept: a warning, not an error
+    assert "2 pair(s) whose 'chosen' and 'rejected' are the same tokens" in caplog.text
+    assert f"{rows}:2" in caplog.text
+
+
+def test_invalid_utf8_in_jsonl_names_the_line_and_can_be_skipped(tmp_path):
+    from megatron_gvpo.data.prompts import DataConfig, DataError, load_prompts
+
+    rows = tmp_path / "p.jsonl"
+    good = json.dumps({"prompt": "1 + 1 =", "answer": "2"}).encode() + b"\n"
+    rows.write_bytes(good + b'{"prompt": "caf\xe9 =", "answer": "1"}\n' + good)
+    with pytest.raises(DataError, match=rf"{rows}:2: invalid UTF-8 .*data\.skip_bad_rows"):
+        load_prompts(DataConfig(path=str(rows)), build_char_tokenizer())
+    data = load_prompts(DataConfig(path=str(rows), skip_bad_rows=True), build_char_tokenizer())
+    assert len(data) == 2 and data.stats.bad == 1
+
+
+def test_a_model_path_symlink_loop_and_an_unwritable_run_dir_are_named(tmp_path):
+    from megatron_gvpo.trainer.runlock import RunDirError, hold_run_dir
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(FileNotFoundError, match=rf"model\.path={a}: a symlink loop"):
+        run_config_from_dict(_raw(model={"path": str(a)}))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunDirError, match=r"trainer\.run_dir=.*/file/run cannot be written"):
+        hold_run_dir(tmp_path / "file" / "run")
+
+
+def test_resuming_with_another_reward_is_refused_and_redacted_secrets_are_not_a_change(tmp_path):
+    from megatron_gvpo.trainer.guards import check_resume_config
+    from megatron_gvpo.trainer.secrets import redact
+
+    def config(name: str, key: str) -> dict:
+        return {"reward": {"rewards": [{"name": name, "kwargs": {"api_key": key}}]}}
+
+    (tmp_path / "trainer_state.json").write_text(
+        json.dumps({"step": 1, "config": redact(config("math", "sk-1"))})
+    )
+    assert "sk-1" not in (tmp_path / "trainer_state.json").read_text()
+    check_resume_config(tmp_path, config("math", "sk-1"), allow=False)  # the same reward
+    with pytest.raises(ValueError, match=r"reward\.rewards: .*'math'.* -> .*'format'"):
+        check_resume_config(tmp_path, config("format", "sk-1"), allow=False)
+
+
+def test_a_short_write_on_a_full_filesystem_is_reported_as_a_full_disk(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from megatron_gvpo.trainer import checkpoint
+
+    usage = namedtuple("usage", "total used free")
+    # what torch's zip writer raises when the disk fills mid-write (no errno)
+    err = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 4096))
+    assert checkpoint._disk_full(err, tmp_path / "step_000002.tmp")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 0, 1 << 40))
+    assert not checkpoint._disk_full(err, tmp_path / "step_000002.tmp")  # some other failure
+
+
+def test_started_servers_keep_off_the_trainers_gpus_outside_the_colocated_mode(monkeypatch):
+    from megatron_gvpo.rollout.sglang.client import Endpoint
+    from megatron_gvpo.rollout.sglang.config import SGLangConfig
+    from megatron_gvpo.rollout.sglang.server import launch_command
+
+    def first_gpus(cfg: SGLangConfig) -> list[str]:
+        cmds = [launch_command(cfg, "m", Endpoint(k, "http://x", port=1)) for k in range(2)]
+        return [c[c.index("--base-gpu-id") + 1] for c in cmds]
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # the trainer holds GPUs 0 and 1 of this node
+    sglang = {"model_path": "m", "weight_sync": "distributed", "base_gpu_id": 0}
+    with pytest.raises(ValueError, match=r"rollout\.sglang: sglang\.base_gpu_id=0: .*GPUs 0-1"):
+        run_config_from_dict(_raw(rollout={"backend": "sglang", "sglang": sglang}))
+    for mode in ("distributed", "disk"):
+        cfg = SGLangConfig(
+            model_path="m", weight_sync=mode, sync_dir="/s", tp_size=2, num_servers=2
+        )
+        assert first_gpus(cfg) == ["2", "4"]  # GPUs 2-3 and 4-5
+    assert first_gpus(SGLangConfig(model_path="m", weight_sync="tensor")) == ["0", "1"]
+    assert first_gpus(
+        SGLangConfig(model_path="m", weight_sync="disk", sync_dir="/s", base_gpu_id=3)
+    ) == ["3", "4"]

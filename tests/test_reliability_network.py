@@ -6,6 +6,7 @@ Content-Length and then sends one byte every 0.5 s, forever: per-read timeouts n
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,6 +69,97 @@ def test_a_trickling_server_is_cut_off_at_the_request_deadline(trickle_url):
     counters = reward.pop_counters()
     assert counters["http_timeouts"] == 2 and counters["failed_requests"] == 1
     reward.close()
+
+
+class _SlowHead(BaseHTTPRequestHandler):
+    """``/status``: a status line that never ends; ``/header``: a header that never ends; one
+    byte every 0.3 s (per-read time-outs never fire). ``/slow``: a valid answer after 0.5 s,
+    counting the requests in flight at once."""
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        n = len(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["query"])
+        if self.path == "/slow":
+            with self.server.lock:
+                self.server.in_flight += 1
+                self.server.most = max(self.server.most, self.server.in_flight)
+            time.sleep(0.5)
+            with self.server.lock:
+                self.server.in_flight -= 1
+            body = json.dumps({"rewards": [0.5] * n}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        head = b"HTTP/1.1 200 " if self.path == "/status" else b"HTTP/1.1 200 OK\r\nX-Slow: "
+        try:
+            self.wfile.write(head)
+            while not self.server.stopping.is_set():
+                self.wfile.write(b"a")
+                self.wfile.flush()
+                time.sleep(0.3)
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def slow_head_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowHead)
+    server.daemon_threads = True
+    server.stopping = threading.Event()
+    server.lock, server.in_flight, server.most = threading.Lock(), 0, 0
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", server
+    server.stopping.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("path", ["/status", "/header"])
+def test_a_trickled_status_line_or_header_is_cut_off_at_the_request_deadline(slow_head_url, path):
+    url, _ = slow_head_url
+    reward = RemoteReward(url + path, request_timeout_s=1.0, max_retries=0)
+    box: list = []
+    start = time.monotonic()
+    worker = threading.Thread(target=lambda: box.append(reward([RewardInput("p", "r")])))
+    worker.daemon = True  # a hang is abandoned, not waited for
+    worker.start()
+    worker.join(10)
+    elapsed = time.monotonic() - start
+    assert box == [[None]], "the request did not end"
+    assert 1.0 <= elapsed < 2.5, elapsed
+    assert reward.pop_counters()["http_timeouts"] == 1
+    reward.close()
+
+
+def test_groups_are_scored_concurrently_up_to_max_concurrency(slow_head_url):
+    from megatron_gvpo.data.prompts import Prompt
+    from megatron_gvpo.rewards import RewardManager
+    from megatron_gvpo.rollout.base import RolloutEngine, Sample, SamplingParams
+    from megatron_gvpo.trainer.groups import rollout_and_score
+
+    class Echo(RolloutEngine):
+        def generate(self, requests, sampling):
+            return [
+                [Sample(r.prompt_ids, [7], "7", [-0.1], "stop") for _ in range(r.n)]
+                for r in requests
+            ]
+
+        update_weights = weight_version = health = shutdown = lambda *a: 0
+
+    url, server = slow_head_url
+    kwargs = {"url": url + "/slow", "max_concurrency": 4, "request_timeout_s": 5.0}
+    rows = [Prompt([1, 2], f"{i} + 1 =", str(i + 1), None, {}, f"row {i}") for i in range(8)]
+    with RewardManager([{"name": "remote", "kwargs": kwargs}]) as manager:
+        start = time.monotonic()
+        result = rollout_and_score(Echo(), manager, rows, SamplingParams(), 2, list(range(8)))
+        elapsed = time.monotonic() - start
+    assert [g.rewards for g in result.groups] == [[0.5, 0.5]] * 8
+    assert server.most == 4  # 8 groups, one request each, 4 at a time (0.5 s each)
+    assert elapsed < 2.0, elapsed  # one after another: 4 s
 
 
 _EXITS = """

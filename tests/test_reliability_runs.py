@@ -30,6 +30,10 @@ _SMALL = (
     "trainer.plot=false",
     "data.builtin_size=64",
     "data.builtin_eval_size=0",  # no held-out eval: the fault rewards count their calls
+    # one optimizer step per round at lr 1e-3 (the demo's defaults are 4 and 1e-4): the skip
+    # counts and config-change messages below are written for these
+    "trainer.updates_per_round=1",
+    "trainer.lr=0.001",
 )
 
 
@@ -102,6 +106,12 @@ def huge(sample):
 def overflowing_loss(sample):
     # float32-finite, but its square is not: the loss is inf on every step
     return 1e30 if next(_calls) % 5 == 0 else 0.5
+
+def fails_in_the_first_round(sample):
+    # every reward of round 1 (4 prompts x 4 samples) fails, then the toy reward
+    if next(_calls) < 16:
+        return float("nan")
+    return toy_reward(sample.response, sample.label or "")
 
 def hangs_after_first_step(sample):
     if next(_calls) >= 16:  # 4 prompts x 4 samples per step
@@ -238,9 +248,23 @@ def _poison(metadata: Path, marker: Path) -> None:
     subprocess.run([sys.executable, "-c", _HOSTILE, str(metadata), str(marker)], check=True)
 
 
-def test_hostile_metadata_never_runs_on_resume(tiny_model, tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def one_step_run(tiny_model, tmp_path_factory) -> Path:
+    """A run directory after one step (one checkpoint); tests resume from copies of it."""
+    run = tmp_path_factory.mktemp("one_step") / "run"
     train(tiny_model, run, "trainer.max_steps=1")
+    return run
+
+
+def _copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns(".lock*"))
+    return to
+
+
+def test_hostile_metadata_never_runs_on_resume(tiny_model, one_step_run, tmp_path):
+    run = _copy_run(one_step_run, tmp_path / "run")
     metadata = run / "checkpoints" / "step_000001" / "model_optim" / ".metadata"
     marker = tmp_path / "PWNED"
     _poison(metadata, marker)
@@ -290,6 +314,93 @@ def test_hostile_metadata_in_converted_checkpoints_never_runs(converted, tmp_pat
         expect_ok=False,
     )
     assert code != 0 and expect in err and not marker.exists()
+
+
+_HOSTILE_BYTES = """
+import dataclasses, io, os, pickle, sys
+import torch
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+folder, marker = sys.argv[1], sys.argv[2]
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch " + marker,))
+
+buf = io.BytesIO()
+torch.save([Evil()], buf)
+payload = buf.getvalue()
+if len(sys.argv) > 3:  # common.pt instead of the bytes records
+    with open(os.path.join(folder, "common.pt"), "wb") as f:
+        f.write(payload)
+    sys.exit()
+with open(os.path.join(folder, ".metadata"), "rb") as f:
+    md = pickle.load(f)  # written by this test a moment ago: benign
+# Every bytes record (the layers' _extra_state) now points at the payload, appended to its file;
+# .metadata itself stays plain metadata.
+for idx, info in list(md.storage_data.items()):
+    if isinstance(md.state_dict_metadata[idx.fqn], BytesStorageMetadata):
+        path = os.path.join(folder, info.relative_path)
+        offset = os.path.getsize(path)
+        with open(path, "ab") as f:
+            f.write(payload)
+        md.storage_data[idx] = dataclasses.replace(info, offset=offset, length=len(payload))
+with open(os.path.join(folder, ".metadata"), "wb") as f:
+    pickle.dump(md, f)
+"""
+
+
+def test_hostile_bytes_records_never_run_on_any_load_path(
+    tiny_model, one_step_run, converted, tmp_path
+):
+    import shutil
+
+    marker = tmp_path / "PWNED"
+    run = _copy_run(one_step_run, tmp_path / "run")
+    optim = run / "checkpoints" / "step_000001" / "model_optim"
+    bad = tmp_path / "bad_ckpt"
+    shutil.copytree(converted, bad)
+    for folder in (optim, bad / "model"):
+        subprocess.run([sys.executable, "-c", _HOSTILE_BYTES, folder, marker], check=True)
+    grpo = ("algorithm=grpo", f"algorithm.ref_model={bad}")
+    to_hf = ["--mcore-dir", str(bad), "--out-dir", str(tmp_path / "hf")]
+    launches = {  # started together: each is refused within seconds
+        "resume": _cmd(tiny_model, run, "trainer.max_steps=2"),
+        "model.path": _cmd(bad, tmp_path / "run1", "trainer.max_steps=1"),
+        "ref_model": _cmd(converted, tmp_path / "run2", "trainer.max_steps=1", *grpo),
+        "convert": [sys.executable, str(REPO / "tools" / "convert_mcore_to_hf.py"), *to_hf],
+    }
+    procs = {
+        name: subprocess.Popen(
+            cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, cmd in launches.items()
+    }
+    errs = {name: p.communicate(timeout=300)[1] for name, p in procs.items()}
+    assert not marker.exists(), "a checkpoint's pickle ran code"
+    for name, p in procs.items():
+        assert p.returncode != 0, name
+    record = "refusing to load posix.system from a bytes record"
+    assert f"{optim}/__0_" in errs["resume"] and record in errs["resume"]
+    for name in ("model.path", "ref_model", "convert"):
+        assert f"{bad / 'model'}/__0_" in errs[name] and record in errs[name], errs[name][-2000:]
+
+
+def test_hostile_common_pt_never_runs_even_when_the_environment_turns_weights_only_off(
+    tmp_path, monkeypatch
+):
+    # megatron-core 0.16-0.18 torch.load common.pt without weights_only: torch's default then
+    # decides, and TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns it off.
+    from megatron_gvpo.bridge.safe_metadata import UnsafeCheckpointError, restricted_loads
+
+    marker = tmp_path / "PWNED"
+    subprocess.run([sys.executable, "-c", _HOSTILE_BYTES, tmp_path, marker, "common"], check=True)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to load posix\.system"):
+        with restricted_loads(tmp_path):
+            torch.load(tmp_path / "common.pt", map_location="cpu")  # as megatron-core 0.16 does
+    assert not marker.exists()
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"  # restored afterwards
 
 
 _ENOSPC_RUNNER = """
@@ -377,3 +488,87 @@ def test_secrets_in_reward_kwargs_are_not_written(tiny_model, tmp_path):
         data = p.read_bytes()
         for secret in (b"sk-LITERAL-123", b"HEADER-SECRET-456", b"ENV-SECRET-789"):
             assert secret not in data, (p, secret)
+
+
+_LOCK_HOLDER = """
+import fcntl, os, socket, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, f"host {socket.gethostname()} pid {os.getpid()}".encode())
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_trainer_on_a_held_run_dir_refuses_and_a_killed_holder_does_not_block(
+    tiny_model, tmp_path
+):
+    # The holder takes the documented lock (an exclusive flock on <run_dir>/.lock) with fcntl
+    # itself, as a running trainer does; the second trainer must stop before writing anything.
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, str(run / ".lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = train(tiny_model, run, "trainer.max_steps=1", ok=False, timeout=120)
+    finally:
+        holder.kill()  # like kill -9: the kernel drops the flock, the file stays
+        holder.wait(timeout=30)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert f"trainer.run_dir={run} " in lines[0] and f"pid {holder.pid}" in lines[0]
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # no hydra/, log or metrics
+    from megatron_gvpo.trainer.runlock import hold_run_dir
+
+    assert hold_run_dir(run) == run / ".lock"  # the killed holder's file does not block
+    assert f"pid {os.getpid()} " in (run / ".lock").read_text()
+
+
+def test_a_round_whose_rewards_all_fail_is_skipped_and_counted(tiny_model, tmp_path):
+    extra = _reward_module(tmp_path, _REWARDS)
+    run = tmp_path / "run"
+    train(
+        tiny_model,
+        run,
+        "trainer.max_steps=2",
+        'reward.rewards=[{name: "fault_rewards:fails_in_the_first_round", timeout_s: null}]',
+        extra=extra,
+    )
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["train/skipped_rounds"] for r in rows] == [1, 0]
+    assert rows[0]["filter/reward_failed"] == 16 and "loss" not in rows[0]
+    assert rows[1]["filter/reward_failed"] == 0 and "loss" in rows[1]
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(
+    tiny_model, one_step_run, tmp_path
+):
+    import shutil
+
+    run = _copy_run(one_step_run, tmp_path / "run")
+    # A newer checkpoint whose weights file was cut short (a crash or a full disk mid-copy).
+    step1, step2 = run / "checkpoints" / "step_000001", run / "checkpoints" / "step_000002"
+    shutil.copytree(step1, step2)
+    state = json.loads((step2 / "trainer_state.json").read_text())
+    (step2 / "trainer_state.json").write_text(json.dumps({**state, "step": 2}))
+    shard = sorted((step2 / "model_optim").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    env = {k: v for k, v in _env().items() if k != "PYTHONWARNINGS"}  # what a user sees
+    proc = subprocess.run(
+        _cmd(tiny_model, run, "trainer.max_steps=2"),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warning = f"warning: checkpoint {step2} is unreadable (EOFError); resuming from {step1}\n"
+    assert warning in proc.stderr
+    assert f"resumed from {step1} at step 1" in proc.stdout
+    assert [r["step"] for r in metrics(run)] == [1, 2]
+    assert "FutureWarning" not in proc.stderr  # library deprecations stay in train.log

@@ -451,6 +451,31 @@ def test_begin_finish_update_control_flow_and_stale_version():
             "/end_weight_update", "/flush_cache", "/continue_generation", "/model_info"]
 
 
+def test_a_begin_refused_partway_leaves_no_server_paused_or_in_a_session():
+    with FakeSGLangServer() as a, FakeSGLangServer(refuse_begin=1) as b, \
+            attach(a, b, weight_sync="distributed") as eng:
+        with pytest.raises(SGLangError, match="weight update refused"):
+            eng.update_weights(_buckets(), version=1)
+        for fake in (a, b):
+            assert not fake.state.paused and not fake.state.session
+        assert sync_paths(a) == ["/pause_generation", "/begin_weight_update",
+                                 "/end_weight_update", "/continue_generation"]
+        assert eng.health() and eng.weight_version == -1
+
+
+def test_attaching_to_servers_left_paused_in_a_session_resumes_and_reclaims_them():
+    with FakeSGLangServer() as fake:
+        fake.state.paused = fake.state.session = True  # a trainer died inside its sync
+        with SGLangEngine(SGLangConfig(urls=[fake.url], **{**FAST, "startup_timeout_s": 5.0}),
+                          serializer=encode_standin_bucket) as eng:
+            assert eng.health()
+            eng.update_weights(_buckets(), version=2)
+            assert eng.weight_version == 2 and not fake.state.session
+        assert sync_paths(fake)[:5] == ["/continue_generation", "/pause_generation",
+                                        "/begin_weight_update", "/end_weight_update",
+                                        "/begin_weight_update"]
+
+
 # -- pause, flush, health, memory ----------------------------------------------------------------
 
 
@@ -559,6 +584,22 @@ def test_router_mode_generates_via_router_and_syncs_workers(tmp_path):
         router_paths, worker_paths = set(router.state.paths()), set(worker.state.paths())
     assert "/generate" in router_paths and "/update_weights_from_disk" not in router_paths
     assert "/update_weights_from_disk" in worker_paths and "/generate" not in worker_paths
+
+
+def test_after_a_sync_the_engine_waits_for_the_router_to_route_again(tmp_path):
+    with FakeSGLangServer() as router, FakeSGLangServer() as worker, SGLangEngine(
+            SGLangConfig(router_url=router.url, urls=[worker.url], weight_sync="disk",
+                         sync_dir=str(tmp_path / "sync"), model_path=str(tmp_path), **FAST)) as eng:
+        (tmp_path / "config.json").write_text("{}")
+        router.state.faults["no_available_workers"] = 3  # the sync outlasted its health checks
+        eng.update_weights(_buckets(), version=1)
+        assert router.state.faults["no_available_workers"] == 0  # polled until it routed again
+        sample = eng.generate([GenerateRequest([1], n=1, seed=1)], SAMPLING)[0][0]
+        assert sample.weight_version == 1
+        router.state.faults["no_available_workers"] = 10**6  # it never recovers
+        eng.cfg.router_recovery_timeout_s = 0.3
+        with pytest.raises(SGLangError, match="router_recovery_timeout_s=0.3"):
+            eng.update_weights(_buckets(), version=2)
 
 
 def test_timeouts_behind_a_router_abort_on_the_workers():

@@ -239,6 +239,10 @@ def check_launch(
     r = launch.router
     assert r.hosts == [rollout[0]]
     assert values_after(r.program, "--worker-urls") == urls
+    # a sync's pause never outlasts the router's health checks; one success restores a worker
+    assert int(opt(r.program, "--health-check-interval-secs")) * int(
+        opt(r.program, "--health-failure-threshold")
+    ) > 1800 and opt(r.program, "--health-success-threshold") == "1"
     assert ov["rollout.sglang.urls"] == "[" + ",".join(urls) + "]"
     assert ov["rollout.sglang.router_url"] == f"http://{rollout[0]}:{opt(r.program, '--port')}"
     assert int(ov["rollout.sglang.tp_size"]) == engine_tp

@@ -113,11 +113,12 @@ def save_model(
 
 def load_model(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     """Load weights saved by :func:`save_model` into this rank's stage/shard (any TP x PP)."""
-    safe_metadata.install()  # .metadata is unpickled: admit only metadata classes
     sharded = model.sharded_state_dict()
-    state, missing, _unexpected = dist_checkpointing.load(
-        sharded, str(Path(ckpt_dir) / "model"), strict=StrictHandling.RETURN_ALL
-    )
+    folder = Path(ckpt_dir) / "model"
+    with safe_metadata.restricted_loads(folder):  # no pickle in it may run code
+        state, missing, _unexpected = dist_checkpointing.load(
+            sharded, str(folder), strict=StrictHandling.RETURN_ALL
+        )
     missing = [k for k in missing if not is_checkpoint_only(k)]
     if missing:
         raise KeyError(f"{ckpt_dir}/model: checkpoint lacks {', '.join(sorted(missing)[:8])}")

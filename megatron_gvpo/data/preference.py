@@ -210,7 +210,7 @@ def load_pairs(
     """Read, validate and tokenise the pairs of ``path`` (default ``cfg.path``); pairs whose prompt
     exceeds ``data.max_prompt_length`` tokens are dropped and counted."""
     rows, stats = read_pair_rows(cfg, cfg.path if path is None else path, key)
-    pairs = []
+    pairs, identical = [], []
     for row in rows:
         try:
             prompt, chosen, rejected = _tokenize(row, cfg, tokenizer)
@@ -223,8 +223,20 @@ def load_pairs(
         if len(prompt) > cfg.max_prompt_length:
             stats.too_long += 1
             continue
+        if chosen == rejected:
+            identical.append(row.source)
         pairs.append(Pair(prompt, chosen, rejected, row.group or DEFAULT_GROUP, row.source))
     stats.kept = len(pairs)
+    if identical:  # h = 0 whatever the weights: such a pair trains at zero gradient
+        logger.warning(
+            "%s: %d pair(s) whose %r and %r are the same tokens (they carry no preference and "
+            "train at zero gradient); first: %s",
+            key,
+            len(identical),
+            cfg.chosen_key,
+            cfg.rejected_key,
+            identical[0],
+        )
     if stats.bad or stats.too_long:
         logger.warning(
             "%s: %d malformed pair(s) skipped, %d over data.max_prompt_length=%d dropped; first: %s",

@@ -63,6 +63,7 @@ class LoadStats:
     kept: int = 0
     bad: int = 0
     too_long: int = 0
+    no_room: int = 0  # prompts that leave no room for a full-length response (``room``)
     bad_examples: list[str] = field(default_factory=list)  # the first few reasons
 
 
@@ -122,11 +123,18 @@ def resolve_files(path: str | list[str] | tuple[str, ...], key: str = "data.path
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """(``file:line``, parsed row or the ``_BadRow`` saying why not); lines are decoded one by
+    one, so invalid UTF-8 is a bad row naming its line like invalid JSON."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, _BadRow(f"invalid UTF-8 (byte {e.start + 1} of the line)")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
@@ -257,9 +265,19 @@ def _encode(texts: list[str], templated: list[bool], tokenizer) -> list[list[int
     return out
 
 
-def load_prompts(cfg: DataConfig, tokenizer, key: str = "data.path") -> PromptDataset:
+def load_prompts(
+    cfg: DataConfig,
+    tokenizer,
+    key: str = "data.path",
+    room: tuple[int, str] | None = None,
+) -> PromptDataset:
     """Read, validate and tokenise ``cfg.path``; drop (and count) prompts over the length limit.
-    ``key`` names the config field that gave ``cfg.path`` (an eval set's, for example)."""
+    ``key`` names the config field that gave ``cfg.path`` (an eval set's, for example).
+
+    ``room``: (the most prompt tokens that leave room for a full-length response, what sets that
+    bound); longer prompts are dropped and counted too (a response would run past the model's
+    context or the micro-batch budget).
+    """
     if cfg.max_prompt_length < 1:
         raise DataError(f"data.max_prompt_length must be >= 1, got {cfg.max_prompt_length}")
     rows, stats = read_rows(cfg, key)
@@ -277,13 +295,18 @@ def load_prompts(cfg: DataConfig, tokenizer, key: str = "data.path") -> PromptDa
         if len(ids) > cfg.max_prompt_length:
             stats.too_long += 1
             continue
+        if room is not None and len(ids) > room[0]:
+            stats.no_room += 1
+            continue
         prompts.append(Prompt(ids, text, row.answer, row.domain, row.metadata, row.source))
     stats.kept = len(prompts)
-    _report(cfg, stats, key)
+    _report(cfg, stats, key, room)
     return PromptDataset(prompts, stats)
 
 
-def _report(cfg: DataConfig, stats: LoadStats, key: str) -> None:
+def _report(
+    cfg: DataConfig, stats: LoadStats, key: str, room: tuple[int, str] | None = None
+) -> None:
     if stats.bad:
         logger.warning(
             "%s: skipped %d malformed row(s) of %d; first: %s",
@@ -300,8 +323,15 @@ def _report(cfg: DataConfig, stats: LoadStats, key: str) -> None:
             stats.too_long,
             cfg.max_prompt_length,
         )
+    no_room = ""
+    if room is not None:
+        no_room = f"longer than {room[0]} tokens, which leave no room for a response ({room[1]})"
+    if stats.no_room:
+        logger.warning("%s: dropped %d prompt(s) %s", key, stats.no_room, no_room)
     if not stats.kept:
         raise DataError(
             f"{key}: no prompts left ({stats.rows} rows read, {stats.bad} malformed, "
-            f"{stats.too_long} over data.max_prompt_length={cfg.max_prompt_length})"
+            f"{stats.too_long} over data.max_prompt_length={cfg.max_prompt_length}"
+            + (f", {stats.no_room} {no_room}" if stats.no_room else "")
+            + ")"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -53,9 +54,20 @@ class Reward:
         self.key = cfg.key
         self.fn, self.batched = bind_reward(cfg)
         self._warn = RateLimitedLogger(logger, warn_interval_s)
+        # Calls that may run at once: what the scorer declares (``concurrent_calls``, e.g. the
+        # remote reward's max_concurrency), else 1; calls beyond it wait for this lock.
+        self.concurrency = max(1, int(getattr(self.fn, "concurrent_calls", 1)))
+        self._serial = threading.Lock() if self.concurrency == 1 else None
 
     def score(self, inputs: Sequence[RewardInput]) -> tuple[list[float], list[bool], RewardStats]:
-        """Unweighted scores (0 for failed samples), which samples failed, and the counters."""
+        """Unweighted scores (0 for failed samples), which samples failed, and the counters;
+        safe to call from several threads (a scorer that declares no concurrency runs alone)."""
+        if self._serial is None:
+            return self._score(inputs)
+        with self._serial:
+            return self._score(inputs)
+
+    def _score(self, inputs: Sequence[RewardInput]) -> tuple[list[float], list[bool], RewardStats]:
         n = len(inputs)
         stats = RewardStats(samples=n)
         scores = [0.0] * n
@@ -192,6 +204,13 @@ class RewardManager:
             self.close()
             raise
         self.totals: dict[str, RewardStats] = {k: RewardStats() for k in keys}
+        self._totals_lock = threading.Lock()
+
+    @property
+    def concurrency(self) -> int:
+        """How many batches may be scored at once with profit: the largest concurrency a reward
+        declares (1 unless one does, e.g. ``remote``'s max_concurrency). Calls are thread-safe."""
+        return max(r.concurrency for r in self.rewards)
 
     def __call__(self, inputs: Sequence[RewardInput]) -> RewardResult:
         """Score ``inputs``; failures score 0 and are counted, they never raise."""
@@ -213,7 +232,8 @@ class RewardManager:
             per_reward[r.key], stats[r.key] = full, st
             if idx:
                 means[r.key] = sum(sub) / len(sub)
-            self.totals[r.key].add(st)
+            with self._totals_lock:
+                self.totals[r.key].add(st)
         for i, x in enumerate(total):
             if not finite_in_float32(x):  # each score fits, their weighted sum does not
                 total[i], failed[i] = 0.0, True

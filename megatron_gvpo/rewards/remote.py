@@ -10,9 +10,17 @@ servers read, the rest are ours)::
 one per query, in order (the key is ``score_key``); a null or non-finite entry fails that sample.
 Connection errors, time-outs, 429 and 5xx are retried up to ``max_retries`` times with
 exponential backoff; other 4xx and malformed bodies are not. A request that still fails scores
-its samples 0 (counted as errors). ``request_timeout_s`` is a deadline for the whole request
-(connect, headers, body): a server that trickles its answer is cut off there too. Requests run
-in daemon threads, so a stuck server never holds up interpreter exit.
+its samples 0 (counted as errors).
+
+``request_timeout_s`` is a wall-clock deadline for each attempt, from connect to the last byte
+of the body, status line and headers included: per-read socket time-outs cannot give that (a
+server that sends one byte a second never trips them, in the status line, an endless header or
+the body), so each attempt runs in a daemon thread that is abandoned at the deadline (its
+connection is never reused; it ends when the server gives up, and never holds up interpreter
+exit). At most ``max_concurrency`` requests are in flight at once, across the chunks of one call
+and across concurrent calls: the trainer scores a round's groups concurrently (the reward
+declares ``concurrent_calls``), so a slow server delays a round by about one deadline per
+``max_concurrency`` groups instead of one per group.
 """
 
 from __future__ import annotations
@@ -76,9 +84,16 @@ class RemoteReward:
         self.headers = {"Content-Type": "application/json", **(headers or {})}
         self._events = EventCounts()
         self._lock = threading.Lock()
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+        self._idle: list[requests.Session] = []  # sessions free for the next attempt
+        self._sessions: list[requests.Session] = []  # every session made, closed by close()
+        self._slots = threading.BoundedSemaphore(max_concurrency)  # requests in flight
         self._warn = RateLimitedLogger(logger, 60.0)
+
+    @property
+    def concurrent_calls(self) -> int:
+        """How many calls may run at once (the reward manager scores groups concurrently up to
+        this); thread-safe, and requests stay bounded by ``max_concurrency`` in any case."""
+        return self.max_concurrency
 
     def __call__(self, inputs: Sequence[RewardInput]) -> list[float | None]:
         chunks = [inputs[i : i + self.batch_size] for i in range(0, len(inputs), self.batch_size)]
@@ -149,14 +164,39 @@ class RemoteReward:
         return [None] * len(chunk)
 
     def _post(self, data: str, n: int) -> list[float | None]:
-        self._count("requests")
-        deadline = time.monotonic() + self.request_timeout_s
-        resp = self._session().post(
-            self.url, data=data, headers=self.headers, timeout=self.request_timeout_s, stream=True
-        )
-        with resp:
-            resp.raise_for_status()
-            body = _read_until(resp, deadline, self.request_timeout_s)
+        """One attempt, bounded by ``request_timeout_s`` of wall time from connect to the last
+        byte: it runs in a daemon thread that is abandoned (``requests.Timeout``) at the deadline."""
+        with self._slots:
+            self._count("requests")
+            outcome: list = []
+            done = threading.Event()
+            abandoned = threading.Event()
+            session = self._session()
+
+            def attempt() -> None:
+                try:
+                    outcome.append((self._exchange(session, data), None))
+                except BaseException as e:  # reported to the waiting thread
+                    outcome.append((None, e))
+                finally:
+                    done.set()
+                    if abandoned.is_set():
+                        session.close()  # mid-response: its connection is not reusable
+                    else:
+                        with self._lock:
+                            self._idle.append(session)
+
+            threading.Thread(target=attempt, daemon=True, name="remote-reward").start()
+            if not done.wait(self.request_timeout_s):
+                abandoned.set()
+                if not done.is_set():
+                    raise requests.Timeout(
+                        f"no complete response within {self.request_timeout_s:g} s "
+                        "(connect to last byte)"
+                    )
+            body, error = outcome[0]
+            if error is not None:
+                raise error
         try:
             payload = json.loads(body)
         except ValueError as e:
@@ -166,13 +206,24 @@ class RemoteReward:
             raise _Malformed(f"expected {{{self.score_key!r}: [{n} floats]}}, got {payload!r:.200}")
         return [_finite(s) for s in scores]
 
+    def _exchange(self, session: requests.Session, data: str) -> bytes:
+        """POST ``data`` and read the whole body (blocking; :meth:`_post` bounds it)."""
+        deadline = time.monotonic() + self.request_timeout_s
+        resp = session.post(
+            self.url, data=data, headers=self.headers, timeout=self.request_timeout_s, stream=True
+        )
+        with resp:
+            resp.raise_for_status()
+            return _read_until(resp, deadline, self.request_timeout_s)
+
     def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-            with self._lock:
-                self._sessions.append(session)
-        return session
+        """An idle session (keep-alive connections are reused), or a new one."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            session = requests.Session()
+            self._sessions.append(session)
+            return session
 
     def _count(self, key: str) -> None:
         self._events.add(key)
@@ -184,7 +235,7 @@ class RemoteReward:
     def close(self) -> None:
         """Close the HTTP sessions (a request still running in a daemon thread is abandoned)."""
         with self._lock:
-            sessions, self._sessions = self._sessions, []
+            sessions, self._sessions, self._idle = self._sessions, [], []
         for s in sessions:
             s.close()
 

@@ -9,17 +9,21 @@
 
 Each checkpoint is written into ``step_N.tmp`` and renamed when complete, so a crash or a kill
 during a write leaves the previous checkpoints whole; ``.tmp`` folders are never loaded. Our own
-state is JSON and safetensors; megatron's ``model_optim/.metadata`` is a pickle, read through
-``bridge.safe_metadata`` (metadata classes only), and its tensors with ``weights_only`` loads.
+state is JSON and safetensors; megatron's ``model_optim/`` holds pickles (``.metadata``, bytes
+records in ``.distcp`` files, ``common.pt``), all read through ``bridge.safe_metadata``'s
+restricted unpicklers.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import pickle
 import random
 import re
 import shutil
+import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,13 +56,28 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None (unfinished ``.tmp`` are skipped)."""
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """A run's complete checkpoint folders, newest first: published (``.tmp`` staging folders
+    are skipped) with a readable ``trainer_state.json`` (one cut short by a crash or a full
+    disk is skipped too)."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
+        return []
+    return [p for p in reversed(_step_dirs(root)) if _state_or_none(p) is not None]
+
+
+def _state_or_none(ckpt: Path) -> dict | None:
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
         return None
-    steps = [p for p in _step_dirs(root) if (p / "trainer_state.json").is_file()]
-    return steps[-1] if steps else None
+    return state if isinstance(state, dict) and "step" in state else None
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None."""
+    found = complete_checkpoints(run_dir)
+    return found[0] if found else None
 
 
 def resume_point(run_dir: str | Path) -> tuple[Path, int] | None:
@@ -67,7 +86,7 @@ def resume_point(run_dir: str | Path) -> tuple[Path, int] | None:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return None
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state = _state_or_none(ckpt) or {}
     check_mcore_version(state.get("megatron_core"), ckpt / "trainer_state.json")
     return ckpt, int(state["step"])
 
@@ -112,12 +131,35 @@ class RunState:
 
     def resume(self, run_dir: str | Path, config: dict, allow_change: bool, model, optimizer) -> int:
         """Load the newest checkpoint under ``run_dir`` (config changes refused unless allowed);
-        the step it holds, 0 when there is none."""
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
+        the step it holds, 0 when there is none. A checkpoint whose files are cut short or
+        missing (a crash or a full disk mid-copy, a partial deletion) is passed over for the
+        previous complete one, in one line; a refused (crafted) file stops the run."""
+        found = complete_checkpoints(run_dir)
+        if not found:
             return 0
-        check_resume_config(ckpt, config, allow_change)
-        state = load_checkpoint(ckpt, model, optimizer)
+        for i, ckpt in enumerate(found):
+            check_resume_config(ckpt, config, allow_change)
+            state, error = None, None
+            try:
+                state = load_checkpoint(ckpt, model, optimizer)
+            except (Exception, CheckpointException) as e:  # torch's is a BaseException
+                if not _unreadable(e):
+                    raise
+                error = e
+            if not _any_rank_failed(error is not None):
+                break
+            why = _first_line(error) if error is not None else "unreadable on another rank"
+            if i + 1 == len(found):
+                raise RuntimeError(
+                    f"{ckpt}: unreadable checkpoint ({why}), and no earlier complete checkpoint "
+                    f"in {checkpoint_root(run_dir)}"
+                ) from error
+            if is_rank0():
+                print(
+                    f"warning: checkpoint {ckpt} is unreadable ({why}); resuming from {found[i + 1]}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         self.scheduler.load_state_dict(state["scheduler"])
         for name, part in self.parts.items():
             if name in state:  # a part added since the checkpoint was written keeps its start
@@ -169,7 +211,7 @@ def save_checkpoint(
     try:
         _write(tmp, step, model, optimizer, trainer_state, export_hf)
     except (Exception, CheckpointException) as e:  # torch's is a BaseException
-        if not _disk_full(e):
+        if not _disk_full(e, tmp):
             raise
         if is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)  # free what the partial write took
@@ -200,8 +242,16 @@ def _write(tmp: Path, step: int, model, optimizer, trainer_state: dict, export_h
         (tmp / "trainer_state.json").write_text(json.dumps(record))
 
 
-def _disk_full(e: BaseException) -> bool:
-    """ENOSPC anywhere in ``e``'s chain (megatron wraps writer errors in its own exceptions)."""
+# torch's zip writer (torch.save to a path: megatron's common.pt) reports a short write as
+# "PytorchStreamWriter failed writing file ...: file write failed" / "unexpected pos A vs B",
+# without an errno: taken as a full disk when the filesystem has (almost) no space left.
+_SHORT_WRITE = ("unexpected pos", "file write failed")
+_NEARLY_FULL_BYTES = 64 << 20
+
+
+def _disk_full(e: BaseException, where: Path | None = None) -> bool:
+    """ENOSPC anywhere in ``e``'s chain (megatron wraps writer errors in its own exceptions), or
+    a short write by torch's zip writer while the filesystem of ``where`` is (nearly) full."""
     seen: set[int] = set()
     todo = [e]
     while todo:
@@ -213,11 +263,70 @@ def _disk_full(e: BaseException) -> bool:
             return True
         if "No space left on device" in str(x):
             return True
+        if where is not None and any(m in str(x) for m in _SHORT_WRITE):
+            return _free_bytes(where) < _NEARLY_FULL_BYTES
         todo += [x.__cause__, x.__context__]
         failures = getattr(x, "failures", None)  # torch's CheckpointException: rank -> error
         if isinstance(failures, dict):
             todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
     return False
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem holding ``path`` (its nearest existing parent)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return shutil.disk_usage(p).free
+    return 1 << 62
+
+
+# What a checkpoint cut short or partly deleted raises while loading (torch, megatron, ours);
+# a refused global (pickle.UnpicklingError) or a model or optimizer mismatch is not among them.
+_UNREADABLE = (EOFError, OSError, zipfile.BadZipFile, safe_metadata.UnreadableCheckpointError)
+_UNREADABLE_TEXT = ("PytorchStreamReader failed", "does not exist", "truncated")
+
+
+def _unreadable(e: BaseException) -> bool:
+    """Whether ``e`` says the checkpoint's files are cut short or missing (searched through
+    causes, contexts and torch's per-rank failures) and nothing was refused."""
+    seen: set[int] = set()
+    todo: list = [e]
+    found = False
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen or not isinstance(x, BaseException):
+            continue
+        seen.add(id(x))
+        if isinstance(x, pickle.UnpicklingError) or "refusing to load" in str(x):
+            return False  # a refusal (or a garbled pickle): never passed over
+        if isinstance(x, _UNREADABLE) or any(t in str(x) for t in _UNREADABLE_TEXT):
+            found = True
+        todo += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)  # torch's CheckpointException: rank -> error
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return found
+
+
+def _first_line(e: BaseException) -> str:
+    """A one-line description of ``e`` (torch's per-rank failures: the first rank's error)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        e = first[0] if isinstance(first, tuple) else first
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _any_rank_failed(failed: bool) -> bool:
+    """Collective: True on every rank when any rank failed."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return failed
+    from megatron_gvpo.parallel.initialize import device
+
+    t = torch.tensor([float(failed)], device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _prune(root: Path, keep_last: int, keep: set[int] = frozenset()) -> None:
@@ -229,7 +338,6 @@ def _prune(root: Path, keep_last: int, keep: set[int] = frozenset()) -> None:
 
 def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG from ``ckpt``; return the trainer state."""
-    safe_metadata.install()  # .metadata is unpickled: admit only metadata classes
     ckpt = Path(ckpt)
     trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
     check_mcore_version(trainer_state.get("megatron_core"), ckpt / "trainer_state.json")
@@ -239,7 +347,8 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True),
     }
-    state = dist_checkpointing.load(sharded, str(ckpt / "model_optim"))
+    with safe_metadata.restricted_loads(ckpt / "model_optim"):  # no pickle in it may run code
+        state = dist_checkpointing.load(sharded, str(ckpt / "model_optim"))
     result = torch.nn.Module.load_state_dict(model, state["model"], strict=False)
     missing = [k for k in result.missing_keys if not is_checkpoint_only(k)]
     if missing:

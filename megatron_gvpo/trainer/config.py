@@ -11,7 +11,9 @@ combinations; every error names the Hydra key, one command-line override away fr
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import math
 import os
 import types
 import typing
@@ -316,9 +318,16 @@ def run_config_from_dict(raw: dict) -> RunConfig:
     return cfg
 
 
+def _finite(prefix: str, **values: float) -> None:
+    """inf and nan pass every ``<`` / ``>`` check (nan compares false): refuse them by name."""
+    for k, v in values.items():
+        if not math.isfinite(v):
+            raise ValueError(f"{prefix}.{k} must be a finite number, got {v!r}")
+
+
 def _positive(prefix: str, **values: float) -> None:
     for k, v in values.items():
-        if v is None or v <= 0:
+        if v is None or not v > 0:  # nan too
             raise ValueError(f"{prefix}.{k} must be > 0, got {v!r}")
 
 
@@ -338,6 +347,16 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         save_interval=t.save_interval,
         keep_last=t.keep_last,
         replay_capacity=t.replay_capacity,
+    )
+    _finite(
+        "trainer",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        clip_grad=t.clip_grad,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        replay_ratio=t.replay_ratio,
     )
     if t.clip_grad < 0:
         raise ValueError(f"trainer.clip_grad must be >= 0 (0: no clipping), got {t.clip_grad}")
@@ -372,6 +391,12 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _positive(
         "rollout", n_samples_per_prompt=r.n_samples_per_prompt, max_new_tokens=r.max_new_tokens
     )
+    if t.max_tokens_per_microbatch <= r.max_new_tokens and not objective.offline:
+        raise ValueError(
+            f"trainer.max_tokens_per_microbatch={t.max_tokens_per_microbatch} cannot hold one "
+            f"sample: a prompt token plus a response of up to rollout.max_new_tokens="
+            f"{r.max_new_tokens} tokens need {r.max_new_tokens + 1} or more"
+        )
     if r.n_samples_per_prompt < 2 and not objective.offline:
         raise ValueError(
             f"rollout.n_samples_per_prompt={r.n_samples_per_prompt}: {a.name} learns from "
@@ -394,10 +419,15 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"model.transformer_impl={m.transformer_impl!r}: auto, transformer_engine or local"
         )
     m.fp8.validate(m.precision, m.transformer_impl)  # hardware checks too: fail before any model
-    if m.path is not None and not Path(m.path).exists():
-        raise FileNotFoundError(f"model.path={m.path}: no such file or directory")
     if m.path is not None:
-        _check_model_type(Path(m.path))
+        _check_exists(Path(m.path), "model.path")
+    if m.path is not None:
+        context = _check_model_type(Path(m.path))
+        if r.max_new_tokens >= context and not objective.offline:
+            raise ValueError(
+                f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in the "
+                f"model's context (max_position_embeddings={context} in model.path={m.path})"
+            )
     if not cfg.reward.rewards:
         raise ValueError("reward.rewards is empty: name at least one reward")
     if objective.offline and cfg.data.builtin == "toy_addition":
@@ -434,8 +464,28 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     cfg.data.check_files()
 
 
-def _check_model_type(path: Path) -> None:
-    """An unsupported architecture (gpt2, ...) is named before anything is built."""
+def _check_exists(path: Path, key: str) -> None:
+    """``path`` exists; a symlink loop or a dangling link is named as such (``Path.exists`` says
+    only False for both)."""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python 3.11 raises this for a loop
+        raise FileNotFoundError(f"{key}={path}: a symlink loop") from None
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise FileNotFoundError(
+                f"{key}={path}: a symlink to {os.readlink(path)}, which does not exist"
+            ) from None
+        raise FileNotFoundError(f"{key}={path}: no such file or directory") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FileNotFoundError(f"{key}={path}: a symlink loop") from None
+        raise FileNotFoundError(f"{key}={path}: {e.strerror}") from None
+
+
+def _check_model_type(path: Path) -> int:
+    """An unsupported architecture (gpt2, ...) is named before anything is built. Returns the
+    model's context length (``max_position_embeddings``, 4096 when the config has none)."""
     from megatron_gvpo.data.tokenizer import hf_dir
     from megatron_gvpo.models.hf_config import SUPPORTED_MODEL_TYPES
 
@@ -451,6 +501,7 @@ def _check_model_type(path: Path) -> None:
             f"model.path: {cfg_file}: model_type {model_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    return int(json.loads(cfg_file.read_text()).get("max_position_embeddings", 4096))
 
 
 def sglang_kwargs(r: RolloutSection, model_path: str, run_dir: str | None = None) -> dict:

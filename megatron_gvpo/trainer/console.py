@@ -31,6 +31,10 @@ HARMLESS = (
     "MCore's async save is deprecated",
     # PyPI's CUDA torch on a machine without a GPU (Python 3.12 CPU runs): we run on CPU anyway.
     "No CUDA runtime is found",
+    # Every resume: megatron-core 0.16's torch_dist loader calls torch's deprecated
+    # load_state_dict and ShardedTensor (FutureWarnings about their code, not ours or a user's).
+    "`load_state_dict` is deprecated and will be removed in future versions",
+    "Please use DTensor instead and we are deprecating ShardedTensor",
 )
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

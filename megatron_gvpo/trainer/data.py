@@ -8,6 +8,7 @@ the demo exercises the same loader.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,7 @@ from typing import Any
 from megatron_gvpo.data.preference import PreferenceDataConfig
 from megatron_gvpo.data.prompts import Prompt, PromptDataset, load_prompts, resolve_files
 from megatron_gvpo.data.sampler import PromptSampler
-from megatron_gvpo.data.tokenizer import load_tokenizer
+from megatron_gvpo.data.tokenizer import hf_dir, load_tokenizer
 from megatron_gvpo.demo.task import generate_toy_dataset, is_heldout, toy_prompt, write_jsonl
 
 BUILTINS = ("toy_addition", "preference_demo")
@@ -98,6 +99,23 @@ def load_eval_sets(cfg: DataSection, tokenizer) -> dict[str, PromptDataset]:
     }
 
 
+def prompt_room(
+    model_path: str | Path, max_new_tokens: int, max_tokens_per_microbatch: int
+) -> tuple[int, str]:
+    """The most prompt tokens that leave room for a ``max_new_tokens`` response both in the
+    model's context (``max_position_embeddings`` of its config.json) and in one packed
+    micro-batch, and what sets that bound (for the message that counts dropped prompts)."""
+    cfg_file = hf_dir(model_path) / "config.json"
+    context = int(json.loads(cfg_file.read_text()).get("max_position_embeddings", 4096))
+    by_context = (context - max_new_tokens, f"max_position_embeddings={context} in {cfg_file}")
+    by_budget = (
+        max_tokens_per_microbatch - max_new_tokens,
+        f"trainer.max_tokens_per_microbatch={max_tokens_per_microbatch}",
+    )
+    limit, what = min(by_context, by_budget)
+    return limit, f"{what} minus rollout.max_new_tokens={max_new_tokens}"
+
+
 class PromptSource:
     """Tokenised prompts and the sampler that deals them out, ``prompts_per_step`` at a time."""
 
@@ -108,7 +126,9 @@ class PromptSource:
         run_dir: Path,
         batch_size: int,
         trust_remote_code: bool = False,
+        room: tuple[int, str] | None = None,
     ):
+        """``room``: see :func:`prompt_room` (prompts that leave no room are dropped, counted)."""
         if cfg.builtin == "toy_addition":
             path = run_dir / "data" / "toy_addition.jsonl"
             if not path.is_file():
@@ -121,7 +141,7 @@ class PromptSource:
                 eval_path = str(evals)
             cfg = replace(cfg, path=str(path), builtin=None, eval_path=eval_path)
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
-        self.dataset = load_prompts(cfg, self.tokenizer)
+        self.dataset = load_prompts(cfg, self.tokenizer, room=room)
         self.eval_sets = load_eval_sets(cfg, self.tokenizer)
         self.sampler = PromptSampler(len(self.dataset), batch_size, cfg.shuffle, cfg.seed)
         self.domains = self.dataset.domains() or ["default"]

@@ -4,6 +4,7 @@ filters, replay, and the per-sample ``RolloutBatch`` every rank trains on."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -86,11 +87,13 @@ def rollout_and_score(
 ) -> RolloutResult:
     """Driver rank: ``n`` responses per prompt, every request in flight at once (engines that
     batch continuously keep their servers busy), each group scored as soon as its last response
-    arrives while the others still generate."""
+    arrives while the others still generate (up to ``rewards.concurrency`` groups at once: a
+    remote reward's ``max_concurrency``, else one)."""
     requests = [GenerateRequest(row.prompt_ids, n, s) for row, s in zip(rows, seeds, strict=True)]
     arrived = [0] * len(requests)
     scoring: dict[int, Future] = {}
     busy = [0.0]
+    busy_lock = threading.Lock()
 
     def score(i: int, group: list[Sample]) -> RewardResult:
         clock = time.perf_counter()
@@ -98,10 +101,11 @@ def rollout_and_score(
         try:
             return rewards([RewardInput(row.text, s.text, row.answer, row.domain) for s in group])
         finally:
-            busy[0] += time.perf_counter() - clock
+            with busy_lock:
+                busy[0] += time.perf_counter() - clock
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(1, thread_name_prefix="reward") as pool:
+    with ThreadPoolExecutor(rewards.concurrency, thread_name_prefix="reward") as pool:
         samples: list[list[Sample | None]] = [[None] * n for _ in requests]
 
         def on_sample(i: int, j: int, sample: Sample) -> None:
@@ -256,6 +260,8 @@ def reward_metrics(groups: Sequence[PromptGroup]) -> dict[str, float]:
         by_domain.setdefault(str(g.domain), []).extend(g.rewards)
     if len(by_domain) > 1:
         for d, xs in by_domain.items():
+            if not xs:  # every response of the domain was dropped
+                continue
             metrics[f"reward/mean/{d}"] = sum(xs) / len(xs)
             metrics[f"reward/accuracy/{d}"] = sum(x >= 1.0 - 1e-9 for x in xs) / len(xs)
     if lengths:

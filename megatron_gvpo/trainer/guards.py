@@ -2,7 +2,8 @@
 
 ``StepGuard``: an optimizer step whose loss or gradients are not finite is skipped (megatron's
 FP32 and BF16 optimizers would apply it: only the FP16 grad scaler checks for inf/nan), counted,
-and ``max_consecutive_skips`` in a row stop the run. ``check_finite_params`` runs before every
+and ``max_consecutive_skips`` in a row stop the run; a round that leaves no group to train on
+(all rewards failed, all responses filtered) is skipped and counted the same way. ``check_finite_params`` runs before every
 save, so a checkpoint never holds non-finite weights. ``StopSignal``: SIGTERM/SIGUSR1 (Slurm's
 warning before a time limit or preemption) let the running step finish within a grace period;
 past it the process exits without saving that step, so the last checkpoint stands.
@@ -24,6 +25,10 @@ import torch.distributed as dist
 
 class NonFiniteStepError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class NoTrainableRoundsError(RuntimeError):
+    """Too many rounds in a row left no group with two responses to compare."""
 
 
 def _any_rank(flag: bool) -> bool:
@@ -61,6 +66,7 @@ class StepGuard:
         self.max_consecutive_skips = max_consecutive_skips
         self.consecutive = 0
         self.skipped = 0  # since the last pop_skipped()
+        self.consecutive_rounds = 0  # rounds with nothing to train on, in a row
 
     def skip(self, model: torch.nn.Module, optimizer, loss_metrics: dict) -> bool:
         """Collective. True (grads zeroed, nothing stepped) when the step's loss or any gradient
@@ -94,6 +100,23 @@ class StepGuard:
                 "(reward/*/errors), the learning rate and trainer.clip_grad"
             )
         return True
+
+    def round_trainable(self, trainable: bool, why: str) -> bool:
+        """Count a round that left nothing to train on (every reward failed and was dropped,
+        every response too short...): it is skipped, and ``max_consecutive_skips`` such rounds
+        in a row stop the run naming ``why``. Returns ``trainable``."""
+        if trainable:
+            self.consecutive_rounds = 0
+            return True
+        self.consecutive_rounds += 1
+        if self.consecutive_rounds >= self.max_consecutive_skips:
+            raise NoTrainableRoundsError(
+                f"{self.consecutive_rounds} rounds in a row left no group with two responses to "
+                f"train on ({why}); stopping (trainer.max_consecutive_skips="
+                f"{self.max_consecutive_skips}). Check the reward (reward_fn/*/errors, a dead "
+                "reward server), trainer.min_response_tokens and rollout.max_new_tokens"
+            )
+        return False
 
     def pop_skipped(self) -> int:
         """Steps skipped since the last call (for ``train/skipped_steps``)."""
@@ -151,7 +174,8 @@ class StopSignal:
         return stop
 
 
-# What a resumed run may not silently change: the objective, its optimisation and its groups.
+# What a resumed run may not silently change: the objective, its optimisation, its groups and
+# what scores them.
 RESUME_KEYS = (
     "algorithm",
     "trainer.lr",
@@ -165,6 +189,8 @@ RESUME_KEYS = (
     "rollout.n_samples_per_prompt",
     "rollout.temperature",
     "model.precision",
+    "reward.rewards",  # compared as saved: secrets redacted on both sides
+    "reward.on_error",
     "eval",  # what an eval metric means, and which checkpoint is the best
     "trainer.save_best",
     "trainer.save_best_mode",
@@ -200,7 +226,10 @@ def check_resume_config(ckpt: Path, current: dict, allow: bool) -> None:
     saved = json.loads((ckpt / "trainer_state.json").read_text()).get("config")
     if not saved:
         return
-    changes = config_changes(saved, json.loads(json.dumps(current)))  # tuples as saved: lists
+    from megatron_gvpo.trainer.secrets import redact
+
+    # as saved: redacted (secrets are ***), tuples as lists
+    changes = config_changes(saved, json.loads(json.dumps(redact(current))))
     if not changes:
         return
     listing = "\n  ".join(changes)

@@ -42,7 +42,7 @@ from megatron_gvpo.trainer.batch import (
 )
 from megatron_gvpo.trainer.checkpoint import RunState
 from megatron_gvpo.trainer.config import RunConfig
-from megatron_gvpo.trainer.data import PromptSource
+from megatron_gvpo.trainer.data import PromptSource, prompt_room
 from megatron_gvpo.trainer.evaluate import EvalSchedule, Evaluator
 from megatron_gvpo.trainer.groups import (
     RolloutResult,
@@ -85,8 +85,10 @@ class Trainer:
         # (the config itself was validated whole by run_config_from_dict).
         self.rewards = build_rewards(cfg.reward) if is_rank0() else None
         self.model_path = resolve_model_path(cfg.model)
+        room = prompt_room(self.model_path, r.max_new_tokens, t.max_tokens_per_microbatch)
         self.prompts = PromptSource(
-            cfg.data, self.model_path, self.run_dir, t.prompts_per_step, cfg.model.trust_remote_code
+            cfg.data, self.model_path, self.run_dir, t.prompts_per_step, cfg.model.trust_remote_code,
+            room,
         )
         self.objective = build_objective(cfg.algorithm, self.prompts.domains)
         initialize(cfg.parallel)
@@ -147,6 +149,8 @@ class Trainer:
         groups = drop_stale(groups, self.step - 1, self.rounds.max_staleness, metrics)
         metrics.update(reward_metrics(groups))
         fresh = [g for g in groups if g.responses]
+        if not self._trainable(fresh, metrics):
+            return self._skipped_round(metrics, clock)
         rng = random.Random(request_seed(t.seed, self.step, -1))
         batch = to_batch(
             mix_replay(fresh, self.replay, t.replay_ratio, rng, metrics), self.prompts.domains
@@ -164,6 +168,29 @@ class Trainer:
             metrics.update(self.weight_sync.sync(version=self.step))
         metrics.update(self.rounds.metrics())
         metrics.update(clock.metrics(tokens=sum(batch.lengths)))
+        return metrics
+
+    def _trainable(self, fresh: list, metrics: dict) -> bool:
+        """Whether a group with two responses is left; counts the round if not (raises after
+        ``trainer.max_consecutive_skips`` in a row)."""
+        trainable = any(len(g.responses) >= 2 for g in fresh)
+        why = f"{metrics.get('filter/reward_failed', 0)} failed rewards, "
+        why += f"{metrics.get('filter/short_responses', 0)} short responses"
+        ok = self.step_guard.round_trainable(trainable, why)
+        metrics["train/skipped_rounds"] = int(not ok)
+        return ok
+
+    def _skipped_round(self, metrics: dict, clock: _PhaseClock) -> dict:
+        """A round with nothing to train on: no update; the engine is still tagged with the step
+        (samples keep their versions) and the round is logged."""
+        with clock("rollout_wait"):
+            self.rounds.wait_idle()
+        with clock("sync"):
+            metrics.update(self.weight_sync.sync(version=self.step))
+        metrics["train/skipped_steps"] = 0
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics.update(self.rounds.metrics())
+        metrics.update(clock.metrics(tokens=0))
         return metrics
 
     def _rollout(self, step: int, rows) -> RolloutResult:

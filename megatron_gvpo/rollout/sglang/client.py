@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,8 +157,10 @@ class HTTPClient:
         raise AssertionError("unreachable")
 
     def each(self, servers: Sequence[Endpoint], fn: Callable[[Endpoint], Any]) -> list[Any]:
-        """Run ``fn`` on every server concurrently; re-raise the first failure."""
+        """Run ``fn`` on every server concurrently; once all have ended, re-raise the first
+        failure (in server order), so no call is still running when the caller cleans up."""
         futures = [self.pool.submit(fn, s) for s in servers]
+        wait(futures)
         return [f.result() for f in futures]
 
     def probe(self, s: Endpoint) -> bool:
@@ -212,11 +214,21 @@ class HTTPClient:
         raise SGLangError(f"{s.url} has neither /model_info nor /get_weight_version: {last}")
 
     def begin_session(self, s: Endpoint) -> bool:
-        """Open a weight-update session where the server has them; False where it does not."""
+        """Open a weight-update session where the server has them; False where it does not.
+
+        A session left open (by a trainer whose sync was interrupted) answers 400 "already
+        open": it is ended and the begin retried once."""
         if s.sessions is False:
             return False
         try:
-            self.call(s, "POST", "/begin_weight_update", {}, retry=False)
+            try:
+                self.call(s, "POST", "/begin_weight_update", {}, retry=False)
+            except SGLangError as e:
+                if e.status != 400 or "already open" not in str(e):
+                    raise
+                log.warning("%s: a weight-update session was left open; ending it", s.url)
+                self.end_session(s)
+                self.call(s, "POST", "/begin_weight_update", {}, retry=False)
         except SGLangError as e:
             if e.status != 404:
                 raise

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
 WeightSync = Literal["tensor", "distributed", "disk"]
+
+
+def trainer_local_gpus() -> int:
+    """GPUs the trainer's ranks use on this node: one per rank, ``cuda:LOCAL_RANK``."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 @dataclass
@@ -28,8 +34,11 @@ class SGLangConfig:
     """Address servers we start listen on (loopback: single node)."""
     base_port: int = 0
     """0: free ports; else server k listens on ``base_port + k``."""
-    base_gpu_id: int = 0
-    """Server k uses GPUs ``base_gpu_id + k * tp_size`` onwards."""
+    base_gpu_id: int | None = None
+    """Server k uses GPUs ``base_gpu_id + k * tp_size`` onwards. None: 0 in the colocated
+    ``tensor`` mode (the servers share the trainer's GPUs by design), else the first GPU after
+    the trainer's ranks on this node (``LOCAL_WORLD_SIZE``), so that no server rank shares a
+    device with a trainer rank inside one NCCL update group."""
     mem_fraction_static: float = 0.8
     """SGLang's ``--mem-fraction-static`` for servers we start."""
     quantization: str | None = None
@@ -77,6 +86,11 @@ class SGLangConfig:
     """One ``/health_generate`` probe (SGLang's takes >= 1 s; 503 after ~20 s when paused)."""
     health_poll_s: float = 2.0
     """Pause between health probes while waiting for servers."""
+    router_recovery_timeout_s: float = 300.0
+    """After a sync behind ``router_url``: how long to wait for the router to route again. Its
+    health checks mark workers that stayed paused through a long sync unhealthy, and it then
+    answers 503 until enough checks pass (sglang-router 0.3.x: 3 failures, 2 successes, every
+    60 s by default; see README for the flags that shorten this)."""
     connect_timeout_s: float = 5.0
     """TCP connect time-out of every request."""
     request_timeout_s: float = 1800.0
@@ -116,11 +130,31 @@ class SGLangConfig:
             )
         if self.max_retries < 0 or self.max_concurrency < 1:
             raise ValueError("sglang: max_retries must be >= 0 and max_concurrency >= 1")
+        self._check_gpus()
         if self.fp8 and self.quantization:
             raise ValueError(
                 f"sglang: fp8=true starts servers from a blockwise-FP8 checkpoint; drop "
                 f"quantization={self.quantization!r} (online quantization has no weight_scale_inv)"
             )
+
+    def _check_gpus(self) -> None:
+        """Servers we start in a non-colocated mode keep off the trainer's GPUs of this node."""
+        if not self.launches or self.weight_sync == "tensor" or self.base_gpu_id is None:
+            return
+        trainer = trainer_local_gpus()
+        if self.base_gpu_id < 0 or self.base_gpu_id < trainer:
+            raise ValueError(
+                f"sglang.base_gpu_id={self.base_gpu_id}: server 0 would use GPU "
+                f"{self.base_gpu_id}, but the trainer's {trainer} rank(s) on this node use GPUs "
+                f"0-{trainer - 1} (LOCAL_WORLD_SIZE); with weight_sync={self.weight_sync!r} a "
+                f"server needs GPUs of its own: set base_gpu_id >= {trainer}, or leave it unset"
+            )
+
+    def first_gpu(self) -> int:
+        """The first GPU of server 0 (``base_gpu_id``, or its default; see the field)."""
+        if self.base_gpu_id is not None:
+            return self.base_gpu_id
+        return 0 if self.weight_sync == "tensor" else trainer_local_gpus()
 
     @property
     def launches(self) -> bool:

@@ -67,6 +67,7 @@ class SGLangEngine(RolloutEngine):
         self._stage_epochs: dict[int, int] | None = None
         self._stage_group = ""
         self._in_session: list[Endpoint] = []
+        self._session_lock = threading.Lock()
         self._last_disk_dir: str | None = None
         n_gen = 1 if config.router_url else max(config.num_servers, len(config.urls), 1)
         self._client = HTTPClient(config, workers=16 + 2 * max(n_gen, len(config.urls)))
@@ -190,10 +191,19 @@ class SGLangEngine(RolloutEngine):
         every server that has them (tensor and distributed modes)."""
         servers = self._update_targets()
         self._client.each(servers, lambda s: self._client.learn(s, self.cfg.tp_size))
-        self.pause_generation()
-        if self.cfg.weight_sync != "disk":
-            opened = self._client.each(servers, self._client.begin_session)
-            self._in_session = [s for s, ok in zip(servers, opened, strict=True) if ok]
+        try:
+            self.pause_generation()
+            if self.cfg.weight_sync != "disk":
+                self._client.each(servers, self._open_session)
+        except BaseException:  # partway: no server stays paused, no session stays open
+            self.abort_update()
+            raise
+
+    def _open_session(self, s: Endpoint) -> None:
+        """Open ``s``'s session and record it at once (a later failure elsewhere ends it)."""
+        if self._client.begin_session(s):
+            with self._session_lock:
+                self._in_session.append(s)
 
     def finish_update(self, version: int) -> None:
         """Last step: close sessions, flush, continue generation, check every live version."""
@@ -215,6 +225,29 @@ class SGLangEngine(RolloutEngine):
             s.stale = False
         self._version = version
         self._client.bump("weight_syncs")
+        if self.cfg.router_url:
+            self._wait_for_router()
+
+    def _wait_for_router(self) -> None:
+        """Before the next rollout: poll the router's ``/health_generate`` (a generation through
+        it; 503 while it holds every worker unhealthy) until it routes again, at most
+        ``router_recovery_timeout_s``."""
+        router = self._pool.gen[0]
+        deadline = time.monotonic() + self.cfg.router_recovery_timeout_s
+        waited = False
+        while not self._client.probe(router):
+            if time.monotonic() > deadline:
+                raise SGLangError(
+                    f"router {router.url} did not route again within "
+                    f"rollout.sglang.router_recovery_timeout_s={self.cfg.router_recovery_timeout_s:g}"
+                    " s after a weight sync (its health checks marked the paused workers "
+                    "unhealthy; see README for the router's health-check flags)"
+                )
+            if not waited:
+                log.warning("router %s holds the workers unhealthy after the sync; waiting",
+                            router.url)
+                waited = True
+            time.sleep(self.cfg.health_poll_s)
 
     def abort_update(self) -> None:
         """After a failed sync: close open sessions and let generation continue (best effort);
@@ -229,7 +262,8 @@ class SGLangEngine(RolloutEngine):
             log.exception("continue_generation failed after a failed weight sync")
 
     def _end_sessions(self) -> None:
-        servers, self._in_session = self._in_session, []
+        with self._session_lock:
+            servers, self._in_session = self._in_session, []
         self._client.each(servers, self._client.end_session)
 
     @property

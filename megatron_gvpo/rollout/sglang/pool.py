@@ -59,21 +59,37 @@ class ServerPool:
             self.gen = list(self.servers)
             if cfg.router_url:
                 self.gen = [Endpoint(len(self.servers), cfg.router_url.rstrip("/"))]
-            for s in {id(s): s for s in self.gen + self.servers}.values():
-                self._check_reachable(s)
+            unhealthy = [
+                s for s in {id(s): s for s in self.gen + self.servers}.values()
+                if self._check_reachable(s) == 503
+            ]
+            self.client.each([s for s in self.servers if s in unhealthy], self._resume)
             srv.wait_healthy(self.client, self.gen + self.servers)
         log.info("SGLang ready: generate via %s", [s.url for s in self.gen])
 
-    def _check_reachable(self, s: Endpoint) -> None:
-        """Fail at once, naming the URL, when nothing listens there."""
+    def _check_reachable(self, s: Endpoint) -> int | None:
+        """Fail at once, naming the URL, when nothing listens there; else the health status
+        (None: no answer in time, wait_healthy decides)."""
         try:
-            self.client.session().get(
+            r = self.client.session().get(
                 f"{s.url}/health_generate",
                 timeout=(self.cfg.connect_timeout_s, self.cfg.health_timeout_s))
         except requests.exceptions.ConnectionError as e:
             raise SGLangError(f"cannot reach SGLang server at {s.url}: {e}") from e
         except requests.exceptions.Timeout:
-            pass  # listening but slow: wait_healthy decides
+            return None  # listening but slow: wait_healthy decides
+        return r.status_code
+
+    def _resume(self, s: Endpoint) -> None:
+        """An attached server that answers 503 may have been left paused by a trainer whose
+        sync was interrupted (a paused server fails every health check): resume it
+        (``/continue_generation`` is a no-op on a running one). Its open session, if any, is
+        ended by the first ``begin_update``."""
+        log.warning("%s answers 503 at attach (paused?): continuing its generation", s.url)
+        try:
+            self.client.call(s, "POST", "/continue_generation", {}, retry=False)
+        except SGLangError as e:  # not fatal here: wait_healthy decides
+            log.warning("%s: /continue_generation at attach failed: %s", s.url, e)
 
     def live(self) -> list[Endpoint]:
         """Servers that receive weights and have not been given up."""

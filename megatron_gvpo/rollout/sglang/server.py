@@ -46,7 +46,7 @@ def launch_command(cfg: SGLangConfig, model_path: str, s: Endpoint) -> list[str]
         "--port", str(s.port),
         "--host", cfg.host,
         "--mem-fraction-static", str(cfg.mem_fraction_static),
-        "--base-gpu-id", str(cfg.base_gpu_id + s.index * cfg.tp_size),
+        "--base-gpu-id", str(cfg.first_gpu() + s.index * cfg.tp_size),
     ]
     if cfg.quantization:
         cmd += ["--quantization", cfg.quantization]
