@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -33,6 +35,19 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    try:
+        _run(cfg)
+    except Exception:
+        # Reported here, redacted: Hydra's own report would print the command-line overrides as
+        # given, credentials included ("Error executing job with overrides: [...]").
+        from megatron_gvpo.trainer.secrets import redact_text
+
+        sys.stderr.write(redact_text(traceback.format_exc()))
+        sys.stderr.flush()
+        raise SystemExit(1) from None
+
+
+def _run(cfg: DictConfig) -> None:
     raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     from megatron_gvpo.trainer.runlock import RunDirError, hold_run_dir
 

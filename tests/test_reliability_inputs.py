@@ -355,3 +355,23 @@ def test_started_servers_keep_off_the_trainers_gpus_outside_the_colocated_mode(m
     assert first_gpus(
         SGLangConfig(model_path="m", weight_sync="disk", sync_dir="/s", base_gpu_id=3)
     ) == ["3", "4"]
+
+
+def test_redaction_patterns_by_key_name_and_url_part():
+    """What counts as a credential (and what must not: data.answer_key, max_new_tokens)."""
+    from megatron_gvpo.trainer.secrets import REDACTED, redact, redact_text
+
+    got = redact({
+        "access_key": "a", "auth": "b", "openai_key": "c", "x-auth": "d", "private_key": "e",
+        "answer_key": "answer", "prompt_key": "prompt", "max_new_tokens": 5, "author": "me",
+        "url": "https://user:pw@host.example:8/p?token=t1&v=2&api_key=k2#frag",
+    })  # fmt: skip
+    assert [got[k] for k in ("access_key", "auth", "openai_key", "x-auth", "private_key")] == [
+        REDACTED
+    ] * 5
+    assert got["answer_key"] == "answer" and got["prompt_key"] == "prompt"
+    assert got["max_new_tokens"] == 5 and got["author"] == "me"
+    assert got["url"] == f"https://{REDACTED}@host.example:8/p?token={REDACTED}&v=2&api_key={REDACTED}#frag"
+    assert redact_text("see http://h/x?sig=abc and ssh://git@github.com/r") == (
+        f"see http://h/x?sig={REDACTED} and ssh://{REDACTED}@github.com/r"
+    )

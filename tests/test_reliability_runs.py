@@ -118,11 +118,24 @@ def hangs_after_first_step(sample):
         time.sleep(3600)
     return 0.5
 
-def keyed(sample, api_key="", headers=None, token=""):
+def keyed(sample, api_key="", headers=None, token="", access_key="", auth="", openai_key="",
+          url=""):
     assert api_key == "sk-LITERAL-123" and token == os.environ["FAULT_TOKEN"]
     assert headers == {"Authorization": "Bearer HEADER-SECRET-456"}
+    assert access_key == "AK-SECRET-1" and auth == "AUTH-SECRET-2" and openai_key == "OK-SECRET-3"
+    assert url == "https://user:PASS-SECRET-4@rm.example/score?token=TOK-SECRET-5&v=1"
     return toy_reward(sample.response, sample.label or "")
 """
+_SECRETS = (
+    b"sk-LITERAL-123", b"HEADER-SECRET-456", b"ENV-SECRET-789", b"AK-SECRET-1", b"AUTH-SECRET-2",
+    b"OK-SECRET-3", b"PASS-SECRET-4", b"TOK-SECRET-5",
+)  # fmt: skip
+_KEYED = (
+    'reward.rewards=[{name: "fault_rewards:keyed", kwargs: {api_key: sk-LITERAL-123, '
+    "token: ${oc.env:FAULT_TOKEN}, headers: {Authorization: Bearer HEADER-SECRET-456}, "
+    "access_key: AK-SECRET-1, auth: AUTH-SECRET-2, openai_key: OK-SECRET-3, "
+    "url: 'https://user:PASS-SECRET-4@rm.example/score?token=TOK-SECRET-5&v=1'}}]"
+)
 
 
 def _hf_weights_finite(ckpt: Path) -> bool:
@@ -465,14 +478,13 @@ def test_torn_metrics_line_resumes_and_config_changes_are_refused(tiny_model, tm
 
 
 def test_secrets_in_reward_kwargs_are_not_written(tiny_model, tmp_path):
+    """Credentials by key name (api_key, token, headers, access_key, auth, openai_key) and in a
+    URL (user information, a token query parameter): in no file of the run, not on the console,
+    not in the error report of a run that fails (Hydra's would print the overrides)."""
     extra = _reward_module(tmp_path, _REWARDS)
     run = tmp_path / "run"
-    reward = (
-        'reward.rewards=[{name: "fault_rewards:keyed", kwargs: {api_key: sk-LITERAL-123, '
-        "token: ${oc.env:FAULT_TOKEN}, headers: {Authorization: Bearer HEADER-SECRET-456}}}]"
-    )
     proc = subprocess.run(
-        _cmd(tiny_model, run, "trainer.max_steps=1", reward),
+        _cmd(tiny_model, run, "trainer.max_steps=1", _KEYED),
         env={**_env(extra), "FAULT_TOKEN": "ENV-SECRET-789"},
         cwd=REPO,
         capture_output=True,
@@ -486,8 +498,21 @@ def test_secrets_in_reward_kwargs_are_not_written(tiny_model, tmp_path):
     assert any(p.name == "trainer_state.json" for p in written)
     for p in written:
         data = p.read_bytes()
-        for secret in (b"sk-LITERAL-123", b"HEADER-SECRET-456", b"ENV-SECRET-789"):
+        for secret in _SECRETS:
             assert secret not in data, (p, secret)
+    for secret in _SECRETS:
+        assert secret.decode() not in proc.stdout + proc.stderr, secret
+    failed = subprocess.run(  # a run that fails after Hydra composed the config
+        _cmd(tiny_model, tmp_path / "run2", "trainer.max_steps=1", "trainer.lr=-1", _KEYED),
+        env={**_env(extra), "FAULT_TOKEN": "ENV-SECRET-789"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert failed.returncode == 1 and "trainer.lr must be > 0" in failed.stderr
+    for secret in _SECRETS:
+        assert secret.decode() not in failed.stdout + failed.stderr, secret
 
 
 _LOCK_HOLDER = """

@@ -165,6 +165,7 @@ class _RewardServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.bodies: list[dict] = []
         self.plan: list[str] = []  # one action per request, then "ok"
+        self.auth: list[str | None] = []  # each request's Authorization header
         self.lock = threading.Lock()
 
     def handle_error(self, request, client_address) -> None:
@@ -191,6 +192,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with srv.lock:
             srv.bodies.append(body)
+            srv.auth.append(self.headers.get("Authorization"))
             action = srv.plan.pop(0) if srv.plan else "ok"
         scores: list = [float(len(r)) for r in body["responses"]]  # order-revealing score
         if action == "500":
@@ -240,6 +242,14 @@ def test_remote_batches_and_schema(server):
     assert "metadata" not in body
     assert res.stats["remote"].failures == 0
     assert res.stats["remote"].extra == {"requests": 3}
+
+
+def test_remote_api_key_is_sent_as_a_bearer_token(server):
+    with _remote(server, api_key="sk-test-1") as mgr:
+        assert mgr(_responses(2)).scores == [1.0, 2.0]
+    assert server.auth == ["Bearer sk-test-1"]
+    with pytest.raises(ValueError, match="api_key"):
+        _remote(server, api_key="x", headers={"authorization": "Bearer y"})
 
 
 def test_remote_500_then_success_is_retried(server):

@@ -6,7 +6,8 @@ servers read, the rest are ours)::
     {"query": [prompt + response, ...], "prompts": [...], "responses": [...],
      "labels": [str | null, ...], "domains": [str | null, ...], "metadata": [{...}, ...]}
 
-``metadata`` is sent only with ``send_metadata=True``. Response: ``{"rewards": [float, ...]}``,
+``metadata`` is sent only with ``send_metadata=True``. ``api_key`` is sent as
+``Authorization: Bearer <api_key>`` (or give ``headers``; not both). Response: ``{"rewards": [float, ...]}``,
 one per query, in order (the key is ``score_key``); a null or non-finite entry fails that sample.
 Connection errors, time-outs, 429 and 5xx are retried up to ``max_retries`` times with
 exponential backoff; other 4xx and malformed bodies are not. A request that still fails scores
@@ -63,6 +64,7 @@ class RemoteReward:
         score_key: str = "rewards",
         send_metadata: bool = False,
         headers: dict[str, str] | None = None,
+        api_key: str | None = None,
     ) -> None:
         if not url or not isinstance(url, str):
             raise ValueError("'kwargs.url' is required (the reward server's http(s) endpoint)")
@@ -82,6 +84,10 @@ class RemoteReward:
         self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
         self.score_key, self.send_metadata = score_key, send_metadata
         self.headers = {"Content-Type": "application/json", **(headers or {})}
+        if api_key:  # OpenAI-style bearer token, unless headers already authorise
+            if any(k.lower() == "authorization" for k in self.headers):
+                raise ValueError("give 'kwargs.api_key' or an Authorization header, not both")
+            self.headers["Authorization"] = f"Bearer {api_key}"
         self._events = EventCounts()
         self._lock = threading.Lock()
         self._idle: list[requests.Session] = []  # sessions free for the next attempt
