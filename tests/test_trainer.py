@@ -258,12 +258,14 @@ def test_resume_after_kill_gives_identical_metrics(demo_cache, tmp_path):
     (tmp_path / "slow_reward.py").write_text(_SLOW_REWARD)
     reward = 'reward.rewards=[{name: "slow_reward:score"}]'
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    # Replay and two updates per round: the buffer and the scheduler must resume exactly too.
+    # Replay and two updates per round: the buffer and the scheduler must resume exactly too;
+    # megatron's DistributedOptimizer (trainer=default's) must save and load its state exactly.
     common = (
         *_SMALL,
         "trainer.max_steps=6",
         "trainer.replay_ratio=0.5",
         "trainer.updates_per_round=2",
+        "trainer.use_distributed_optimizer=true",
         reward,
     )
     train(demo_cache, f"trainer.run_dir={straight}", *common, extra_path=tmp_path)

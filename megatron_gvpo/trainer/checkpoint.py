@@ -227,9 +227,18 @@ def save_checkpoint(
     return final
 
 
+# How megatron's DistributedOptimizer lays out its state in a checkpoint (ignored by the other
+# optimizers): each rank's own buffers, written in parallel, reshardable over DP (Megatron-LM's
+# default). Its own default, "fully_sharded_model_space", writes flattened-range ShardedTensors,
+# which megatron-core 0.16's torch_dist format refuses ("ShardedTensor.flattened_range is not
+# supported").
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
 def _write(tmp: Path, step: int, model, optimizer, trainer_state: dict, export_hf) -> None:
     model_sd = model.sharded_state_dict()
-    state = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
+    optim_sd = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
+    state = {"model": model_sd, "optimizer": optim_sd}
     dist_checkpointing.save(state, str(tmp / "model_optim"), sharded_strategy=InProcessSave())
     tensors, meta = _rng_state()
     save_file(tensors, str(tmp / f"rng_rank{_rank()}.safetensors"))
@@ -336,16 +345,31 @@ def _prune(root: Path, keep_last: int, keep: set[int] = frozenset()) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _init_distributed_optimizer_state(optimizer) -> None:
+    """A DistributedOptimizer that has not stepped yet holds no Adam state, and its
+    ``state_dict()`` (called while building what to load into) needs each parameter's ``step``
+    without TE or Apex: give it zero-gradient placeholder state first, as Megatron-LM does before
+    loading; the checkpoint then overwrites it, and the model's weights are loaded after."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
 def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG from ``ckpt``; return the trainer state."""
     ckpt = Path(ckpt)
     trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
     check_mcore_version(trainer_state.get("megatron_core"), ckpt / "trainer_state.json")
     model_sd = model.sharded_state_dict()
+    _init_distributed_optimizer_state(optimizer)
     # is_loading: the optimizer creates its (empty) state first, so there is something to fill.
     sharded = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True),
+        "optimizer": optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=OPTIMIZER_METADATA
+        ),
     }
     with safe_metadata.restricted_loads(ckpt / "model_optim"):  # no pickle in it may run code
         state = dist_checkpointing.load(sharded, str(ckpt / "model_optim"))
@@ -354,7 +378,8 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict
     if missing:
         raise KeyError(f"{ckpt}/model_optim: no weights for {', '.join(missing[:8])}")
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # the distributed optimizer copies into leaf parameters in place
+            optimizer.load_state_dict(state["optimizer"])
     except ValueError as e:
         if "parameter group" not in str(e):
             raise
