@@ -258,14 +258,12 @@ def test_resume_after_kill_gives_identical_metrics(demo_cache, tmp_path):
     (tmp_path / "slow_reward.py").write_text(_SLOW_REWARD)
     reward = 'reward.rewards=[{name: "slow_reward:score"}]'
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    # Replay and two updates per round: the buffer and the scheduler must resume exactly too;
-    # megatron's DistributedOptimizer (trainer=default's) must save and load its state exactly.
+    # Replay and two updates per round: the buffer and the scheduler must resume exactly too.
     common = (
         *_SMALL,
         "trainer.max_steps=6",
         "trainer.replay_ratio=0.5",
         "trainer.updates_per_round=2",
-        "trainer.use_distributed_optimizer=true",
         reward,
     )
     train(demo_cache, f"trainer.run_dir={straight}", *common, extra_path=tmp_path)
@@ -338,13 +336,15 @@ def test_unfinished_checkpoint_write_leaves_previous_loadable(demo_cache, tmp_pa
     """What a kill during a write leaves (a ``.tmp`` folder) is never loaded; the last complete
     checkpoint is."""
     run = tmp_path / "run"
-    train(demo_cache, f"trainer.run_dir={run}", *_SMALL, "trainer.max_steps=3")
+    # megatron's DistributedOptimizer (trainer=default's) writes and reads its state too
+    dist_opt = "trainer.use_distributed_optimizer=true"
+    train(demo_cache, f"trainer.run_dir={run}", *_SMALL, "trainer.max_steps=3", dist_opt)
     partial = run / "checkpoints" / "step_000006.tmp"
     shutil.copytree(run / "checkpoints" / "step_000003" / "model_optim", partial / "model_optim")
     for f in (partial / "model_optim").iterdir():
         if f.is_file() and f.stat().st_size > 100:
             f.write_bytes(f.read_bytes()[:50])  # truncated mid-write
-    out = train(demo_cache, f"trainer.run_dir={run}", *_SMALL, "trainer.max_steps=4")
+    out = train(demo_cache, f"trainer.run_dir={run}", *_SMALL, "trainer.max_steps=4", dist_opt)
     assert "step_000003 at step 3" in out.stdout
     assert [r["step"] for r in all_rows(run)] == [0, 1, 2, 3, 4]
 

@@ -357,6 +357,25 @@ def _init_distributed_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
+def _restore_distributed_adam_steps(optimizer) -> None:
+    """Without TE or Apex, the DistributedOptimizer saves torch Adam's step count in each param
+    group (``param_group["step"]``) but does not put it back into the per-parameter state that
+    torch's Adam reads for its bias correction: copy it there, so the first step after a resume
+    is the one an uninterrupted run takes."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        for group in opt.optimizer.param_groups:
+            if group.get("step") is None:
+                continue
+            for p in group["params"]:
+                state = opt.optimizer.state.get(p)
+                if state and isinstance(state.get("step"), torch.Tensor):
+                    state["step"].fill_(float(group["step"]))
+
+
 def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG from ``ckpt``; return the trainer state."""
     ckpt = Path(ckpt)
@@ -380,6 +399,7 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, optimizer) -> dict
     try:
         with torch.no_grad():  # the distributed optimizer copies into leaf parameters in place
             optimizer.load_state_dict(state["optimizer"])
+            _restore_distributed_adam_steps(optimizer)
     except ValueError as e:
         if "parameter group" not in str(e):
             raise
