@@ -64,7 +64,13 @@ def _run(cfg: DictConfig) -> None:
     from megatron_gvpo.trainer.checkpoint import resume_point
     from megatron_gvpo.trainer.loop import train
 
-    run_cfg = run_config_from_dict(raw)
+    try:
+        run_cfg = run_config_from_dict(raw)
+    except (ValueError, FileNotFoundError) as e:  # a config error: one line naming the key
+        from megatron_gvpo.trainer.secrets import redact_text
+
+        print(f"error: {redact_text(str(e))}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     resume = resume_point(run_cfg.trainer.run_dir)  # refuses a newer megatron-core's checkpoint
     if int(os.environ.get("RANK", "0")) == 0:
         print(banner(run_summary(run_cfg, log_path, resume)), flush=True)

@@ -480,7 +480,7 @@ def test_torn_metrics_line_resumes_and_config_changes_are_refused(tiny_model, tm
 def test_secrets_in_reward_kwargs_are_not_written(tiny_model, tmp_path):
     """Credentials by key name (api_key, token, headers, access_key, auth, openai_key) and in a
     URL (user information, a token query parameter): in no file of the run, not on the console,
-    not in the error report of a run that fails (Hydra's would print the overrides)."""
+    not in the report of a run that fails (Hydra's would print the overrides as given)."""
     extra = _reward_module(tmp_path, _REWARDS)
     run = tmp_path / "run"
     proc = subprocess.run(
@@ -510,9 +510,24 @@ def test_secrets_in_reward_kwargs_are_not_written(tiny_model, tmp_path):
         text=True,
         timeout=300,
     )
-    assert failed.returncode == 1 and "trainer.lr must be > 0" in failed.stderr
+    # a config error: one line naming the key, exit status 2, no traceback
+    assert failed.returncode == 2 and "error: trainer.lr must be > 0" in failed.stderr
+    assert "Traceback" not in failed.stderr
     for secret in _SECRETS:
         assert secret.decode() not in failed.stdout + failed.stderr, secret
+    crashed = subprocess.run(  # a failure past the config checks (a reward that cannot load)
+        _cmd(tiny_model, tmp_path / "run3", "trainer.max_steps=1",
+             _KEYED.replace("fault_rewards:keyed", "fault_rewards:no_such_reward")),
+        env={**_env(extra), "FAULT_TOKEN": "ENV-SECRET-789"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert crashed.returncode == 1 and "no_such_reward" in crashed.stderr, crashed.stderr[-2000:]
+    assert "Error executing job" not in crashed.stderr  # Hydra's report, overrides and all
+    for secret in _SECRETS:
+        assert secret.decode() not in crashed.stdout + crashed.stderr, secret
 
 
 _LOCK_HOLDER = """
