@@ -24,7 +24,7 @@ import re
 import shutil
 import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from megatron_gvpo.bridge.dist_save import InProcessSave
 from megatron_gvpo.bridge.hf_io import publish_dir, staging_dir
 from megatron_gvpo.bridge.mapping import is_checkpoint_only
 from megatron_gvpo.parallel.launch import barrier, is_rank0
-from megatron_gvpo.trainer.guards import check_finite_params, check_resume_config
+from megatron_gvpo.trainer.guards import any_rank, check_finite_params, check_resume_config
 from megatron_gvpo.trainer.secrets import redact
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -146,7 +146,7 @@ class RunState:
                 if not _unreadable(e):
                     raise
                 error = e
-            if not _any_rank_failed(error is not None):
+            if not any_rank(error is not None):
                 break
             why = _first_line(error) if error is not None else "unreadable on another rank"
             if i + 1 == len(found):
@@ -261,24 +261,31 @@ _NEARLY_FULL_BYTES = 64 << 20
 def _disk_full(e: BaseException, where: Path | None = None) -> bool:
     """ENOSPC anywhere in ``e``'s chain (megatron wraps writer errors in its own exceptions), or
     a short write by torch's zip writer while the filesystem of ``where`` is (nearly) full."""
-    seen: set[int] = set()
-    todo = [e]
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
+    for x in _error_chain(e):
         if isinstance(x, OSError) and x.errno == errno.ENOSPC:
             return True
         if "No space left on device" in str(x):
             return True
         if where is not None and any(m in str(x) for m in _SHORT_WRITE):
             return _free_bytes(where) < _NEARLY_FULL_BYTES
+    return False
+
+
+def _error_chain(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and every exception behind it, once each: causes, contexts and torch's per-rank
+    ``CheckpointException.failures`` (megatron and torch wrap writer and reader errors)."""
+    seen: set[int] = set()
+    todo: list = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen or not isinstance(x, BaseException):
+            continue
+        seen.add(id(x))
+        yield x
         todo += [x.__cause__, x.__context__]
         failures = getattr(x, "failures", None)  # torch's CheckpointException: rank -> error
         if isinstance(failures, dict):
             todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-    return False
 
 
 def _free_bytes(path: Path) -> int:
@@ -298,22 +305,12 @@ _UNREADABLE_TEXT = ("PytorchStreamReader failed", "does not exist", "truncated")
 def _unreadable(e: BaseException) -> bool:
     """Whether ``e`` says the checkpoint's files are cut short or missing (searched through
     causes, contexts and torch's per-rank failures) and nothing was refused."""
-    seen: set[int] = set()
-    todo: list = [e]
     found = False
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen or not isinstance(x, BaseException):
-            continue
-        seen.add(id(x))
+    for x in _error_chain(e):
         if isinstance(x, pickle.UnpicklingError) or "refusing to load" in str(x):
             return False  # a refusal (or a garbled pickle): never passed over
         if isinstance(x, _UNREADABLE) or any(t in str(x) for t in _UNREADABLE_TEXT):
             found = True
-        todo += [x.__cause__, x.__context__]
-        failures = getattr(x, "failures", None)  # torch's CheckpointException: rank -> error
-        if isinstance(failures, dict):
-            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
     return found
 
 
@@ -325,17 +322,6 @@ def _first_line(e: BaseException) -> str:
         e = first[0] if isinstance(first, tuple) else first
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
-def _any_rank_failed(failed: bool) -> bool:
-    """Collective: True on every rank when any rank failed."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return failed
-    from megatron_gvpo.parallel.initialize import device
-
-    t = torch.tensor([float(failed)], device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _prune(root: Path, keep_last: int, keep: set[int] = frozenset()) -> None:

@@ -31,7 +31,7 @@ class NoTrainableRoundsError(RuntimeError):
     """Too many rounds in a row left no group with two responses to compare."""
 
 
-def _any_rank(flag: bool) -> bool:
+def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is True on any rank (collective)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag
@@ -72,7 +72,7 @@ class StepGuard:
         """Collective. True (grads zeroed, nothing stepped) when the step's loss or any gradient
         is non-finite on any rank; raises after ``max_consecutive_skips`` such steps in a row."""
         loss = loss_metrics.get("loss", 0.0)
-        bad = _any_rank(not math.isfinite(loss) or _local_nonfinite(_grads(model)))
+        bad = any_rank(not math.isfinite(loss) or _local_nonfinite(_grads(model)))
         if not bad:
             return False
         model.zero_grad_buffer()
@@ -127,7 +127,7 @@ class StepGuard:
 def check_finite_params(model: torch.nn.Module) -> None:
     """Collective: raise before saving when any rank holds a non-finite weight."""
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if _any_rank(bool(bad)):
+    if any_rank(bool(bad)):
         where = f": {', '.join(bad[:4])}" if bad else " on another rank"
         raise NonFiniteStepError(f"refusing to save non-finite weights{where}")
 
@@ -168,7 +168,7 @@ class StopSignal:
 
     def agreed(self) -> bool:
         """Collective at the end of a step: True on every rank once any rank got a signal."""
-        stop = _any_rank(self.received)
+        stop = any_rank(self.received)
         if stop:
             self._step_done.set()  # the step ended: it is saved, however long that takes
         return stop
