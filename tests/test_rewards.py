@@ -465,6 +465,23 @@ def test_call_guarded_order_and_hung_slots_are_replaced():
     assert call_guarded(lambda x: 1 / x, [1, 0], None)[1][0] is None
 
 
+def test_call_guarded_reuses_its_workers_across_calls():
+    """A step pays for no thread start-up: the workers of one call serve the next ones."""
+    from megatron_gvpo.rewards.guard import _POOL
+
+    def square(x):
+        return x * x
+
+    call_guarded(square, list(range(8)), timeout_s=5.0, num_workers=4)
+    time.sleep(0.05)  # the warm-up call's workers park
+    before = _POOL.threads_started
+    for _ in range(20):
+        assert [v for v, _ in call_guarded(square, list(range(8)), 5.0, 4)] == [
+            x * x for x in range(8)
+        ]
+    assert _POOL.threads_started == before
+
+
 @pytest.mark.parametrize(
     ("configs", "match"),
     [

@@ -1,14 +1,17 @@
 """Fault isolation for reward functions: a raise or a hang costs one sample, not the run.
 
-Timeouts run each call in a daemon thread and stop *waiting* for it at the deadline. Python
-cannot kill a thread: a hung call keeps its thread (and some CPU, and the GIL now and then) until
-it returns, but being a daemon it does not block interpreter exit (a ThreadPoolExecutor worker
-would: executors join their threads at exit). The slot it held is given to the next call.
+Timeouts run each call on a daemon worker thread and stop *waiting* for it at the deadline.
+Python cannot kill a thread: a hung call keeps its worker (and some CPU, and the GIL now and then)
+until it returns, but being a daemon it does not block interpreter exit (a ThreadPoolExecutor
+worker would: executors join their threads at exit). Workers persist between calls, so a step
+pays for no thread start-up; a worker held by a hung call is replaced by a fresh one, so the
+slot it held goes to the next call.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,51 +33,97 @@ def _call(fn: Callable, arg: Any) -> Outcome:
         return None, e
 
 
+class _WorkerPool:
+    """Daemon threads that run queued callables; idle ones wait for the next call.
+
+    ``submit`` hands a task to an idle worker or starts one, so a task never waits behind a
+    hung call. At most ``max_idle`` workers stay parked; the rest exit when their call returns.
+    """
+
+    def __init__(self, max_idle: int = 64) -> None:
+        self.max_idle = max_idle
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0  # workers parked on the queue with no task reserved for them
+        self._started = 0
+
+    def submit(self, task: Callable[[], None]) -> None:
+        with self._lock:
+            spawn = self._idle == 0
+            if not spawn:
+                self._idle -= 1  # reserved: a parked worker will take this task
+            else:
+                self._started += 1
+        self._tasks.put(task)
+        if spawn:
+            threading.Thread(target=self._work, daemon=True, name="reward-worker").start()
+
+    def _work(self) -> None:
+        while True:
+            self._tasks.get()()
+            with self._lock:
+                if self._idle >= self.max_idle:
+                    return
+                self._idle += 1
+
+    @property
+    def threads_started(self) -> int:
+        """Workers started so far (for tests and benchmarks: it stays flat across calls)."""
+        return self._started
+
+
+_POOL = _WorkerPool()
+
+
 def call_guarded(
     fn: Callable, args: Sequence[Any], timeout_s: float | None, num_workers: int = 4
 ) -> list[Outcome]:
     """``fn(a)`` for each ``a`` in order; each outcome is (value, None) or (None, error).
 
     ``timeout_s=None`` runs inline in the calling thread (needed by signal-based timeouts, which
-    only work in the main thread). Otherwise at most ``num_workers`` calls run at once, each in
-    its own daemon thread, and one still running ``timeout_s`` after it started gets a
-    ``RewardTimeout`` outcome.
+    only work in the main thread). Otherwise at most ``num_workers`` calls run at once on the
+    module's persistent daemon workers, and one still running ``timeout_s`` after it started
+    gets a ``RewardTimeout`` outcome. Safe to call from several threads at once.
     """
     if timeout_s is None:
         return [_call(fn, a) for a in args]
     n = len(args)
     results: list[Any] = [_PENDING] * n
     cond = threading.Condition()
+    deadlines: dict[int, float] = {}  # started and in flight: index -> deadline
 
-    def target(i: int) -> None:
-        try:
-            out: Outcome = (fn(args[i]), None)
-        except BaseException as e:  # our own thread: report, never propagate
-            out = (None, e)
-        with cond:
-            if results[i] is _PENDING:  # not already given up on
-                results[i] = out
-            cond.notify()
+    def task(i: int) -> Callable[[], None]:
+        def run() -> None:
+            with cond:
+                deadlines[i] = time.monotonic() + timeout_s
+            try:
+                out: Outcome = (fn(args[i]), None)
+            except BaseException as e:  # a worker thread: report, never propagate
+                out = (None, e)
+            with cond:
+                if results[i] is _PENDING:  # not already given up on
+                    results[i] = out
+                cond.notify()
 
-    deadlines: dict[int, float] = {}  # in flight: index -> deadline
-    next_i = 0
+        return run
+
+    submitted = 0
+    done = 0
     with cond:
-        while next_i < n or deadlines:
-            while next_i < n and len(deadlines) < num_workers:
-                deadlines[next_i] = time.monotonic() + timeout_s
-                threading.Thread(
-                    target=target, args=(next_i,), daemon=True, name=f"reward-{next_i}"
-                ).start()
-                next_i += 1
+        while done < n:
+            while submitted < n and submitted - done < num_workers:
+                _POOL.submit(task(submitted))
+                submitted += 1
             now = time.monotonic()
             for i, deadline in list(deadlines.items()):
+                if results[i] is _PENDING and now >= deadline:
+                    results[i] = (None, RewardTimeout(f"no result after {timeout_s:g} s"))
                 if results[i] is not _PENDING:
                     del deadlines[i]
-                elif now >= deadline:
-                    results[i] = (None, RewardTimeout(f"no result after {timeout_s:g} s"))
-                    del deadlines[i]
-            if deadlines and (next_i == n or len(deadlines) >= num_workers):
-                cond.wait(max(0.0, min(deadlines.values()) - now))
+            done = sum(r is not _PENDING for r in results[:submitted])
+            if done < n and (submitted == n or submitted - done >= num_workers):
+                wait = min(deadlines.values(), default=now + timeout_s) - now
+                cond.wait(max(0.0, wait))
     return results
 
 
