@@ -62,7 +62,7 @@ def _run(cfg: DictConfig) -> None:
     for w in _IMPORT_WARNINGS:  # through the logging set up just now
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     from megatron_gvpo.trainer.checkpoint import resume_point
-    from megatron_gvpo.trainer.loop import train
+    from megatron_gvpo.trainer.run import train
 
     try:
         run_cfg = run_config_from_dict(raw)

@@ -1,4 +1,4 @@
-"""The step's fast paths against independent references (issue 12).
+"""The step's fast paths against independent references.
 
 - Packed-sequence attention in length-bucketed padded batches (``models/sdpa_attention.py``)
   against causal softmax attention written out in float64 per sequence, values and gradients;

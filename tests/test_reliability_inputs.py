@@ -1,6 +1,6 @@
 """Hostile or wrong inputs are refused early and never run code: tokenizers (auto_map,
 transformers 5's ``TokenizersBackend``, converted checkpoints), config values, rewards that do
-not fit in float32. Issue 15 items 1, 5, 6, 7 and issue 11 item 9(b)."""
+not fit in float32."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Nothing hangs on a slow peer and nothing listens beyond the job (issue 15 items 3 and 8).
+"""Nothing hangs on a slow peer and nothing listens beyond the job.
 
 The slow reward server is a local HTTP server on 127.0.0.1 that answers 200 with a large
 Content-Length and then sends one byte every 0.5 s, forever: per-read timeouts never fire on it.

@@ -1,4 +1,4 @@
-"""Whole runs under faults (issue 15): huge rewards, non-finite steps, a stop signal during a
+"""Whole runs under faults: huge rewards, non-finite steps, a stop signal during a
 stuck step, kill -9, hostile checkpoint metadata, a full disk, a torn metrics line, a changed
 config, secrets in reward kwargs, a converted checkpoint as ``model.path``.
 

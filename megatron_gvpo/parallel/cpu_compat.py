@@ -192,10 +192,6 @@ def enable_cpu_compat() -> bool:
     return True
 
 
-def cpu_compat_active() -> bool:
-    return _mode is not None
-
-
 @contextlib.contextmanager
 def native_torch():
     """Suspend the CUDA->CPU mode inside the block (a no-op when it is off).

@@ -129,7 +129,7 @@ class RewardSection:
 class AsyncTrainingSection:
     """``trainer.async_training.*``: rollout overlapped with training (``trainer/async_rollout.py``).
 
-    Named after verl's ``async_training`` section: the issue's ``trainer.async`` cannot be a
+    Named after verl's ``async_training`` section: ``trainer.async`` cannot be a
     dataclass field (``async`` is a Python keyword) and Hydra's structured configs are dataclasses.
     """
 

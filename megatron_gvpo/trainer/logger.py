@@ -39,7 +39,11 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._truncate(resume_step)
         purge = resume_step + 1 if resume_step else 0  # a fresh start replaces a step-0 point too
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
+        # TensorBoard's own writer thread flushes every 10 s and at close(); metrics.jsonl is
+        # written and closed every step, so a kill loses at most those seconds of TB points.
+        self.writer = SummaryWriter(
+            str(self.run_dir / "tensorboard"), purge_step=purge, flush_secs=10
+        )
 
     def _truncate(self, resume_step: int) -> None:
         """Keep the lines up to ``resume_step`` (none on a fresh start, ``resume_step`` 0); a
@@ -71,7 +75,6 @@ class MetricsLogger:
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                 self.writer.add_scalar(k, v, step)
-        self.writer.flush()
         parts = [fmt.format(row[k]) for k, fmt in SUMMARY_KEYS if isinstance(row.get(k), float)]
         if parts:
             print(f"step {step}: " + " | ".join(parts), flush=True)

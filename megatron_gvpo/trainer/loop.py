@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -60,8 +58,8 @@ from megatron_gvpo.trainer.guards import (
     StopSignal,
 )
 from megatron_gvpo.trainer.logger import MetricsLogger
-from megatron_gvpo.trainer.metrics import Metric, combine_updates, reduce_metrics
-from megatron_gvpo.trainer.objectives import StepInputs, build_objective, load_builtin_objectives
+from megatron_gvpo.trainer.metrics import Metric, PhaseClock, combine_updates, reduce_metrics
+from megatron_gvpo.trainer.objectives import StepInputs, build_objective
 from megatron_gvpo.trainer.replay import ReplayBuffer
 from megatron_gvpo.trainer.setup import (
     build_engine,
@@ -133,7 +131,7 @@ class Trainer:
     def round(self) -> dict:
         """One step: rollout, rewards, assemble, logprobs, updates, sync."""
         t = self.cfg.trainer
-        clock = _PhaseClock()
+        clock = PhaseClock()
         with clock("rollout"):  # async: round self.step was generated while earlier ones trained
             rollout = broadcast_object(self.rounds.next(self.step))
             self.weight_sync.after_rollout()
@@ -180,7 +178,7 @@ class Trainer:
         metrics["train/skipped_rounds"] = int(not ok)
         return ok
 
-    def _skipped_round(self, metrics: dict, clock: _PhaseClock) -> dict:
+    def _skipped_round(self, metrics: dict, clock: PhaseClock) -> dict:
         """A round with nothing to train on: no update; the engine is still tagged with the step
         (samples keep their versions) and the round is logged."""
         with clock("rollout_wait"):
@@ -361,38 +359,3 @@ def _split_by_groups(batch: RolloutBatch, parts: int) -> list[RolloutBatch]:
         if chosen:
             subs.append(batch.select([i for i, g in enumerate(gids) if g in chosen]))
     return subs
-
-
-class _PhaseClock:
-    """Wall time per phase of a round (``time/<phase>``) and the step's total."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, phase: str):
-        start = time.perf_counter()
-        yield
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-    def split(self, phase: str, part: str, seconds: float) -> None:
-        """``seconds`` of ``phase`` were really ``part``."""
-        self.seconds[phase] -= seconds
-        self.seconds[part] = self.seconds.get(part, 0.0) + seconds
-
-    def metrics(self, tokens: int) -> dict[str, float]:
-        out = {f"time/{k}": v for k, v in self.seconds.items()}
-        out["time/step"] = sum(self.seconds.values())
-        out["throughput/tokens_per_s"] = tokens / max(out["time/step"], 1e-9)
-        return out
-
-
-def train(cfg: RunConfig) -> None:
-    """Run (or resume) the job described by ``cfg``; offline objectives (preference pairs) have
-    their own driver, ``trainer/preference.py``."""
-    if load_builtin_objectives()[cfg.algorithm.name].offline:
-        from megatron_gvpo.trainer.preference import PreferenceTrainer
-
-        PreferenceTrainer(cfg).fit()
-        return
-    Trainer(cfg).fit()

@@ -14,6 +14,8 @@ rank. Nothing is dropped: a key is reported with whatever tag its producer gave 
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,11 +36,6 @@ class Metric:
     value: float | Tensor
     reduce: Reduce = "sum"
     weight: float | Tensor = 1.0
-
-
-def tag(values: dict[str, Tensor], reduce: Reduce, weight: float | Tensor = 1.0) -> dict:
-    """``{key: Metric(value, reduce, weight)}`` for a dict of detached values."""
-    return {k: Metric(v, reduce, weight) for k, v in values.items()}
 
 
 def _f(x: float | Tensor) -> float:
@@ -133,3 +130,27 @@ def combine_updates(per_update: list[dict[str, Metric]]) -> dict[str, float]:
         else:
             out[k] = sum(values) / len(values)
     return out
+
+
+class PhaseClock:
+    """Wall time per phase of a round (``time/<phase>``) and the step's total."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def split(self, phase: str, part: str, seconds: float) -> None:
+        """``seconds`` of ``phase`` were really ``part``."""
+        self.seconds[phase] -= seconds
+        self.seconds[part] = self.seconds.get(part, 0.0) + seconds
+
+    def metrics(self, tokens: int) -> dict[str, float]:
+        out = {f"time/{k}": v for k, v in self.seconds.items()}
+        out["time/step"] = sum(self.seconds.values())
+        out["throughput/tokens_per_s"] = tokens / max(out["time/step"], 1e-9)
+        return out

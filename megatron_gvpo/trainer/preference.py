@@ -44,8 +44,7 @@ from megatron_gvpo.trainer.guards import (
     StopSignal,
 )
 from megatron_gvpo.trainer.logger import MetricsLogger
-from megatron_gvpo.trainer.loop import _PhaseClock
-from megatron_gvpo.trainer.metrics import reduce_metrics
+from megatron_gvpo.trainer.metrics import PhaseClock, reduce_metrics
 from megatron_gvpo.trainer.objectives import StepInputs, build_objective
 from megatron_gvpo.trainer.objectives.preference import step_margins
 from megatron_gvpo.trainer.setup import (
@@ -145,7 +144,7 @@ class PreferenceTrainer:
 
     def round(self) -> dict:
         """One optimizer step on the next batch of pairs."""
-        clock = _PhaseClock()
+        clock = PhaseClock()
         batch = self.data.next_batch()
         plan = self._plan(batch)
         with clock("logprob"):

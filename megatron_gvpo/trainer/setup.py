@@ -74,6 +74,11 @@ def build_optimizer(ddp: torch.nn.Module, t: TrainerSection, m: ModelSection):
         use_distributed_optimizer=t.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, [ddp])
+    for group in optimizer.param_groups:
+        # Without TE or apex megatron falls back to torch's Adam, which picks its multi-tensor
+        # (foreach) kernels on CUDA only; on CPU they are ~25 % faster, same bits.
+        if group.get("foreach", False) is None:
+            group["foreach"] = True
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if t.lr_warmup_steps else t.lr,
