@@ -62,7 +62,6 @@ def _run(cfg: DictConfig) -> None:
     for w in _IMPORT_WARNINGS:  # through the logging set up just now
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     from megatron_gvpo.trainer.checkpoint import resume_point
-    from megatron_gvpo.trainer.run import train
 
     try:
         run_cfg = run_config_from_dict(raw)
@@ -74,7 +73,22 @@ def _run(cfg: DictConfig) -> None:
     resume = resume_point(run_cfg.trainer.run_dir)  # refuses a newer megatron-core's checkpoint
     if int(os.environ.get("RANK", "0")) == 0:
         print(banner(run_summary(run_cfg, log_path, resume)), flush=True)
-    train(run_cfg)
+    _fit(run_cfg)
+
+
+def _fit(cfg) -> None:
+    """Run (or resume) the job: RL rounds (``trainer/loop.py``), or optimizer steps on
+    preference pairs for offline objectives (``trainer/preference.py``)."""
+    from megatron_gvpo.trainer.objectives import load_builtin_objectives
+
+    if load_builtin_objectives()[cfg.algorithm.name].offline:
+        from megatron_gvpo.trainer.preference import PreferenceTrainer
+
+        PreferenceTrainer(cfg).fit()
+    else:
+        from megatron_gvpo.trainer.loop import Trainer
+
+        Trainer(cfg).fit()
 
 
 def _redact_hydra_output() -> None:

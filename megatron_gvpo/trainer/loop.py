@@ -14,34 +14,26 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict
 from functools import partial
-from pathlib import Path
 
 import torch
 
-from megatron_gvpo.bridge.export import ExportConfig, iter_buckets_on_rank0
-from megatron_gvpo.bridge.hf_io import copy_side_files, write_bucket_shards
-from megatron_gvpo.data.tokenizer import hf_dir
-from megatron_gvpo.models.forward import forward_backward
+from megatron_gvpo.bridge.export import ExportConfig
 from megatron_gvpo.parallel.cpu_compat import native_torch
-from megatron_gvpo.parallel.ddp import wrap_with_ddp
-from megatron_gvpo.parallel.initialize import destroy, initialize
 from megatron_gvpo.parallel.launch import broadcast_object, is_rank0
 from megatron_gvpo.rollout.base import SamplingParams
+from megatron_gvpo.trainer.actor import Actor
 from megatron_gvpo.trainer.async_rollout import RoundSource
 from megatron_gvpo.trainer.batch import (
     OldLogprobsFromForward,
     RolloutBatch,
     build_micro_batches,
-    plan_for,
     response_token_logprobs,
     step_seq_logprobs,
 )
-from megatron_gvpo.trainer.checkpoint import RunState
 from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.data import PromptSource, prompt_room
-from megatron_gvpo.trainer.evaluate import EvalSchedule, Evaluator
+from megatron_gvpo.trainer.evaluate import Evaluator
 from megatron_gvpo.trainer.groups import (
     RolloutResult,
     drop_stale,
@@ -53,32 +45,20 @@ from megatron_gvpo.trainer.groups import (
     rollout_and_score,
     to_batch,
 )
-from megatron_gvpo.trainer.guards import (
-    StepGuard,
-    StopSignal,
-)
-from megatron_gvpo.trainer.logger import MetricsLogger
-from megatron_gvpo.trainer.metrics import Metric, PhaseClock, combine_updates, reduce_metrics
+from megatron_gvpo.trainer.metrics import Metric, PhaseClock, combine_updates
 from megatron_gvpo.trainer.objectives import StepInputs, build_objective
 from megatron_gvpo.trainer.replay import ReplayBuffer
-from megatron_gvpo.trainer.setup import (
-    build_engine,
-    build_model,
-    build_optimizer,
-    build_reference,
-    build_rewards,
-    resolve_model_path,
-)
+from megatron_gvpo.trainer.run import Run
+from megatron_gvpo.trainer.setup import build_engine, build_rewards, resolve_model_path
 from megatron_gvpo.trainer.sync import build_weight_sync
 
 
-class Trainer:
-    """Holds the run's parts; ``fit()`` runs rounds until ``trainer.max_steps``."""
+class Trainer(Run):
+    """The RL driver: ``round()`` is one step; the rest of the run is :class:`Run`'s."""
 
     def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         t, r = cfg.trainer, cfg.rollout
-        self.run_dir = Path(t.run_dir)
         # Cheap parts first: a bad reward spec or data file fails before any model is built
         # (the config itself was validated whole by run_config_from_dict).
         self.rewards = build_rewards(cfg.reward) if is_rank0() else None
@@ -89,13 +69,8 @@ class Trainer:
             room,
         )
         self.objective = build_objective(cfg.algorithm, self.prompts.domains)
-        initialize(cfg.parallel)
-        model, self.arch = build_model(cfg.model, self.model_path)
-        self.ddp = wrap_with_ddp(model, use_distributed_optimizer=t.use_distributed_optimizer)
-        self.optimizer, self.scheduler = build_optimizer(self.ddp, t, cfg.model)
-        self.reference = build_reference(cfg, self.model_path)
+        self.actor = Actor(cfg, self.model_path)
         self.replay = ReplayBuffer(t.replay_capacity)
-        self.step_guard = StepGuard(t.max_consecutive_skips)
         ahead = t.async_training.max_staleness
         self.engine = (
             build_engine(r, self.model_path, cfg.model.trust_remote_code, t.run_dir, ahead > 0)
@@ -110,10 +85,7 @@ class Trainer:
             )
         self.rounds = RoundSource(self.prompts, self._rollout if is_rank0() else None, ahead)
         export = ExportConfig(bucket_bytes=r.bucket_mb << 20, fp8=r.fp8)
-        self.weight_sync = build_weight_sync(self.ddp, self.arch, export, self.engine)
-        self.eval_schedule = EvalSchedule(
-            t.eval_interval, t.eval_at_start, t.max_steps, t.save_best, t.save_best_mode
-        )
+        self.weight_sync = build_weight_sync(self.actor.ddp, self.actor.arch, export, self.engine)
         self.evaluator = (
             Evaluator.build(
                 self.prompts.eval_sets, cfg.eval, cfg.data.eval_sets, r.max_new_tokens, r.stop,
@@ -122,9 +94,7 @@ class Trainer:
             if self.prompts.eval_sets and is_rank0()
             else None
         )
-        self.step = 0
-        self._resume()
-        self.logger = MetricsLogger(self.run_dir, is_rank0(), resume_step=self.step)
+        self.resume({"prompts": self.prompts, "replay": self.replay})
 
     # -------------------------------------------------------------------------------- round
 
@@ -174,7 +144,7 @@ class Trainer:
         trainable = any(len(g.responses) >= 2 for g in fresh)
         why = f"{metrics.get('filter/reward_failed', 0)} failed rewards, "
         why += f"{metrics.get('filter/short_responses', 0)} short responses"
-        ok = self.step_guard.round_trainable(trainable, why)
+        ok = self.actor.guard.round_trainable(trainable, why)
         metrics["train/skipped_rounds"] = int(not ok)
         return ok
 
@@ -186,7 +156,7 @@ class Trainer:
         with clock("sync"):
             metrics.update(self.weight_sync.sync(version=self.step))
         metrics["train/skipped_steps"] = 0
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["lr"] = self.actor.lr
         metrics.update(self.rounds.metrics())
         metrics.update(clock.metrics(tokens=0))
         return metrics
@@ -208,10 +178,14 @@ class Trainer:
                 self.engine, self.rewards, rows, sampling, r.n_samples_per_prompt, seeds
             )
 
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.prompts.eval_sets)
+
     def evaluate(self) -> dict:
         """The eval sets' metrics (``eval/...``) on every rank, sampled by the driver rank's
         engine with the weights of the last sync; empty without an eval set."""
-        if not self.prompts.eval_sets:
+        if not self.has_eval:
             return {}
         self.rounds.wait_idle()  # nothing in flight: the engine holds version self.step only
         metrics = None
@@ -222,12 +196,12 @@ class Trainer:
 
     def _old_and_ref_logprobs(self, batch: RolloutBatch) -> None:
         """theta' (the policy that sampled) and, if the objective needs it, the reference."""
+        a = self.actor
         plan = self._plan(batch)
-        temperature = self.cfg.algorithm.temperature
         if self.cfg.trainer.updates_per_round > 1:  # else the only update's forward gives them
-            batch.old_logprobs = response_token_logprobs(self.ddp, batch, plan, temperature)
-        if self.reference is not None:
-            batch.ref_logprobs = response_token_logprobs(self.reference, batch, plan, temperature)
+            batch.old_logprobs = response_token_logprobs(a.ddp, batch, plan, a.temperature)
+        if a.reference is not None:
+            batch.ref_logprobs = response_token_logprobs(a.reference, batch, plan, a.temperature)
 
     def _updates(self, batch: RolloutBatch) -> dict:
         """``trainer.updates_per_round`` optimizer steps, each on whole groups of the batch."""
@@ -240,32 +214,18 @@ class Trainer:
             loss_fn = self.objective.step_loss(step)
             # theta = theta' at a round's only update: its forward's detached logprobs are s'.
             fill = OldLogprobsFromForward(loss_fn, sub) if sub.old_logprobs is None else None
-            self.ddp.zero_grad_buffer()
-            self.optimizer.zero_grad()
-            results = forward_backward(
-                self.ddp,
-                mbs,
-                fill or loss_fn,
-                temperature=self.cfg.algorithm.temperature,
-                with_entropy=t.log_entropy,
-            )
+            metrics, applied = self.actor.step(mbs, fill or loss_fn, t.log_entropy)
             if fill is not None:  # one update: sub is the whole batch, in order
-                batch.old_logprobs = sub.old_logprobs = fill.collect(self.ddp)
-            metrics = reduce_metrics(results)
-            values = {k: float(m.value) for k, m in metrics.items()}
-            if self.step_guard.skip(self.ddp, self.optimizer, values):
+                batch.old_logprobs = sub.old_logprobs = fill.collect(self.actor.ddp)
+            if not applied:
                 continue  # non-finite loss or gradient: counted, never applied
-            ok, grad_norm, _ = self.optimizer.step()
-            if not self.step_guard.stepped(ok, grad_norm):
-                continue
-            self.scheduler.step(1)
-            metrics["grad_norm"] = Metric(float(grad_norm or 0.0), "mean")
+            values = {k: float(m.value) for k, m in metrics.items()}
             for k, v in self.objective.derived_metrics(values).items():
                 metrics[k] = Metric(v, "mean")
             per_update.append(metrics)
         out = combine_updates(per_update)
-        out["train/skipped_steps"] = self.step_guard.pop_skipped()
-        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        out["train/skipped_steps"] = self.actor.pop_skipped()
+        out["lr"] = self.actor.lr
         out.update(self.objective.metrics())
         return out
 
@@ -279,73 +239,25 @@ class Trainer:
         if first_update:
             old = torch.stack([x.double().sum() for x in sub.old_logprobs])
             return old, old
-        return step_seq_logprobs(self.ddp, mbs, len(sub), self.cfg.algorithm.temperature)
+        return step_seq_logprobs(self.actor.ddp, mbs, len(sub), self.actor.temperature)
 
     def _plan(self, batch: RolloutBatch):
-        t = self.cfg.trainer
-        pad = 16 if self.cfg.model.fp8.enabled else 8
-        return plan_for(batch, t.max_tokens_per_microbatch, t.keep_groups_whole, pad)
+        return self.actor.plan(batch, self.cfg.trainer.keep_groups_whole)
 
-    # ---------------------------------------------------------------------- run, save, resume
+    # ------------------------------------------------------------------- the run's hooks
 
-    def fit(self) -> None:
-        """Rounds until ``trainer.max_steps``, or until SIGUSR1/SIGTERM (Slurm's warning before
-        a time limit or preemption): then the current step finishes, is saved, and we exit."""
-        t = self.cfg.trainer
-        stop = StopSignal(t.stop_grace_s)
-        self.weight_sync.sync(version=self.step)
-        if self.step == 0 and self.prompts.eval_sets and self.eval_schedule.due(0):
-            self.logger.log(0, self.evaluate())  # the starting point, before any update
-        while self.step < t.max_steps:
-            self.step += 1
-            metrics = self.round()
-            best = self.eval_schedule.after_step(self.step, self.evaluate, metrics)
-            self.logger.log(self.step, metrics)
-            stopping = stop.agreed()
-            if self.step % t.save_interval == 0 or self.step == t.max_steps or stopping or best:
-                self.save()
-            if t.plot and is_rank0() and (self.step % 10 == 0 or self.step == t.max_steps):
-                self.logger.plot()
-            if stopping:
-                if is_rank0():
-                    print(f"stop signal: saved step {self.step}, exiting to be resumed", flush=True)
-                break
-        self.close()
+    def start(self) -> None:
+        self.weight_sync.sync(version=self.step)  # the engine holds the (resumed) actor
+
+    def part_states(self) -> dict:
+        return {"prompts": self.rounds.prompt_state()}  # as of the last trained round
 
     def close(self) -> None:
-        self.logger.close()
         self.rounds.close()  # rounds in flight are discarded
         if self.engine is not None:
             self.engine.shutdown()
         self.weight_sync.close()
-        destroy()
-
-    def _resume(self) -> None:
-        t = self.cfg.trainer
-        parts = {"prompts": self.prompts, "replay": self.replay, "eval": self.eval_schedule}
-        self.state = RunState(self.scheduler, self.objective, parts)
-        self.step = self.state.resume(
-            self.run_dir, asdict(self.cfg), t.allow_config_change, self.ddp, self.optimizer
-        )
-
-    def save(self) -> None:
-        t = self.cfg.trainer
-        self.state.save(
-            self.run_dir, self.step, asdict(self.cfg), self.ddp, self.optimizer, t.keep_last,
-            part_states={"prompts": self.rounds.prompt_state()},  # as of the last trained round
-            export_hf=self._export_hf if t.export_hf else None,
-            best=self.eval_schedule,
-        )
-
-    def _export_hf(self, out_dir: Path) -> None:
-        """Collective: rank 0 writes the actor as an HF checkpoint (shards, index, side files)."""
-        buckets = iter_buckets_on_rank0(self.ddp, self.arch, ExportConfig())
-        if is_rank0():
-            write_bucket_shards(buckets, out_dir)
-            copy_side_files(hf_dir(self.model_path), out_dir)  # a converted checkpoint: its hf/
-        else:
-            for _ in buckets:  # take part in the gathers and sends
-                pass
+        super().close()
 
 
 def _split_by_groups(batch: RolloutBatch, parts: int) -> list[RolloutBatch]:

@@ -8,12 +8,13 @@
 
 A pair is a group of two samples (chosen, rejected) in a ``RolloutBatch``; the placement plan
 keeps groups whole, so both halves of a pair land in one micro-batch and its margin is computed
-there. The parts (model, optimizer, reference, checkpoints, logger) are the RL trainer's.
+there. The actor (``trainer/actor.py``) and the run around the steps (``trainer/run.py``:
+checkpoints, resume, eval schedule, logging) are the RL driver's too.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -25,34 +26,20 @@ from megatron_gvpo.data.sampler import GroupProportionSampler, PromptSampler
 from megatron_gvpo.data.tokenizer import load_tokenizer
 from megatron_gvpo.demo.preference import write_preference_demo
 from megatron_gvpo.models.forward import forward_backward
-from megatron_gvpo.parallel.ddp import wrap_with_ddp
-from megatron_gvpo.parallel.initialize import destroy, initialize
-from megatron_gvpo.parallel.launch import is_rank0
+from megatron_gvpo.trainer.actor import Actor
 from megatron_gvpo.trainer.batch import (
     RolloutBatch,
     build_micro_batches,
-    plan_for,
     response_token_logprobs,
     step_seq_logprobs,
 )
-from megatron_gvpo.trainer.checkpoint import RunState
 from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.data import DataSection
-from megatron_gvpo.trainer.evaluate import EvalSchedule
-from megatron_gvpo.trainer.guards import (
-    StepGuard,
-    StopSignal,
-)
-from megatron_gvpo.trainer.logger import MetricsLogger
 from megatron_gvpo.trainer.metrics import PhaseClock, reduce_metrics
 from megatron_gvpo.trainer.objectives import StepInputs, build_objective
 from megatron_gvpo.trainer.objectives.preference import step_margins
-from megatron_gvpo.trainer.setup import (
-    build_model,
-    build_optimizer,
-    build_reference,
-    resolve_model_path,
-)
+from megatron_gvpo.trainer.run import Run
+from megatron_gvpo.trainer.setup import resolve_model_path
 
 
 class PairSource:
@@ -113,34 +100,25 @@ class PairSource:
         self.sampler.load_state_dict(state)
 
 
-class PreferenceTrainer:
-    """Holds the run's parts; ``fit()`` takes optimizer steps until ``trainer.max_steps``."""
+class PreferenceTrainer(Run):
+    """The preference driver: ``round()`` is one optimizer step on the next batch of pairs; the
+    rest of the run is :class:`Run`'s."""
+
+    plot_key = "preference/loss"
 
     def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         t = cfg.trainer
-        self.run_dir = Path(t.run_dir)
         self.model_path = resolve_model_path(cfg.model)
         # Pairs are read and checked before any model is built.
         self.data = PairSource(
             cfg.data, self.model_path, self.run_dir, t.prompts_per_step, cfg.model.trust_remote_code
         )
-        self.step_guard = StepGuard(t.max_consecutive_skips)
         self.objective = build_objective(cfg.algorithm, self.data.groups)
         self.objective.set_group_sizes(self.data.group_counts)
-        initialize(cfg.parallel)
-        model, self.arch = build_model(cfg.model, self.model_path)
-        self.ddp = wrap_with_ddp(model, use_distributed_optimizer=t.use_distributed_optimizer)
-        self.optimizer, self.scheduler = build_optimizer(self.ddp, t, cfg.model)
-        self.reference = build_reference(cfg, self.model_path)
-        self.temperature = cfg.algorithm.temperature
+        self.actor = Actor(cfg, self.model_path)
         self._eval_batch: RolloutBatch | None = None
-        self.eval_schedule = EvalSchedule(
-            t.eval_interval, t.eval_at_start, t.max_steps, t.save_best, t.save_best_mode
-        )
-        self.step = 0
-        self._resume()
-        self.logger = MetricsLogger(self.run_dir, is_rank0(), resume_step=self.step)
+        self.resume({"pairs": self.data})
 
     def round(self) -> dict:
         """One optimizer step on the next batch of pairs."""
@@ -149,7 +127,7 @@ class PreferenceTrainer:
         plan = self._plan(batch)
         with clock("logprob"):
             batch.ref_logprobs = response_token_logprobs(
-                self.reference, batch, plan, self.temperature
+                self.actor.reference, batch, plan, self.actor.temperature
             )
             batch.old_logprobs = batch.ref_logprobs  # the step-wide (s, r) pass reads "old"
         with clock("train"):
@@ -158,29 +136,21 @@ class PreferenceTrainer:
         return metrics
 
     def _update(self, batch: RolloutBatch, plan) -> dict:
-        t = self.cfg.trainer
+        a = self.actor
         mbs = build_micro_batches(batch, plan)
-        step_logprobs = partial(step_seq_logprobs, self.ddp, mbs, len(batch), self.temperature)
+        step_logprobs = partial(step_seq_logprobs, a.ddp, mbs, len(batch), a.temperature)
         loss_fn = self.objective.step_loss(StepInputs(batch, plan, mbs, step_logprobs))
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        results = forward_backward(
-            self.ddp, mbs, loss_fn, temperature=self.temperature, with_entropy=t.log_entropy
-        )
-        out = {k: float(m.value) for k, m in reduce_metrics(results).items()}
-        out["train/skipped_steps"] = 0
-        if self.step_guard.skip(self.ddp, self.optimizer, out):
-            out["train/skipped_steps"] = self.step_guard.pop_skipped()
-            return out  # non-finite loss or gradient: counted, never applied
-        ok, grad_norm, _ = self.optimizer.step()
-        if self.step_guard.stepped(ok, grad_norm):
-            self.scheduler.step(1)
-        out["train/skipped_steps"] = self.step_guard.pop_skipped()
-        out["grad_norm"] = float(grad_norm or 0.0)
+        metrics, _ = a.step(mbs, loss_fn, self.cfg.trainer.log_entropy)
+        out = {k: float(m.value) for k, m in metrics.items()}  # a skipped step's loss too
+        out["train/skipped_steps"] = a.pop_skipped()
         out.update(self.objective.derived_metrics(out))
-        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        out["lr"] = a.lr
         out.update(self.objective.metrics())  # the alpha this step used
         return out
+
+    @property
+    def has_eval(self) -> bool:
+        return self.data.eval is not None
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -191,7 +161,7 @@ class PreferenceTrainer:
             batch = self.data.to_batch(list(self.data.eval.pairs))
             plan = self._plan(batch)
             batch.ref_logprobs = response_token_logprobs(
-                self.reference, batch, plan, self.temperature
+                self.actor.reference, batch, plan, self.actor.temperature
             )
             batch.old_logprobs = batch.ref_logprobs
             self._eval_batch = batch
@@ -200,10 +170,12 @@ class PreferenceTrainer:
         mbs = build_micro_batches(batch, plan)
         h = None
         if not plan.groups_whole:
-            h = step_margins(*step_seq_logprobs(self.ddp, mbs, len(batch), self.temperature), batch)
+            h = step_margins(
+                *step_seq_logprobs(self.actor.ddp, mbs, len(batch), self.actor.temperature), batch
+            )
         loss_fn = self.objective.eval_loss(batch, h)
         results = forward_backward(
-            self.ddp, mbs, loss_fn, forward_only=True, temperature=self.temperature
+            self.actor.ddp, mbs, loss_fn, forward_only=True, temperature=self.actor.temperature
         )
         values = {
             k: float(m.value)
@@ -214,41 +186,4 @@ class PreferenceTrainer:
         return {f"eval/{k}": v for k, v in values.items()}
 
     def _plan(self, batch: RolloutBatch):
-        t = self.cfg.trainer
-        pad = 16 if self.cfg.model.fp8.enabled else 8
-        return plan_for(batch, t.max_tokens_per_microbatch, True, pad)
-
-    # ---------------------------------------------------------------------- run, save, resume
-
-    def fit(self) -> None:
-        """Steps until ``trainer.max_steps`` (or a stop signal: save the step and exit)."""
-        t = self.cfg.trainer
-        stop = StopSignal(self.cfg.trainer.stop_grace_s)
-        if self.step == 0 and self.data.eval is not None and self.eval_schedule.due(0):
-            self.logger.log(0, self.evaluate())  # the starting point, before any update
-        while self.step < t.max_steps:
-            self.step += 1
-            metrics = self.round()
-            best = self.eval_schedule.after_step(self.step, self.evaluate, metrics)
-            self.logger.log(self.step, metrics)
-            stopping = stop.agreed()
-            if self.step % t.save_interval == 0 or self.step == t.max_steps or stopping or best:
-                self.save()
-            if stopping:
-                if is_rank0():
-                    print(f"stop signal: saved step {self.step}, exiting to be resumed", flush=True)
-                break
-        self.logger.close()
-        destroy()
-
-    def _resume(self) -> None:
-        t = self.cfg.trainer
-        parts = {"pairs": self.data, "eval": self.eval_schedule}
-        self.state = RunState(self.scheduler, self.objective, parts)
-        self.step = self.state.resume(
-            self.run_dir, asdict(self.cfg), t.allow_config_change, self.ddp, self.optimizer
-        )
-
-    def save(self) -> None:
-        self.state.save(self.run_dir, self.step, asdict(self.cfg), self.ddp, self.optimizer,
-                        self.cfg.trainer.keep_last, best=self.eval_schedule)
+        return self.actor.plan(batch)  # a pair's two halves share a micro-batch
