@@ -20,12 +20,17 @@ Observable rules reproduced (a route a generation lacks answers 404):
   ``flush_cache`` checks ``is_fully_idle``).
 - ``/pause_generation`` (mode ``abort``) aborts in-flight requests: they return with finish
   reason ``abort`` and the tokens so far; new requests wait until ``/continue_generation``
-  (``managers/tokenizer_manager.py:2267, 938``). Health checks while paused answer 503 after the
-  health time-out (``http_server.py:722-797``, 20 s there, ``health_wait_s`` here).
+  (``managers/tokenizer_manager.py:2267, 938``). ``/health`` and ``/health_generate`` run a
+  one-token generation (``http_server.py:720-799``; ``/health`` too, as
+  ``SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION`` defaults on, ``environ.py:344``), which waits on
+  the pause, so a paused server answers 503 after the health time-out
+  (``HEALTH_CHECK_TIMEOUT``, ``http_server.py:218``: 20 s there, ``health_wait_s`` here).
 - Sessions (new): ``update_weights_from_tensor``/``_distributed`` outside
   ``/begin_weight_update`` ... ``/end_weight_update`` answer 400 without receiving anything;
-  begin twice or end without begin answer 400
-  (``managers/scheduler_components/weight_updater.py:187-335``). Disk updates need none.
+  begin twice ("a weight-update session is already open; call end_weight_update() first") or
+  end without begin answer 400 (``managers/scheduler_components/weight_updater.py:232-238,
+  309-335``; ``http_server.py:1458-1471`` turns ``success=False`` into 400). Disk updates
+  need none.
   A session or a pause left by an interrupted trainer stays until someone ends it (tests set
   ``state.session`` / ``state.paused``); ``refuse_begin`` makes a begin fail.
 - ``/init_weights_update_group`` joins a real gloo group with torch's own helper, as
@@ -503,9 +508,9 @@ class FakeState:
             "crash_marker": "",  # ... unless this file exists (then crash once and create it)
             "stale_version": False,  # the live weight version reports an old value
             "health_wait_s": 0.2,  # a paused server's health check answers 503 after this
-            # as a router: the next N /health_generate answer 503 "No available workers" (its
-            # health checks hold the workers unhealthy after a long sync)
-            "no_available_workers": 0,
+            # the next N health checks answer 503 at once (a health generation that fails)
+            "failing_health_checks": 0,
+            "update_delay_s": 0.0,  # every weight update takes this long (a large model's load)
             # group-name part -> (other part, seconds): the first call naming part queues only
             # after a call naming other has queued, or after that many seconds (network latency
             # made deterministic for ordering tests)
@@ -647,8 +652,8 @@ def _fail(message: str) -> tuple[int, dict]:
 
 def health(h: _Handler, body: Any):
     st = h.state
-    if st.take("no_available_workers"):
-        return 503, {"error": {"message": "No available workers"}}
+    if st.take("failing_health_checks"):
+        return 503, ""
     with st.lock:
         paused = st.paused
     if paused:  # the health request waits on the pause like any generate request, then gives up
@@ -846,6 +851,7 @@ def _accept(st: FakeState, tensors: dict) -> None:
 
 
 def _updated(st: FakeState, body: dict):
+    time.sleep(st.faults["update_delay_s"])
     if body.get("weight_version") is not None:
         st.version = body["weight_version"]
     return _ok("Succeeded to update model weights.")

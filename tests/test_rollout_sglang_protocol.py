@@ -33,6 +33,7 @@ from sglang_fake_server import (  # noqa: E402
     fake_tokens,
     sglang_standin,
 )
+from sglang_router_fake import FakeRouter  # noqa: E402
 
 FAKE = str(Path(__file__).with_name("sglang_fake_server.py"))
 FAST = dict(
@@ -679,42 +680,65 @@ def test_launched_servers_get_the_memory_saver_in_tensor_mode_and_a_clean_env(
 
 
 def test_router_mode_generates_via_router_and_syncs_workers(tmp_path):
-    with FakeSGLangServer() as router, FakeSGLangServer() as worker, SGLangEngine(
+    with FakeSGLangServer() as worker, FakeRouter([worker.url]) as router, SGLangEngine(
             SGLangConfig(router_url=router.url, urls=[worker.url], weight_sync="disk",
                          sync_dir=str(tmp_path), **FAST)) as eng:
         eng.generate([GenerateRequest([3], n=2, seed=0)], SAMPLING)
         eng.update_weights(_buckets(), version=1)
         assert eng.health()
-        router_paths, worker_paths = set(router.state.paths()), set(worker.state.paths())
-    assert "/generate" in router_paths and "/update_weights_from_disk" not in router_paths
-    assert "/update_weights_from_disk" in worker_paths and "/generate" not in worker_paths
+        router_paths, worker_paths = list(router.log), worker.state.paths()
+    assert router_paths.count("/generate") == 2 == worker_paths.count("/generate")  # via router
+    assert "/update_weights_from_disk" not in router_paths
+    assert "/update_weights_from_disk" in worker_paths
+    assert "/workers" in router_paths  # the engine asked it which workers it routes to
 
 
-def test_after_a_sync_the_engine_waits_for_the_router_to_route_again(tmp_path):
-    with FakeSGLangServer() as router, FakeSGLangServer() as worker, SGLangEngine(
-            SGLangConfig(router_url=router.url, urls=[worker.url], weight_sync="disk",
-                         sync_dir=str(tmp_path / "sync"), model_path=str(tmp_path), **FAST)) as eng:
-        (tmp_path / "config.json").write_text("{}")
-        router.state.faults["no_available_workers"] = 3  # the sync outlasted its health checks
+def test_router_worker_key_matches_urls_as_the_router_lists_them():
+    from megatron_gvpo.rollout.sglang.engine import router_worker_key
+
+    assert router_worker_key("10.0.0.5:30000") == "http://10.0.0.5:30000"
+    assert router_worker_key("http://10.0.0.5:30000/") == "http://10.0.0.5:30000"
+    assert router_worker_key("http://10.0.0.5:30000@3") == "http://10.0.0.5:30000"
+    assert router_worker_key("http://u:p@h:1") == "http://u:p@h:1"  # not a DP rank
+
+
+def test_after_a_sync_the_engine_waits_until_the_router_counts_every_worker_healthy(tmp_path):
+    """Two workers stay paused through a sync longer than three of the router's health checks,
+    so sglang-router's health rules mark both unhealthy. Afterwards worker b keeps failing its
+    checks a while longer: a's recovery already makes the router's /health_generate answer 200,
+    but the next rollout would see half the workers. The engine waits on GET /workers until the
+    router counts both healthy; a worker that never recovers ends the wait by name."""
+    (tmp_path / "config.json").write_text("{}")
+    with FakeSGLangServer(health_wait_s=0.02) as a, FakeSGLangServer(health_wait_s=0.02) as b, \
+            FakeRouter([a.url, b.url], health_check_interval_secs=0.05,
+                       health_check_timeout_secs=1.0) as router, \
+            SGLangEngine(SGLangConfig(router_url=router.url, urls=[a.url, b.url],
+                                      weight_sync="disk", sync_dir=str(tmp_path / "sync"),
+                                      model_path=str(tmp_path), **FAST)) as eng:
+        a.state.faults["update_delay_s"] = b.state.faults["update_delay_s"] = 0.6
+        b.state.faults["failing_health_checks"] = 15  # after the sync too
         eng.update_weights(_buckets(), version=1)
-        assert router.state.faults["no_available_workers"] == 0  # polled until it routed again
-        sample = eng.generate([GenerateRequest([1], n=1, seed=1)], SAMPLING)[0][0]
-        assert sample.weight_version == 1
-        router.state.faults["no_available_workers"] = 10**6  # it never recovers
-        eng.cfg.router_recovery_timeout_s = 0.3
-        with pytest.raises(SGLangError, match="router_recovery_timeout_s=0.3"):
+        assert all(w.healthy for w in router.workers)  # both routed to again
+        assert router.marked_unhealthy == {a.url: 1, b.url: 1}  # the sync did trip its checks
+        assert b.state.faults["failing_health_checks"] == 0
+        samples = eng.generate([GenerateRequest([1], n=4, seed=1)], SAMPLING)[0]
+        assert {s.weight_version for s in samples} == {1}
+        assert a.state.paths().count("/generate") == 2 == b.state.paths().count("/generate")
+        b.state.faults["failing_health_checks"] = 10**6  # b never recovers
+        eng.cfg.router_recovery_timeout_s = 1.0
+        with pytest.raises(SGLangError, match=rf"\['{b.url}'\].*router_recovery_timeout_s=1"):
             eng.update_weights(_buckets(), version=2)
 
 
 def test_timeouts_behind_a_router_abort_on_the_workers():
     # sglang-router has no /abort_request: the abort goes to the workers (unknown rids: no-op)
-    with FakeSGLangServer(slow_generate=1, slow_s=1.5) as router, FakeSGLangServer() as a, \
-            FakeSGLangServer() as b, SGLangEngine(SGLangConfig(
+    with FakeSGLangServer(slow_generate=1, slow_s=1.5) as a, FakeSGLangServer() as b, \
+            FakeRouter([a.url, b.url]) as router, SGLangEngine(SGLangConfig(
                 router_url=router.url, urls=[a.url, b.url], request_timeout_s=0.3,
                 **{k: v for k, v in FAST.items() if k != "request_timeout_s"})) as eng:
         eng.generate([GenerateRequest([2], n=1, seed=5)], SAMPLING)
-        rid = next(e["body"]["rid"] for e in router.state.log if e["path"] == "/generate")
-        assert "/abort_request" not in router.state.paths()
+        rid = next(e["body"]["rid"] for e in a.state.log if e["path"] == "/generate")
+        assert "/abort_request" not in router.log
         for w in (a, b):
             assert [e["body"] for e in w.state.log if e["path"] == "/abort_request"] == [
                 {"rid": rid}]
