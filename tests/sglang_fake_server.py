@@ -20,12 +20,17 @@ Observable rules reproduced (a route a generation lacks answers 404):
   ``flush_cache`` checks ``is_fully_idle``).
 - ``/pause_generation`` (mode ``abort``) aborts in-flight requests: they return with finish
   reason ``abort`` and the tokens so far; new requests wait until ``/continue_generation``
-  (``managers/tokenizer_manager.py:2267, 938``). Health checks while paused answer 503 after the
-  health time-out (``http_server.py:722-797``, 20 s there, ``health_wait_s`` here).
+  (``managers/tokenizer_manager.py:2267, 938``). ``/health`` and ``/health_generate`` run a
+  one-token generation (``http_server.py:720-799``; ``/health`` too, as
+  ``SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION`` defaults on, ``environ.py:344``), which waits on
+  the pause, so a paused server answers 503 after the health time-out
+  (``HEALTH_CHECK_TIMEOUT``, ``http_server.py:218``: 20 s there, ``health_wait_s`` here).
 - Sessions (new): ``update_weights_from_tensor``/``_distributed`` outside
   ``/begin_weight_update`` ... ``/end_weight_update`` answer 400 without receiving anything;
-  begin twice or end without begin answer 400
-  (``managers/scheduler_components/weight_updater.py:187-335``). Disk updates need none.
+  begin twice ("a weight-update session is already open; call end_weight_update() first") or
+  end without begin answer 400 (``managers/scheduler_components/weight_updater.py:232-238,
+  309-335``; ``http_server.py:1458-1471`` turns ``success=False`` into 400). Disk updates
+  need none.
   A session or a pause left by an interrupted trainer stays until someone ends it (tests set
   ``state.session`` / ``state.paused``); ``refuse_begin`` makes a begin fail.
 - ``/init_weights_update_group`` joins a real gloo group with torch's own helper, as
@@ -37,6 +42,9 @@ Observable rules reproduced (a route a generation lacks answers 404):
   run is refused (``weight_updater.py:338`` asserts idleness).
 - ``/generate``: unknown top-level keys are ignored, unknown ``sampling_params`` keys are refused
   with 400 (``sglang/api/v1/api_types.py`` ``GenerateRequest`` / ``SamplingParams``).
+- ``/update_weights_from_tensor`` payloads are decoded as SGLang decodes them: base64, then
+  ``SafeUnpickler`` with SGLang's allow-list; a refused or broken payload kills the server
+  (no answer, the port closes), as it kills the real scheduler (section "tensor payloads").
 - Tensors named ``*_scale_inv`` exist only when the model folder's ``config.json`` holds an FP8
   ``quantization_config`` (online ``--quantization fp8`` creates no such parameters).
 
@@ -52,10 +60,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import socket
 import sys
@@ -65,7 +76,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-STANDIN_PREFIX = "fake-flat-bucket:"
 MEMORY_TAGS = {"weights", "kv_cache", "cuda_graph"}
 GENERATIONS = ("0.5.23", "0.5.15", "0.5.4")
 
@@ -220,33 +230,214 @@ def fake_logprob(token: int, pos: int) -> float:
     return -(((token * 31 + pos * 7) % 97) / 50.0) - 0.01
 
 
-# -- stand-in tensor serialization (replaces SGLang's CUDA-IPC serializer in tests) -------------
+# -- tensor payloads: decoded as SGLang decodes them ----------------------------------------------
+#
+# ``serialized_named_tensors`` travel as base64 strings. The HTTP layer decodes each one
+# (``utils/msgspec_utils.py:12-35`` ``Base64Bytes``: ``b64decode(validate=True)``; an invalid
+# string is a validation error, which ``entrypoints/http_server.py:635-678`` answers with 400 and
+# an ``ErrorResponse``). The tokenizer manager normalizes the bytes
+# (``managers/tokenizer_control_mixin.py:576``, ``utils/common.py:3105-3132``: kept when they
+# start like a pickle, else base64-decoded once more where that works). Each TP rank then
+# unpickles its own entry (``managers/tp_worker.py:194-201`` ``deserialize_own_rank``) with
+# ``MultiprocessingSerializer.deserialize`` (``utils/common.py:3085-3100``): ``SafeUnpickler``
+# (``utils/common.py:3144-3371``) resolves only the globals below and refuses any other with
+# ``RuntimeError("Blocked unsafe global (module.name) during pickle deserialization")``;
+# ``torch.storage._load_from_bytes`` is replaced by a ``torch.load(weights_only=True)`` that must
+# yield a storage (``utils/common.py:3135-3141``). The scheduler catches nothing around it
+# (``managers/scheduler.py:2224-2259``): the exception reaches ``run_scheduler_process``, which
+# logs "Scheduler hit an exception" and SIGQUITs the server (``scheduler.py:6370-6378``), whose
+# handler kills the whole process tree (``managers/tokenizer_manager.py:4072-4081``). The request
+# gets no answer and the server is gone. The same happens to a payload list shorter than the TP
+# size (``serialized_named_tensors[tp_rank]``) and to a bucket without ``flattened_tensor`` or
+# ``metadata`` (``model_runner_components/weight_updater.py:383-411``).
 
 
-def encode_standin_bucket(flat, metas, tp_size: int) -> list[str]:
-    """A test serializer: per TP rank, the flat tensor as safetensors bytes, the metadata and a
-    nonce (so the fake can tell a payload serialized per rank from one reused)."""
-    from safetensors.torch import save
-
-    blob = base64.b64encode(save({"flat": flat.contiguous()})).decode()
-    meta = [{"name": m.name, "shape": list(m.shape), "dtype": str(m.dtype).removeprefix("torch."),
-             "start": m.start, "end": m.end} for m in metas]
-    return [STANDIN_PREFIX + json.dumps({"blob": blob, "meta": meta, "nonce": os.urandom(8).hex()})
-            for _ in range(tp_size)]
+def _names(text: str) -> frozenset[str]:
+    return frozenset(text.split())
 
 
-def decode_standin_bucket(payload: str) -> dict:
-    """Inverse of :func:`encode_standin_bucket`: name -> tensor."""
-    from safetensors.torch import load
+# ``SafeUnpickler.ALLOWED_GLOBALS`` of 0.5.23 (``utils/common.py:3148-3359``), by module.
+SAFE_UNPICKLER_ALLOWS: dict[str, frozenset[str]] = {
+    "builtins": _names(
+        "bool bytearray bytes complex dict float frozenset int list range set slice str tuple"
+    ),
+    "collections": _names("OrderedDict defaultdict deque Counter"),
+    "copyreg": _names("__newobj__ __newobj_ex__"),
+    "functools": _names("partial"),
+    "itertools": _names("chain repeat"),
+    "multiprocessing.reduction": _names("_rebuild_partial _rebuild_socket"),
+    "multiprocessing.resource_sharer": _names("DupFd"),
+    "types": _names("SimpleNamespace"),
+    "_codecs": _names("encode"),
+    "torch": _names(
+        "Tensor BFloat16Tensor BoolTensor ByteTensor CharTensor DoubleTensor FloatTensor "
+        "HalfTensor IntTensor LongTensor ShortTensor Size device dtype bcomplex32 bfloat16 "
+        "bit bits16 bits1x8 bits2x4 bits4x2 bits8 bool cdouble cfloat chalf complex128 "
+        "complex32 complex64 double float float16 float32 float4_e2m1fn_x2 float64 "
+        "float8_e4m3fn float8_e4m3fnuz float8_e5m2 float8_e5m2fnuz float8_e8m0fnu half int "
+        "int1 int16 int2 int3 int32 int4 int5 int6 int64 int7 int8 long qint32 qint8 quint2x4 "
+        "quint4x2 quint8 short uint1 uint16 uint2 uint3 uint32 uint4 uint5 uint6 uint64 uint7 "
+        "uint8 UntypedStorage BFloat16Storage BoolStorage ByteStorage CharStorage "
+        "ComplexDoubleStorage ComplexFloatStorage DoubleStorage FloatStorage HalfStorage "
+        "IntStorage LongStorage QInt32Storage QInt8Storage QUInt2x4Storage QUInt4x2Storage "
+        "QUInt8Storage ShortStorage per_tensor_affine per_tensor_symmetric per_channel_affine "
+        "per_channel_symmetric per_channel_affine_float_qparams"
+    ),
+    "torch.cuda": _names(
+        "BFloat16Tensor BoolTensor ByteTensor CharTensor DoubleTensor FloatTensor HalfTensor "
+        "IntTensor LongTensor ShortTensor BFloat16Storage BoolStorage ByteStorage CharStorage "
+        "ComplexDoubleStorage ComplexFloatStorage DoubleStorage FloatStorage HalfStorage "
+        "IntStorage LongStorage ShortStorage"
+    ),
+    "torch.cuda.sparse": _names(
+        "BFloat16Tensor ByteTensor CharTensor DoubleTensor FloatTensor HalfTensor IntTensor "
+        "LongTensor ShortTensor"
+    ),
+    "torch.sparse": _names(
+        "BFloat16Tensor ByteTensor CharTensor DoubleTensor FloatTensor HalfTensor IntTensor "
+        "LongTensor ShortTensor"
+    ),
+    "torch.nn.parameter": _names("Parameter"),
+    "torch.serialization": _names("_get_layout"),
+    "torch._utils": _names(
+        "_rebuild_tensor _rebuild_tensor_v2 _rebuild_tensor_v3 _rebuild_parameter "
+        "_rebuild_parameter_with_state _rebuild_qtensor _rebuild_sparse_tensor "
+        "_rebuild_meta_tensor_no_storage _rebuild_wrapper_subclass "
+        "_rebuild_device_tensor_from_numpy _rebuild_device_tensor_from_cpu_tensor"
+    ),
+    "torch._tensor": _names("_rebuild_from_type_v2"),
+    "torch.storage": _names("UntypedStorage _UntypedStorage TypedStorage"),
+    "torch.multiprocessing.reductions": _names(
+        "rebuild_tensor rebuild_meta_tensor rebuild_cuda_tensor rebuild_nested_tensor "
+        "rebuild_sparse_coo_tensor rebuild_sparse_compressed_tensor rebuild_storage_fd "
+        "rebuild_storage_filename rebuild_storage_empty rebuild_typed_storage "
+        "rebuild_typed_storage_child"
+    ),
+    "sglang.srt.utils.patch_torch": _names(
+        "_rebuild_cuda_tensor_modified _rebuild_npu_tensor_modified"
+    ),
+    "torch_npu.multiprocessing.reductions": _names("rebuild_npu_tensor"),
+    "sglang.srt.managers.io_struct": _names("GenerateReqInput EmbeddingReqInput"),
+    "sglang.srt.disaggregation.encoder.receiver": _names("EmbeddingData"),
+    "sglang.srt.managers.schedule_batch": _names("Modality"),
+    "sglang.srt.multimodal.modality": _names("Modality"),
+    "sglang.srt.weight_sync.tensor_bucket": _names(
+        "FlattenedTensorMetadata FlattenedTensorBucket"
+    ),
+    "sglang.srt.model_executor.model_runner_components.weight_updater": _names(
+        "LocalSerializedTensor"
+    ),
+    "sglang.srt.model_executor.model_runner": _names("LocalSerializedTensor"),
+}
 
-    doc = json.loads(payload[len(STANDIN_PREFIX):])
-    flat = load(base64.b64decode(doc["blob"]))["flat"]
-    out = {}
-    for m in doc["meta"]:
-        if str(flat.dtype).removeprefix("torch.") != m["dtype"]:
-            raise BadRequest(f"tensor {m['name']}: dtype {m['dtype']} but bucket is {flat.dtype}")
-        out[m["name"]] = flat[m["start"] : m["end"]].view(m["shape"]).clone()
-    return out
+
+@dataclasses.dataclass
+class FlattenedTensorMetadata:
+    """SGLang's ``weight_sync/tensor_bucket.py:7-16`` metadata record, under SGLang's module name
+    (pickles name it so; SGLang itself cannot be installed without CUDA). Instances pickle
+    field-for-field as SGLang's dataclass does."""
+
+    name: str
+    shape: Any
+    dtype: Any
+    start_idx: int
+    end_idx: int
+    numel: int
+
+
+SGLANG_METADATA_MODULE = "sglang.srt.weight_sync.tensor_bucket"
+FlattenedTensorMetadata.__module__ = SGLANG_METADATA_MODULE
+# allowed SGLang globals that the fake can rebuild (it cannot import SGLang for the others)
+_SGLANG_STANDINS = {(SGLANG_METADATA_MODULE, "FlattenedTensorMetadata"): FlattenedTensorMetadata}
+
+
+@contextlib.contextmanager
+def sglang_standin():
+    """Within: ``import sglang.srt.weight_sync.tensor_bucket`` gives :class:`FlattenedTensorMetadata`
+    (unless SGLang is installed), so the client's own serializer runs unchanged in tests."""
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("sglang") is not None:
+        yield
+        return
+    parts = SGLANG_METADATA_MODULE.split(".")
+    names = [".".join(parts[: k + 1]) for k in range(len(parts))]
+    for name in names:
+        mod = types.ModuleType(name)
+        mod.__path__ = []  # a package, so the next part imports
+        sys.modules[name] = mod
+    sys.modules[SGLANG_METADATA_MODULE].FlattenedTensorMetadata = FlattenedTensorMetadata
+    try:
+        yield
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+
+
+def _safe_load_torch_storage(data: bytes):
+    """``utils/common.py:3135-3141``: the storage helper, through a weights-only load."""
+    import io
+
+    import torch
+
+    storage = torch.load(io.BytesIO(data), weights_only=True)
+    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
+        raise pickle.UnpicklingError(f"Expected a Torch storage, got {type(storage).__name__}")
+    return storage
+
+
+class _NotModelled(Exception):
+    """An allowed SGLang global this fake cannot rebuild (SGLang is not installed)."""
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """``utils/common.py:3144`` ``SafeUnpickler.find_class``, with :data:`SAFE_UNPICKLER_ALLOWS`."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _safe_load_torch_storage
+        if name in SAFE_UNPICKLER_ALLOWS.get(module, ()):
+            if module.startswith("sglang."):
+                if (module, name) not in _SGLANG_STANDINS:
+                    raise _NotModelled(f"{module}.{name}")
+                return _SGLANG_STANDINS[(module, name)]
+            return super().find_class(module, name)
+        raise RuntimeError(f"Blocked unsafe global ({module}.{name}) during pickle deserialization")
+
+
+def _looks_like_pickle(data: bytes) -> bool:
+    """``utils/common.py:3105``."""
+    return len(data) >= 2 and data[0] == 0x80 and data[1] <= pickle.HIGHEST_PROTOCOL
+
+
+def normalize_payload(data: bytes) -> bytes:
+    """``utils/common.py:3109-3126`` for the bytes the HTTP layer decoded."""
+    if _looks_like_pickle(data):
+        return data
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return data
+
+
+def deserialize_payload(data: bytes) -> Any:
+    """``MultiprocessingSerializer.deserialize`` of raw bytes (``utils/common.py:3085-3100``)."""
+    import io
+
+    return SafeUnpickler(io.BytesIO(data)).load()
+
+
+def reconstruct_bucket(obj: Any) -> dict:
+    """``weight_updater.py:383-411`` and ``tensor_bucket.py:118-135``: name -> tensor (cloned: the
+    fake keeps them after the sender's memory is gone)."""
+    flat, metadata = obj["flattened_tensor"], obj["metadata"]
+    return {m.name: flat[m.start_idx : m.end_idx].view(m.dtype).reshape(m.shape).clone()
+            for m in metadata}
+
+
+class ServerCrash(Exception):
+    """What kills a real server's scheduler (and with it the server): see above."""
 
 
 # -- state ---------------------------------------------------------------------------------------
@@ -300,7 +491,8 @@ class FakeState:
         self.freed: set[str] = set()
         self.weights: dict[str, Any] = {}
         self.groups: dict[str, Any] = {}
-        self.nonces: list[str] = []
+        self.tensor_updates: list[list[list[str]]] = []  # per update, per TP rank: names
+        self.crashed = ""  # why the scheduler died (the server is gone), as it would log it
         self.arrived: set[str] = set()  # group-name parts seen by ``arrive``
         self.generates = 0
         self.faults = {
@@ -316,9 +508,9 @@ class FakeState:
             "crash_marker": "",  # ... unless this file exists (then crash once and create it)
             "stale_version": False,  # the live weight version reports an old value
             "health_wait_s": 0.2,  # a paused server's health check answers 503 after this
-            # as a router: the next N /health_generate answer 503 "No available workers" (its
-            # health checks hold the workers unhealthy after a long sync)
-            "no_available_workers": 0,
+            # the next N health checks answer 503 at once (a health generation that fails)
+            "failing_health_checks": 0,
+            "update_delay_s": 0.0,  # every weight update takes this long (a large model's load)
             # group-name part -> (other part, seconds): the first call naming part queues only
             # after a call naming other has queued, or after that many seconds (network latency
             # made deterministic for ordering tests)
@@ -395,6 +587,8 @@ class _Handler(BaseHTTPRequestHandler):
             if not available:
                 return self._reply(404, {"detail": "Not Found"})
             fn, _, locked = route
+            if self.state.crashed:  # a dead server answers nothing
+                return self.drop()
             if locked:
                 with self.state.control.turn(ticket):
                     result = fn(self, body)
@@ -404,6 +598,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(*result)
         except BadRequest as e:
             self._reply(400, {"error": {"message": str(e)}})
+        except ServerCrash as e:
+            self.crash(str(e))
 
     def _body(self) -> Any:
         n = int(self.headers.get("Content-Length") or 0)
@@ -421,6 +617,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def crash(self, error: str) -> None:
+        """The scheduler died of ``error``: no answer, and the server stops listening."""
+        with self.state.lock:
+            self.state.crashed = f"Scheduler hit an exception: {error}"
+        print(f"protocol fake: {self.state.crashed}; exiting", file=sys.stderr, flush=True)
+        self.drop()
+        threading.Thread(target=self._stop, daemon=True).start()
+
+    def _stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
     def drop(self) -> None:
         """Close the connection without an answer, as a crashing server would."""
@@ -444,8 +652,8 @@ def _fail(message: str) -> tuple[int, dict]:
 
 def health(h: _Handler, body: Any):
     st = h.state
-    if st.take("no_available_workers"):
-        return 503, {"error": {"message": "No available workers"}}
+    if st.take("failing_health_checks"):
+        return 503, ""
     with st.lock:
         paused = st.paused
     if paused:  # the health request waits on the pause like any generate request, then gives up
@@ -643,25 +851,44 @@ def _accept(st: FakeState, tensors: dict) -> None:
 
 
 def _updated(st: FakeState, body: dict):
+    time.sleep(st.faults["update_delay_s"])
     if body.get("weight_version") is not None:
         st.version = body["weight_version"]
     return _ok("Succeeded to update model weights.")
 
 
+def _validation_error(message: str) -> tuple[int, dict]:
+    """A request-validation failure: ``http_server.py:635-678`` answers 400 ``ErrorResponse``."""
+    return 400, {"object": "error", "message": message, "type": "Bad Request", "param": None,
+                 "code": 400}
+
+
 def from_tensor(h: _Handler, body: Any):
     check_fields(body, TENSOR, "/update_weights_from_tensor", unknown_ok=True)
     st = h.state
-    _check_session(st, "update_weights_from_tensor")
-    payloads = body["serialized_named_tensors"]
-    if len(payloads) != st.tp_size:
-        raise BadRequest(f"serialized_named_tensors has {len(payloads)} entries, tp_size is "
-                         f"{st.tp_size}")
+    raw = []
+    for k, text in enumerate(body["serialized_named_tensors"]):  # the HTTP layer: Base64Bytes
+        try:
+            raw.append(base64.b64decode(text, validate=True))
+        except binascii.Error:
+            return _validation_error(f"1 validation error: serialized_named_tensors.{k}: Value "
+                                     "error, Expected base64-encoded bytes")
+    raw = [normalize_payload(b) for b in raw]  # the tokenizer manager
+    _check_session(st, "update_weights_from_tensor")  # the scheduler
     if body.get("load_format") != "flattened_bucket":
         raise BadRequest("protocol fake only decodes load_format='flattened_bucket'")
-    if payloads[0].startswith(STANDIN_PREFIX):
-        for p in payloads:  # each TP rank deserializes its own payload
-            st.nonces.append(json.loads(p[len(STANDIN_PREFIX):])["nonce"])
-        _accept(st, decode_standin_bucket(payloads[0]))
+    per_rank = []
+    for rank in range(st.tp_size):  # each TP rank deserializes its own entry
+        try:
+            if rank >= len(raw):
+                raise IndexError("list index out of range")
+            per_rank.append(reconstruct_bucket(deserialize_payload(raw[rank])))
+        except _NotModelled as e:
+            raise BadRequest(f"protocol fake cannot rebuild SGLang's {e} (allowed there)") from e
+        except Exception as e:  # noqa: BLE001 - what kills the real scheduler
+            raise ServerCrash(f"{type(e).__name__}: {e}") from e
+    st.tensor_updates.append([sorted(t) for t in per_rank])
+    _accept(st, per_rank[0])
     return _updated(st, body)
 
 
@@ -877,6 +1104,8 @@ def main(argv: list[str] | None = None) -> None:
                               collective_timeout_s=a.fake_collective_timeout)
     print(f"protocol fake ({a.fake_generation}) listening on {server.url}", flush=True)
     server.httpd.serve_forever()
+    if server.state.crashed:  # as SGLang's SIGQUIT handler ends the process tree
+        sys.exit(f"protocol fake: {server.state.crashed}")
 
 
 if __name__ == "__main__":

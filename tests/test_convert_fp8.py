@@ -23,7 +23,7 @@ from megatron_gvpo.rollout.sglang import SGLangConfig, SGLangEngine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
-from sglang_fake_server import encode_standin_bucket  # noqa: E402
+from sglang_fake_server import sglang_standin  # noqa: E402
 
 from tools.convert_hf_to_fp8 import main as convert_main  # noqa: E402
 
@@ -100,17 +100,38 @@ def test_reuse_keeps_a_matching_conversion(converted, tmp_path):
         convert_hf_to_fp8(dst, tmp_path / "twice")
 
 
+def _serializer(flat, metas, tp_size):
+    """The client's colocated serializer with SGLang's metadata class stood in for; the fake
+    runs in its own process, so CPU tensors go by shared-memory file names (torch's
+    ``file_system`` strategy) rather than by file descriptors only related processes can pass."""
+    from megatron_gvpo.rollout.sglang import sglang_flattened_bucket_serializer
+
+    with sglang_standin():
+        return sglang_flattened_bucket_serializer(flat, metas, tp_size)
+
+
+@pytest.fixture
+def file_system_sharing():
+    import torch.multiprocessing as mp
+
+    before = mp.get_sharing_strategy()
+    mp.set_sharing_strategy("file_system")
+    yield
+    mp.set_sharing_strategy(before)
+
+
 def _scale_bucket():
     return [[("model.layers.0.mlp.up_proj.weight", torch.zeros(384, 256).to(torch.float8_e4m3fn)),
              ("model.layers.0.mlp.up_proj.weight_scale_inv", torch.ones(3, 2))]]
 
 
-def test_fp8_servers_start_from_the_converted_checkpoint(converted, tmp_path):
+def test_fp8_servers_start_from_the_converted_checkpoint(converted, tmp_path,
+                                                          file_system_sharing):
     src, _ = converted
     fast = dict(health_poll_s=0.05, startup_timeout_s=30.0, shutdown_grace_s=5.0)
     cfg = SGLangConfig(model_path=str(src), fp8=True, launch_command=[sys.executable, FAKE],
                        log_dir=str(tmp_path / "logs"), **fast)
-    with SGLangEngine(cfg, serializer=encode_standin_bucket) as eng:
+    with SGLangEngine(cfg, serializer=_serializer) as eng:
         info = requests.get(eng.urls[0] + "/server_info", timeout=5).json()
         eng.update_weights(_scale_bucket(), version=1)  # scale_inv parameters exist
     fp8_dir = Path(info["model_path"])
@@ -120,7 +141,7 @@ def test_fp8_servers_start_from_the_converted_checkpoint(converted, tmp_path):
     # a BF16 checkpoint has no weight_scale_inv to receive (online --quantization fp8 neither)
     cfg = SGLangConfig(model_path=str(src), launch_command=[sys.executable, FAKE],
                        log_dir=str(tmp_path / "logs2"), **fast)
-    with SGLangEngine(cfg, serializer=encode_standin_bucket) as eng:
+    with SGLangEngine(cfg, serializer=_serializer) as eng:
         with pytest.raises(Exception, match="weight_scale_inv.*does not exist"):
             eng.update_weights(_scale_bucket(), version=1)
     with pytest.raises(ValueError, match="drop quantization"):

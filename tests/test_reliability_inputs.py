@@ -148,6 +148,8 @@ def _raw(**sections) -> dict:
         ({"rollout": {"top_p": 1.5}}, "rollout.top_p must be in (0, 1]"),
         ({"rollout": {"top_k": 0}}, "rollout.top_k must be -1 (off) or >= 1"),
         ({"reward": {"on_error": "skip"}}, "reward.on_error='skip'"),
+        ({"reward": {"round_timeout_s": 0}}, "reward.round_timeout_s must be a finite number > 0"),
+        ({"reward": {"round_timeout_s": float("inf")}}, "reward.round_timeout_s must be a finite"),
         ({"trainer": {"max_consecutive_skips": 0}}, "trainer.max_consecutive_skips"),
         ({"trainer": {"lr": float("inf")}}, "trainer.lr must be a finite number, got inf"),
         ({"trainer": {"clip_grad": float("nan")}}, "trainer.clip_grad must be a finite number"),

@@ -288,3 +288,85 @@ def test_a_started_server_dies_with_a_sigkilled_trainer(tmp_path):
     assert not _server_alive_after_trainer_killed(tmp_path, watchdog=True)
     # Negative control: the same server started without the watchdog outlives the trainer.
     assert _server_alive_after_trainer_killed(tmp_path, watchdog=False)
+
+
+class _SlowForSome(BaseHTTPRequestHandler):
+    """Scores 1.0 at once, except for queries containing "slow": those wait 30 s (longer than
+    any deadline below), the way an overloaded reward server treats some requests."""
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        queries = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["query"]
+        if any("slow" in q for q in queries):
+            self.server.stopping.wait(30)
+        body = json.dumps({"rewards": [1.0] * len(queries)}).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(("on_error", "concurrency"), [("drop", 8), ("zero", 1)])
+def test_a_round_ends_at_its_reward_deadline_and_counts_what_missed_it(on_error, concurrency):
+    """8 groups, 5 of them on a server that never answers in time. Per-request deadlines alone
+    (2 s x 4 attempts per slow group) would hold the round 8 s with every group in flight, 40 s
+    one at a time; the round's 1.5 s deadline ends it. With every group in flight the fast ones
+    keep their scores; one at a time, the first slow group holds the only slot to the deadline
+    and every group fails. Failures follow reward.on_error and are counted."""
+    from megatron_gvpo.data.prompts import Prompt
+    from megatron_gvpo.rewards import RewardManager
+    from megatron_gvpo.rollout.base import RolloutEngine, Sample, SamplingParams
+    from megatron_gvpo.trainer.groups import filter_groups, rollout_and_score
+
+    class Echo(RolloutEngine):
+        def generate(self, requests, sampling):
+            return [
+                [Sample(r.prompt_ids, [7, 8], "78", [-0.1, -0.1], "stop") for _ in range(r.n)]
+                for r in requests
+            ]
+
+        update_weights = weight_version = health = shutdown = lambda *a: 0
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowForSome)
+    server.daemon_threads = True
+    server.stopping = threading.Event()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/score"
+    kwargs = {"url": url, "max_concurrency": concurrency, "request_timeout_s": 2.0,
+              "max_retries": 3, "backoff_s": 0.01}
+    slow = {0, 2, 3, 5, 7}
+    rows = [Prompt([1, 2], ("slow " if i in slow else "") + f"{i} + 1 =", str(i + 1), None, {},
+                   f"row {i}") for i in range(8)]
+    try:
+        with RewardManager([{"name": "remote", "kwargs": kwargs}]) as manager:
+            start = time.monotonic()
+            result = rollout_and_score(Echo(), manager, rows, SamplingParams(), 2,
+                                       list(range(8)), round_timeout_s=1.5)
+            elapsed = time.monotonic() - start
+            totals = manager.totals["remote"]
+    finally:
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+    assert 1.5 <= elapsed < 1.5 + 1.0, elapsed  # the deadline, plus the grace and slack
+    failed = slow if concurrency == 8 else set(range(8))
+    assert [g.reward_failed for g in result.groups] == [[i in failed] * 2 for i in range(8)]
+    assert [g.rewards for g in result.groups] == [[0.0 if i in failed else 1.0] * 2
+                                                  for i in range(8)]
+    # every failure is counted by the reward; the round's counter has the groups it gave up on
+    assert totals.failures == 2 * len(failed) and totals.samples == 16
+    assert result.metrics["reward_fn/remote/failures"] == 2 * len(failed)
+    missed = result.metrics["reward_fn/round_deadline_missed"]
+    assert (missed == 0) if concurrency == 8 else (0 <= missed <= 16)
+    cut = result.metrics.get("reward_fn/remote/round_deadline", 0)
+    assert cut + missed // 2 >= (len(slow) if concurrency == 8 else 1)
+    metrics: dict = {}
+    kept = filter_groups(result.groups, 1, False, on_error == "drop", metrics)
+    assert metrics["filter/reward_failed"] == 2 * len(failed)
+    want = [0 if i in failed else 2 for i in range(8)] if on_error == "drop" else [2] * 8
+    assert [len(g.responses) for g in kept] == want

@@ -30,10 +30,10 @@ from megatron_gvpo.rollout.sglang import (
 sys.path.insert(0, str(Path(__file__).parent))
 from sglang_fake_server import (  # noqa: E402
     FakeSGLangServer,
-    decode_standin_bucket,
-    encode_standin_bucket,
     fake_tokens,
+    sglang_standin,
 )
+from sglang_router_fake import FakeRouter  # noqa: E402
 
 FAKE = str(Path(__file__).with_name("sglang_fake_server.py"))
 FAST = dict(
@@ -46,6 +46,14 @@ CONTROL = {"/generate", "/health_generate", "/health", "/get_server_info", "/ser
            "/abort_request"}
 NEW, MID, OLD = "0.5.23", "0.5.15", "0.5.4"
 GENERATIONS = [NEW, MID, OLD]
+
+
+def client_serializer(flat, metas, tp_size):
+    """The client's own colocated serializer (what a GPU run uses), with SGLang's metadata class
+    stood in for (SGLang cannot be installed here); CPU tensors travel through torch's
+    shared-memory reductions instead of CUDA-IPC handles."""
+    with sglang_standin():
+        return sglang_flattened_bucket_serializer(flat, metas, tp_size)
 
 
 def attach(*fakes, **kw) -> SGLangEngine:
@@ -324,21 +332,22 @@ def _sync_calls(generation: str, updates: list[str]) -> list[str]:
 def test_colocated_tensor_sync_request_sequence(generation):
     with FakeSGLangServer(tp_size=2, generation=generation) as fake, \
             SGLangEngine(SGLangConfig(urls=[fake.url], **FAST),
-                         serializer=encode_standin_bucket) as eng:
+                         serializer=client_serializer) as eng:
         buckets = _buckets()
         eng.update_weights(iter(buckets), version=3)
         assert eng.weight_version == 3
         log = list(fake.state.log)
-        received, nonces = dict(fake.state.weights), list(fake.state.nonces)
+        received, updates = dict(fake.state.weights), list(fake.state.tensor_updates)
         sample = eng.generate([GenerateRequest([1], n=1, seed=1)], SAMPLING)[0][0]
         assert not fake.state.session and fake.state.post_loads == (generation == NEW)
     assert sync_paths(log) == _sync_calls(generation, ["/update_weights_from_tensor"] * 3)
     posts = [e["body"] for e in log if e["path"] == "/update_weights_from_tensor"]
     assert all(len(b["serialized_named_tensors"]) == 2 and b["load_format"] == "flattened_bucket"
                and b["weight_version"] == "3" and b["flush_cache"] is False for b in posts)
-    assert [sorted(decode_standin_bucket(b["serialized_named_tensors"][1])) for b in posts] == [
-        ["model.layers.0.w"], ["model.norm.weight"], ["lm_head.weight"]]
-    assert len(nonces) == 6 and len(set(nonces)) == 6  # one serialization per TP rank
+    # both TP ranks decoded their own payload through SGLang's SafeUnpickler, to the same names
+    assert updates == [[["model.layers.0.w"]] * 2, [["model.norm.weight"]] * 2,
+                       [["lm_head.weight"]] * 2]
+    assert all(len(set(b["serialized_named_tensors"])) == 2 for b in posts)  # one per TP rank
     _assert_received(received, buckets)
     assert sample.weight_version == 3
 
@@ -365,7 +374,7 @@ def test_disk_sync_writes_hf_folder_and_needs_no_session(tmp_path, model_dir, ge
 
 def test_new_server_refuses_weight_updates_outside_a_session():
     with FakeSGLangServer() as fake:
-        body = {"serialized_named_tensors": ["x"], "load_format": "flattened_bucket"}
+        body = {"serialized_named_tensors": ["eA=="], "load_format": "flattened_bucket"}
         r = requests.post(fake.url + "/update_weights_from_tensor", json=body, timeout=5)
         assert r.status_code == 400 and "begin_weight_update" in r.text
         r = requests.post(fake.url + "/update_weights_from_distributed",
@@ -376,6 +385,102 @@ def test_new_server_refuses_weight_updates_outside_a_session():
         assert requests.post(fake.url + "/begin_weight_update", json={},
                              timeout=5).status_code == 400  # already open
         assert requests.post(fake.url + "/end_weight_update", json={}, timeout=5).ok
+
+
+class _RunsCode:
+    """Pickles to a call of ``os.system``: what SGLang's SafeUnpickler exists to refuse."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _open_session(fake) -> None:
+    assert requests.post(fake.url + "/begin_weight_update", json={}, timeout=5).ok
+
+
+def test_tensor_payloads_decode_through_sglangs_base64_and_allow_list():
+    import base64
+    import pickle
+
+    flat, metas = flatten_bucket([("w", torch.arange(6.0).view(2, 3))])[0]
+    with FakeSGLangServer() as fake:
+        _open_session(fake)
+        url = fake.url + "/update_weights_from_tensor"
+        # not base64: refused by the HTTP layer's validation, before the scheduler sees it
+        r = requests.post(url, json={"serialized_named_tensors": ["not base64!"],
+                                     "load_format": "flattened_bucket"}, timeout=5)
+        assert r.status_code == 400 and r.json()["object"] == "error"
+        assert "Expected base64-encoded bytes" in r.json()["message"]
+        # the client's payload: ForkingPickler + base64, FlattenedTensorMetadata records
+        [payload] = client_serializer(flat, metas, 1)
+        raw = base64.b64decode(payload)
+        assert raw[:1] == b"\x80"  # a pickle, as MultiprocessingSerializer writes it
+        r = requests.post(url, json={"serialized_named_tensors": [payload],
+                                     "load_format": "flattened_bucket"}, timeout=5)
+        assert r.ok, r.text
+        assert fake.state.weights["w"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+        # a plain pickle's storages go through torch.load(weights_only=True) (_load_from_bytes)
+        with sglang_standin():
+            from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+
+            meta = [FlattenedTensorMetadata("v", torch.Size([3]), torch.float32, 0, 3, 3)]
+            plain = pickle.dumps({"flattened_tensor": torch.ones(3), "metadata": meta})
+        r = requests.post(url, json={"serialized_named_tensors": [
+            base64.b64encode(plain).decode()], "load_format": "flattened_bucket"}, timeout=5)
+        assert r.ok, r.text
+        assert fake.state.weights["v"].tolist() == [1.0, 1.0, 1.0]
+        assert not fake.state.crashed
+
+
+def test_a_payload_sglang_refuses_kills_the_fake_as_it_kills_sglangs_scheduler(tmp_path):
+    import base64
+    import pickle
+
+    marker = tmp_path / "ran"
+    hostile = base64.b64encode(pickle.dumps(_RunsCode(marker))).decode()
+    with FakeSGLangServer() as fake:
+        _open_session(fake)
+        with pytest.raises(requests.ConnectionError):  # no answer: the scheduler died
+            requests.post(fake.url + "/update_weights_from_tensor",
+                          json={"serialized_named_tensors": [hostile],
+                                "load_format": "flattened_bucket"}, timeout=5)
+        assert fake.state.crashed == (
+            "Scheduler hit an exception: RuntimeError: Blocked unsafe global (posix.system) "
+            "during pickle deserialization")
+        deadline = time.monotonic() + 5
+        while True:  # and the server is gone
+            try:
+                requests.get(fake.url + "/health", timeout=1)
+            except requests.ConnectionError:
+                break
+            assert time.monotonic() < deadline, "the crashed fake still answers"
+            time.sleep(0.05)
+    assert not marker.exists()
+
+
+def test_a_sync_whose_payload_sglang_would_refuse_fails_by_name():
+    """A serializer mistake (a numpy array: ``numpy`` globals are not on SGLang's allow-list)
+    kills the server; the sync fails with an error naming the request, it does not hang."""
+    import base64
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    def numpy_payload(flat, metas, tp_size):
+        buf = io.BytesIO()
+        ForkingPickler(buf).dump({"flattened_tensor": flat.numpy(), "metadata": []})
+        return [base64.b64encode(buf.getvalue()).decode()] * tp_size
+
+    with FakeSGLangServer() as fake, \
+            SGLangEngine(SGLangConfig(urls=[fake.url], **FAST), serializer=numpy_payload) as eng:
+        with pytest.raises(SGLangError, match="update_weights_from_tensor"):
+            eng.update_weights(_buckets(), version=1)
+        assert "Blocked unsafe global (numpy" in fake.state.crashed
+        assert eng.weight_version == -1
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)
@@ -413,7 +518,7 @@ def test_routes_a_generation_lacks_answer_404_and_the_client_detects_the_rest(ge
 def test_stale_weight_version_raises(generation):
     with FakeSGLangServer(stale_version=True, generation=generation) as fake, \
             SGLangEngine(SGLangConfig(urls=[fake.url], **FAST),
-                         serializer=encode_standin_bucket) as eng:
+                         serializer=client_serializer) as eng:
         with pytest.raises(SGLangError, match="reports weight version 'stale'.*version 4"):
             eng.update_weights(_buckets(), version=4)
         assert eng.weight_version == -1
@@ -467,7 +572,7 @@ def test_attaching_to_servers_left_paused_in_a_session_resumes_and_reclaims_them
     with FakeSGLangServer() as fake:
         fake.state.paused = fake.state.session = True  # a trainer died inside its sync
         with SGLangEngine(SGLangConfig(urls=[fake.url], **{**FAST, "startup_timeout_s": 5.0}),
-                          serializer=encode_standin_bucket) as eng:
+                          serializer=client_serializer) as eng:
             assert eng.health()
             eng.update_weights(_buckets(), version=2)
             assert eng.weight_version == 2 and not fake.state.session
@@ -575,42 +680,65 @@ def test_launched_servers_get_the_memory_saver_in_tensor_mode_and_a_clean_env(
 
 
 def test_router_mode_generates_via_router_and_syncs_workers(tmp_path):
-    with FakeSGLangServer() as router, FakeSGLangServer() as worker, SGLangEngine(
+    with FakeSGLangServer() as worker, FakeRouter([worker.url]) as router, SGLangEngine(
             SGLangConfig(router_url=router.url, urls=[worker.url], weight_sync="disk",
                          sync_dir=str(tmp_path), **FAST)) as eng:
         eng.generate([GenerateRequest([3], n=2, seed=0)], SAMPLING)
         eng.update_weights(_buckets(), version=1)
         assert eng.health()
-        router_paths, worker_paths = set(router.state.paths()), set(worker.state.paths())
-    assert "/generate" in router_paths and "/update_weights_from_disk" not in router_paths
-    assert "/update_weights_from_disk" in worker_paths and "/generate" not in worker_paths
+        router_paths, worker_paths = list(router.log), worker.state.paths()
+    assert router_paths.count("/generate") == 2 == worker_paths.count("/generate")  # via router
+    assert "/update_weights_from_disk" not in router_paths
+    assert "/update_weights_from_disk" in worker_paths
+    assert "/workers" in router_paths  # the engine asked it which workers it routes to
 
 
-def test_after_a_sync_the_engine_waits_for_the_router_to_route_again(tmp_path):
-    with FakeSGLangServer() as router, FakeSGLangServer() as worker, SGLangEngine(
-            SGLangConfig(router_url=router.url, urls=[worker.url], weight_sync="disk",
-                         sync_dir=str(tmp_path / "sync"), model_path=str(tmp_path), **FAST)) as eng:
-        (tmp_path / "config.json").write_text("{}")
-        router.state.faults["no_available_workers"] = 3  # the sync outlasted its health checks
+def test_router_worker_key_matches_urls_as_the_router_lists_them():
+    from megatron_gvpo.rollout.sglang.engine import router_worker_key
+
+    assert router_worker_key("10.0.0.5:30000") == "http://10.0.0.5:30000"
+    assert router_worker_key("http://10.0.0.5:30000/") == "http://10.0.0.5:30000"
+    assert router_worker_key("http://10.0.0.5:30000@3") == "http://10.0.0.5:30000"
+    assert router_worker_key("http://u:p@h:1") == "http://u:p@h:1"  # not a DP rank
+
+
+def test_after_a_sync_the_engine_waits_until_the_router_counts_every_worker_healthy(tmp_path):
+    """Two workers stay paused through a sync longer than three of the router's health checks,
+    so sglang-router's health rules mark both unhealthy. Afterwards worker b keeps failing its
+    checks a while longer: a's recovery already makes the router's /health_generate answer 200,
+    but the next rollout would see half the workers. The engine waits on GET /workers until the
+    router counts both healthy; a worker that never recovers ends the wait by name."""
+    (tmp_path / "config.json").write_text("{}")
+    with FakeSGLangServer(health_wait_s=0.02) as a, FakeSGLangServer(health_wait_s=0.02) as b, \
+            FakeRouter([a.url, b.url], health_check_interval_secs=0.05,
+                       health_check_timeout_secs=1.0) as router, \
+            SGLangEngine(SGLangConfig(router_url=router.url, urls=[a.url, b.url],
+                                      weight_sync="disk", sync_dir=str(tmp_path / "sync"),
+                                      model_path=str(tmp_path), **FAST)) as eng:
+        a.state.faults["update_delay_s"] = b.state.faults["update_delay_s"] = 0.6
+        b.state.faults["failing_health_checks"] = 15  # after the sync too
         eng.update_weights(_buckets(), version=1)
-        assert router.state.faults["no_available_workers"] == 0  # polled until it routed again
-        sample = eng.generate([GenerateRequest([1], n=1, seed=1)], SAMPLING)[0][0]
-        assert sample.weight_version == 1
-        router.state.faults["no_available_workers"] = 10**6  # it never recovers
-        eng.cfg.router_recovery_timeout_s = 0.3
-        with pytest.raises(SGLangError, match="router_recovery_timeout_s=0.3"):
+        assert all(w.healthy for w in router.workers)  # both routed to again
+        assert router.marked_unhealthy == {a.url: 1, b.url: 1}  # the sync did trip its checks
+        assert b.state.faults["failing_health_checks"] == 0
+        samples = eng.generate([GenerateRequest([1], n=4, seed=1)], SAMPLING)[0]
+        assert {s.weight_version for s in samples} == {1}
+        assert a.state.paths().count("/generate") == 2 == b.state.paths().count("/generate")
+        b.state.faults["failing_health_checks"] = 10**6  # b never recovers
+        eng.cfg.router_recovery_timeout_s = 1.0
+        with pytest.raises(SGLangError, match=rf"\['{b.url}'\].*router_recovery_timeout_s=1"):
             eng.update_weights(_buckets(), version=2)
 
 
 def test_timeouts_behind_a_router_abort_on_the_workers():
     # sglang-router has no /abort_request: the abort goes to the workers (unknown rids: no-op)
-    with FakeSGLangServer(slow_generate=1, slow_s=1.5) as router, FakeSGLangServer() as a, \
-            FakeSGLangServer() as b, SGLangEngine(SGLangConfig(
+    with FakeSGLangServer(slow_generate=1, slow_s=1.5) as a, FakeSGLangServer() as b, \
+            FakeRouter([a.url, b.url]) as router, SGLangEngine(SGLangConfig(
                 router_url=router.url, urls=[a.url, b.url], request_timeout_s=0.3,
                 **{k: v for k, v in FAST.items() if k != "request_timeout_s"})) as eng:
         eng.generate([GenerateRequest([2], n=1, seed=5)], SAMPLING)
-        rid = next(e["body"]["rid"] for e in router.state.log if e["path"] == "/generate")
-        assert "/abort_request" not in router.state.paths()
+        rid = next(e["body"]["rid"] for e in a.state.log if e["path"] == "/generate")
+        assert "/abort_request" not in router.log
         for w in (a, b):
             assert [e["body"] for e in w.state.log if e["path"] == "/abort_request"] == [
                 {"rid": rid}]

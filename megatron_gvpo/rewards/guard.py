@@ -11,6 +11,7 @@ slot it held goes to the next call.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -125,6 +126,58 @@ def call_guarded(
                 wait = min(deadlines.values(), default=now + timeout_s) - now
                 cond.wait(max(0.0, wait))
     return results
+
+
+class RoundDeadline:
+    """When a round's rewards are due: unset (never) until :meth:`start`, then ``seconds`` later.
+
+    A round's groups are scored while the others still generate, so scoring starts before the
+    deadline is known: it is started when the last response arrives, and everything that waits
+    on a reward (:meth:`wait`, :meth:`acquire`) re-reads it at least every ``poll_s``.
+    ``seconds=None``: no deadline (``start`` does nothing).
+    """
+
+    poll_s = 0.05
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self._at = math.inf
+
+    def start(self) -> None:
+        """Start the clock (the round's last response arrived)."""
+        if self.seconds is not None:
+            self._at = time.monotonic() + self.seconds
+
+    def remaining(self) -> float:
+        """Seconds left (inf while unset; <= 0 once passed)."""
+        return self._at - time.monotonic()
+
+    def expired(self) -> bool:
+        """True once the deadline has passed."""
+        return self.remaining() <= 0
+
+    def wait(self, event: threading.Event, timeout_s: float) -> bool:
+        """Wait for ``event`` at most ``timeout_s`` and never past the deadline; True if set."""
+        if self.seconds is None:
+            return event.wait(timeout_s)
+        end = time.monotonic() + timeout_s
+        while True:
+            left = min(end - time.monotonic(), self.remaining())
+            if left <= 0:
+                return event.is_set()
+            if event.wait(min(left, self.poll_s)):
+                return True
+
+    def acquire(self, lock: threading.Semaphore) -> bool:
+        """Acquire ``lock`` unless the deadline passes first; True if acquired."""
+        if self.seconds is None:
+            return lock.acquire()
+        while True:
+            left = self.remaining()
+            if left <= 0:
+                return False
+            if lock.acquire(timeout=min(left, self.poll_s)):
+                return True
 
 
 class RateLimitedLogger:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from megatron_gvpo.rewards.base import RewardConfig, RewardInput, RewardStats
-from megatron_gvpo.rewards.guard import RateLimitedLogger, call_guarded
+from megatron_gvpo.rewards.guard import RateLimitedLogger, RoundDeadline, call_guarded
 from megatron_gvpo.rewards.registry import bind_reward
 
 logger = logging.getLogger(__name__)
@@ -59,15 +60,23 @@ class Reward:
         self.concurrency = max(1, int(getattr(self.fn, "concurrent_calls", 1)))
         self._serial = threading.Lock() if self.concurrency == 1 else None
 
-    def score(self, inputs: Sequence[RewardInput]) -> tuple[list[float], list[bool], RewardStats]:
+    def score(
+        self, inputs: Sequence[RewardInput], deadline: RoundDeadline | None = None
+    ) -> tuple[list[float], list[bool], RewardStats]:
         """Unweighted scores (0 for failed samples), which samples failed, and the counters;
-        safe to call from several threads (a scorer that declares no concurrency runs alone)."""
+        safe to call from several threads (a scorer that declares no concurrency runs alone).
+        ``deadline`` reaches scorers that declare ``accepts_deadline`` (the remote reward)."""
         if self._serial is None:
-            return self._score(inputs)
+            return self._score(inputs, deadline)
         with self._serial:
-            return self._score(inputs)
+            return self._score(inputs, deadline)
 
-    def _score(self, inputs: Sequence[RewardInput]) -> tuple[list[float], list[bool], RewardStats]:
+    def _score(
+        self, inputs: Sequence[RewardInput], deadline: RoundDeadline | None
+    ) -> tuple[list[float], list[bool], RewardStats]:
+        fn = self.fn
+        if deadline is not None and getattr(fn, "accepts_deadline", False):
+            fn = functools.partial(fn, deadline=deadline)
         n = len(inputs)
         stats = RewardStats(samples=n)
         scores = [0.0] * n
@@ -75,14 +84,14 @@ class Reward:
         if n == 0:
             return scores, failed, stats
         if self.batched:
-            [(value, err)] = call_guarded(self.fn, [list(inputs)], self.cfg.timeout_s, 1)
+            [(value, err)] = call_guarded(fn, [list(inputs)], self.cfg.timeout_s, 1)
             values = None if err is not None else _as_list(value)
             if err is None and (values is None or len(values) != n):
                 got = type(value).__name__ if values is None else f"{len(values)} scores"
                 err = ValueError(f"batched reward returned {got} for {n} inputs")
             outcomes = [(v, None) for v in values] if err is None else [(None, err)] * n
         else:
-            outcomes = call_guarded(self.fn, list(inputs), self.cfg.timeout_s, self.cfg.num_workers)
+            outcomes = call_guarded(fn, list(inputs), self.cfg.timeout_s, self.cfg.num_workers)
         first_error: BaseException | None = None
         for i, (value, err) in enumerate(outcomes):
             x = None if err is not None else _as_score(value)
@@ -212,8 +221,11 @@ class RewardManager:
         declares (1 unless one does, e.g. ``remote``'s max_concurrency). Calls are thread-safe."""
         return max(r.concurrency for r in self.rewards)
 
-    def __call__(self, inputs: Sequence[RewardInput]) -> RewardResult:
-        """Score ``inputs``; failures score 0 and are counted, they never raise."""
+    def __call__(
+        self, inputs: Sequence[RewardInput], deadline: RoundDeadline | None = None
+    ) -> RewardResult:
+        """Score ``inputs``; failures score 0 and are counted, they never raise. ``deadline``:
+        the round's (scorers that take one stop at it; see ``unscored`` for the others)."""
         n = len(inputs)
         total = [0.0] * n
         per_reward: dict[str, list[float]] = {}
@@ -223,7 +235,7 @@ class RewardManager:
         for r in self.rewards:
             domains = r.cfg.domains
             idx = [i for i in range(n) if domains is None or inputs[i].domain in domains]
-            sub, bad, st = r.score([inputs[i] for i in idx])
+            sub, bad, st = r.score([inputs[i] for i in idx], deadline)
             full = [0.0] * n
             for i, x, b in zip(idx, sub, bad, strict=True):
                 full[i] = x
@@ -238,6 +250,25 @@ class RewardManager:
             if not finite_in_float32(x):  # each score fits, their weighted sum does not
                 total[i], failed[i] = 0.0, True
         return RewardResult(total, per_reward, stats, means, failed)
+
+    def unscored(self, inputs: Sequence[RewardInput]) -> RewardResult:
+        """The result for ``inputs`` whose scoring missed the round's deadline: every sample
+        failed (0, a timeout of each reward that covers it), handled like any reward failure."""
+        n = len(inputs)
+        per_reward: dict[str, list[float]] = {}
+        stats: dict[str, RewardStats] = {}
+        for r in self.rewards:
+            domains = r.cfg.domains
+            covered = sum(1 for x in inputs if domains is None or x.domain in domains)
+            per_reward[r.key] = [0.0] * n
+            stats[r.key] = RewardStats(samples=covered, timeouts=covered)
+            with self._totals_lock:
+                self.totals[r.key].add(stats[r.key])
+        failed = [
+            any(r.cfg.domains is None or x.domain in r.cfg.domains for r in self.rewards)
+            for x in inputs
+        ]
+        return RewardResult([0.0] * n, per_reward, stats, {}, failed)
 
     def close(self) -> None:
         """Close every reward that holds resources."""

@@ -22,6 +22,11 @@ exit). At most ``max_concurrency`` requests are in flight at once, across the ch
 and across concurrent calls: the trainer scores a round's groups concurrently (the reward
 declares ``concurrent_calls``), so a slow server delays a round by about one deadline per
 ``max_concurrency`` groups instead of one per group.
+
+A round's deadline (``reward.round_timeout_s``) reaches the client as a ``RoundDeadline``: once
+it passes, an attempt in flight is abandoned, no retry or backoff starts, no request waits for a
+slot, and the samples not yet scored fail (``round_deadline`` in the counters). A slow server
+then holds a round up by that deadline at most, however many groups, retries and chunks it has.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import requests
 import urllib3
 
 from megatron_gvpo.rewards.base import EventCounts, RewardInput
-from megatron_gvpo.rewards.guard import RateLimitedLogger, call_guarded
+from megatron_gvpo.rewards.guard import RateLimitedLogger, RoundDeadline, call_guarded
 from megatron_gvpo.rewards.registry import register_reward
 
 logger = logging.getLogger(__name__)
@@ -49,8 +54,15 @@ class _Malformed(ValueError):
     """The server answered 2xx with a body that does not follow the schema."""
 
 
+class _PastDeadline(requests.Timeout):
+    """The round's deadline passed before this attempt could finish (never retried)."""
+
+
 class RemoteReward:
     """Batched, concurrent client of a remote reward model; one instance per configured reward."""
+
+    accepts_deadline = True
+    """``__call__`` takes ``deadline=`` (a round's ``RoundDeadline``) from the reward manager."""
 
     def __init__(
         self,
@@ -101,13 +113,18 @@ class RemoteReward:
         this); thread-safe, and requests stay bounded by ``max_concurrency`` in any case."""
         return self.max_concurrency
 
-    def __call__(self, inputs: Sequence[RewardInput]) -> list[float | None]:
+    def __call__(
+        self, inputs: Sequence[RewardInput], deadline: RoundDeadline | None = None
+    ) -> list[float | None]:
+        """One score per input (None: failed); ``deadline``: the round's, see the module doc."""
+        deadline = deadline or RoundDeadline(None)
         chunks = [inputs[i : i + self.batch_size] for i in range(0, len(inputs), self.batch_size)]
         if len(chunks) <= 1 or self.max_concurrency == 1:
-            results = [self._score_chunk(c) for c in chunks]
+            results = [self._score_chunk(c, deadline) for c in chunks]
         else:  # daemon threads (guard.call_guarded): never joined at interpreter exit
             outcomes = call_guarded(
-                self._score_chunk, chunks, self._chunk_bound_s(), self.max_concurrency
+                lambda c: self._score_chunk(c, deadline), chunks, self._chunk_bound_s(),
+                self.max_concurrency,
             )
             results = [
                 r if err is None else [None] * len(c)
@@ -135,7 +152,9 @@ class RemoteReward:
             body["metadata"] = [x.metadata for x in chunk]
         return body
 
-    def _score_chunk(self, chunk: Sequence[RewardInput]) -> list[float | None]:
+    def _score_chunk(
+        self, chunk: Sequence[RewardInput], deadline: RoundDeadline
+    ) -> list[float | None]:
         try:
             data = json.dumps(self.body(chunk))
         except (TypeError, ValueError) as e:
@@ -144,11 +163,19 @@ class RemoteReward:
             return [None] * len(chunk)
         for attempt in range(self.max_retries + 1):
             if attempt:
-                self._count("retries")
                 delay = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-                time.sleep(delay * (0.5 + 0.5 * random.random()))
+                delay *= 0.5 + 0.5 * random.random()
+                if delay >= deadline.remaining():  # the round ends first: no retry
+                    self._count("round_deadline")
+                    break
+                self._count("retries")
+                time.sleep(delay)
             try:
-                return self._post(data, len(chunk))
+                return self._post(data, len(chunk), deadline)
+            except _PastDeadline as e:
+                self._count("round_deadline")
+                error = e
+                break
             except _Malformed as e:
                 self._count("malformed")
                 error: Exception = e
@@ -169,10 +196,13 @@ class RemoteReward:
         self._warn.warning(f"remote reward {self.url}: {len(chunk)} samples unscored: {error!r}")
         return [None] * len(chunk)
 
-    def _post(self, data: str, n: int) -> list[float | None]:
+    def _post(self, data: str, n: int, deadline: RoundDeadline) -> list[float | None]:
         """One attempt, bounded by ``request_timeout_s`` of wall time from connect to the last
-        byte: it runs in a daemon thread that is abandoned (``requests.Timeout``) at the deadline."""
-        with self._slots:
+        byte and by the round's ``deadline``: it runs in a daemon thread that is abandoned
+        (``requests.Timeout``) at whichever comes first."""
+        if not deadline.acquire(self._slots):
+            raise _PastDeadline("the round's deadline passed while waiting for a request slot")
+        try:
             self._count("requests")
             outcome: list = []
             done = threading.Event()
@@ -193,9 +223,11 @@ class RemoteReward:
                             self._idle.append(session)
 
             threading.Thread(target=attempt, daemon=True, name="remote-reward").start()
-            if not done.wait(self.request_timeout_s):
+            if not deadline.wait(done, self.request_timeout_s):
                 abandoned.set()
                 if not done.is_set():
+                    if deadline.expired():
+                        raise _PastDeadline("the round's deadline passed mid-request")
                     raise requests.Timeout(
                         f"no complete response within {self.request_timeout_s:g} s "
                         "(connect to last byte)"
@@ -203,6 +235,8 @@ class RemoteReward:
             body, error = outcome[0]
             if error is not None:
                 raise error
+        finally:
+            self._slots.release()
         try:
             payload = json.loads(body)
         except ValueError as e:

@@ -123,6 +123,12 @@ class RewardSection:
     on_error: str = "drop"
     """A sample whose reward failed (raised, timed out, non-finite in float32): ``drop`` takes it
     out of its group (the group's statistics use the others); ``zero`` trains on it as 0."""
+    round_timeout_s: float | None = None
+    """One deadline per round: a round's rewards are due this many seconds after its last
+    response arrives. Remote rewards stop there (requests in flight are abandoned, no retry
+    starts) and samples still unscored fail as ``on_error`` says, counted in
+    ``reward_fn/round_deadline_missed``. None: no round deadline (each remote request still has
+    its own ``request_timeout_s``)."""
 
 
 @dataclass
@@ -368,6 +374,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ValueError(f"trainer.stop_grace_s must be >= 0, got {t.stop_grace_s}")
     if cfg.reward.on_error not in ("drop", "zero"):
         raise ValueError(f"reward.on_error={cfg.reward.on_error!r}: drop or zero")
+    rt = cfg.reward.round_timeout_s
+    if rt is not None and (isinstance(rt, bool) or not isinstance(rt, (int, float))
+                           or not math.isfinite(rt) or rt <= 0):
+        raise ValueError(f"reward.round_timeout_s must be a finite number > 0 or null, got {rt!r}")
     if not 0 <= t.min_lr <= t.lr:
         raise ValueError(
             f"trainer.min_lr={t.min_lr} must lie in [0, trainer.lr={t.lr}] (the decay's floor)"

@@ -153,11 +153,13 @@ class Evaluator:
         rollout_max_new_tokens: int,
         stop: Sequence[str] = (),
         seed: int = 0,
+        round_timeout_s: float | None = None,
     ):
         self.sets = dict(sets)
         self.max_new_tokens = rollout_max_new_tokens
         self.stop = list(stop)
         self.seed = seed
+        self.round_timeout_s = round_timeout_s  # reward.round_timeout_s, per eval set
 
     @classmethod
     def build(
@@ -168,13 +170,14 @@ class Evaluator:
         rollout_max_new_tokens: int,
         stop: Sequence[str] = (),
         seed: int = 0,
+        round_timeout_s: float | None = None,
     ) -> Evaluator:
         """From the loaded sets, ``eval.*`` and ``data.eval_sets`` (each set's own settings)."""
         with_cfg = {
             name: (prompts, eval_set_config(cfg, name, specs[name])[1] if name else cfg)
             for name, prompts in sets.items()
         }
-        return cls(with_cfg, rollout_max_new_tokens, stop, seed)
+        return cls(with_cfg, rollout_max_new_tokens, stop, seed, round_timeout_s)
 
     def _sampling(self, cfg: EvalSection) -> SamplingParams:
         return SamplingParams(
@@ -196,7 +199,9 @@ class Evaluator:
             n = cfg.n_samples
             seeds = [request_seed(self.seed + EVAL_SEED, 0, i) for i in range(len(prompts))]
             sampling = self._sampling(cfg)
-            result = rollout_and_score(engine, rewards, prompts, sampling, n, seeds)
+            result = rollout_and_score(
+                engine, rewards, prompts, sampling, n, seeds, self.round_timeout_s
+            )
             versions.update(v for g in result.groups for v in g.weight_versions if v >= 0)
             prefix = f"eval/{name}/" if name else "eval/"
             metrics = set_metrics(result.groups, n, cfg.correct_threshold)

@@ -9,12 +9,14 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 
 import torch
 
 from megatron_gvpo.data.prompts import Prompt
 from megatron_gvpo.rewards import RewardInput, RewardManager, RewardResult
+from megatron_gvpo.rewards.guard import RoundDeadline
 from megatron_gvpo.rollout.base import GenerateRequest, RolloutEngine, Sample, SamplingParams
 from megatron_gvpo.rollout.round import generate_round
 from megatron_gvpo.trainer.batch import RolloutBatch
@@ -72,6 +74,10 @@ class RolloutResult:
     """Time spent waiting for rewards after the last response arrived."""
 
 
+_DEADLINE_GRACE_S = 0.5
+"""How long past a round's reward deadline scoring may take to hand back what it has."""
+
+
 def request_seed(seed: int, step: int, i: int) -> int:
     """The sampling seed of prompt ``i`` of round ``step`` (reproducible per run seed)."""
     return ((seed * 1_000_003 + step) * 100_003 + i) % (2**31 - 1)
@@ -84,41 +90,66 @@ def rollout_and_score(
     sampling: SamplingParams,
     n: int,
     seeds: Sequence[int],
+    round_timeout_s: float | None = None,
 ) -> RolloutResult:
     """Driver rank: ``n`` responses per prompt, every request in flight at once (engines that
     batch continuously keep their servers busy), each group scored as soon as its last response
     arrives while the others still generate (up to ``rewards.concurrency`` groups at once: a
-    remote reward's ``max_concurrency``, else one)."""
+    remote reward's ``max_concurrency``, else one).
+
+    ``round_timeout_s`` (``reward.round_timeout_s``): the round's rewards are due that long after
+    its last response arrives. Scorers that take the deadline (the remote reward) stop at it;
+    groups still unscored then fail (``reward.on_error`` decides: dropped or trained as 0) and
+    are counted in ``reward_fn/round_deadline_missed``; their threads are not waited for."""
     requests = [GenerateRequest(row.prompt_ids, n, s) for row, s in zip(rows, seeds, strict=True)]
     arrived = [0] * len(requests)
     scoring: dict[int, Future] = {}
+    deadline = RoundDeadline(round_timeout_s)
     busy = [0.0]
     busy_lock = threading.Lock()
 
-    def score(i: int, group: list[Sample]) -> RewardResult:
-        clock = time.perf_counter()
+    def inputs(i: int) -> list[RewardInput]:
         row = rows[i]
+        return [RewardInput(row.text, s.text, row.answer, row.domain) for s in samples[i]]
+
+    def score(i: int) -> RewardResult:
+        clock = time.perf_counter()
         try:
-            return rewards([RewardInput(row.text, s.text, row.answer, row.domain) for s in group])
+            return rewards(inputs(i), deadline)
         finally:
             with busy_lock:
                 busy[0] += time.perf_counter() - clock
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(rewards.concurrency, thread_name_prefix="reward") as pool:
-        samples: list[list[Sample | None]] = [[None] * n for _ in requests]
+    samples: list[list[Sample | None]] = [[None] * n for _ in requests]
+    pool = ThreadPoolExecutor(rewards.concurrency, thread_name_prefix="reward")
+    missed = 0
+    try:
 
         def on_sample(i: int, j: int, sample: Sample) -> None:
             samples[i][j] = sample
             arrived[i] += 1
             if arrived[i] == n:
-                scoring[i] = pool.submit(score, i, samples[i])
+                scoring[i] = pool.submit(score, i)
 
         generate_round(engine, requests, sampling, on_sample=on_sample)
         gen_s = time.perf_counter() - start
         clock = time.perf_counter()
-        result = RewardResult.concat([scoring[i].result() for i in range(len(requests))])
+        deadline.start()
+        # a scorer that takes the deadline returns right after it: wait that long, plus a grace
+        bound = None if round_timeout_s is None else deadline.remaining() + _DEADLINE_GRACE_S
+        wait_futures(list(scoring.values()), timeout=bound)
+        parts = []
+        for i in range(len(requests)):
+            if scoring[i].done():
+                parts.append(scoring[i].result())
+            else:
+                parts.append(rewards.unscored(inputs(i)))
+                missed += n
+        result = RewardResult.concat(parts)
         wait_s = time.perf_counter() - clock
+    finally:  # never wait for scoring that missed the deadline (queued groups never start)
+        pool.shutdown(wait=round_timeout_s is None, cancel_futures=round_timeout_s is not None)
     groups, offset = [], 0
     for row, group in zip(rows, samples, strict=True):
         groups.append(
@@ -142,6 +173,7 @@ def rollout_and_score(
         "rollout/reward_busy_s": busy[0],  # scoring time, mostly hidden behind generation
         **{f"rollout/finish_{k}": v / max(len(flat), 1) for k, v in finish.items()},
         **result.metrics("reward_fn"),
+        **({"reward_fn/round_deadline_missed": missed} if round_timeout_s is not None else {}),
         **{f"engine/{k}": v for k, v in engine.metrics().items()},
     }
     return RolloutResult(groups, metrics, gen_s, wait_s)

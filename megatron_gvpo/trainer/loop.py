@@ -89,7 +89,7 @@ class Trainer(Run):
         self.evaluator = (
             Evaluator.build(
                 self.prompts.eval_sets, cfg.eval, cfg.data.eval_sets, r.max_new_tokens, r.stop,
-                t.seed,
+                t.seed, cfg.reward.round_timeout_s,
             )
             if self.prompts.eval_sets and is_rank0()
             else None
@@ -175,7 +175,8 @@ class Trainer(Run):
         seeds = [request_seed(seed, step, i) for i in range(len(rows))]
         with native_torch():  # the embedded engine's decode loop makes no CUDA assumption
             return rollout_and_score(
-                self.engine, self.rewards, rows, sampling, r.n_samples_per_prompt, seeds
+                self.engine, self.rewards, rows, sampling, r.n_samples_per_prompt, seeds,
+                self.cfg.reward.round_timeout_s,
             )
 
     @property

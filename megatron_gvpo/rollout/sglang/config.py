@@ -87,10 +87,11 @@ class SGLangConfig:
     health_poll_s: float = 2.0
     """Pause between health probes while waiting for servers."""
     router_recovery_timeout_s: float = 300.0
-    """After a sync behind ``router_url``: how long to wait for the router to route again. Its
-    health checks mark workers that stayed paused through a long sync unhealthy, and it then
-    answers 503 until enough checks pass (sglang-router 0.3.x: 3 failures, 2 successes, every
-    60 s by default; see README for the flags that shorten this)."""
+    """After a sync behind ``router_url``: how long to wait until the router counts every worker
+    of ``urls`` healthy again (its ``GET /workers``). Its health checks mark workers that stayed
+    paused through a long sync unhealthy, and it routes around them until enough checks pass
+    (sglang-router 0.3.x: 3 failures, 2 successes, every 60 s by default; see README for the
+    flags under which a sync does not trip them)."""
     connect_timeout_s: float = 5.0
     """TCP connect time-out of every request."""
     request_timeout_s: float = 1800.0

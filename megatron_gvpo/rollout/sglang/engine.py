@@ -48,6 +48,19 @@ from megatron_gvpo.rollout.sglang.tensor import (
 log = logging.getLogger(__name__)
 
 
+def router_worker_key(url: str) -> str:
+    """A worker URL as sglang-router lists it, reduced for comparison: ``http://`` added where
+    the scheme is missing (as the router adds it, ``core/steps/worker/local/create_worker.rs``
+    ``normalize_url``), the ``@<dp rank>`` suffix of DP-aware workers and a trailing ``/``
+    dropped."""
+    if "://" not in url:
+        url = "http://" + url
+    base, at, rank = url.rpartition("@")
+    if at and rank.isdigit():
+        url = base
+    return url.rstrip("/")
+
+
 class SGLangEngine(RolloutEngine):
     """Rollout on SGLang servers: started here, attached to, or behind an sglang-router.
 
@@ -229,25 +242,44 @@ class SGLangEngine(RolloutEngine):
             self._wait_for_router()
 
     def _wait_for_router(self) -> None:
-        """Before the next rollout: poll the router's ``/health_generate`` (a generation through
-        it; 503 while it holds every worker unhealthy) until it routes again, at most
-        ``router_recovery_timeout_s``."""
+        """Before the next rollout: wait until the router counts every worker of ``urls``
+        healthy again, at most ``router_recovery_timeout_s``. sglang-router's health checks
+        mark a worker that stayed paused through a long sync unhealthy and route to it only
+        after enough passing checks; its ``GET /workers`` lists each worker's ``is_healthy``
+        (sglang-router 0.3.x ``core/worker_service.rs`` ``list_workers``). A router without that
+        route is probed with one ``/health_generate`` through it instead."""
         router = self._pool.gen[0]
         deadline = time.monotonic() + self.cfg.router_recovery_timeout_s
         waited = False
-        while not self._client.probe(router):
+        while pending := self._router_pending(router):
             if time.monotonic() > deadline:
                 raise SGLangError(
-                    f"router {router.url} did not route again within "
+                    f"router {router.url} did not route to {pending} again within "
                     f"rollout.sglang.router_recovery_timeout_s={self.cfg.router_recovery_timeout_s:g}"
                     " s after a weight sync (its health checks marked the paused workers "
-                    "unhealthy; see README for the router's health-check flags)"
+                    "unhealthy, or it does not list them under these URLs; see README for the "
+                    "router's health-check flags)"
                 )
             if not waited:
-                log.warning("router %s holds the workers unhealthy after the sync; waiting",
-                            router.url)
+                log.warning("router %s holds workers %s unhealthy after the sync; waiting",
+                            router.url, pending)
                 waited = True
             time.sleep(self.cfg.health_poll_s)
+
+    def _router_pending(self, router: Endpoint) -> list[str]:
+        """The workers of ``urls`` the router does not count healthy yet ([] once it does)."""
+        try:
+            listing = self._client.call(router, "GET", "/workers", retry=False)
+        except SGLangError as e:
+            if e.status == 404:  # a router without /workers: one generation through it decides
+                return [] if self._client.probe(router) else list(self.cfg.urls)
+            return list(self.cfg.urls)
+        healthy: dict[str, bool] = {}
+        for w in listing.get("workers", []) if isinstance(listing, dict) else []:
+            if isinstance(w, dict) and isinstance(w.get("url"), str):
+                key = router_worker_key(w["url"])  # DP-aware entries: one per rank
+                healthy[key] = healthy.get(key, True) and w.get("is_healthy") is True
+        return [u for u in self.cfg.urls if not healthy.get(router_worker_key(u), False)]
 
     def abort_update(self) -> None:
         """After a failed sync: close open sessions and let generation continue (best effort);

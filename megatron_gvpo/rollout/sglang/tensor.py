@@ -9,10 +9,14 @@ rank so producer-side CUDA-IPC reference counts drop cleanly (``entrypoints/engi
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 
 import torch
+import torch.multiprocessing  # noqa: F401 - registers torch's tensor reductions with ForkingPickler
 
 from megatron_gvpo.rollout.base import NamedTensors
 from megatron_gvpo.rollout.sglang.client import Endpoint, HTTPClient, SGLangError
@@ -72,34 +76,48 @@ def _patch_torch_reductions() -> None:
     monkey_patch_torch_reductions()
 
 
+def flattened_bucket_payloads(
+    flat: torch.Tensor, metas: list[FlatTensorMeta], tp_size: int, metadata_cls: type
+) -> list[str]:
+    """``tp_size`` separately serialized payloads of one flat bucket, in the form SGLang's server
+    decodes (0.5.23): ``{"flattened_tensor": flat, "metadata": [metadata_cls(...)]}`` pickled by
+    multiprocessing's ``ForkingPickler`` (torch's reductions: a CUDA tensor travels as an IPC
+    handle) and base64-encoded, as ``MultiprocessingSerializer.serialize(obj, output_str=True)``
+    does (``utils/common.py:3060-3082``). The server decodes each with its allow-listed
+    ``SafeUnpickler`` (``utils/common.py:3144``) and rebuilds every tensor as
+    ``flattened_tensor[start_idx:end_idx].view(dtype).reshape(shape)``
+    (``weight_sync/tensor_bucket.py:118-135``); ``metadata_cls`` is SGLang's
+    ``weight_sync.tensor_bucket.FlattenedTensorMetadata``, the only metadata class it admits."""
+    out = []
+    for _ in range(tp_size):  # one serialization per rank: producer-side IPC refcounts
+        meta = [
+            metadata_cls(name=m.name, shape=torch.Size(m.shape), dtype=m.dtype,
+                         start_idx=m.start, end_idx=m.end, numel=m.end - m.start)
+            for m in metas
+        ]
+        buf = io.BytesIO()
+        ForkingPickler(buf).dump({"flattened_tensor": flat, "metadata": meta})
+        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
+
+
 def sglang_flattened_bucket_serializer(
     flat: torch.Tensor, metas: list[FlatTensorMeta], tp_size: int
 ) -> list[str]:
-    """``serialized_named_tensors`` for ``load_format="flattened_bucket"``, built with SGLang's
-    own classes (the server's SafeUnpickler admits ``weight_sync.tensor_bucket`` metadata only,
-    0.5.23 ``utils/common.py``); one separately serialized payload per TP rank."""
+    """``serialized_named_tensors`` for ``load_format="flattened_bucket"``
+    (:func:`flattened_bucket_payloads` with SGLang's metadata class and, for CUDA tensors, its
+    CUDA-IPC patch)."""
     try:
-        from sglang.srt.utils import MultiprocessingSerializer
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
     except Exception as e:  # not installed, or no sgl_kernel / CUDA
         raise RuntimeError(
-            "weight_sync='tensor' needs SGLang's serializer (the 'gpu' extra, on a CUDA machine): "
-            f"importing sglang failed: {e!r}. Use weight_sync='distributed' or 'disk' without it."
+            "weight_sync='tensor' needs SGLang's serializer classes (the 'gpu' extra, on a CUDA "
+            f"machine): importing sglang failed: {e!r}. Use weight_sync='distributed' or 'disk' "
+            "without it."
         ) from e
-    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
-
-    _patch_torch_reductions()
-    meta = [
-        FlattenedTensorMetadata(
-            name=m.name, shape=torch.Size(m.shape), dtype=m.dtype,
-            start_idx=m.start, end_idx=m.end, numel=m.end - m.start,
-        )
-        for m in metas
-    ]
-    return [
-        MultiprocessingSerializer.serialize({"flattened_tensor": flat, "metadata": meta},
-                                            output_str=True)
-        for _ in range(tp_size)
-    ]
+    if flat.is_cuda:
+        _patch_torch_reductions()
+    return flattened_bucket_payloads(flat, metas, tp_size, FlattenedTensorMetadata)
 
 
 def sync_tensor(client: HTTPClient, servers: Sequence[Endpoint],
