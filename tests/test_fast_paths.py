@@ -3,7 +3,7 @@
 - Packed-sequence attention in length-bucketed padded batches (``models/sdpa_attention.py``)
   against causal softmax attention written out in float64 per sequence, values and gradients;
   control: one causal attention over the whole packed row (sequences see each other) differs.
-- theta' logprobs taken from a round's only update's forward (``OldLogprobsFromForward``)
+- theta' logprobs taken from a round's only update's forward (``ThetaPrime``'s ``first_update``)
   against a separate forward-only pass and against transformers, and GRPO's gradient with them
   against the gradient with the separate pass's; control: other old logprobs change it.
 """

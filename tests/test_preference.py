@@ -177,13 +177,13 @@ def _run(obj, batch, placement: list[list[int]], seed: int = 0):
             out = out.index_put((torch.zeros_like(pos), pos), leaves[i])
         return out
 
-    def step_logprobs():
+    def step_log_ratio():
         s = torch.stack([x.detach().double().sum() for x in leaves])
-        return s, torch.stack([r.double().sum() for r in ref])
+        return s - torch.stack([r.double().sum() for r in ref])
 
     whole = all(len({batch.group_ids[i].item() for i in ids}) * 2 == len(ids) for ids in placement)
     plan = StepPlan([placement], seq_len, whole)
-    loss_fn = obj.step_loss(StepInputs(batch, plan, mbs, step_logprobs))
+    loss_fn = obj.step_loss(StepInputs(batch, plan, mbs, step_log_ratio))
     total, metrics = 0.0, []
     for mb in mbs:
         loss, m = loss_fn(row(mb), None, mb)

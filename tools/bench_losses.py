@@ -49,7 +49,7 @@ from megatron_gvpo.trainer.batch import (  # noqa: E402
     build_micro_batches,
     plan_for,
     sequence_logprobs,
-    step_seq_logprobs,
+    step_log_ratio,
     sum_over_dp,
 )
 from megatron_gvpo.trainer.objectives.gvpo import GVPOMicroBatchLoss  # noqa: E402
@@ -127,8 +127,8 @@ def worker(args) -> None:
         ddp.finish_grad_sync()
 
     def stats_forward():
-        s, old = step_seq_logprobs(ddp, mbs, len(batch))
-        gvpo_group_stats(s, old, batch.rewards.double(), batch.group_ids, BETA)
+        ratio = step_log_ratio(ddp, mbs, len(batch), 1.0, "old_logprobs")
+        gvpo_group_stats(ratio, torch.zeros_like(ratio), batch.rewards.double(), batch.group_ids, BETA)
 
     local = {
         "loss_s": _timed(lambda: loss_only(mbs, batch, fake), args.repeats),

@@ -181,15 +181,11 @@ def _rows_to_samples(
     return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(offsets) - 1)]
 
 
-class OldLogprobsFromForward:
-    """A micro-batch loss wrapper for a round's only update, where theta = theta': the detached
-    response-token logprobs of the update's own forward *are* the theta' logprobs, so no separate
-    forward-only pass is needed (TRL skips it too when ``num_iterations == 1``).
-
-    Each micro-batch's ``extra["old_logprobs"]`` is set from its forward before the objective's
-    loss reads it; :meth:`collect` then gives every rank every sample's, as
-    :func:`response_token_logprobs` would.
-    """
+class _OldLogprobsFromForward:
+    """A micro-batch loss wrapper for a round's only update (``ThetaPrime``'s ``first_update``):
+    each micro-batch's ``extra["old_logprobs"]`` is set from its forward's detached logprobs
+    before the objective's loss reads it; :meth:`collect` then gives every rank every sample's,
+    as :func:`response_token_logprobs` would."""
 
     def __init__(self, loss_fn, batch: RolloutBatch):
         self.loss_fn = loss_fn
@@ -205,6 +201,48 @@ class OldLogprobsFromForward:
     def collect(self, model: torch.nn.Module) -> list[Tensor]:
         """Every sample's theta' logprobs on every rank (collective over DP and PP)."""
         return _rows_to_samples(self.flat, self.offsets, model, pp_broadcast=True)
+
+
+class ThetaPrime:
+    """Where a round's theta' logprobs (s', the policy that sampled) come from: decided once per
+    run, the only place that writes ``batch.old_logprobs`` in RL training.
+
+    ``forward`` (``trainer.updates_per_round > 1``): a forward-only pass over the round's batch
+    before its updates, since later updates move theta away from theta'.
+    ``first_update`` (one update per round): theta = theta' during the round's only update, so
+    its own forward's detached logprobs *are* s' (no separate pass; TRL skips it too when
+    ``num_iterations == 1``), and the step-wide ``s - s'`` is exactly 0 without any forward.
+    """
+
+    def __init__(self, model: torch.nn.Module, temperature: float, updates_per_round: int):
+        self.model, self.temperature = model, temperature
+        self.mode = "forward" if updates_per_round > 1 else "first_update"
+
+    def before_updates(self, batch: RolloutBatch, plan: StepPlan) -> None:
+        """``forward``: s' of every sample of the round, on every rank."""
+        if self.mode == "forward":
+            batch.old_logprobs = response_token_logprobs(
+                self.model, batch, plan, self.temperature
+            )
+
+    def update_loss(self, loss_fn, sub: RolloutBatch):
+        """The loss to run an update of ``sub`` with (``first_update``: one that records s')."""
+        return _OldLogprobsFromForward(loss_fn, sub) if self.mode == "first_update" else loss_fn
+
+    def after_update(self, loss, batch: RolloutBatch, sub: RolloutBatch) -> None:
+        """``first_update``: s' of every sample, from the update's forward, on every rank
+        (collective; ``sub`` is the whole round there)."""
+        if isinstance(loss, _OldLogprobsFromForward):
+            batch.old_logprobs = sub.old_logprobs = loss.collect(self.model)
+
+    def step_log_ratio(self, sub: RolloutBatch, micro_batches: list[MicroBatch], first: bool):
+        """``() -> s - s'`` [N] float64 of an update's samples at the current theta, on every
+        rank: 0 on the round's first update (theta = theta'), else a detached forward."""
+        if first:
+            return lambda: torch.zeros(len(sub), dtype=torch.float64)
+        return lambda: step_log_ratio(
+            self.model, micro_batches, len(sub), self.temperature, "old_logprobs"
+        )
 
 
 @torch.no_grad()
@@ -229,23 +267,25 @@ def response_token_logprobs(
 
 
 @torch.no_grad()
-def step_seq_logprobs(
+def step_log_ratio(
     model: torch.nn.Module,
     micro_batches: list[MicroBatch],
     num_samples: int,
-    temperature: float = 1.0,
-) -> tuple[Tensor, Tensor]:
-    """``(s, s')`` [N] float64 of the whole step at the current theta, identical on every rank.
+    temperature: float,
+    baseline: str,
+) -> Tensor:
+    """``s - s_base`` [N] float64 of the whole step at the current theta, identical on every
+    rank: ``s`` the summed response logprobs under ``model``, ``s_base`` those of each
+    micro-batch's ``extra[baseline]`` (``old_logprobs``: theta'; ``ref_logprobs``: the reference).
 
     A forward-only pass over this rank's micro-batches gives its samples; a sum all-reduce over DP
-    of ``[2, N]`` zero-filled vectors (each sample lives on one DP rank) gives every rank all of
-    them: the detached exchange of GVPO's delta (group ids are known everywhere already).
+    of a zero-filled [N] vector (each sample lives on one DP rank) gives every rank all of them:
+    the detached exchange of GVPO's delta and of the preference margins (group ids are known
+    everywhere already).
     """
-    out = torch.zeros(2, num_samples, dtype=torch.float64)
+    out = torch.zeros(num_samples, dtype=torch.float64)
     logprobs = compute_logprobs(model, micro_batches, temperature=temperature)
     for lp, mb in zip(logprobs, micro_batches, strict=True):
-        ids = mb.extra["sample_ids"]
-        out[0, ids] = sequence_logprobs(lp, mb).double().cpu()
-        out[1, ids] = mb.extra["old_logprobs"].double().sum(-1).cpu()
-    out = sum_over_dp(out, next(model.parameters()).device)
-    return out[0], out[1]
+        base = mb.extra[baseline].double().sum(-1).cpu()
+        out[mb.extra["sample_ids"]] = sequence_logprobs(lp, mb).double().cpu() - base
+    return sum_over_dp(out, next(model.parameters()).device)

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import math
 import random
-from functools import partial
-
-import torch
 
 from megatron_gvpo.bridge.export import ExportConfig
 from megatron_gvpo.parallel.cpu_compat import native_torch
@@ -25,11 +22,10 @@ from megatron_gvpo.rollout.base import SamplingParams
 from megatron_gvpo.trainer.actor import Actor
 from megatron_gvpo.trainer.async_rollout import RoundSource
 from megatron_gvpo.trainer.batch import (
-    OldLogprobsFromForward,
     RolloutBatch,
+    ThetaPrime,
     build_micro_batches,
     response_token_logprobs,
-    step_seq_logprobs,
 )
 from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.data import PromptSource, prompt_room
@@ -70,6 +66,7 @@ class Trainer(Run):
         )
         self.objective = build_objective(cfg.algorithm, self.prompts.domains)
         self.actor = Actor(cfg, self.model_path)
+        self.theta_prime = ThetaPrime(self.actor.ddp, self.actor.temperature, t.updates_per_round)
         self.replay = ReplayBuffer(t.replay_capacity)
         ahead = t.async_training.max_staleness
         self.engine = (
@@ -196,11 +193,11 @@ class Trainer(Run):
         return broadcast_object(metrics)
 
     def _old_and_ref_logprobs(self, batch: RolloutBatch) -> None:
-        """theta' (the policy that sampled) and, if the objective needs it, the reference."""
+        """theta' (the policy that sampled, when it needs its own pass) and, if the objective
+        needs it, the reference."""
         a = self.actor
         plan = self._plan(batch)
-        if self.cfg.trainer.updates_per_round > 1:  # else the only update's forward gives them
-            batch.old_logprobs = response_token_logprobs(a.ddp, batch, plan, a.temperature)
+        self.theta_prime.before_updates(batch, plan)
         if a.reference is not None:
             batch.ref_logprobs = response_token_logprobs(a.reference, batch, plan, a.temperature)
 
@@ -211,13 +208,12 @@ class Trainer(Run):
         for u, sub in enumerate(_split_by_groups(batch, t.updates_per_round)):
             plan = self._plan(sub)
             mbs = build_micro_batches(sub, plan)
-            step = StepInputs(sub, plan, mbs, partial(self._step_logprobs, sub, mbs, u == 0))
-            loss_fn = self.objective.step_loss(step)
-            # theta = theta' at a round's only update: its forward's detached logprobs are s'.
-            fill = OldLogprobsFromForward(loss_fn, sub) if sub.old_logprobs is None else None
-            metrics, applied = self.actor.step(mbs, fill or loss_fn, t.log_entropy)
-            if fill is not None:  # one update: sub is the whole batch, in order
-                batch.old_logprobs = sub.old_logprobs = fill.collect(self.actor.ddp)
+            ratio = self.theta_prime.step_log_ratio(sub, mbs, first=u == 0)
+            loss_fn = self.theta_prime.update_loss(
+                self.objective.step_loss(StepInputs(sub, plan, mbs, ratio)), sub
+            )
+            metrics, applied = self.actor.step(mbs, loss_fn, t.log_entropy)
+            self.theta_prime.after_update(loss_fn, batch, sub)
             if not applied:
                 continue  # non-finite loss or gradient: counted, never applied
             values = {k: float(m.value) for k, m in metrics.items()}
@@ -229,18 +225,6 @@ class Trainer(Run):
         out["lr"] = self.actor.lr
         out.update(self.objective.metrics())
         return out
-
-    def _step_logprobs(self, sub: RolloutBatch, mbs, first_update: bool):
-        """``(s, s')`` of the step's samples at the current theta. On a round's first update
-        theta = theta', so s = s' and no forward pass is needed (delta = beta (s - s') is all
-        that is used: zeros when s' comes from the update's own forward)."""
-        if first_update and sub.old_logprobs is None:
-            zeros = torch.zeros(len(sub), dtype=torch.float64)
-            return zeros, zeros
-        if first_update:
-            old = torch.stack([x.double().sum() for x in sub.old_logprobs])
-            return old, old
-        return step_seq_logprobs(self.actor.ddp, mbs, len(sub), self.actor.temperature)
 
     def _plan(self, batch: RolloutBatch):
         return self.actor.plan(batch, self.cfg.trainer.keep_groups_whole)

@@ -31,7 +31,7 @@ from megatron_gvpo.trainer.batch import (
     RolloutBatch,
     build_micro_batches,
     response_token_logprobs,
-    step_seq_logprobs,
+    step_log_ratio,
 )
 from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.data import DataSection
@@ -129,7 +129,6 @@ class PreferenceTrainer(Run):
             batch.ref_logprobs = response_token_logprobs(
                 self.actor.reference, batch, plan, self.actor.temperature
             )
-            batch.old_logprobs = batch.ref_logprobs  # the step-wide (s, r) pass reads "old"
         with clock("train"):
             metrics = self._update(batch, plan)
         metrics.update(clock.metrics(tokens=sum(batch.lengths)))
@@ -138,8 +137,8 @@ class PreferenceTrainer(Run):
     def _update(self, batch: RolloutBatch, plan) -> dict:
         a = self.actor
         mbs = build_micro_batches(batch, plan)
-        step_logprobs = partial(step_seq_logprobs, a.ddp, mbs, len(batch), a.temperature)
-        loss_fn = self.objective.step_loss(StepInputs(batch, plan, mbs, step_logprobs))
+        ratio = partial(step_log_ratio, a.ddp, mbs, len(batch), a.temperature, "ref_logprobs")
+        loss_fn = self.objective.step_loss(StepInputs(batch, plan, mbs, ratio))
         metrics, _ = a.step(mbs, loss_fn, self.cfg.trainer.log_entropy)
         out = {k: float(m.value) for k, m in metrics.items()}  # a skipped step's loss too
         out["train/skipped_steps"] = a.pop_skipped()
@@ -163,15 +162,15 @@ class PreferenceTrainer(Run):
             batch.ref_logprobs = response_token_logprobs(
                 self.actor.reference, batch, plan, self.actor.temperature
             )
-            batch.old_logprobs = batch.ref_logprobs
             self._eval_batch = batch
         batch = self._eval_batch
         plan = self._plan(batch)
         mbs = build_micro_batches(batch, plan)
         h = None
         if not plan.groups_whole:
+            a = self.actor
             h = step_margins(
-                *step_seq_logprobs(self.actor.ddp, mbs, len(batch), self.actor.temperature), batch
+                step_log_ratio(a.ddp, mbs, len(batch), a.temperature, "ref_logprobs"), batch
             )
         loss_fn = self.objective.eval_loss(batch, h)
         results = forward_backward(

@@ -33,7 +33,7 @@ from megatron_gvpo.trainer.batch import (
     build_micro_batches,
     plan_for,
     response_token_logprobs,
-    step_seq_logprobs,
+    step_log_ratio,
 )
 from megatron_gvpo.trainer.objectives import StepInputs, algorithm_config, build_objective
 from megatron_gvpo.trainer.objectives.gvpo import GVPOMicroBatchLoss
@@ -137,8 +137,9 @@ def step_grads(ddp, optimizer, arch, batch, loss_name: str, budget: int, split: 
     else:
         objective = objective_for(loss_name)
         objective.prepare_round(batch)
-        step_logprobs = partial(step_seq_logprobs, ddp, mbs, len(batch))
-        loss = objective.step_loss(StepInputs(batch, plan, mbs, step_logprobs))
+        base = "ref_logprobs" if loss_name in PREFERENCE else "old_logprobs"
+        ratio = partial(step_log_ratio, ddp, mbs, len(batch), 1.0, base)
+        loss = objective.step_loss(StepInputs(batch, plan, mbs, ratio))
     ddp.zero_grad_buffer()
     forward_backward(ddp, mbs, loss)
     model = ddp.module
@@ -175,7 +176,6 @@ def main() -> None:
     pairs, ref_noise = make_pair_batch(arch.vocab_size)
     own = response_token_logprobs(ddp, pairs, plan_for(pairs, args.budget, not args.split))
     pairs.ref_logprobs = [a + b for a, b in zip(own, ref_noise, strict=True)]
-    pairs.old_logprobs = pairs.ref_logprobs  # the step-wide (s, r) pass reads "old"
     out, infos = {}, {}
     for name in args.losses.split(","):
         b = pairs if name in PREFERENCE else batch

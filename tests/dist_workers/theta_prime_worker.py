@@ -2,7 +2,7 @@
 
 Run by tests/test_fast_paths.py as ``python <this file> --hf-dir H --budget B --out J`` (one rank).
 On the synthetic step batch of ``loss_layout_worker``: (a) the separate forward-only pass
-(``response_token_logprobs``), (b) ``OldLogprobsFromForward`` around GRPO's micro-batch loss in a
+(``response_token_logprobs``), (b) ``ThetaPrime``'s ``first_update`` around GRPO's micro-batch loss in a
 training forward/backward, (c) GRPO's gradient with old logprobs from (a), (d) a control with old
 logprobs that are not theta''s. Writes the differences as JSON; transformers scores the same
 tokens for an independent reference.
@@ -23,7 +23,7 @@ from megatron_gvpo.parallel.ddp import wrap_with_ddp
 from megatron_gvpo.parallel.initialize import ParallelConfig, destroy, initialize
 from megatron_gvpo.parallel.launch import run_on_ranks
 from megatron_gvpo.trainer.batch import (
-    OldLogprobsFromForward,
+    ThetaPrime,
     build_micro_batches,
     plan_for,
     response_token_logprobs,
@@ -37,11 +37,16 @@ def grpo_grads(ddp, batch, plan, wrap: bool):
     objective = build_objective(algorithm_config(name="grpo", kl_beta=0.0))  # no reference
     objective.prepare_round(batch)
     loss = objective.step_loss(StepInputs(batch, plan, mbs, None))
-    fill = OldLogprobsFromForward(loss, batch) if wrap else None
+    theta_prime = ThetaPrime(ddp, 1.0, updates_per_round=1)  # theta' from the update itself
+    if wrap:
+        loss = theta_prime.update_loss(loss, batch)
     ddp.zero_grad_buffer()
-    forward_backward(ddp, mbs, fill or loss)
+    forward_backward(ddp, mbs, loss)
     grad = torch.cat([p.main_grad.flatten().clone() for p in ddp.module.parameters()])
-    return grad, (fill.collect(ddp) if fill else None)
+    if not wrap:
+        return grad, None
+    theta_prime.after_update(loss, batch, batch)
+    return grad, batch.old_logprobs
 
 
 def hf_logprobs(hf_dir: str, batch) -> list[torch.Tensor]:

@@ -77,9 +77,11 @@ class StepInputs:
     batch: RolloutBatch
     plan: StepPlan
     micro_batches: list[MicroBatch]
-    step_logprobs: Callable[[], tuple[Tensor, Tensor]]
-    """``(s, s')`` [N] float64 of the whole step at the current theta, on every rank (a detached
-    forward plus a DP exchange; free on a round's first update, where theta = theta')."""
+    step_log_ratio: Callable[[], Tensor]
+    """``() -> s - s_base`` [N] float64 of the whole step at the current theta, on every rank:
+    summed response logprobs against theta' (RL objectives) or the frozen reference (preference
+    objectives). A detached forward plus a DP exchange; exactly 0 with no forward on a round's
+    first update, where theta = theta' (``trainer.batch.ThetaPrime``)."""
 
 
 class Objective:

@@ -119,10 +119,10 @@ class GRGVPO(Objective):
         self.weights = GroupRobustWeights(len(self.domains), config.robust_eta)
 
     def step_loss(self, step: StepInputs) -> MicroBatchLoss:
-        s, old = step.step_logprobs()
+        ratio = step.step_log_ratio()  # only s - s' enters delta: s' = 0 against it
         b = step.batch
         return GRGVPOMicroBatchLoss.for_step(
-            s, old, b.rewards, b.group_ids, b.domains, self.weights, self.config.beta, self.domains
+            ratio, torch.zeros_like(ratio), b.rewards, b.group_ids, b.domains, self.weights, self.config.beta, self.domains
         )
 
     def metrics(self) -> dict[str, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from megatron_gvpo.algorithms.gvpo import (
@@ -114,8 +115,11 @@ class GVPO(Objective):
         beta = self.config.beta
         stats = None
         if not step.plan.groups_whole:  # group means over the whole step, not the micro-batch
-            s, old = step.step_logprobs()
-            stats = gvpo_group_stats(s, old, step.batch.rewards.double(), step.batch.group_ids, beta)
+            ratio = step.step_log_ratio()  # only s - s' enters delta: s' = 0 against it
+            stats = gvpo_group_stats(
+                ratio, torch.zeros_like(ratio), step.batch.rewards.double(), step.batch.group_ids,
+                beta,
+            )
         return GVPOMicroBatchLoss(beta, num_counted_groups(step.batch.group_ids), stats)
 
     def derived_metrics(self, step: dict[str, float]) -> dict[str, float]:

@@ -112,9 +112,9 @@ class GRIPOConfig(GRDPOConfig):
     name: str = "gr_ipo"
 
 
-def step_margins(s: Tensor, ref: Tensor, batch: RolloutBatch) -> Tensor:
-    """``h`` [B] float64 of the step's pairs from per-sample summed logprobs ``s`` and ``ref``."""
-    d = batch.rewards.double() * (s.double() - ref.double())
+def step_margins(log_ratio: Tensor, batch: RolloutBatch) -> Tensor:
+    """``h`` [B] float64 of the step's pairs from per-sample ``s - s_ref`` (summed logprobs)."""
+    d = batch.rewards.double() * log_ratio.double()
     return torch.zeros(int(batch.group_ids.max()) + 1, dtype=torch.float64).index_add_(
         0, batch.group_ids, d
     )
@@ -221,8 +221,7 @@ class PreferenceObjective(Objective):
         """The step's detached margins when they are needed (split pairs), else None."""
         if step.plan.groups_whole:
             return None
-        s, ref = step.step_logprobs()
-        return step_margins(s, ref, step.batch)
+        return step_margins(step.step_log_ratio(), step.batch)
 
     def loss_for(self, step: StepInputs, h_step: Tensor | None) -> PreferenceMicroBatchLoss:
         counts = self.group_pairs(step.batch)
@@ -275,8 +274,7 @@ class GroupRobustPreference(PreferenceObjective):
 
     def before_step(self, step: StepInputs) -> Tensor | None:
         """alpha_g <- alpha_g exp(eta N l_g / N_g) from the step's detached losses at theta."""
-        s, ref = step.step_logprobs()
-        h = step_margins(s, ref, step.batch)
+        h = step_margins(step.step_log_ratio(), step.batch)
         chosen = step.batch.rewards > 0
         order = step.batch.group_ids[chosen]
         group = torch.zeros(len(h), dtype=torch.long)
