@@ -511,7 +511,6 @@ def test_sglang_backend_with_per_stage_sync_against_the_protocol_fake(demo_cache
         f"trainer.run_dir={run}",
         "parallel.pp=2",
         "rollout=sglang",
-        "rollout.device=cpu",
         "rollout.max_new_tokens=4",
         "rollout.n_samples_per_prompt=4",
         "trainer.prompts_per_step=4",

@@ -180,7 +180,7 @@ def demo_stage(stage: Stage, out: Path, work: Path, deadline: float, cuda: bool,
     run_dir = work / "demo_run"
     cmd = [sys.executable, "-m", "megatron_gvpo.train", f"trainer.run_dir={run_dir}"]
     cmd += ["trainer.max_steps=" + ("5" if cuda else "2"), "trainer.plot=false"]
-    cmd += ["rollout.device=" + ("cuda" if cuda else "cpu")]
+    cmd += ["rollout.local.device=" + ("cuda" if cuda else "cpu")]
     env = {"MEGATRON_GVPO_CACHE": os.environ.get("MEGATRON_GVPO_CACHE", str(work / "cache"))}
     text = run(stage, [cmd], out, deadline, env=env)
     steps = [line for line in text.splitlines() if line.startswith("step ")]

@@ -632,7 +632,7 @@ def run(argv: list[str] | None = None) -> tuple[int, Plan | None, str]:
             )
             if placement == "colocated" and not args.engine_offload:
                 colocated = float(sg["mem_fraction_static"])
-        elif r.backend == "local" and str(r.device).startswith("cuda"):
+        elif r.backend == "local" and str(r.local.device).startswith("cuda"):
             s.local_engine_bytes = param_bytes(arch_precision(arch)) * total_params(arch)
             placement = "local engine on the GPU"
         plan = make_plan(arch, s, source, engine, placement, colocated)

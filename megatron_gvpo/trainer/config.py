@@ -64,6 +64,11 @@ LOCAL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 class LocalEngineSection:
     """``rollout.local.*``: the embedded transformers engine (``rollout/local.py``)."""
 
+    device: str = "cpu"
+    """Where it generates (cpu, cuda, cuda:N)."""
+    max_batch_size: int = 256
+    """Responses generated together (SGLang keeps every request of a round in flight instead, up
+    to ``rollout.sglang.max_concurrency`` per server)."""
     process: bool | None = None
     """Run it in its own process (``rollout/process.py``) so generation overlaps training;
     None: only when ``trainer.async_training.max_staleness > 0``."""
@@ -95,11 +100,6 @@ class RolloutSection:
     """-1: off."""
     stop: list[str] = field(default_factory=list)
     """Stop strings (the response keeps them)."""
-    device: str = "cpu"
-    """The local engine's device."""
-    max_batch_size: int = 256
-    """The local engine's generation batch (SGLang keeps every request of a round in flight, up to
-    ``rollout.sglang.max_concurrency`` per server)."""
     bucket_mb: int = 512
     """Weight-sync bucket size."""
     fp8: bool = False

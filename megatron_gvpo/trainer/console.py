@@ -125,7 +125,7 @@ def run_summary(cfg, log_path: Path, resume: tuple[Path, int] | None) -> dict[st
     algo = a.name + " (" + ", ".join(f"{k}={v}" for k, v in fields.items()) + ")"
     if a.needs_reference:
         algo += f", frozen reference {a.reference_path}"
-    engine = r.backend + (f" (transformers on {r.device})" if r.backend == "local" else "")
+    engine = r.backend + (f" (transformers on {r.local.device})" if r.backend == "local" else "")
     return {
         "model": f"{model}, {m.precision}",
         "layout": f"TP{p.tp} x PP{p.pp} x DP{world // (p.tp * p.pp)} on {dev}, {world} "

@@ -108,9 +108,9 @@ def build_engine(r: RolloutSection, model_path: str, trust_remote_code: bool,
     if r.backend == "local":
         kwargs = dict(
             model_path=model_path,
-            device=r.device,
+            device=r.local.device,
             dtype=r.local.sampling_dtype,
-            max_batch_size=r.max_batch_size,
+            max_batch_size=r.local.max_batch_size,
             trust_remote_code=trust_remote_code,
         )
         if r.local.process if r.local.process is not None else overlapped:
