@@ -40,6 +40,11 @@ class RolloutBatch:
     rollout_logprobs: list[Tensor] | None = None
     """The engine's response-token logprobs (for TIS in the GRPO family); None when any group
     has none (replayed groups)."""
+    loss_masks: list[Tensor] | None = None
+    """Per sample, a bool per response token: true on the model's own tokens, false on
+    observation tokens of multi-turn trajectories (None: every response token is the model's).
+    Packing ands it into ``response_mask``, so every loss, normaliser and token metric sees the
+    model's tokens only."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -50,7 +55,17 @@ class RolloutBatch:
 
     @property
     def num_response_tokens(self) -> int:
+        """The model's response tokens (observation tokens are not counted)."""
+        if self.loss_masks is not None:
+            return int(sum(int(m.sum()) for m in self.loss_masks))
         return sum(len(r) for r in self.response_ids)
+
+    @property
+    def num_trained_sequences(self) -> int:
+        """Samples with at least one model token."""
+        if self.loss_masks is not None:
+            return sum(1 for m in self.loss_masks if bool(m.any()))
+        return sum(1 for r in self.response_ids if r)
 
     def select(self, indices: list[int]) -> RolloutBatch:
         """The sub-batch of ``indices`` (for one mini-batch step of a round)."""
@@ -96,6 +111,7 @@ def build_micro_batches(batch: RolloutBatch, plan: StepPlan, pad_id: int = 0) ->
             [batch.response_ids[i] for i in ids],
             plan.seq_len,
             pad_id,
+            None if batch.loss_masks is None else [batch.loss_masks[i] for i in ids],
         )
         cu = packed.cu_seqlens
         params = PackedSeqParams(
@@ -135,6 +151,14 @@ def response_logprobs(logprobs: Tensor, mb: MicroBatch) -> Tensor:
 def sequence_logprobs(logprobs: Tensor, mb: MicroBatch) -> Tensor:
     """Summed response-token logprobs ``[n]`` (token *sum*, as GVPO defines s)."""
     return response_logprobs(logprobs, mb).sum(-1)
+
+
+def sequence_old_logprobs(mb: MicroBatch, key: str = "old_logprobs") -> Tensor:
+    """s' ``[n]``: the micro-batch's per-token ``key`` rows summed over the tokens that
+    ``response_mask`` keeps (the model's own tokens)."""
+    rows = mb.extra[key]
+    mask = mb.extra["response_mask"].to(rows.device)
+    return torch.where(mask, rows, torch.zeros((), dtype=rows.dtype, device=rows.device)).sum(-1)
 
 
 def sum_over_dp(t: Tensor, device: torch.device) -> Tensor:
@@ -246,6 +270,6 @@ def step_seq_logprobs(
     for lp, mb in zip(logprobs, micro_batches, strict=True):
         ids = mb.extra["sample_ids"]
         out[0, ids] = sequence_logprobs(lp, mb).double().cpu()
-        out[1, ids] = mb.extra["old_logprobs"].double().sum(-1).cpu()
+        out[1, ids] = sequence_old_logprobs(mb).double().cpu()
     out = sum_over_dp(out, next(model.parameters()).device)
     return out[0], out[1]

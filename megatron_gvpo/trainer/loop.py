@@ -69,6 +69,7 @@ from megatron_gvpo.trainer.setup import (
     build_optimizer,
     build_reference,
     build_rewards,
+    build_turn_runner,
     resolve_model_path,
 )
 from megatron_gvpo.trainer.sync import build_weight_sync
@@ -85,11 +86,12 @@ class Trainer:
         # (the config itself was validated whole by run_config_from_dict).
         self.rewards = build_rewards(cfg.reward) if is_rank0() else None
         self.model_path = resolve_model_path(cfg.model)
-        room = prompt_room(self.model_path, r.max_new_tokens, t.max_tokens_per_microbatch)
+        room = prompt_room(self.model_path, r.response_room, t.max_tokens_per_microbatch)
         self.prompts = PromptSource(
             cfg.data, self.model_path, self.run_dir, t.prompts_per_step, cfg.model.trust_remote_code,
             room,
         )
+        self.turns = build_turn_runner(r, self.prompts.tokenizer) if is_rank0() else None
         self.objective = build_objective(cfg.algorithm, self.prompts.domains)
         initialize(cfg.parallel)
         model, self.arch = build_model(cfg.model, self.model_path)
@@ -119,7 +121,7 @@ class Trainer:
         self.evaluator = (
             Evaluator.build(
                 self.prompts.eval_sets, cfg.eval, cfg.data.eval_sets, r.max_new_tokens, r.stop,
-                t.seed,
+                t.seed, self.turns,
             )
             if self.prompts.eval_sets and is_rank0()
             else None
@@ -207,7 +209,8 @@ class Trainer:
         seeds = [request_seed(seed, step, i) for i in range(len(rows))]
         with native_torch():  # the embedded engine's decode loop makes no CUDA assumption
             return rollout_and_score(
-                self.engine, self.rewards, rows, sampling, r.n_samples_per_prompt, seeds
+                self.engine, self.rewards, rows, sampling, r.n_samples_per_prompt, seeds,
+                self.turns,
             )
 
     def evaluate(self) -> dict:

@@ -181,7 +181,7 @@ class PolicyObjective(Objective):
         if self.per_token:
             norm = {"num_tokens": sub.num_response_tokens}
         else:
-            norm = {"num_sequences": sum(1 for r in sub.response_ids if r)}
+            norm = {"num_sequences": sub.num_trained_sequences}
         return PolicyMicroBatchLoss(self.loss_fn, self.config.policy_loss_config(), norm)
 
 
