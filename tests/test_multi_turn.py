@@ -520,3 +520,28 @@ def test_gvpo_trains_on_two_turn_trajectories_end_to_end(char_model, tmp_path, s
         if staleness == 0 or r["step"] == 1:  # async round 2 was sampled by older weights
             assert r["rollout/logprob_abs_diff/max"] < 1e-4
         assert "time/env" in r and r["loss"] == r["loss"]
+
+
+def test_masks_survive_replay_and_mix_with_unmasked_groups():
+    import json
+
+    from megatron_gvpo.trainer.groups import PromptGroup, to_batch
+    from megatron_gvpo.trainer.replay import ReplayBuffer
+
+    traj = PromptGroup([1, 2], [[5, 6, 7], [8, 9]], [1.0, 0.0], None, [[-1.0, 0.0, -2.0]] * 1
+                       + [[-1.0, -1.0]], [False, False], [0, 0], [[1, 0, 1], [1, 1]])
+    buf = ReplayBuffer(4)
+    buf.add([traj.to_replay()])
+    state = json.loads(json.dumps(buf.state_dict()))  # as checkpoints store it
+    buf2 = ReplayBuffer(4)
+    buf2.load_state_dict(state)
+    back = PromptGroup.from_replay(buf2.groups[0])
+    assert back.loss_masks == [[1, 0, 1], [1, 1]] and back.responses == traj.responses
+    old = PromptGroup.from_replay(([3], [[4]], [0.5], None))  # a checkpoint from before masks
+    assert old.loss_masks == []
+    batch = to_batch([back, old, PromptGroup([3], [[4, 4]], [1.0])], ["default"])
+    assert [m.tolist() for m in batch.loss_masks] == [
+        [True, False, True], [True, True], [True], [True, True]
+    ]
+    assert batch.num_response_tokens == 2 + 2 + 1 + 2
+    assert to_batch([old], ["default"]).loss_masks is None
