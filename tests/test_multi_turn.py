@@ -545,3 +545,29 @@ def test_masks_survive_replay_and_mix_with_unmasked_groups():
     ]
     assert batch.num_response_tokens == 2 + 2 + 1 + 2
     assert to_batch([old], ["default"]).loss_masks is None
+
+
+def test_tool_demo_warm_start_rows_train_on_the_call_and_the_copy_not_the_result():
+    from megatron_gvpo.demo.calculator import CALL, tool_rows
+    from megatron_gvpo.demo.model import encode_examples
+    from megatron_gvpo.demo.task import build_char_tokenizer, is_heldout
+
+    rows = tool_rows(400, seed=0, tool_share=0.25)
+    calls = [r for r in rows if "segments" in r]
+    assert 60 < len(calls) < 140  # about a quarter
+    for r in rows:
+        a, b = (int(x) for x in r["prompt"].rstrip("=").split("+"))
+        assert not is_heldout(a, b, 3) and r["response"] == str(a + b)
+    (call, _), (result, trained), (copy, _) = calls[0]["segments"]
+    a, op, b = CALL.search(call).groups()
+    assert result == f"={int(a) + int(b)}" and not trained and copy == str(int(a) + int(b))
+    tok = build_char_tokenizer()
+    ids, labels = encode_examples([calls[0]], tok)
+    text = calls[0]["prompt"] + call + result + copy
+    n = 1 + len(text) + 1  # BOS, characters, EOS
+    assert ids[0, :n].tolist() == tok(text)["input_ids"] + [tok.eos_token_id]
+    trained_at = [k for k in range(n) if labels[0, k] != -100]
+    start = 1 + len(calls[0]["prompt"])
+    want = [*range(start, start + len(call)),
+            *range(start + len(call) + len(result), n)]  # the copy and EOS; not the result
+    assert trained_at == want
