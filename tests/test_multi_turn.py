@@ -571,3 +571,56 @@ def test_tool_demo_warm_start_rows_train_on_the_call_and_the_copy_not_the_result
     want = [*range(start, start + len(call)),
             *range(start + len(call) + len(result), n)]  # the copy and EOS; not the result
     assert trained_at == want
+
+
+# ---------------------------------------------------------------------------- the tool helper
+
+
+def _add(a: int, b: int = 0) -> int:
+    """Add two integers.
+
+    More words."""
+    return a + b
+
+
+def test_tool_calls_are_parsed_in_qwen3_and_llama3_formats():
+    from megatron_gvpo.rollout.tools import ToolCall, parse_tool_calls, tool_schema
+
+    qwen = ('Let me add.\n<tool_call>\n{"name": "_add", "arguments": {"a": 2, "b": 3}}\n'
+            '</tool_call>\n<tool_call>\n{"name": "_add", "arguments": "{\\"a\\": 1}"}\n</tool_call>')
+    assert parse_tool_calls(qwen, "qwen3") == [ToolCall("_add", {"a": 2, "b": 3}),
+                                               ToolCall("_add", {"a": 1})]
+    cut = '<tool_call>\n{"name": "_add", "arguments": {"a": 5}}\n'  # stopped before the tag
+    assert parse_tool_calls(cut, "qwen3") == [ToolCall("_add", {"a": 5})]
+    llama = '<|python_tag|>{"name": "_add", "parameters": {"a": 4, "b": 1}}; {"name": "x", "parameters": {}}'
+    assert parse_tool_calls(llama, "llama3") == [ToolCall("_add", {"a": 4, "b": 1}),
+                                                 ToolCall("x", {})]
+    assert parse_tool_calls("the answer is 5 {not json}", "llama3") == []
+    assert parse_tool_calls("no call here", "qwen3") == []
+    with pytest.raises(ValueError, match="tool_format='gpt'"):
+        parse_tool_calls("", "gpt")
+    assert tool_schema(_add) == {"type": "function", "function": {
+        "name": "_add", "description": "Add two integers.",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
+                                                        "b": {"type": "integer"}},
+                       "required": ["a"]}}}
+
+
+def test_function_tool_env_runs_calls_and_returns_errors_to_the_model():
+    from megatron_gvpo.rollout.tools import FunctionToolEnv
+
+    class Adder(FunctionToolEnv):
+        tools = [_add]
+
+        def answer_reward(self, action):
+            return float(str(self.row["answer"]) in action)
+
+    env = Adder({"answer": 5})
+    call = '<tool_call>{"name": "_add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+    assert env.step(call) == ("5", 0.0, False)
+    bad = '<tool_call>{"name": "_add", "arguments": {"c": 1}}</tool_call>'
+    obs, reward, done = env.step(bad)
+    assert obs.startswith("error: TypeError") and not done
+    obs, _, _ = env.step('<tool_call>{"name": "mul", "arguments": {}}</tool_call>')
+    assert obs == "error: unknown tool 'mul' (tools: _add)"
+    assert env.step("it is 5") == (None, 1.0, True) and env.calls == 3
