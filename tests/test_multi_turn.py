@@ -481,11 +481,9 @@ def char_model(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.mark.parametrize("staleness", [0, 1])
-def test_gvpo_trains_on_two_turn_trajectories_end_to_end(char_model, tmp_path, staleness):
-    """``python -m megatron_gvpo.train rollout.env=...``: the actor's theta' logprobs on the
-    model's tokens equal the engine's (the actor read the engine's ids; async: through the
-    engine's own process), and the turn metrics are logged."""
+def _train_two_turns(model: Path, tmp_path: Path, *overrides: str) -> list[dict]:
+    """``python -m megatron_gvpo.train rollout.env=<TwoTurns> ...`` for 2 steps of 2 prompts x
+    4 trajectories; the training rows of its metrics.jsonl."""
     import json
     import os
     import subprocess
@@ -499,19 +497,29 @@ def test_gvpo_trains_on_two_turn_trajectories_end_to_end(char_model, tmp_path, s
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [
-        sys.executable, "-m", "megatron_gvpo.train", f"model.path={char_model}",
+        sys.executable, "-m", "megatron_gvpo.train", f"model.path={model}",
         f"trainer.run_dir={run}", "trainer.max_steps=2", "trainer.prompts_per_step=2",
         "trainer.updates_per_round=2", "rollout.n_samples_per_prompt=4", "trainer.plot=false",
         "data.builtin_size=32", "data.builtin_eval_size=0", "rollout.max_new_tokens=6",
         f"rollout.env={tmp_path / 'two_turns.py'}:TwoTurns", "rollout.max_turns=3",
-        "rollout.max_total_tokens=40", "reward.rewards=[]",
-        f"trainer.async_training.max_staleness={staleness}",
+        "rollout.max_total_tokens=40", "reward.rewards=[]", *overrides,
     ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["step"] >= 1]
     assert len(rows) == 2
+    return rows
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_gvpo_trains_on_two_turn_trajectories_end_to_end(char_model, tmp_path, staleness):
+    """``python -m megatron_gvpo.train rollout.env=...``: the actor's theta' logprobs on the
+    model's tokens equal the engine's (the actor read the engine's ids; async: through the
+    engine's own process), and the turn metrics are logged."""
+    rows = _train_two_turns(
+        char_model, tmp_path, f"trainer.async_training.max_staleness={staleness}"
+    )
     for r in rows:
         assert r["rollout/turns/mean"] == 2 and r["rollout/turns/max"] == 2
         assert r["rollout/env_tokens/mean"] == 6  # "\nhint:" once, between the two turns
@@ -624,3 +632,20 @@ def test_function_tool_env_runs_calls_and_returns_errors_to_the_model():
     obs, _, _ = env.step('<tool_call>{"name": "mul", "arguments": {}}</tool_call>')
     assert obs == "error: unknown tool 'mul' (tools: _add)"
     assert env.step("it is 5") == (None, 1.0, True) and env.calls == 3
+
+
+def test_trajectories_through_sglang_servers_against_the_protocol_fake(char_model, tmp_path):
+    """The trainer's SGLang path with an environment: one ``/generate`` per turn (the servers
+    are tests/sglang_fake_server.py, a PROTOCOL FAKE: fake tokens, no model)."""
+    from conftest import REPO
+
+    fake = [sys.executable, str(REPO / "tests" / "sglang_fake_server.py")]
+    rows = _train_two_turns(
+        char_model, tmp_path, "rollout=sglang", "rollout.device=cpu", "rollout.max_new_tokens=6",
+        "rollout.sglang.weight_sync=distributed", f"++rollout.sglang.launch_command=[{','.join(fake)}]",
+        "++rollout.sglang.dist_backend=gloo", "++rollout.sglang.startup_timeout_s=60",
+    )
+    for r in rows:
+        assert r["rollout/turns/mean"] == 2 and r["rollout/env_tokens/mean"] == 6
+        assert r["rollout/model_tokens/mean"] == 12  # the fake stops at max_new_tokens
+    assert rows[-1]["engine/generate_requests"] == 2 * (2 * 4 * 2)  # steps x trajectories x turns
