@@ -9,6 +9,7 @@ with the mask applied by hand.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -481,24 +482,24 @@ def char_model(tmp_path_factory) -> Path:
     return d
 
 
-def _train_two_turns(model: Path, tmp_path: Path, *overrides: str) -> list[dict]:
-    """``python -m megatron_gvpo.train rollout.env=<TwoTurns> ...`` for 2 steps of 2 prompts x
-    4 trajectories; the training rows of its metrics.jsonl."""
-    import json
+def _train_two_turns(model: Path, tmp_path: Path, *overrides: str, run: str = "run",
+                     steps: int = 2) -> list[dict]:
+    """``python -m megatron_gvpo.train rollout.env=<TwoTurns> ...`` for ``steps`` steps of 2
+    prompts x 4 trajectories; the training rows of its metrics.jsonl."""
     import os
     import subprocess
 
     from conftest import REPO
 
     (tmp_path / "two_turns.py").write_text(_TWO_TURN_ENV)
-    run = tmp_path / "run"
+    run = tmp_path / run
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (REPO, env.get("PYTHONPATH")) if p)
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [
         sys.executable, "-m", "megatron_gvpo.train", f"model.path={model}",
-        f"trainer.run_dir={run}", "trainer.max_steps=2", "trainer.prompts_per_step=2",
+        f"trainer.run_dir={run}", f"trainer.max_steps={steps}", "trainer.prompts_per_step=2",
         "trainer.updates_per_round=2", "rollout.n_samples_per_prompt=4", "trainer.plot=false",
         "data.builtin_size=32", "data.builtin_eval_size=0", "rollout.max_new_tokens=6",
         f"rollout.env={tmp_path / 'two_turns.py'}:TwoTurns", "rollout.max_turns=3",
@@ -508,10 +509,11 @@ def _train_two_turns(model: Path, tmp_path: Path, *overrides: str) -> list[dict]
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["step"] >= 1]
-    assert len(rows) == 2
+    assert len(rows) == steps
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_gvpo_trains_on_two_turn_trajectories_end_to_end(char_model, tmp_path, staleness):
     """``python -m megatron_gvpo.train rollout.env=...``: the actor's theta' logprobs on the
@@ -531,8 +533,6 @@ def test_gvpo_trains_on_two_turn_trajectories_end_to_end(char_model, tmp_path, s
 
 
 def test_masks_survive_replay_and_mix_with_unmasked_groups():
-    import json
-
     from megatron_gvpo.trainer.groups import PromptGroup, to_batch
     from megatron_gvpo.trainer.replay import ReplayBuffer
 
@@ -634,6 +634,7 @@ def test_function_tool_env_runs_calls_and_returns_errors_to_the_model():
     assert env.step("it is 5") == (None, 1.0, True) and env.calls == 3
 
 
+@pytest.mark.slow
 def test_trajectories_through_sglang_servers_against_the_protocol_fake(char_model, tmp_path):
     """The trainer's SGLang path with an environment: one ``/generate`` per turn (the servers
     are tests/sglang_fake_server.py, a PROTOCOL FAKE: fake tokens, no model)."""
@@ -649,3 +650,26 @@ def test_trajectories_through_sglang_servers_against_the_protocol_fake(char_mode
         assert r["rollout/turns/mean"] == 2 and r["rollout/env_tokens/mean"] == 6
         assert r["rollout/model_tokens/mean"] == 12  # the fake stops at max_new_tokens
     assert rows[-1]["engine/generate_requests"] == 2 * (2 * 4 * 2)  # steps x trajectories x turns
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_replayed_trajectories_matches_an_uninterrupted_one(char_model, tmp_path):
+    """Replayed groups keep their loss masks through the checkpoint: stopping after step 2 and
+    resuming gives step 3 exactly as the uninterrupted run (replay draws stored trajectories)."""
+    replay = ("trainer.replay_ratio=1.0", "trainer.save_interval=1")
+    straight = _train_two_turns(char_model, tmp_path, *replay, run="straight", steps=3)
+    _train_two_turns(char_model, tmp_path, *replay, run="split", steps=2)
+    resumed = _train_two_turns(char_model, tmp_path, *replay, run="split", steps=3)
+    keep = lambda row: {k: v for k, v in row.items()  # noqa: E731
+                        if not k.startswith(("time/", "sync/", "throughput/", "rollout/generate_s",
+                                             "rollout/tokens_per_s", "rollout/reward_busy_s"))}
+    assert resumed[-1]["replay/groups"] == 2
+    assert keep(resumed[-1]) == keep(straight[-1])
+    # What the resumed run replayed: every stored trajectory kept its mask (the observation
+    # "\nhint:" is 6 tokens between the two turns, each of which has at least one token).
+    state = json.loads((tmp_path / "split/checkpoints/step_000002/trainer_state.json").read_text())
+    groups = state["replay"]["groups"]
+    assert len(groups) == 4  # two rounds of two prompts
+    for _, responses, _, _, masks in groups:
+        for resp, mask in zip(responses, masks, strict=True):
+            assert len(mask) == len(resp) and mask.count(0) == 6 and mask[0] == mask[-1] == 1
