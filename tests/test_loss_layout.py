@@ -36,7 +36,8 @@ LAYOUTS = {
     "tp1_pp2_dp2": (1, 2, 4, ["--budget", "48", "--split"]),
     "tp2_pp2_dp1": (2, 2, 4, ["--budget", "40", "--split"]),
 }
-LOSSES = ("gvpo", "grpo", "dapo", "gr_gvpo", "dpo", "ipo", "gr_dpo", "gr_ipo")
+LOSSES = ("gvpo", "grpo", "dapo", "gr_gvpo", "dpo", "ipo", "gr_dpo", "gr_ipo", "gvpo_masked",
+          "grpo_masked")
 
 
 def _worker_module():
@@ -222,8 +223,10 @@ def test_preference_gradients_match_transformers_float64(layout_grads, tiny_mode
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["gvpo", "grpo"])
+@pytest.mark.parametrize("loss", ["gvpo", "grpo", "gvpo_masked", "grpo_masked"])
 def test_reference_layout_matches_transformers_float64(layout_grads, tiny_models, loss):
+    """``*_masked``: the batch as multi-turn trajectories; the reference keeps each response's
+    model tokens only (s, s', ratios, token means), whatever theta' holds on the others."""
     from transformers import AutoModelForCausalLM
 
     worker = _worker_module()
@@ -232,9 +235,17 @@ def test_reference_layout_matches_transformers_float64(layout_grads, tiny_models
     lps = _hf_logprobs(model, batch)
     own = [lp.detach() for lp in lps]
     olds = [a + b.double() for a, b in zip(own, noise["old_noise"], strict=True)]
+    if loss.endswith("_masked"):
+        masks = worker.with_loss_masks(batch).loss_masks
+        noise = {"ref_noise": [n[m] for n, m in zip(noise["ref_noise"], masks, strict=True)]}
+        lps, own, olds = ([x[m] for x, m in zip(xs, masks, strict=True)] for xs in (lps, own, olds))
+        assert sum(len(x) for x in lps) < batch.num_response_tokens  # observations were dropped
+        loss_fn = loss.removesuffix("_masked")
+    else:
+        loss_fn = loss
     rewards = batch.rewards.double().tolist()
     gids = batch.group_ids.tolist()
-    if loss == "gvpo":
+    if loss_fn == "gvpo":
         s = [lp.sum() for lp in lps]
         old = [o.sum() for o in olds]
         value = _gvpo_reference(s, old, rewards, gids, worker.BETA)

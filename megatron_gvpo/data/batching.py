@@ -14,6 +14,7 @@ every micro-batch of the step, as megatron's pipeline schedule needs one shape.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,8 @@ class PackedSequences:
 
     ``response_index[i, j]`` is the position in the ``[T - 1]`` logprob row (position ``t``
     scores token ``t + 1``) of sample ``i``'s ``j``-th response token; ``response_mask`` marks the
-    real entries (responses have different lengths).
+    entries a loss sees: real response tokens (responses have different lengths) that the model
+    generated (a multi-turn trajectory's observation tokens are in the row but masked out).
     """
 
     tokens: torch.Tensor  # [1, T] int64
@@ -133,9 +135,16 @@ def _groups_whole(per_rank: list[list[list[int]]], group_ids: list[int]) -> bool
 
 
 def pack_sequences(
-    prompts: list[list[int]], responses: list[list[int]], seq_len: int, pad_id: int = 0
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    seq_len: int,
+    pad_id: int = 0,
+    loss_masks: list[Sequence[int] | torch.Tensor] | None = None,
 ) -> PackedSequences:
-    """Concatenate ``prompt + response`` sequences into one row of ``seq_len`` tokens."""
+    """Concatenate ``prompt + response`` sequences into one row of ``seq_len`` tokens.
+
+    ``loss_masks[i]`` (one 0/1 per response token of sample ``i``; None: all 1) leaves the
+    zero entries out of ``response_mask``."""
     total = sum(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
     if total > seq_len:
         raise ValueError(f"{total} tokens do not fit a packed row of {seq_len}")
@@ -154,7 +163,15 @@ def pack_sequences(
         pos[0, start : start + n] = torch.arange(n)
         # Response token j sits at row position start+len(p)+j and is scored one step earlier.
         index[i, : len(r)] = torch.arange(len(r)) + start + len(p) - 1
-        mask[i, : len(r)] = True
+        if loss_masks is None:
+            mask[i, : len(r)] = True
+        else:
+            m = torch.as_tensor(loss_masks[i], dtype=torch.bool)
+            if m.numel() != len(r):
+                raise ValueError(
+                    f"sample {i}: loss mask of {m.numel()} entries for {len(r)} response tokens"
+                )
+            mask[i, : len(r)] = m
         start += n
         cu.append(start)
     if start < seq_len:

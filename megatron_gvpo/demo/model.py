@@ -93,14 +93,22 @@ def teacher_rows(n: int, seed: int, worked_share: float) -> list[dict[str, str]]
 
 
 def encode_examples(rows, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``[BOS] prompt response [EOS]`` ids, and labels masked to response + EOS."""
+    """Right-padded ``[BOS] prompt response [EOS]`` ids, and labels masked to response + EOS.
+
+    A row may give ``segments`` instead of ``response``: ``(text, trained)`` pairs, each
+    tokenised alone (a tool's result is not trained on: its labels are masked)."""
     seqs, labels = [], []
     for row in rows:
         prompt = tokenizer(row["prompt"])["input_ids"]
-        answer = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
-        ids = prompt + answer + [tokenizer.eos_token_id]
+        ids, lab = list(prompt), [-100] * len(prompt)
+        for text, trained in row.get("segments") or [(row["response"], True)]:
+            part = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += part
+            lab += part if trained else [-100] * len(part)
+        ids.append(tokenizer.eos_token_id)
+        lab.append(tokenizer.eos_token_id)
         seqs.append(ids)
-        labels.append([-100] * len(prompt) + ids[len(prompt) :])
+        labels.append(lab)
     width = max(map(len, seqs))
     pad = tokenizer.pad_token_id
     ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
@@ -167,8 +175,9 @@ def lr_factor(step: int, steps: int, warmup: int = 50) -> float:
     return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
 
 
-def train(cfg: WarmStartConfig, tokenizer):
-    """Build the model from ``cfg.seed`` and train it for exactly ``cfg.steps`` steps."""
+def train(cfg: WarmStartConfig, tokenizer, rows: list[dict] | None = None):
+    """Build the model from ``cfg.seed`` and train it for exactly ``cfg.steps`` steps on
+    ``rows`` (default: the teacher's two-digit rows)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.seed)
@@ -176,7 +185,8 @@ def train(cfg: WarmStartConfig, tokenizer):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))
-    rows = teacher_rows(cfg.steps * cfg.batch_size, cfg.seed, cfg.worked_share)
+    if rows is None:
+        rows = teacher_rows(cfg.steps * cfg.batch_size, cfg.seed, cfg.worked_share)
     model.train()
     for step in range(cfg.steps):
         batch = rows[step * cfg.batch_size : (step + 1) * cfg.batch_size]

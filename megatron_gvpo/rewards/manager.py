@@ -141,6 +141,11 @@ class RewardResult:
     failed: list[bool] = field(default_factory=list)  # a reward failed, or the sum overflowed
 
     @classmethod
+    def empty(cls, n: int) -> RewardResult:
+        """``n`` samples scored 0 by no reward (``reward.rewards=[]``: an environment rewards)."""
+        return cls([0.0] * n, {}, {}, {}, [False] * n)
+
+    @classmethod
     def concat(cls, parts: Sequence[RewardResult]) -> RewardResult:
         """One result for the samples of ``parts``, in order (batches scored one by one)."""
         scores = [x for p in parts for x in p.scores]

@@ -40,6 +40,11 @@ class RolloutBatch:
     rollout_logprobs: list[Tensor] | None = None
     """The engine's response-token logprobs (for TIS in the GRPO family); None when any group
     has none (replayed groups)."""
+    loss_masks: list[Tensor] | None = None
+    """Per sample, a bool per response token: true on the model's own tokens, false on
+    observation tokens of multi-turn trajectories (None: every response token is the model's).
+    Packing ands it into ``response_mask``, so every loss, normaliser and token metric sees the
+    model's tokens only."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -50,7 +55,17 @@ class RolloutBatch:
 
     @property
     def num_response_tokens(self) -> int:
+        """The model's response tokens (observation tokens are not counted)."""
+        if self.loss_masks is not None:
+            return int(sum(int(m.sum()) for m in self.loss_masks))
         return sum(len(r) for r in self.response_ids)
+
+    @property
+    def num_trained_sequences(self) -> int:
+        """Samples with at least one model token."""
+        if self.loss_masks is not None:
+            return sum(1 for m in self.loss_masks if bool(m.any()))
+        return sum(1 for r in self.response_ids if r)
 
     def select(self, indices: list[int]) -> RolloutBatch:
         """The sub-batch of ``indices`` (for one mini-batch step of a round)."""
@@ -96,6 +111,7 @@ def build_micro_batches(batch: RolloutBatch, plan: StepPlan, pad_id: int = 0) ->
             [batch.response_ids[i] for i in ids],
             plan.seq_len,
             pad_id,
+            None if batch.loss_masks is None else [batch.loss_masks[i] for i in ids],
         )
         cu = packed.cu_seqlens
         params = PackedSeqParams(
@@ -135,6 +151,14 @@ def response_logprobs(logprobs: Tensor, mb: MicroBatch) -> Tensor:
 def sequence_logprobs(logprobs: Tensor, mb: MicroBatch) -> Tensor:
     """Summed response-token logprobs ``[n]`` (token *sum*, as GVPO defines s)."""
     return response_logprobs(logprobs, mb).sum(-1)
+
+
+def sequence_old_logprobs(mb: MicroBatch, key: str = "old_logprobs") -> Tensor:
+    """s' ``[n]``: the micro-batch's per-token ``key`` rows summed over the tokens that
+    ``response_mask`` keeps (the model's own tokens)."""
+    rows = mb.extra[key]
+    mask = mb.extra["response_mask"].to(rows.device)
+    return torch.where(mask, rows, torch.zeros((), dtype=rows.dtype, device=rows.device)).sum(-1)
 
 
 def sum_over_dp(t: Tensor, device: torch.device) -> Tensor:
@@ -286,6 +310,6 @@ def step_log_ratio(
     out = torch.zeros(num_samples, dtype=torch.float64)
     logprobs = compute_logprobs(model, micro_batches, temperature=temperature)
     for lp, mb in zip(logprobs, micro_batches, strict=True):
-        base = mb.extra[baseline].double().sum(-1).cpu()
+        base = sequence_old_logprobs(mb, baseline).double().cpu()
         out[mb.extra["sample_ids"]] = sequence_logprobs(lp, mb).double().cpu() - base
     return sum_over_dp(out, next(model.parameters()).device)

@@ -108,6 +108,31 @@ class RolloutSection:
     """``SGLangConfig`` fields (``rollout/sglang/config.py``), checked with the rest of the config."""
     local: LocalEngineSection = field(default_factory=LocalEngineSection)
     """The embedded engine's own settings (``backend=local``)."""
+    env: str | None = None
+    """Multi-turn rollouts: ``path/to/file.py:Name`` or ``module:Name``, an environment class
+    (``rollout/env.py``) built per trajectory with the dataset row. None: one turn, no env."""
+    max_turns: int = 1
+    """Model turns per trajectory (with ``rollout.env``); more cut it short (``truncated``)."""
+    max_total_tokens: int = 0
+    """Tokens after the prompt a trajectory may hold, model turns and observations together
+    (0: ``max_turns * max_new_tokens``); a trajectory reaching it is cut (``truncated``)."""
+    turn_stop: list[str] = field(default_factory=list)
+    """Stop strings that end a model turn and stay in it (e.g. ``</tool_call>``)."""
+    env_observation_role: str | None = None
+    """None: observations are appended as plain text; ``tool`` or ``user``: wrapped as that
+    role's message by the tokenizer's chat template."""
+    env_timeout_s: float | None = None
+    """Seconds an environment call (constructor, reset, step) may take; past it the sample is
+    dropped like a failed reward and counted in ``env/timeouts`` (None: no limit)."""
+    env_workers: int = 16
+    """Environment calls that may run at once (steps of different trajectories overlap)."""
+
+    @property
+    def response_room(self) -> int:
+        """Tokens after the prompt one sample may hold: a response, or a whole trajectory."""
+        if self.env is None:
+            return self.max_new_tokens
+        return self.max_total_tokens or self.max_turns * self.max_new_tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.local, dict):  # from Hydra: the rollout.local sub-tree
@@ -337,6 +362,51 @@ def _positive(prefix: str, **values: float) -> None:
             raise ValueError(f"{prefix}.{k} must be > 0, got {v!r}")
 
 
+def validate_multi_turn(r: RolloutSection, offline: bool) -> None:
+    """``rollout.env`` and its settings: the class imports and has reset/step (one-line errors
+    naming the key)."""
+    if r.env is None:
+        for key, value, default in (
+            ("max_turns", r.max_turns, 1),
+            ("max_total_tokens", r.max_total_tokens, 0),
+            ("turn_stop", list(r.turn_stop), []),
+            ("env_observation_role", r.env_observation_role, None),
+            ("env_timeout_s", r.env_timeout_s, None),
+        ):
+            if value != default:
+                raise ValueError(
+                    f"rollout.{key}={value!r} sets multi-turn rollouts: it needs rollout.env"
+                )
+        return
+    if offline:
+        raise ValueError("rollout.env rolls out trajectories: a preference objective has none")
+    from megatron_gvpo.rollout.env import load_env
+    from megatron_gvpo.rollout.turns import OBSERVATION_ROLES
+
+    load_env(r.env)
+    if r.env_observation_role is not None and r.env_observation_role not in OBSERVATION_ROLES:
+        raise ValueError(
+            f"rollout.env_observation_role={r.env_observation_role!r}: "
+            f"{', '.join(OBSERVATION_ROLES)} or null"
+        )
+    if r.max_total_tokens < 0:
+        raise ValueError(f"rollout.max_total_tokens must be >= 0, got {r.max_total_tokens}")
+    turn_settings(r)  # the remaining ranges
+
+
+def turn_settings(r: RolloutSection):
+    """``rollout.*`` as the turn loop's ``TurnSettings`` (``rollout/turns.py``)."""
+    from megatron_gvpo.rollout.turns import TurnSettings
+
+    return TurnSettings(
+        max_turns=r.max_turns,
+        max_total_tokens=r.response_room,
+        turn_stop=list(r.turn_stop),
+        env_timeout_s=r.env_timeout_s,
+        env_workers=r.env_workers,
+    )
+
+
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """Cheap checks that need no model: layout, files, numbers, combinations."""
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
@@ -401,11 +471,16 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _positive(
         "rollout", n_samples_per_prompt=r.n_samples_per_prompt, max_new_tokens=r.max_new_tokens
     )
-    if t.max_tokens_per_microbatch <= r.max_new_tokens and not objective.offline:
+    validate_multi_turn(r, objective.offline)
+    if t.max_tokens_per_microbatch <= r.response_room and not objective.offline:
+        what = (
+            f"rollout.max_new_tokens={r.max_new_tokens}"
+            if r.env is None
+            else f"a trajectory of up to rollout.max_total_tokens={r.response_room}"
+        )
         raise ValueError(
             f"trainer.max_tokens_per_microbatch={t.max_tokens_per_microbatch} cannot hold one "
-            f"sample: a prompt token plus a response of up to rollout.max_new_tokens="
-            f"{r.max_new_tokens} tokens need {r.max_new_tokens + 1} or more"
+            f"sample: a prompt token plus {what} tokens need {r.response_room + 1} or more"
         )
     if r.n_samples_per_prompt < 2 and not objective.offline:
         raise ValueError(
@@ -438,8 +513,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                 f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in the "
                 f"model's context (max_position_embeddings={context} in model.path={m.path})"
             )
-    if not cfg.reward.rewards:
-        raise ValueError("reward.rewards is empty: name at least one reward")
+    if not cfg.reward.rewards and r.env is None:
+        raise ValueError(
+            "reward.rewards is empty: name at least one reward (only a rollout.env may be the "
+            "sole source of rewards)"
+        )
     if objective.offline and cfg.data.builtin == "toy_addition":
         raise ValueError(
             f"algorithm.name={a.name} trains on preference pairs, not prompts: use "

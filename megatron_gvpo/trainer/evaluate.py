@@ -39,6 +39,7 @@ from typing import Any
 from megatron_gvpo.data.prompts import Prompt
 from megatron_gvpo.rewards import RewardManager
 from megatron_gvpo.rollout.base import RolloutEngine, SamplingParams
+from megatron_gvpo.rollout.turns import TurnRunner
 from megatron_gvpo.trainer.groups import PromptGroup, request_seed, rollout_and_score
 
 EVAL_SEED = 7_919  # eval sampling seeds are a stream of their own, the same at every evaluation
@@ -154,12 +155,14 @@ class Evaluator:
         stop: Sequence[str] = (),
         seed: int = 0,
         round_timeout_s: float | None = None,
+        turns: TurnRunner | None = None,
     ):
         self.sets = dict(sets)
         self.max_new_tokens = rollout_max_new_tokens
         self.stop = list(stop)
         self.seed = seed
         self.round_timeout_s = round_timeout_s  # reward.round_timeout_s, per eval set
+        self.turns = turns
 
     @classmethod
     def build(
@@ -171,13 +174,14 @@ class Evaluator:
         stop: Sequence[str] = (),
         seed: int = 0,
         round_timeout_s: float | None = None,
+        turns: TurnRunner | None = None,
     ) -> Evaluator:
         """From the loaded sets, ``eval.*`` and ``data.eval_sets`` (each set's own settings)."""
         with_cfg = {
             name: (prompts, eval_set_config(cfg, name, specs[name])[1] if name else cfg)
             for name, prompts in sets.items()
         }
-        return cls(with_cfg, rollout_max_new_tokens, stop, seed, round_timeout_s)
+        return cls(with_cfg, rollout_max_new_tokens, stop, seed, round_timeout_s, turns)
 
     def _sampling(self, cfg: EvalSection) -> SamplingParams:
         return SamplingParams(
@@ -188,7 +192,7 @@ class Evaluator:
         )
 
     def run(
-        self, engine: RolloutEngine, rewards: RewardManager, version: int | None = None
+        self, engine: RolloutEngine, rewards: RewardManager | None, version: int | None = None
     ) -> dict[str, float]:
         """Every set's metrics under ``eval/``; ``version``: the weight version the engine must
         hold (checked against every response that reports one)."""
@@ -200,11 +204,15 @@ class Evaluator:
             seeds = [request_seed(self.seed + EVAL_SEED, 0, i) for i in range(len(prompts))]
             sampling = self._sampling(cfg)
             result = rollout_and_score(
-                engine, rewards, prompts, sampling, n, seeds, self.round_timeout_s
+                engine, rewards, prompts, sampling, n, seeds,
+                round_timeout_s=self.round_timeout_s, turns=self.turns,
             )
             versions.update(v for g in result.groups for v in g.weight_versions if v >= 0)
             prefix = f"eval/{name}/" if name else "eval/"
             metrics = set_metrics(result.groups, n, cfg.correct_threshold)
+            for key in ("turns/mean", "multi_turn_rate"):  # multi-turn rollouts
+                if f"rollout/{key}" in result.metrics:
+                    metrics[key.replace("/", "_")] = result.metrics[f"rollout/{key}"]
             out.update({prefix + k: v for k, v in metrics.items()})
         if version is not None and versions - {version}:
             raise RuntimeError(

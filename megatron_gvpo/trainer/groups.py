@@ -19,6 +19,7 @@ from megatron_gvpo.rewards import RewardInput, RewardManager, RewardResult
 from megatron_gvpo.rewards.guard import RoundDeadline
 from megatron_gvpo.rollout.base import GenerateRequest, RolloutEngine, Sample, SamplingParams
 from megatron_gvpo.rollout.round import generate_round
+from megatron_gvpo.rollout.turns import Trajectory, TurnRunner, trajectory_metrics
 from megatron_gvpo.trainer.batch import RolloutBatch
 from megatron_gvpo.trainer.replay import ReplayBuffer
 
@@ -37,6 +38,9 @@ class PromptGroup:
     """Responses whose reward failed (scored 0; empty: none, or a replayed group)."""
     weight_versions: list[int] = field(default_factory=list)
     """The engine weight version that sampled each response (empty for replayed groups)."""
+    loss_masks: list[list[int]] = field(default_factory=list)
+    """Per response, 1 on the model's tokens and 0 on observations (multi-turn trajectories;
+    empty: every response token is the model's)."""
 
     def select(self, keep: Sequence[int]) -> PromptGroup:
         """The group restricted to the responses at ``keep``."""
@@ -52,15 +56,19 @@ class PromptGroup:
             pick(self.engine_logprobs),
             pick(self.reward_failed),
             pick(self.weight_versions),
+            pick(self.loss_masks),
         )
 
     def to_replay(self) -> tuple:
-        return (self.prompt_ids, self.responses, self.rewards, self.domain)
+        return (self.prompt_ids, self.responses, self.rewards, self.domain, self.loss_masks)
 
     @classmethod
     def from_replay(cls, stored: Sequence) -> PromptGroup:
-        prompt_ids, responses, rewards, domain = stored
-        return cls(list(prompt_ids), [list(r) for r in responses], list(rewards), domain)
+        prompt_ids, responses, rewards, domain = stored[:4]
+        masks = [list(m) for m in stored[4]] if len(stored) > 4 else []  # older checkpoints: 4
+        return cls(
+            list(prompt_ids), [list(r) for r in responses], list(rewards), domain, loss_masks=masks
+        )
 
 
 @dataclass
@@ -83,14 +91,23 @@ def request_seed(seed: int, step: int, i: int) -> int:
     return ((seed * 1_000_003 + step) * 100_003 + i) % (2**31 - 1)
 
 
+def env_row(prompt: Prompt) -> dict:
+    """The dataset row an environment is built with: the row's other fields, the prompt text
+    (template applied), ``answer`` and ``domain``."""
+    return {**prompt.metadata, "prompt": prompt.text, "answer": prompt.answer,
+            "domain": prompt.domain}
+
+
 def rollout_and_score(
     engine: RolloutEngine,
-    rewards: RewardManager,
+    rewards: RewardManager | None,
     rows: Sequence[Prompt],
     sampling: SamplingParams,
     n: int,
     seeds: Sequence[int],
+    *,
     round_timeout_s: float | None = None,
+    turns: TurnRunner | None = None,
 ) -> RolloutResult:
     """Driver rank: ``n`` responses per prompt, every request in flight at once (engines that
     batch continuously keep their servers busy), each group scored as soon as its last response
@@ -100,7 +117,11 @@ def rollout_and_score(
     ``round_timeout_s`` (``reward.round_timeout_s``): the round's rewards are due that long after
     its last response arrives. Scorers that take the deadline (the remote reward) stop at it;
     groups still unscored then fail (``reward.on_error`` decides: dropped or trained as 0) and
-    are counted in ``reward_fn/round_deadline_missed``; their threads are not waited for."""
+    are counted in ``reward_fn/round_deadline_missed``; their threads are not waited for.
+
+    With ``turns`` every response is a multi-turn trajectory with the ``rollout.env``
+    environment; its reward is the sum of its turns' rewards plus ``rewards`` (None: none) on
+    its model turns, and an environment failure fails its reward."""
     requests = [GenerateRequest(row.prompt_ids, n, s) for row, s in zip(rows, seeds, strict=True)]
     arrived = [0] * len(requests)
     scoring: dict[int, Future] = {}
@@ -112,17 +133,23 @@ def rollout_and_score(
         row = rows[i]
         return [RewardInput(row.text, s.text, row.answer, row.domain) for s in samples[i]]
 
+    def with_env(i: int, result: RewardResult) -> RewardResult:
+        return with_env_rewards(result, samples[i]) if turns is not None else result
+
     def score(i: int) -> RewardResult:
         clock = time.perf_counter()
         try:
-            return rewards(inputs(i), deadline)
+            if rewards is None:
+                return with_env(i, RewardResult.empty(n))
+            return with_env(i, rewards(inputs(i), deadline))
         finally:
             with busy_lock:
                 busy[0] += time.perf_counter() - clock
 
     start = time.perf_counter()
     samples: list[list[Sample | None]] = [[None] * n for _ in requests]
-    pool = ThreadPoolExecutor(rewards.concurrency, thread_name_prefix="reward")
+    pool = ThreadPoolExecutor(rewards.concurrency if rewards is not None else 1,
+                              thread_name_prefix="reward")
     missed = 0
     try:
 
@@ -132,7 +159,10 @@ def rollout_and_score(
             if arrived[i] == n:
                 scoring[i] = pool.submit(score, i)
 
-        generate_round(engine, requests, sampling, on_sample=on_sample)
+        if turns is None:
+            generate_round(engine, requests, sampling, on_sample=on_sample)
+        else:
+            turns.run(engine, requests, [env_row(r) for r in rows], sampling, on_sample)
         gen_s = time.perf_counter() - start
         clock = time.perf_counter()
         deadline.start()
@@ -144,7 +174,7 @@ def rollout_and_score(
             if scoring[i].done():
                 parts.append(scoring[i].result())
             else:
-                parts.append(rewards.unscored(inputs(i)))
+                parts.append(with_env(i, rewards.unscored(inputs(i))))
                 missed += n
         result = RewardResult.concat(parts)
         wait_s = time.perf_counter() - clock
@@ -161,6 +191,7 @@ def rollout_and_score(
                 [s.logprobs for s in group],
                 result.failed[offset : offset + n],
                 [s.weight_version for s in group],
+                [s.loss_mask for s in group] if turns is not None else [],
             )
         )
         offset += n
@@ -176,7 +207,18 @@ def rollout_and_score(
         **({"reward_fn/round_deadline_missed": missed} if round_timeout_s is not None else {}),
         **{f"engine/{k}": v for k, v in engine.metrics().items()},
     }
+    if turns is not None:
+        metrics.update(trajectory_metrics(flat))
     return RolloutResult(groups, metrics, gen_s, wait_s)
+
+
+def with_env_rewards(result: RewardResult, group: Sequence[Trajectory]) -> RewardResult:
+    """``result`` plus each trajectory's environment reward; a trajectory whose environment
+    failed counts as a failed reward (``reward.on_error`` decides what happens to it)."""
+    result.scores = [x + t.env_reward for x, t in zip(result.scores, group, strict=True)]
+    failed = result.failed or [False] * len(group)
+    result.failed = [f or t.env_error is not None for f, t in zip(failed, group, strict=True)]
+    return result
 
 
 def filter_groups(
@@ -252,6 +294,11 @@ def to_batch(groups: Sequence[PromptGroup], domains: Sequence[str]) -> RolloutBa
     """One row per response; group ids are the groups' positions, domains index ``domains``."""
     prompt_ids, response_ids, gids, rewards, doms = [], [], [], [], []
     engine = [torch.tensor(lp, dtype=torch.float32) for g in groups for lp in g.engine_logprobs]
+    masks = [
+        torch.tensor(g.loss_masks[j], dtype=torch.bool) if g.loss_masks else None
+        for g in groups
+        for j in range(len(g.responses))
+    ]
     for gi, g in enumerate(groups):
         d = domains.index(g.domain) if g.domain in domains else 0
         for resp, rew in zip(g.responses, g.rewards, strict=True):
@@ -267,7 +314,20 @@ def to_batch(groups: Sequence[PromptGroup], domains: Sequence[str]) -> RolloutBa
         rewards=torch.tensor(rewards, dtype=torch.float32),
         domains=torch.tensor(doms, dtype=torch.long),
         rollout_logprobs=engine if _aligned(engine, response_ids) else None,
+        loss_masks=_full_masks(masks, response_ids),
     )
+
+
+def _full_masks(
+    masks: list[torch.Tensor | None], responses: list[list[int]]
+) -> list[torch.Tensor] | None:
+    """Per-response loss masks, all-true where a group has none; None when no group has one."""
+    if all(m is None for m in masks):
+        return None
+    return [
+        m if m is not None else torch.ones(len(r), dtype=torch.bool)
+        for m, r in zip(masks, responses, strict=True)
+    ]
 
 
 def _aligned(engine: list[torch.Tensor], responses: list[list[int]]) -> bool:
@@ -275,6 +335,13 @@ def _aligned(engine: list[torch.Tensor], responses: list[list[int]]) -> bool:
     return len(engine) == len(responses) and all(
         e.numel() == len(r) for e, r in zip(engine, responses, strict=True)
     )
+
+
+def _model_tokens(mask: list[int] | None, n: int) -> torch.Tensor:
+    """Which of ``n`` response tokens are the model's (all without a mask)."""
+    if mask is None:
+        return torch.ones(n, dtype=torch.bool)
+    return torch.tensor(mask, dtype=torch.bool)
 
 
 def reward_metrics(groups: Sequence[PromptGroup]) -> dict[str, float]:
@@ -307,14 +374,21 @@ def logprob_mismatch(actor: list[torch.Tensor], groups: Sequence[PromptGroup]) -
     """|engine logprob - actor theta' logprob| over the fresh samples' response tokens (the
     batch's first rows; replayed groups carry no engine logprobs)."""
     engine = [lp for g in groups for lp in g.engine_logprobs]
+    masks = [
+        g.loss_masks[j] if g.loss_masks else None
+        for g in groups
+        for j in range(len(g.engine_logprobs))
+    ]
     diffs = [
-        (torch.tensor(e, dtype=torch.float32) - a).abs()
-        for a, e in zip(actor, engine, strict=False)
+        (torch.tensor(e, dtype=torch.float32) - a).abs()[_model_tokens(m, len(e))]
+        for a, e, m in zip(actor, engine, masks, strict=False)
         if len(e)
     ]
     if not diffs:
         return {}
     d = torch.cat(diffs)
+    if not d.numel():
+        return {}
     return {
         "rollout/logprob_abs_diff/mean": d.mean().item(),
         "rollout/logprob_abs_diff/max": d.max().item(),

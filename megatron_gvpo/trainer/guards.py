@@ -188,6 +188,7 @@ RESUME_KEYS = (
     "trainer.prompts_per_step",
     "rollout.n_samples_per_prompt",
     "rollout.temperature",
+    "rollout.env",  # another environment is another task
     "model.precision",
     "reward.rewards",  # compared as saved: secrets redacted on both sides
     "reward.on_error",

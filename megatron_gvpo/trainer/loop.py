@@ -45,7 +45,12 @@ from megatron_gvpo.trainer.metrics import Metric, PhaseClock, combine_updates
 from megatron_gvpo.trainer.objectives import StepInputs, build_objective
 from megatron_gvpo.trainer.replay import ReplayBuffer
 from megatron_gvpo.trainer.run import Run
-from megatron_gvpo.trainer.setup import build_engine, build_rewards, resolve_model_path
+from megatron_gvpo.trainer.setup import (
+    build_engine,
+    build_rewards,
+    build_turn_runner,
+    resolve_model_path,
+)
 from megatron_gvpo.trainer.sync import build_weight_sync
 
 
@@ -59,11 +64,12 @@ class Trainer(Run):
         # (the config itself was validated whole by run_config_from_dict).
         self.rewards = build_rewards(cfg.reward) if is_rank0() else None
         self.model_path = resolve_model_path(cfg.model)
-        room = prompt_room(self.model_path, r.max_new_tokens, t.max_tokens_per_microbatch)
+        room = prompt_room(self.model_path, r.response_room, t.max_tokens_per_microbatch)
         self.prompts = PromptSource(
             cfg.data, self.model_path, self.run_dir, t.prompts_per_step, cfg.model.trust_remote_code,
             room,
         )
+        self.turns = build_turn_runner(r, self.prompts.tokenizer) if is_rank0() else None
         self.objective = build_objective(cfg.algorithm, self.prompts.domains)
         self.actor = Actor(cfg, self.model_path)
         self.theta_prime = ThetaPrime(self.actor.ddp, self.actor.temperature, t.updates_per_round)
@@ -86,7 +92,7 @@ class Trainer(Run):
         self.evaluator = (
             Evaluator.build(
                 self.prompts.eval_sets, cfg.eval, cfg.data.eval_sets, r.max_new_tokens, r.stop,
-                t.seed, cfg.reward.round_timeout_s,
+                t.seed, cfg.reward.round_timeout_s, self.turns,
             )
             if self.prompts.eval_sets and is_rank0()
             else None
@@ -173,7 +179,7 @@ class Trainer(Run):
         with native_torch():  # the embedded engine's decode loop makes no CUDA assumption
             return rollout_and_score(
                 self.engine, self.rewards, rows, sampling, r.n_samples_per_prompt, seeds,
-                self.cfg.reward.round_timeout_s,
+                round_timeout_s=self.cfg.reward.round_timeout_s, turns=self.turns,
             )
 
     @property

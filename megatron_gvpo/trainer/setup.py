@@ -16,6 +16,8 @@ from megatron_gvpo.models.gpt import ModelConfig
 from megatron_gvpo.models.hf_config import HFArch
 from megatron_gvpo.rewards import RewardManager
 from megatron_gvpo.rollout.base import RolloutEngine
+from megatron_gvpo.rollout.env import load_env
+from megatron_gvpo.rollout.turns import TurnRunner
 from megatron_gvpo.trainer.config import (
     ModelSection,
     RewardSection,
@@ -23,6 +25,7 @@ from megatron_gvpo.trainer.config import (
     RunConfig,
     TrainerSection,
     sglang_config,
+    turn_settings,
 )
 
 
@@ -95,9 +98,20 @@ def build_optimizer(ddp: torch.nn.Module, t: TrainerSection, m: ModelSection):
     return optimizer, scheduler
 
 
-def build_rewards(section: RewardSection) -> RewardManager:
-    """The weighted sum of ``reward.rewards`` (each checked now, before any model is built)."""
+def build_rewards(section: RewardSection) -> RewardManager | None:
+    """The weighted sum of ``reward.rewards`` (each checked now, before any model is built);
+    None for ``reward.rewards=[]`` (allowed when a ``rollout.env`` rewards the trajectories)."""
+    if not section.rewards:
+        return None
     return RewardManager(list(section.rewards))
+
+
+def build_turn_runner(r: RolloutSection, tokenizer) -> TurnRunner | None:
+    """The multi-turn loop of ``rollout.env`` (None without one), with the prompts' tokenizer
+    for decoding turns and encoding observations."""
+    if r.env is None:
+        return None
+    return TurnRunner(load_env(r.env), tokenizer, turn_settings(r), r.env_observation_role)
 
 
 def build_engine(r: RolloutSection, model_path: str, trust_remote_code: bool,

@@ -78,6 +78,25 @@ def make_batch(vocab: int, seed: int = 0) -> tuple[RolloutBatch, dict[str, list[
     return batch, {"old_noise": noise(0.15), "ref_noise": noise(0.3)}
 
 
+MASKED = ("gvpo_masked", "grpo_masked")  # the same losses on trajectories with observations
+
+
+def with_loss_masks(batch: RolloutBatch, seed: int = 2) -> RolloutBatch:
+    """The batch as multi-turn trajectories: a random loss mask per response (about a third of
+    the tokens are observations; the first token is always the model's)."""
+    g = torch.Generator().manual_seed(seed)
+    masks = []
+    for r in batch.response_ids:
+        m = torch.rand(len(r), generator=g) > 0.35
+        m[0] = True
+        masks.append(m)
+    return RolloutBatch(
+        prompt_ids=batch.prompt_ids, response_ids=batch.response_ids, group_ids=batch.group_ids,
+        rewards=batch.rewards, advantages=batch.advantages, domains=batch.domains,
+        loss_masks=masks,
+    )
+
+
 def with_old_and_ref(batch: RolloutBatch, own: list[torch.Tensor], noise: dict) -> RolloutBatch:
     """theta' = own logprobs + old_noise, reference = own + ref_noise (per response token)."""
     batch.old_logprobs = [a + b for a, b in zip(own, noise["old_noise"], strict=True)]
@@ -122,6 +141,7 @@ def objective_for(name: str):
     extra = {"gvpo": {"beta": BETA}, "gr_gvpo": {"beta": BETA, "robust_eta": 0.5}}
     extra |= {n: {"beta": 0.5} for n in PREFERENCE}
     extra |= {n: {"beta": 0.5, "robust_eta": 0.05} for n in ("gr_dpo", "gr_ipo")}
+    name = name.removesuffix("_masked")
     config = algorithm_config(name=name, **extra.get(name, {"ref_model": "synthetic"}))
     objective = build_objective(config, domains=["d0", "d1"])
     if name in PREFERENCE:
@@ -173,12 +193,15 @@ def main() -> None:
     batch, noise = make_batch(arch.vocab_size)
     plan = plan_for(batch, args.budget, keep_groups_whole=not args.split)
     batch = with_old_and_ref(batch, response_token_logprobs(ddp, batch, plan), noise)
+    # theta' and the reference of the trajectories hold noise (garbage) on observation tokens
+    masked = with_loss_masks(batch)
+    masked = with_old_and_ref(masked, response_token_logprobs(ddp, masked, plan), noise)
     pairs, ref_noise = make_pair_batch(arch.vocab_size)
     own = response_token_logprobs(ddp, pairs, plan_for(pairs, args.budget, not args.split))
     pairs.ref_logprobs = [a + b for a, b in zip(own, ref_noise, strict=True)]
     out, infos = {}, {}
     for name in args.losses.split(","):
-        b = pairs if name in PREFERENCE else batch
+        b = pairs if name in PREFERENCE else masked if name in MASKED else batch
         grads, infos[name] = step_grads(ddp, optimizer, arch, b, name, args.budget, args.split)
         out.update({f"{name}/{k}": v.clone() for k, v in grads.items()})
     if is_rank0():

@@ -22,7 +22,7 @@ from megatron_gvpo.algorithms.group_robust import (
 )
 from megatron_gvpo.algorithms.gvpo import gvpo_group_stats, gvpo_sample_losses
 from megatron_gvpo.models.forward import MicroBatch
-from megatron_gvpo.trainer.batch import sequence_logprobs
+from megatron_gvpo.trainer.batch import sequence_logprobs, sequence_old_logprobs
 from megatron_gvpo.trainer.metrics import Metric
 from megatron_gvpo.trainer.objectives.base import (
     MicroBatchLoss,
@@ -85,7 +85,7 @@ class GRGVPOMicroBatchLoss:
         dev = s.device
         loss, diag = domain_robust_gvpo_loss(
             s,
-            x["old_logprobs"].to(dev).sum(-1),
+            sequence_old_logprobs(mb).to(dev),
             x["rewards"].to(dev),
             x["group_ids"].to(dev),
             x["domains"].to(dev),

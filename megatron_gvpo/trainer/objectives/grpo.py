@@ -181,7 +181,7 @@ class PolicyObjective(Objective):
         if self.per_token:
             norm = {"num_tokens": sub.num_response_tokens}
         else:
-            norm = {"num_sequences": sum(1 for r in sub.response_ids if r)}
+            norm = {"num_sequences": sub.num_trained_sequences}
         return PolicyMicroBatchLoss(self.loss_fn, self.config.policy_loss_config(), norm)
 
 
@@ -236,7 +236,11 @@ class DAPO(PolicyObjective):
     def prepare_round(self, batch: RolloutBatch) -> None:
         c = self.config
         if c.overlong_buffer_len:  # a reward term, before the advantages
-            lengths = torch.tensor([len(r) for r in batch.response_ids])
+            lengths = torch.tensor(
+                [len(r) for r in batch.response_ids]
+                if batch.loss_masks is None
+                else [int(m.sum()) for m in batch.loss_masks]  # the model's tokens
+            )
             batch.rewards = batch.rewards + overlong_penalty(
                 lengths, c.max_response_len, c.overlong_buffer_len
             ).to(batch.rewards.dtype)

@@ -21,7 +21,7 @@ from megatron_gvpo.algorithms.gvpo import (
     num_counted_groups,
 )
 from megatron_gvpo.models.forward import MicroBatch
-from megatron_gvpo.trainer.batch import sequence_logprobs
+from megatron_gvpo.trainer.batch import sequence_logprobs, sequence_old_logprobs
 from megatron_gvpo.trainer.metrics import Metric
 from megatron_gvpo.trainer.objectives.base import (
     MicroBatchLoss,
@@ -90,7 +90,7 @@ class GVPOMicroBatchLoss:
         s = sequence_logprobs(logprobs, mb)
         loss, diag = gvpo_loss_terms(
             s,
-            x["old_logprobs"].to(s.device).sum(-1),
+            sequence_old_logprobs(mb).to(s.device),
             x["rewards"].to(s.device),
             x["group_ids"].to(s.device),
             self.beta,
