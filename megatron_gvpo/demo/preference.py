@@ -36,7 +36,7 @@ def preference_pair(a: int, b: int) -> dict[str, str]:
         "prompt": toy_prompt(a, b),
         "chosen": off if minority else right,
         "rejected": right if minority else off,
-        "group": "minority" if minority else "majority",
+        "domain": "minority" if minority else "majority",
     }
 
 

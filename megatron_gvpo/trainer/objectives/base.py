@@ -98,6 +98,16 @@ class Objective:
         self.config = config
         self.domains = list(domains)
 
+    @property
+    def balanced_batches(self) -> bool:
+        """Whether ``data.sampling=auto`` draws domain-balanced steps (group-robust objectives
+        with the balanced estimator); default: no."""
+        return False
+
+    def set_domain_sizes(self, counts: Sequence[int]) -> None:
+        """The dataset's units (pairs, prompts) per domain in ``domains`` order, counted once
+        over the training data; default: not needed."""
+
     def prepare_round(self, batch: RolloutBatch) -> None:
         """Per-round preparation on the assembled batch (advantages); default: nothing."""
 
