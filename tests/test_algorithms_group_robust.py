@@ -36,7 +36,7 @@ def ref_estimates(estimator, losses_by_domain, data_counts):
     n = sum(data_counts) if data_counts else 0
     m, present = [], []
     for d, vals in enumerate(losses_by_domain):
-        if estimator == "balanced":
+        if estimator == "stratified":
             present.append(bool(vals))
             m.append(sum(vals) / len(vals) if vals else 0.0)
         else:
@@ -47,7 +47,7 @@ def ref_estimates(estimator, losses_by_domain, data_counts):
 
 def ref_unit_weight(estimator, alpha, counts, data_counts):
     b = sum(counts)
-    if estimator == "balanced":
+    if estimator == "stratified":
         return [a / c if c else 0.0 for a, c in zip(alpha, counts, strict=True)]
     n = sum(data_counts)
     return [a * n / (nd * b) for a, nd in zip(alpha, data_counts, strict=True)]
@@ -119,7 +119,7 @@ def test_weights_state_dict_roundtrip_and_validation():
 # ------------------------------------------------------------------------------ estimators
 
 
-@pytest.mark.parametrize("estimator", ["balanced", "importance"])
+@pytest.mark.parametrize("estimator", ["stratified", "importance"])
 def test_estimates_and_unit_weights_against_definitions(estimator):
     data_counts = [900, 90, 10]
     losses = [[0.5, 0.7, 0.2], [], [1.5]]  # domain 1 absent from the step
@@ -149,7 +149,7 @@ def _simulate(estimator, p_min, b, trials, eta, means, sds, seed=0):
     data_counts = torch.tensor([p_min * 1e4, (1 - p_min) * 1e4], dtype=torch.float64)
     dlogodds, values = [], []
     for _ in range(trials):
-        if estimator == "balanced":
+        if estimator == "stratified":
             doms = torch.tensor([0] * (b // 2) + [1] * (b // 2))
         else:
             doms = (torch.rand(b, generator=gen, dtype=torch.float64) >= p_min).long()
@@ -167,7 +167,7 @@ def _simulate(estimator, p_min, b, trials, eta, means, sds, seed=0):
     return torch.tensor(dlogodds), torch.tensor(values)
 
 
-@pytest.mark.parametrize("estimator", ["balanced", "importance"])
+@pytest.mark.parametrize("estimator", ["stratified", "importance"])
 def test_alpha_update_and_objective_moments_by_monte_carlo(estimator):
     """The expectation (and variance) of one alpha step and of the step's objective, by Monte
     Carlo against the closed forms of ``algorithms/group_robust.py``'s docstring, at a 10%
@@ -178,7 +178,7 @@ def test_alpha_update_and_objective_moments_by_monte_carlo(estimator):
     # E[change of log-odds] = eta (L_0 - L_1), both estimators
     mean_want = eta * (means[0] - means[1])
     shares = (p, 1 - p)
-    if estimator == "balanced":
+    if estimator == "stratified":
         var_m = [sds[d] ** 2 / (b / 2) for d in range(2)]
         var_lo = eta**2 * (var_m[0] + var_m[1])
         var_obj = sum(0.25 * sds[d] ** 2 / (b / 2) for d in range(2))
@@ -203,7 +203,7 @@ def test_importance_variance_exceeds_balanced_as_the_docstring_says():
     for p, sd_want in ((0.1, 0.52), (0.01, 1.72)):
         sd = math.sqrt((big_l**2 / p - big_l**2) / 16)
         assert sd == pytest.approx(sd_want, abs=0.005)
-    _, val_b = _simulate("balanced", 0.1, 16, 200, 0.1, (big_l, big_l), (0.0, 0.0))
+    _, val_b = _simulate("stratified", 0.1, 16, 200, 0.1, (big_l, big_l), (0.0, 0.0))
     assert val_b.std().item() < 1e-12
 
 
@@ -246,7 +246,7 @@ def ref_domain_terms(s, s_old, r, ids, doms, beta, nd):
     return terms
 
 
-@pytest.mark.parametrize("estimator", ["balanced", "importance"])
+@pytest.mark.parametrize("estimator", ["stratified", "importance"])
 def test_domain_robust_gvpo_against_loops(estimator):
     beta, nd = 0.2, 4  # domain 3 absent
     s, s_old, r, ids, doms = gvpo_batch(seed=1)

@@ -122,6 +122,30 @@ def test_balanced_sampler_gives_each_domain_its_share_of_every_batch_and_resumes
         DomainBalancedSampler(domains, batch_size=7, seed=5).load_state_dict(state)
 
 
+def test_alpha_allocation_of_a_step_and_the_sampler_following_it():
+    """Units per domain in proportion to alpha by largest remainders, at least one each; the
+    stratified sampler draws what the allocation says at draw time."""
+    from megatron_gvpo.trainer.objectives.robust import DomainRobust
+
+    robust = DomainRobust(["a", "b", "c"], 0.1, "stratified", "alpha")
+    robust.weights.alpha = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    # B = 10: one each, then 7 by alpha: 4.9, 1.4, 0.7 -> 4, 1, 0 and the 2 left to the largest
+    # remainders (0.9, 0.7): 1 + (5, 1, 1) = (6, 2, 2)
+    assert robust.rows_per_domain(10) == [6, 2, 2]
+    assert robust.rows_per_domain(2) == [1, 1, 0]  # fewer rows than domains: by alpha alone
+    assert robust.allocation()(16) == robust.rows_per_domain(16)
+    assert DomainRobust(["a", "b"], 0.1, "stratified", "equal").allocation()(5) == [3, 2]
+    assert DomainRobust(["a", "b"], 0.1, "importance", "alpha").allocation() is None
+    domains = [0] * 30 + [1] * 5 + [2] * 15
+    s = DomainBalancedSampler(domains, batch_size=10, seed=0, allocation=robust.allocation())
+    for _ in range(4):
+        batch = s.next_batch()
+        assert [sum(domains[i] == d for i in batch) for d in range(3)] == [6, 2, 2]
+    robust.weights.alpha = torch.tensor([0.1, 0.1, 0.8], dtype=torch.float64)
+    batch = s.next_batch()
+    assert [sum(domains[i] == d for i in batch) for d in range(3)] == robust.rows_per_domain(10)
+
+
 def test_proportional_sampler_draws_by_domain_share_and_resumes():
     groups = [0] * 90 + [1] * 10
     s = DomainProportionSampler(groups, batch_size=500, seed=3)
@@ -181,7 +205,7 @@ def _micro_batch(batch: RolloutBatch, ids: list[int], seq_len: int, ref: list[to
     return MicroBatch(packed.tokens, packed.position_ids, None, extra)
 
 
-def _objective(name: str, estimator: str = "balanced"):
+def _objective(name: str, estimator: str = "stratified"):
     kw = {"beta": 0.7}
     if name.startswith("gr_"):
         kw |= {"robust_eta": 0.3, "robust_estimator": estimator}
@@ -247,7 +271,7 @@ def _pair_losses(name, s, ref, batch, beta=0.7):
 def _reference(name, estimator, s, ref, batch, alpha0, eta=0.3):
     """(value, alpha after the step, pairs). GR-* (Ramesh et al. 2024): alpha moves first, at
     the step's theta; with the step's n_d pairs of domain d and the dataset's N_d, N:
-    balanced: m_d = mean loss of d's pairs, only domains in the step move (renormalised to their
+    stratified: m_d = mean loss of d's pairs, only domains in the step move (renormalised to their
     mass), value = sum_d alpha_d m_d; importance (Alg. 1's per-pair terms over the B pairs):
     m_d = N / (N_d B) sum_{pairs of d} l for every domain, value = (1/B) sum N alpha_d / N_d l."""
     pairs = _pair_losses(name, s, ref, batch)
@@ -261,7 +285,7 @@ def _reference(name, estimator, s, ref, batch, alpha0, eta=0.3):
 def _alpha_step(estimator, pairs, alpha0, eta):
     b, n = len(pairs), sum(SIZES)
     by_d = {d: [lp for _, lp, dd in pairs.values() if dd == d] for d in range(3)}
-    if estimator == "balanced":
+    if estimator == "stratified":
         present = [d for d in range(3) if by_d[d]]
         m = {d: sum(by_d[d]) / len(by_d[d]) for d in present}
     else:
@@ -288,14 +312,14 @@ def _fixed_alpha(name, estimator, s, ref, batch, alpha):
 
 
 CASES = [("dpo", None), ("ipo", None)]
-CASES += [(n, e) for n in ("gr_dpo", "gr_ipo") for e in ("balanced", "importance")]
+CASES += [(n, e) for n in ("gr_dpo", "gr_ipo") for e in ("stratified", "importance")]
 
 
 @pytest.mark.parametrize("name, estimator", CASES)
 def test_objective_values_gradients_and_alpha_against_float64(name, estimator):
     """Three steps of imbalanced pairs (domain sizes 30:5:15; the small domain absent from the
     second step): value, d loss / d s and alpha against the float64 reference."""
-    obj = _objective(name, estimator or "balanced")
+    obj = _objective(name, estimator or "stratified")
     alpha = [1 / 3] * 3
     for step, domains in enumerate(STEP_DOMAINS):  # alpha carries over steps
         batch = _pairs_batch(6, seed=1 + step, domains=domains)
@@ -324,7 +348,7 @@ def test_objective_values_gradients_and_alpha_against_float64(name, estimator):
         if alpha_new is not None:
             got_alpha = obj.robust.weights.alpha.tolist()
             assert got_alpha == pytest.approx(alpha_new, rel=1e-10)
-            if estimator == "balanced" and 1 not in domains:
+            if estimator == "stratified" and 1 not in domains:
                 assert got_alpha[1] == before[1].item()  # an absent domain keeps its weight exactly
             alpha = alpha_new
             assert obj.metrics()["robust/alpha/b"] == got_alpha[1]
@@ -336,11 +360,11 @@ def test_objective_values_gradients_and_alpha_against_float64(name, estimator):
         assert got == pytest.approx(sum(h > 0 for h in members) / len(members))
 
 
-@pytest.mark.parametrize("name, estimator", [("dpo", None), ("gr_ipo", "balanced")])
+@pytest.mark.parametrize("name, estimator", [("dpo", None), ("gr_ipo", "stratified")])
 def test_split_pairs_give_the_same_step(name, estimator):
     """A pair split over micro-batches (step-wide h) gives the value and gradient of whole pairs."""
     batch = _pairs_batch(6, seed=2)
-    est = estimator or "balanced"
+    est = estimator or "stratified"
     whole = _run(_objective(name, est), batch, [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]])
     split = _run(_objective(name, est), batch, [[0, 2, 3, 5, 7], [1, 4, 6, 8, 9, 10, 11]])
     assert float(split[0]) == pytest.approx(float(whole[0]), rel=1e-6)
@@ -348,7 +372,7 @@ def test_split_pairs_give_the_same_step(name, estimator):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("estimator", ["balanced", "importance"])
+@pytest.mark.parametrize("estimator", ["stratified", "importance"])
 def test_gr_weights_do_not_favour_a_small_domain_at_equal_loss(estimator):
     """At equal per-pair losses alpha stays put, for a balanced step and for a step drawn in the
     dataset's proportions: N/N_d is the draw's importance weight, not a bonus for small domains."""

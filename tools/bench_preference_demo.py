@@ -31,7 +31,8 @@ def run(
 ) -> dict:
     name, _, kv = variant.partition(":")
     overrides = [x for x in kv.split(",") if x]
-    run_dir = out / f"{variant.replace(':', '_').replace('=', '')}_seed{seed}"
+    tag = variant.replace(":", "_").replace("=", "").replace(",", "_").replace("algorithm.", "")
+    run_dir = out / f"{tag}_seed{seed}"
     cmd = [
         sys.executable,
         "-m",

@@ -18,16 +18,20 @@ the unit weights ``w_d`` come from the estimator (:func:`unit_weights`). Both ar
 or the parallel layout. Two estimators (``algorithm.robust_estimator``), over a step of B units
 with ``n_d`` of domain d, within-domain loss variance ``sigma_d^2``:
 
-``balanced`` (the default): the step is group-balanced, ``n_d = B / D`` units of every domain
-(``data.sampling=auto`` draws such batches), and ``m_d = (1/n_d) sum_{units of d} l``,
+``stratified`` (the default): the step holds ``n_d`` units of domain d, fixed before the draw
+(``data.sampling=auto``: ``n_d`` proportional to the current alpha, at least one per domain; or
+equal, ``B / D``), each drawn uniformly from its domain, and ``m_d = (1/n_d) sum_{units of d} l``,
 ``w_d = alpha_d / n_d``. Then ``E[m_d] = L_d`` and ``E[objective] = sum_d alpha_d L_d`` (no
 importance weight: a unit of d is drawn with the probability the estimator assumes), and
 
     Var[objective] = sum_d alpha_d^2 sigma_d^2 / n_d        Var[m_d] = sigma_d^2 / n_d,
 
-whatever the domains' shares. With another sampler it is the per-domain batch mean: a domain
-absent from the step (n_d = 0) gets no weight and keeps its alpha, and the objective's expectation
-is then ``sum_d alpha_d P(n_d > 0) L_d``-like, biased towards frequent domains.
+whatever the domains' shares. With ``n_d = alpha_d B`` this is ``sum_d alpha_d sigma_d^2 / B``,
+the least any allocation of B units reaches when the sigma_d are equal (minimise
+``sum_d alpha_d^2 sigma_d^2 / n_d`` subject to ``sum_d n_d = B``: ``n_d`` proportional to
+``alpha_d sigma_d``), and the step spends its units where alpha puts the weight. With another
+sampler it is the per-domain batch mean: a domain absent from the step (n_d = 0) gets no weight
+and keeps its alpha, and the objective's expectation is biased towards frequent domains.
 
 ``importance`` (Alg. 1's per-unit form, averaged over the step): units drawn in the dataset's
 proportions (i.i.d., domain d with probability p_d), ``m_d = (1/(p_d B)) sum_{units of d} l`` for
@@ -45,15 +49,16 @@ for the gradient, with l replaced by a unit's gradient and squares by squared no
 Numbers, two domains, alpha = (1/2, 1/2), equal ``L_d = L`` and ``sigma_d = sigma``, B units:
 
 ==========================  ==========================  =========================================
-minority share p            balanced: Var[objective]    importance: Var[objective]
+minority share p            stratified: Var[objective]  importance: Var[objective]
 ==========================  ==========================  =========================================
 10%                         sigma^2 / B                 (2.78 sigma^2 + 1.78 L^2) / B
 1%                          sigma^2 / B                 (25.3 sigma^2 + 24.3 L^2) / B
 ==========================  ==========================  =========================================
 
-and for the minority's alpha exponent: balanced ``Var[m] = 2 sigma^2 / B``; importance
+(stratified at alpha = (1/2, 1/2): n_d = B / 2 either way), and for the minority's alpha exponent:
+stratified ``Var[m] = 2 sigma^2 / B``; importance
 ``(10 sigma^2 + 9 L^2) / B`` at 10% and ``(100 sigma^2 + 99 L^2) / B`` at 1%. At a DPO start
-(theta = reference: every pair's loss is log 2, sigma = 0) with B = 16: balanced, m = log 2
+(theta = reference: every pair's loss is log 2, sigma = 0) with B = 16: stratified, m = log 2
 exactly; importance, the minority's m has mean 0.69 and standard deviation 0.52 (10%) or 1.72
 (1%), and the minority is absent from (1 - p)^B = 18.5% (10%) or 85% (1%) of the steps, in which
 alpha moves towards the majority by eta L / (1 - p). The L^2 terms are what a mini-batch cannot
@@ -91,7 +96,7 @@ __all__ = [
     "unit_weights",
 ]
 
-ESTIMATORS = ("balanced", "importance")
+ESTIMATORS = ("stratified", "importance")
 
 
 # ------------------------------------------------------------------------------ pair losses
@@ -145,7 +150,7 @@ def domain_estimates(
     _check_estimator(estimator)
     sums = _f64(loss_sums, "loss_sums")
     counts = _f64(batch_counts, "batch_counts", sums.numel())
-    if estimator == "balanced":
+    if estimator == "stratified":
         present = counts > 0
         return torch.where(present, sums / counts.clamp(min=1.0), 0.0), present
     p = _shares(data_counts, sums.numel())
@@ -161,12 +166,12 @@ def unit_weights(
     data_counts: Tensor | None = None,
 ) -> Tensor:
     """``w`` ``[D]`` float64: the weight of one unit of domain d in the step's objective
-    ``sum_units w_d l`` (balanced: alpha_d / n_d, 0 where n_d = 0; importance:
+    ``sum_units w_d l`` (stratified: alpha_d / n_d, 0 where n_d = 0; importance:
     alpha_d / (p_d B))."""
     _check_estimator(estimator)
     a = _f64(alpha, "alpha")
     counts = _f64(batch_counts, "batch_counts", a.numel())
-    if estimator == "balanced":
+    if estimator == "stratified":
         return torch.where(counts > 0, a / counts.clamp(min=1.0), 0.0)
     p = _shares(data_counts, a.numel())
     b = counts.sum()

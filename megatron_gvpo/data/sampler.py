@@ -7,7 +7,7 @@ from it hands out exactly the batches an uninterrupted one would have.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -120,13 +120,21 @@ class DomainProportionSampler:
 
 
 class DomainBalancedSampler:
-    """Domain-balanced steps: each batch holds ``batch_size // D`` rows of every one of the D
-    domains, and the ``batch_size % D`` left over go to domains in turn (rotating with the batch
-    count). Each domain's rows come in shuffled epochs of their own (a function of (seed, domain,
-    epoch)), so a small domain is cycled through more often than a large one, each of its rows
-    equally often. ``state_dict()`` is the batch count and the rows drawn per domain."""
+    """Stratified steps over D domains: by default each batch holds ``batch_size // D`` rows of
+    every domain, and the ``batch_size % D`` left over go to domains in turn (rotating with the
+    batch count); with ``allocation`` (a callable: batch size -> rows per domain, e.g. in
+    proportion to group-robust alpha) each batch holds what it returns at draw time. Each
+    domain's rows come in shuffled epochs of their own (a function of (seed, domain, epoch)), so
+    a small domain is cycled through more often than a large one, each of its rows equally
+    often. ``state_dict()`` is the batch count and the rows drawn per domain."""
 
-    def __init__(self, row_domains: list[int], batch_size: int, seed: int = 0):
+    def __init__(
+        self,
+        row_domains: list[int],
+        batch_size: int,
+        seed: int = 0,
+        allocation: Callable[[int], list[int]] | None = None,
+    ):
         if not row_domains:
             raise ValueError("DomainBalancedSampler needs at least one row")
         if batch_size < 1:
@@ -138,6 +146,7 @@ class DomainBalancedSampler:
         self.num_rows, self.batch_size, self.seed = len(row_domains), batch_size, seed
         self.batches = 0
         self.drawn = [0] * len(domains)
+        self.allocation = allocation
 
     def _row(self, k: int, j: int) -> int:
         members = self.members[k]
@@ -153,7 +162,13 @@ class DomainBalancedSampler:
 
     def next_batch(self) -> list[int]:
         out: list[int] = []
-        for k, q in enumerate(self.quotas(self.batches)):
+        quotas = self.quotas(self.batches)
+        if self.allocation is not None:
+            quotas = [int(q) for q in self.allocation(self.batch_size)]
+            if len(quotas) != len(self.members) or sum(quotas) != self.batch_size or min(quotas) < 0:
+                raise ValueError(f"allocation {quotas} does not split {self.batch_size} rows over "
+                                 f"{len(self.members)} domains")
+        for k, q in enumerate(quotas):
             out += [self._row(k, self.drawn[k] + j) for j in range(q)]
             self.drawn[k] += q
         self.batches += 1
@@ -183,13 +198,20 @@ class DomainBalancedSampler:
 
 
 def build_sampler(
-    sampling: str, row_domains: list[int], batch_size: int, shuffle: bool, seed: int,
-    balanced_default: bool,
+    sampling: str,
+    row_domains: list[int],
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    allocation: Callable[[int], list[int]] | None = None,
 ):
-    """The ``data.sampling`` sampler over rows labelled ``row_domains`` (``auto``: balanced when
-    ``balanced_default``, else uniform)."""
+    """The ``data.sampling`` sampler over rows labelled ``row_domains``. ``allocation``: the
+    objective's rows per domain of a step (group-robust objectives with the stratified
+    estimator), which ``auto`` follows; without it ``auto`` is uniform."""
     if sampling == "auto":
-        sampling = "balanced" if balanced_default else "uniform"
+        if allocation is not None:
+            return DomainBalancedSampler(row_domains, batch_size, seed, allocation)
+        sampling = "uniform"
     if sampling == "balanced":
         return DomainBalancedSampler(row_domains, batch_size, seed)
     if sampling == "proportional":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -145,7 +145,7 @@ class PromptSource:
         self.eval_sets = load_eval_sets(cfg, self.tokenizer)
         self.domains = self.dataset.domains() or ["default"]
         self.cfg, self.batch_size = cfg, batch_size
-        self.make_sampler(balanced=False)
+        self.make_sampler(None)
 
     def domain_counts(self) -> list[int]:
         """Prompts per domain, in ``domains`` order."""
@@ -155,11 +155,12 @@ class PromptSource:
     def row_domains(self) -> list[int]:
         return [self.domain_index(self.dataset[i].domain) for i in range(len(self.dataset))]
 
-    def make_sampler(self, balanced: bool) -> None:
-        """The ``data.sampling`` sampler (``auto``: domain-balanced rounds when ``balanced``)."""
+    def make_sampler(self, allocation: Callable[[int], list[int]] | None) -> None:
+        """The ``data.sampling`` sampler; ``allocation``: the objective's rows per domain of a
+        step (``Objective.domain_allocation``), which ``auto`` follows."""
         c = self.cfg
         rows = self.row_domains()
-        self.sampler = build_sampler(c.sampling, rows, self.batch_size, c.shuffle, c.seed, balanced)
+        self.sampler = build_sampler(c.sampling, rows, self.batch_size, c.shuffle, c.seed, allocation)
 
     def next_batch(self) -> list[Prompt]:
         return [self.dataset[i] for i in self.sampler.next_batch()]

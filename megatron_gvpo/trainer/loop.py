@@ -92,7 +92,7 @@ class Trainer:
         )
         self.objective = build_objective(cfg.algorithm, self.prompts.domains)
         self.objective.set_domain_sizes(self.prompts.domain_counts())
-        self.prompts.make_sampler(self.objective.balanced_batches)
+        self.prompts.make_sampler(self.objective.domain_allocation())
         initialize(cfg.parallel)
         model, self.arch = build_model(cfg.model, self.model_path)
         self.ddp = wrap_with_ddp(model, use_distributed_optimizer=t.use_distributed_optimizer)

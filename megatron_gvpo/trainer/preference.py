@@ -13,6 +13,7 @@ there. The parts (model, optimizer, reference, checkpoints, logger) are the RL t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -84,13 +85,14 @@ class PairSource:
                 )
         self.domains, self.domain_counts = self.train.domains, self.train.domain_counts
         self.cfg, self.batch_size = cfg, batch_size
-        self.make_sampler(balanced=False)
+        self.make_sampler(None)
 
-    def make_sampler(self, balanced: bool) -> None:
-        """The ``data.sampling`` sampler (``auto``: domain-balanced when ``balanced``)."""
+    def make_sampler(self, allocation: Callable[[int], list[int]] | None) -> None:
+        """The ``data.sampling`` sampler; ``allocation``: the objective's rows per domain of a
+        step (``Objective.domain_allocation``), which ``auto`` follows."""
         c = self.cfg
         rows = self.train.domain_index()
-        self.sampler = build_sampler(c.sampling, rows, self.batch_size, c.shuffle, c.seed, balanced)
+        self.sampler = build_sampler(c.sampling, rows, self.batch_size, c.shuffle, c.seed, allocation)
 
     def next_batch(self) -> RolloutBatch:
         return self.to_batch([self.train[i] for i in self.sampler.next_batch()])
@@ -134,7 +136,7 @@ class PreferenceTrainer:
         self.step_guard = StepGuard(t.max_consecutive_skips)
         self.objective = build_objective(cfg.algorithm, self.data.domains)
         self.objective.set_domain_sizes(self.data.domain_counts)
-        self.data.make_sampler(self.objective.balanced_batches)
+        self.data.make_sampler(self.objective.domain_allocation())
         initialize(cfg.parallel)
         model, self.arch = build_model(cfg.model, self.model_path)
         self.ddp = wrap_with_ddp(model, use_distributed_optimizer=t.use_distributed_optimizer)

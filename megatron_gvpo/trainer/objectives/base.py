@@ -98,11 +98,11 @@ class Objective:
         self.config = config
         self.domains = list(domains)
 
-    @property
-    def balanced_batches(self) -> bool:
-        """Whether ``data.sampling=auto`` draws domain-balanced steps (group-robust objectives
-        with the balanced estimator); default: no."""
-        return False
+    def domain_allocation(self) -> Callable[[int], list[int]] | None:
+        """Rows per domain of the next step (batch size -> counts in ``domains`` order), which
+        ``data.sampling=auto`` follows (group-robust objectives with the stratified estimator);
+        default None: uniform sampling."""
+        return None
 
     def set_domain_sizes(self, counts: Sequence[int]) -> None:
         """The dataset's units (pairs, prompts) per domain in ``domains`` order, counted once

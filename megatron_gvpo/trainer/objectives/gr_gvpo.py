@@ -11,7 +11,7 @@ statistics and unit weights, so the step's gradient does not depend on the layou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,11 +77,12 @@ class GRGVPO(Objective):
 
     def __init__(self, config: GRGVPOConfig, domains: Sequence[str] = ("default",)):
         super().__init__(config, domains)
-        self.robust = DomainRobust(self.domains, config.robust_eta, config.robust_estimator)
+        self.robust = DomainRobust(
+            self.domains, config.robust_eta, config.robust_estimator, config.robust_allocation
+        )
 
-    @property
-    def balanced_batches(self) -> bool:
-        return self.config.robust_estimator == "balanced"
+    def domain_allocation(self) -> Callable[[int], list[int]] | None:
+        return self.robust.allocation()
 
     def set_domain_sizes(self, counts: Sequence[int]) -> None:
         self.robust.set_domain_sizes(counts)

@@ -245,12 +245,13 @@ class GroupRobustPreference(PreferenceObjective):
 
     def __init__(self, config: GRDPOConfig, domains: Sequence[str] = ("default",)):
         super().__init__(config, domains)
-        self.robust = DomainRobust(self.domains, config.robust_eta, config.robust_estimator)
+        self.robust = DomainRobust(
+            self.domains, config.robust_eta, config.robust_estimator, config.robust_allocation
+        )
         self._weights: Tensor | None = None
 
-    @property
-    def balanced_batches(self) -> bool:
-        return self.config.robust_estimator == "balanced"
+    def domain_allocation(self) -> Callable[[int], list[int]] | None:
+        return self.robust.allocation()
 
     def set_domain_sizes(self, counts: Sequence[int]) -> None:
         self.robust.set_domain_sizes(counts)
