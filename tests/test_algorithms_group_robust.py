@@ -142,7 +142,7 @@ def test_estimates_and_unit_weights_against_definitions(estimator):
 
 def _simulate(estimator, p_min, b, trials, eta, means, sds, seed=0):
     """``trials`` one-step alpha updates from uniform alpha on two domains (0: minority, share
-    p_min; 1: majority), unit losses ~ Normal(means[d], sds[d]). Steps are balanced (b/2 units
+    p_min; 1: majority), unit losses ~ Normal(means[d], sds[d]). Steps are stratified (b/2 units
     per domain) or i.i.d. draws in the dataset's proportions (importance). Returns the change of
     log(alpha_0 / alpha_1) and the step's objective value (at the updated alpha) per trial."""
     gen = torch.Generator().manual_seed(seed)
@@ -196,9 +196,9 @@ def test_alpha_update_and_objective_moments_by_monte_carlo(estimator):
     assert val.var().item() == pytest.approx(var_obj, rel=0.12)
 
 
-def test_importance_variance_exceeds_balanced_as_the_docstring_says():
+def test_importance_variance_exceeds_stratified_as_the_docstring_says():
     """The docstring's numbers: at sigma = 0 (a DPO start, every loss log 2), B = 16, the
-    minority's importance estimate has sd 0.52 (10%) / 1.72 (1%); the balanced one is exact."""
+    minority's importance estimate has sd 0.52 (10%) / 1.72 (1%); the stratified one is exact."""
     big_l = math.log(2)
     for p, sd_want in ((0.1, 0.52), (0.01, 1.72)):
         sd = math.sqrt((big_l**2 / p - big_l**2) / 16)

@@ -1,4 +1,4 @@
-"""Imbalanced preference sets for group-robust objectives, written as JSONL (train and held-out).
+"""Imbalanced data sets for group-robust objectives, written as JSONL (train and held-out).
 
 Two-digit additions ``aa+bb=`` (both operands 10..99), labelled by domain: ``carry`` when the ones
 digits carry (a % 10 + b % 10 >= 10), else ``nocarry``. The training file holds ``--minority``
@@ -11,10 +11,16 @@ accuracy is measured on the same number of pairs.
 - ``own_rule``: nocarry pairs as in ``shared``; carry raters prefer the digit-reversed sum
   (``57+38=`` -> ``59``) over the right sum: a rule of their own that the majority's data
   contradicts (sums whose reversal equals them are skipped).
+- ``rl``: prompts for RL (``{prompt, answer, domain}``, the built-in reward's format), carry the
+  harder and the smaller domain; the split is the demo task's (``demo.task.is_heldout``: pairs the
+  warm-started demo model never saw), so held-out accuracy measures generalisation.
 
     python tools/robust_sets.py --kind shared --out data/robust_shared
     python -m megatron_gvpo.train algorithm=gr_dpo data=preference \\
         data.path=data/robust_shared/train.jsonl data.eval_path=data/robust_shared/eval.jsonl
+    python tools/robust_sets.py --kind rl --out data/robust_rl
+    python -m megatron_gvpo.train algorithm=gr_gvpo data.builtin=null \\
+        data.path=data/robust_rl/train.jsonl data.eval_path=data/robust_rl/eval.jsonl
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import argparse
 import random
 from pathlib import Path
 
+from megatron_gvpo.demo.task import is_heldout as demo_heldout
 from megatron_gvpo.demo.task import toy_prompt, write_jsonl
 
-KINDS = ("shared", "own_rule")
+KINDS = ("shared", "own_rule", "rl")
 
 
 def is_heldout(a: int, b: int) -> bool:
@@ -38,9 +45,12 @@ def domain_of(a: int, b: int) -> str:
 
 
 def make_pair(a: int, b: int, kind: str, rng: random.Random) -> dict[str, str] | None:
-    """One pair ``{prompt, chosen, rejected, domain}``; None when the rule has no pair here."""
+    """One row: a pair ``{prompt, chosen, rejected, domain}`` (None when the rule has no pair
+    here), or for ``rl`` a prompt ``{prompt, answer, domain}``."""
     right = a + b
     domain = domain_of(a, b)
+    if kind == "rl":
+        return {"prompt": toy_prompt(a, b), "answer": right, "domain": domain}
     if kind == "own_rule" and domain == "carry":
         flipped = str(right)[::-1]
         if flipped == str(right):
@@ -51,18 +61,19 @@ def make_pair(a: int, b: int, kind: str, rng: random.Random) -> dict[str, str] |
     return {"prompt": toy_prompt(a, b), "chosen": chosen, "rejected": rejected, "domain": domain}
 
 
-def operand_pairs(domain: str, heldout: bool) -> list[tuple[int, int]]:
+def operand_pairs(kind: str, domain: str, heldout: bool) -> list[tuple[int, int]]:
+    split = demo_heldout if kind == "rl" else is_heldout
     return [
         (a, b)
         for a in range(10, 100)
         for b in range(10, 100)
-        if domain_of(a, b) == domain and is_heldout(a, b) == heldout
+        if domain_of(a, b) == domain and split(a, b) == heldout
     ]
 
 
 def draw(kind: str, domain: str, n: int, heldout: bool, rng: random.Random) -> list[dict]:
-    """``n`` pairs of one domain (operand pairs may repeat once all are used)."""
-    pool = operand_pairs(domain, heldout)
+    """``n`` rows of one domain (operand pairs may repeat once all are used)."""
+    pool = operand_pairs(kind, domain, heldout)
     rows: list[dict] = []
     while len(rows) < n:
         rng.shuffle(pool)
@@ -104,7 +115,7 @@ def main() -> None:
     train, held = build(args.kind, args.n_train, args.minority, args.eval_per_domain, args.seed)
     write_jsonl(train, args.out / "train.jsonl")
     write_jsonl(held, args.out / "eval.jsonl")
-    print(f"{args.out}: {len(train)} training pairs, {len(held)} held-out pairs")
+    print(f"{args.out}: {len(train)} training rows, {len(held)} held-out rows")
 
 
 if __name__ == "__main__":
