@@ -141,6 +141,8 @@ def test_alpha_allocation_of_a_step_and_the_sampler_following_it():
     for _ in range(4):
         batch = s.next_batch()
         assert [sum(domains[i] == d for i in batch) for d in range(3)] == [6, 2, 2]
+        # interleaved: each half of the step holds half of each domain's rows
+        assert [sum(domains[i] == d for i in batch[:5]) for d in range(3)] == [3, 1, 1]
     robust.weights.alpha = torch.tensor([0.1, 0.1, 0.8], dtype=torch.float64)
     batch = s.next_batch()
     assert [sum(domains[i] == d for i in batch) for d in range(3)] == robust.rows_per_domain(10)

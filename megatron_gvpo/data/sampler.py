@@ -126,7 +126,8 @@ class DomainBalancedSampler:
     proportion to group-robust alpha) each batch holds what it returns at draw time. Each
     domain's rows come in shuffled epochs of their own (a function of (seed, domain, epoch)), so
     a small domain is cycled through more often than a large one, each of its rows equally
-    often. ``state_dict()`` is the batch count and the rows drawn per domain."""
+    often. Domains are interleaved within a batch, so a contiguous part of it holds about its
+    share of each. ``state_dict()`` is the batch count and the rows drawn per domain."""
 
     def __init__(
         self,
@@ -168,11 +169,14 @@ class DomainBalancedSampler:
             if len(quotas) != len(self.members) or sum(quotas) != self.batch_size or min(quotas) < 0:
                 raise ValueError(f"allocation {quotas} does not split {self.batch_size} rows over "
                                  f"{len(self.members)} domains")
+        keyed = []
         for k, q in enumerate(quotas):
-            out += [self._row(k, self.drawn[k] + j) for j in range(q)]
+            # Interleaved: domain k's j-th row at position (j + 1/2) / q of the batch, so any
+            # contiguous slice (e.g. one of a round's updates) holds its share of each domain.
+            keyed += [((j + 0.5) / q, k, self._row(k, self.drawn[k] + j)) for j in range(q)]
             self.drawn[k] += q
         self.batches += 1
-        return out
+        return [row for _, _, row in sorted(keyed)]
 
     def state_dict(self) -> dict[str, Any]:
         return {
