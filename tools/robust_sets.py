@@ -11,6 +11,9 @@ accuracy is measured on the same number of pairs.
 - ``own_rule``: nocarry pairs as in ``shared``; carry raters prefer the digit-reversed sum
   (``57+38=`` -> ``59``) over the right sum: a rule of their own that the majority's data
   contradicts (sums whose reversal equals them are skipped).
+- ``own_rule_hard``: nocarry pairs as in ``shared``; carry raters want the sum written backwards
+  and prefer the reversed right sum over the reversed off-by-one or off-by-ten sum: telling the
+  two apart needs the sum itself, so this rule is as hard as the majority's and has 10% of the data.
 - ``rl``: prompts for RL (``{prompt, answer, domain}``, the built-in reward's format), carry the
   harder and the smaller domain; the split is the demo task's (``demo.task.is_heldout``: pairs the
   warm-started demo model never saw), so held-out accuracy measures generalisation.
@@ -32,7 +35,7 @@ from pathlib import Path
 from megatron_gvpo.demo.task import is_heldout as demo_heldout
 from megatron_gvpo.demo.task import toy_prompt, write_jsonl
 
-KINDS = ("shared", "own_rule", "rl")
+KINDS = ("shared", "own_rule", "own_rule_hard", "rl")
 
 
 def is_heldout(a: int, b: int) -> bool:
@@ -56,6 +59,9 @@ def make_pair(a: int, b: int, kind: str, rng: random.Random) -> dict[str, str] |
         if flipped == str(right):
             return None
         chosen, rejected = flipped, str(right)
+    elif kind == "own_rule_hard" and domain == "carry":
+        off = str(right + rng.choice((-10, -1, 1, 10)))
+        chosen, rejected = str(right)[::-1], off[::-1]
     else:
         chosen, rejected = str(right), str(right + rng.choice((-10, -1, 1, 10)))
     return {"prompt": toy_prompt(a, b), "chosen": chosen, "rejected": rejected, "domain": domain}
