@@ -507,6 +507,10 @@ def test_bad_pair_row_fails_before_any_model_is_built(char_model, tmp_path):
         (["algorithm=gvpo", "data=preference_demo"], "data.builtin=preference_demo"),
         (["algorithm=ipo", "data=preference_demo", "algorithm.beta=0"], "algorithm.beta"),
         (["algorithm=gr_ipo", "data=preference_demo", "algorithm.robust_eta=-1"], "robust_eta"),
+        (["algorithm=gr_dpo", "data=preference_demo", "algorithm.robust_estimator=x"], "robust_est"),
+        (["algorithm=gr_dpo", "data=preference_demo", "algorithm.robust_allocation=x"], "allocation"),
+        (["algorithm=gr_dpo", "data=preference_demo", "data.group_key=grp"], "data.domain_key"),
+        (["algorithm=gr_dpo", "data=preference_demo", "data.sampling=group"], "proportional"),
         (["algorithm=dpo", "data=preference", "data.path=/no/such.jsonl"], "data.path"),
         (
             ["algorithm=dpo", "data=preference_demo", "data.builtin=null", "data.path=/etc/hosts"],

@@ -162,7 +162,6 @@ class DomainBalancedSampler:
         return [base + (1 if (k - batch) % d < extra else 0) for k in range(d)]
 
     def next_batch(self) -> list[int]:
-        out: list[int] = []
         quotas = self.quotas(self.batches)
         if self.allocation is not None:
             quotas = [int(q) for q in self.allocation(self.batch_size)]

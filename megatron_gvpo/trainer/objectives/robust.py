@@ -25,7 +25,7 @@ from megatron_gvpo.algorithms.group_robust import (
     unit_weights,
 )
 
-DEFAULT_ROBUST_ETA = 0.3
+DEFAULT_ROBUST_ETA = 1.0
 ALLOCATIONS = ("alpha", "equal")
 
 
