@@ -165,9 +165,9 @@ class DomainBalancedSampler:
         quotas = self.quotas(self.batches)
         if self.allocation is not None:
             quotas = [int(q) for q in self.allocation(self.batch_size)]
-            if len(quotas) != len(self.members) or sum(quotas) != self.batch_size or min(quotas) < 0:
-                raise ValueError(f"allocation {quotas} does not split {self.batch_size} rows over "
-                                 f"{len(self.members)} domains")
+            d, b = len(self.members), self.batch_size
+            if len(quotas) != d or sum(quotas) != b or min(quotas) < 0:
+                raise ValueError(f"allocation {quotas} does not split {b} rows over {d} domains")
         keyed = []
         for k, q in enumerate(quotas):
             # Interleaved: domain k's j-th row at position (j + 1/2) / q of the batch, so any
