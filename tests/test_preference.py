@@ -539,3 +539,41 @@ def test_bad_preference_config_names_the_key(overrides, key):
     with pytest.raises((ValueError, FileNotFoundError)) as e:
         run_config_from_dict(OmegaConf.to_container(cfg, resolve=True))
     assert key in str(e.value)
+
+
+# ------------------------------------------------------------------ the benchmark's data sets
+
+
+@pytest.mark.parametrize("kind", ["shared", "own_rule", "own_rule_hard", "rl"])
+def test_robust_sets_have_the_stated_shares_rules_and_split(kind):
+    """``tools/robust_sets.py``: 10% carry in training, the eval set balanced and disjoint in
+    operand pairs, each domain's rule as documented (checked from the prompt's operands)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("robust_sets", REPO / "tools" / "robust_sets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    train, held = mod.build(kind, 400, 0.1, 30, seed=0)
+    assert len(train) == 400 and sum(r["domain"] == "carry" for r in train) == 40
+    assert sorted(r["domain"] for r in held) == ["carry"] * 30 + ["nocarry"] * 30
+
+    def operands(row):
+        a, b = row["prompt"].rstrip("=").split("+")
+        return int(a), int(b)
+
+    assert not {operands(r) for r in train} & {operands(r) for r in held}
+    for row in train + held:
+        a, b = operands(row)
+        s = a + b
+        assert row["domain"] == ("carry" if a % 10 + b % 10 >= 10 else "nocarry")
+        if kind == "rl":
+            assert row["answer"] == s
+            continue
+        carry_rule = kind != "shared" and row["domain"] == "carry"
+        if not carry_rule:
+            assert row["chosen"] == str(s) and int(row["rejected"]) - s in (-10, -1, 1, 10)
+        elif kind == "own_rule":
+            assert (row["chosen"], row["rejected"]) == (str(s)[::-1], str(s))
+        else:
+            assert row["chosen"] == str(s)[::-1]
+            assert int(row["rejected"][::-1]) - s in (-10, -1, 1, 10)

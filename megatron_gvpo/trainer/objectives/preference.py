@@ -108,11 +108,11 @@ def step_margins(s: Tensor, ref: Tensor, batch: RolloutBatch) -> Tensor:
 
 
 class PreferenceMicroBatchLoss:
-    """``sum over pairs of w_{g(pair)} l(h)`` on one micro-batch, plus the preference metrics.
+    """``sum over pairs of w_{d(pair)} l(h)`` on one micro-batch, plus the preference metrics.
 
-    ``pair_weight`` [G]: the step-wide weight of one pair of group g (1/B for DPO). ``h_step``:
+    ``pair_weight`` [D]: the step-wide weight of one pair of domain d (1/B for DPO). ``h_step``:
     the step's detached margins, needed only when pairs are split over micro-batches.
-    ``group_pairs`` [G]: the step's pairs per group (the per-group metrics' denominators).
+    ``domain_pairs`` [D]: the step's pairs per domain (the per-domain metrics' denominators).
     """
 
     def __init__(
@@ -120,14 +120,14 @@ class PreferenceMicroBatchLoss:
         pair_loss: PairLoss,
         beta: float,
         pair_weight: Tensor,
-        group_pairs: Tensor,
-        groups: Sequence[str],
+        domain_pairs: Tensor,
+        domains: Sequence[str],
         h_step: Tensor | None = None,
     ):
         self.pair_loss, self.beta = pair_loss, beta
-        self.pair_weight, self.group_pairs = pair_weight.double(), group_pairs.double()
-        self.groups, self.h_step = list(groups), h_step
-        self.num_pairs = float(group_pairs.sum())
+        self.pair_weight, self.domain_pairs = pair_weight.double(), domain_pairs.double()
+        self.domains, self.h_step = list(domains), h_step
+        self.num_pairs = float(domain_pairs.sum())
 
     def __call__(self, logprobs: Tensor, entropy: Tensor | None, mb: MicroBatch):
         x = mb.extra
@@ -137,8 +137,8 @@ class PreferenceMicroBatchLoss:
         sign = x["rewards"].to(dev).double()
         ref = x["ref_logprobs"].to(dev).double().sum(-1)
         pairs, inv = torch.unique(x["group_ids"].to(dev), return_inverse=True)
-        group = torch.zeros(len(pairs), dtype=torch.long, device=dev)
-        group[inv] = x["domains"].to(dev)
+        domain = torch.zeros(len(pairs), dtype=torch.long, device=dev)
+        domain[inv] = x["domains"].to(dev)
         owned = torch.zeros(len(pairs), dtype=torch.bool, device=dev)
         owned[inv[sign > 0]] = True  # each pair is counted where its chosen sample is
         if self.h_step is None:  # whole pairs: h from this micro-batch
@@ -149,7 +149,7 @@ class PreferenceMicroBatchLoss:
         else:  # split pairs: step-wide h, the gradient through this micro-batch's samples
             h_value = self.h_step.to(dev)[pairs]
             h = h_value + torch.zeros_like(h_value).index_add(0, inv, sign * (s - s.detach()))
-        w = self.pair_weight.to(dev)[group]
+        w = self.pair_weight.to(dev)[domain]
         lp = self.pair_loss(h, self.beta)
         l_value = lp.detach()
         if self.h_step is None:
@@ -157,10 +157,10 @@ class PreferenceMicroBatchLoss:
         else:
             loss = (w * (lp - l_value)).sum() + (w * l_value)[owned].sum()
         metrics = loss_metrics(loss.float(), mb, entropy)
-        metrics.update(self._metrics(h_value[owned], l_value[owned], group[owned]))
+        metrics.update(self._metrics(h_value[owned], l_value[owned], domain[owned]))
         return loss.to(logprobs.dtype), metrics
 
-    def _metrics(self, h: Tensor, lp: Tensor, group: Tensor) -> dict[str, Metric]:
+    def _metrics(self, h: Tensor, lp: Tensor, domain: Tensor) -> dict[str, Metric]:
         n = max(self.num_pairs, 1.0)
         hit = (h > 0).double()
         out = {
@@ -168,26 +168,26 @@ class PreferenceMicroBatchLoss:
             "preference/accuracy": Metric(float(hit.sum()) / n, "sum"),
             "preference/margin": Metric(float(h.sum()) / n, "sum"),
         }
-        for k, name in enumerate(self.groups):
-            m = float(self.group_pairs[k])
+        for k, name in enumerate(self.domains):
+            m = float(self.domain_pairs[k])
             if m > 0:
-                sel = group == k
+                sel = domain == k
                 out[f"preference/loss/{name}"] = Metric(float(lp[sel].sum()) / m, "sum")
                 out[f"preference/accuracy/{name}"] = Metric(float(hit[sel].sum()) / m, "sum")
         return out
 
 
 class PreferenceObjective(Objective):
-    """DPO-style objectives: offline pairs, a frozen reference, per-group metrics."""
+    """DPO-style objectives: offline pairs, a frozen reference, per-domain metrics."""
 
     offline = True
     pair_loss: ClassVar[PairLoss] = staticmethod(dpo_pair_loss)
 
     def pair_weights(self, num_pairs: int) -> Tensor:
-        """Per-group weight of one pair in a step of ``num_pairs`` pairs (mean: 1/B)."""
+        """Per-domain weight of one pair in a step of ``num_pairs`` pairs (mean: 1/B)."""
         return torch.full((len(self.domains),), 1.0 / num_pairs, dtype=torch.float64)
 
-    def group_pairs(self, batch: RolloutBatch) -> Tensor:
+    def domain_pairs(self, batch: RolloutBatch) -> Tensor:
         chosen = batch.rewards > 0
         return torch.bincount(batch.domains[chosen], minlength=len(self.domains)).double()
 
@@ -202,7 +202,7 @@ class PreferenceObjective(Objective):
         return step_margins(s, ref, step.batch)
 
     def loss_for(self, step: StepInputs, h_step: Tensor | None) -> PreferenceMicroBatchLoss:
-        counts = self.group_pairs(step.batch)
+        counts = self.domain_pairs(step.batch)
         weights = self.pair_weights(int(counts.sum()))
         return PreferenceMicroBatchLoss(
             type(self).pair_loss, self.config.beta, weights, counts, self.domains, h_step
@@ -213,7 +213,7 @@ class PreferenceObjective(Objective):
     ) -> PreferenceMicroBatchLoss:
         """The unweighted mean loss and the metrics of an evaluation batch (alpha untouched);
         ``h_step`` as in :meth:`loss_for`."""
-        counts = self.group_pairs(batch)
+        counts = self.domain_pairs(batch)
         weights = PreferenceObjective.pair_weights(self, int(counts.sum()))
         return PreferenceMicroBatchLoss(
             type(self).pair_loss, self.config.beta, weights, counts, self.domains, h_step
@@ -265,12 +265,12 @@ class GroupRobustPreference(PreferenceObjective):
         s, ref = step.step_logprobs()
         h = step_margins(s, ref, step.batch)
         chosen = step.batch.rewards > 0
-        group = torch.zeros(len(h), dtype=torch.long)
-        group[step.batch.group_ids[chosen]] = step.batch.domains[chosen]
+        domain = torch.zeros(len(h), dtype=torch.long)
+        domain[step.batch.group_ids[chosen]] = step.batch.domains[chosen]
         d = len(self.domains)
         losses = type(self).pair_loss(h, self.config.beta).double()
-        sums = torch.zeros(d, dtype=torch.float64).index_add_(0, group, losses)
-        counts = torch.bincount(group, minlength=d).double()
+        sums = torch.zeros(d, dtype=torch.float64).index_add_(0, domain, losses)
+        counts = torch.bincount(domain, minlength=d).double()
         self._weights = self.robust.step(sums, counts)
         return None if step.plan.groups_whole else h
 
