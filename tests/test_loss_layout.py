@@ -153,12 +153,13 @@ def _grpo_reference(lps, olds, refs, rewards, gids, eps=0.2, kl_beta=0.04, std_e
     return total / len(lps)
 
 
-def _preference_reference(s, ref, signs, pair_ids, groups, loss, beta, sizes, eta):
+def _preference_reference(s, ref, signs, pair_ids, groups, loss, beta, sizes, eta, estimator):
     """DPO -log sigmoid(beta h) or IPO (h - 1/(2 beta))^2 with h = (s_c - r_c) - (s_r - r_r),
-    mean over pairs; GR-* (Ramesh et al. 2024, Alg. 1, its per-pair terms averaged over the B
-    pairs): alpha (uniform start) takes alpha_g exp(eta (N / N_g) (1/B) sum_{pairs of g} l) / Z
-    at the step's theta, then the loss is (1/B) sum over pairs of N alpha_g / N_g * l (N, N_g:
-    dataset sizes)."""
+    mean over pairs. GR-* (Ramesh et al. 2024): alpha (uniform start) moves first, at the step's
+    theta: alpha_d exp(eta m_d) / Z. stratified: m_d = mean loss of d's n_d pairs in the step, then
+    the loss is sum_d alpha_d m_d; importance (Alg. 1's per-pair terms averaged over the B
+    pairs): m_d = (N / N_d) (1/B) sum_{pairs of d} l, then (1/B) sum over pairs of
+    N alpha_d / N_d * l (N, N_d: dataset sizes)."""
     pairs = sorted(set(pair_ids))
     h, grp = {}, {}
     for i, p in enumerate(pair_ids):
@@ -172,12 +173,16 @@ def _preference_reference(s, ref, signs, pair_ids, groups, loss, beta, sizes, et
     if not loss.startswith("gr_"):
         return sum(lp.values()) / b
     n, k = sum(sizes), len(sizes)
-    alpha = [1.0 / k] * k
-    for p in pairs:  # Alg. 1's per-pair update, all at the step's theta
-        g = grp[p]
-        alpha[g] *= math.exp(eta * n * float(lp[p].detach()) / (sizes[g] * b))
-    z = sum(alpha)
-    alpha = [a / z for a in alpha]
+    members = {d: [p for p in pairs if grp[p] == d] for d in range(k)}
+    if estimator == "stratified":
+        m = {d: sum(float(lp[p].detach()) for p in v) / len(v) for d, v in members.items() if v}
+    else:
+        m = {d: n * sum(float(lp[p].detach()) for p in v) / (sizes[d] * b) for d, v in members.items()}
+    alpha = {d: math.exp(eta * m[d]) / k for d in m}
+    z = sum(alpha.values()) / (len(m) / k)
+    alpha = {d: a / z for d, a in alpha.items()}
+    if estimator == "stratified":
+        return sum(alpha[d] * sum(lp[p] for p in members[d]) / len(members[d]) for d in m)
     return sum(n * alpha[grp[p]] / sizes[grp[p]] * lp[p] for p in pairs) / b
 
 
@@ -213,6 +218,7 @@ def test_preference_gradients_match_transformers_float64(layout_grads, tiny_mode
         cfg.beta,
         worker.DATASET_SIZES,
         getattr(cfg, "robust_eta", 0.0),
+        getattr(cfg, "robust_estimator", None),
     )
     value.backward()
     want = {f"{loss}/{n}": p.grad for n, p in model.named_parameters() if p.grad is not None}

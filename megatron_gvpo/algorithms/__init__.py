@@ -2,9 +2,9 @@
 
 from megatron_gvpo.algorithms.group_robust import (
     GroupRobustWeights,
+    domain_estimates,
     domain_robust_gvpo_loss,
-    gr_dpo_loss,
-    gr_ipo_loss,
+    unit_weights,
 )
 from megatron_gvpo.algorithms.grpo import (
     DAPOConfig,
@@ -36,10 +36,9 @@ __all__ = [
     "GroupRobustWeights",
     "PolicyLossConfig",
     "dapo_loss",
+    "domain_estimates",
     "domain_robust_gvpo_loss",
     "dr_grpo_loss",
-    "gr_dpo_loss",
-    "gr_ipo_loss",
     "group_advantages",
     "grpo_loss",
     "gspo_loss",
@@ -51,4 +50,5 @@ __all__ = [
     "kl_k2",
     "kl_k3",
     "overlong_penalty",
+    "unit_weights",
 ]

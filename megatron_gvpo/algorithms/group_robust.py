@@ -1,30 +1,72 @@
-"""Group-Robust preference optimisation (Ramesh et al. 2024, "Group Robust Preference Optimization
-in Reward-free RLHF"), and the same robust weighting over data domains for GVPO.
+"""Group-Robust optimisation over data domains (Ramesh et al. 2024, "Group Robust Preference
+Optimization in Reward-free RLHF"): GR-DPO, GR-IPO, and the same weighting of per-domain GVPO losses.
 
-Objective: ``min_theta max_{alpha in simplex} sum_g alpha_g * loss_g(theta)``, where ``loss_g`` is
-the mean per-pair loss over group g's pairs in the batch. Per pair, with the implicit-reward margin
-``h = (logp_c - ref_c) - (logp_r - ref_r)``:
+Objective: ``min_theta max_{alpha in simplex} sum_d alpha_d L_d(theta)``, where ``L_d`` is the
+expected loss of one *unit* of domain d: a preference pair (DPO ``-log sigmoid(beta h)``, IPO
+``(h - 1/(2 beta))^2``, with ``h = (s_c - r_c) - (s_r - r_r)``) or a prompt group with k >= 2
+responses (its GVPO term ``sum_i c_i^2 / (2 (k - 1))``). The dataset holds ``N_d`` units of domain
+d, ``N = sum_d N_d``, ``p_d = N_d / N``. Once per optimizer step, at the step's theta and before
+the policy update, alpha takes one mirror-ascent step from per-domain estimates ``m_d`` of ``L_d``
+(the one rule, :meth:`GroupRobustWeights.update`)::
 
-- DPO: ``-log sigmoid(beta * h)``
-- IPO: ``(h - 1 / (2 beta))^2``
+    alpha_d <- alpha_d exp(eta m_d)   for the domains the estimator reports as present,
+    renormalised over those domains to the mass they held; the other domains keep alpha_d exactly.
 
-Each step, before the policy update, the weights take a mirror-ascent step::
+Then the policy minimises ``sum_units w_{d(unit)} l(unit)`` with the updated, detached alpha, where
+the unit weights ``w_d`` come from the estimator (:func:`unit_weights`). Both are step-wide
+(computed from the whole step's counts), so the step's gradient does not depend on micro-batching
+or the parallel layout. Two estimators (``algorithm.robust_estimator``), over a step of B units
+with ``n_d`` of domain d, within-domain loss variance ``sigma_d^2``:
 
-    alpha_g <- alpha_g * exp(eta_alpha * N * loss_g / N_g)      for groups present in the batch
-    alpha   <- alpha / sum(alpha)
+``stratified`` (the default): the step holds ``n_d`` units of domain d, fixed before the draw
+(``data.sampling=auto``: ``n_d`` proportional to the current alpha, at least one per domain; or
+equal, ``B / D``), each drawn uniformly from its domain, and ``m_d = (1/n_d) sum_{units of d} l``,
+``w_d = alpha_d / n_d``. Then ``E[m_d] = L_d`` and ``E[objective] = sum_d alpha_d L_d`` (no
+importance weight: a unit of d is drawn with the probability the estimator assumes), and
 
-with ``N`` the batch size, ``N_g`` the number of group g's items in it and ``loss_g`` the group's
-mean loss (detached); groups absent from the batch keep their weight before renormalisation. Then
-the policy minimises ``sum_g alpha_g * loss_g`` with the updated, detached alpha (the paper's order:
-the weights move first, at the current theta).
+    Var[objective] = sum_d alpha_d^2 sigma_d^2 / n_d        Var[m_d] = sigma_d^2 / n_d,
 
-Distributed / micro-batched use: ``loss_g`` and ``N_g`` must be those of the whole step batch.
-Compute per-group loss sums and counts locally (``per_group_loss_sums``), all-reduce them (sum),
-and pass them as ``group_loss_sums=`` / ``group_counts=`` to every local call. Update alpha once
-per step on every rank (``update_weights=True`` on the first micro-batch only, or an explicit
-``GroupRobustWeights.update`` and ``update_weights=False`` everywhere): the update is then identical
-on every rank, and the local objective ``sum_g alpha_g * (local sum_g) / N_g(global)`` summed over
-micro-batches and ranks equals the full-batch objective, value and gradient.
+whatever the domains' shares. With ``n_d = alpha_d B`` this is ``sum_d alpha_d sigma_d^2 / B``,
+the least any allocation of B units reaches when the sigma_d are equal (minimise
+``sum_d alpha_d^2 sigma_d^2 / n_d`` subject to ``sum_d n_d = B``: ``n_d`` proportional to
+``alpha_d sigma_d``), and the step spends its units where alpha puts the weight. With another
+sampler it is the per-domain batch mean: a domain absent from the step (n_d = 0) gets no weight
+and keeps its alpha, and the objective's expectation is biased towards frequent domains.
+
+``importance`` (Alg. 1's per-unit form, averaged over the step): units drawn in the dataset's
+proportions (i.i.d., domain d with probability p_d), ``m_d = (1/(p_d B)) sum_{units of d} l`` for
+every domain (0 when absent, its unbiased value for that draw) and ``w_d = alpha_d / (p_d B)``
+(the draw's importance weight N/N_d, per unit, over B). Then ``E[m_d] = L_d``,
+``E[objective] = sum_d alpha_d L_d``, and
+
+    Var[objective] = (1/B) [sum_d alpha_d^2 (sigma_d^2 + L_d^2) / p_d - (sum_d alpha_d L_d)^2]
+    Var[m_d]       = (1/B) [(sigma_d^2 + L_d^2) / p_d - L_d^2].
+
+Derivation: the step is a mean of B i.i.d. terms ``X = (alpha_d / p_d) l`` with d ~ p; ``E[X^2] =
+sum_d p_d (alpha_d / p_d)^2 E[l^2 | d]``, and ``E[l^2 | d] = sigma_d^2 + L_d^2``. The same holds
+for the gradient, with l replaced by a unit's gradient and squares by squared norms (traces).
+
+Numbers, two domains, alpha = (1/2, 1/2), equal ``L_d = L`` and ``sigma_d = sigma``, B units:
+
+==========================  ==========================  =========================================
+minority share p            stratified: Var[objective]  importance: Var[objective]
+==========================  ==========================  =========================================
+10%                         sigma^2 / B                 (2.78 sigma^2 + 1.78 L^2) / B
+1%                          sigma^2 / B                 (25.3 sigma^2 + 24.3 L^2) / B
+==========================  ==========================  =========================================
+
+(stratified at alpha = (1/2, 1/2): n_d = B / 2 either way), and for the minority's alpha exponent:
+stratified ``Var[m] = 2 sigma^2 / B``; importance
+``(10 sigma^2 + 9 L^2) / B`` at 10% and ``(100 sigma^2 + 99 L^2) / B`` at 1%. At a DPO start
+(theta = reference: every pair's loss is log 2, sigma = 0) with B = 16: stratified, m = log 2
+exactly; importance, the minority's m has mean 0.69 and standard deviation 0.52 (10%) or 1.72
+(1%), and the minority is absent from (1 - p)^B = 18.5% (10%) or 85% (1%) of the steps, in which
+alpha moves towards the majority by eta L / (1 - p). The L^2 terms are what a mini-batch cannot
+average away: importance weights give a few minority units most of the step's weight.
+
+Either way the log-odds move by ``E[log(alpha'_a / alpha'_b)] = log(alpha_a / alpha_b) +
+eta (L_a - L_b)`` (a and b reported present): alpha moves only through loss differences, never
+through the domains' sizes.
 """
 
 from __future__ import annotations
@@ -40,47 +82,24 @@ from megatron_gvpo.algorithms._groups import (
     check_group_ids,
     first_of_group,
     group_index,
-    group_sum,
 )
 from megatron_gvpo.algorithms.gvpo import GVPOGroupStats, gvpo_sample_losses
 
 __all__ = [
+    "ESTIMATORS",
     "GroupRobustWeights",
+    "domain_estimates",
     "domain_robust_gvpo_loss",
+    "domain_unit_counters",
     "dpo_pair_loss",
-    "gr_dpo_loss",
-    "gr_ipo_loss",
-    "per_group_loss_sums",
-    "group_robust_objective",
     "ipo_pair_loss",
-    "preference_margin",
+    "unit_weights",
 ]
 
+ESTIMATORS = ("stratified", "importance")
 
 
 # ------------------------------------------------------------------------------ pair losses
-
-
-def preference_margin(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-) -> Tensor:
-    """``h = (logp_c - ref_c) - (logp_r - ref_r)`` per pair, ``[N]`` (sequence logprob sums)."""
-    n = policy_chosen_logps.shape
-    for name, t in (
-        ("policy_rejected_logps", policy_rejected_logps),
-        ("ref_chosen_logps", ref_chosen_logps),
-        ("ref_rejected_logps", ref_rejected_logps),
-    ):
-        if t.shape != n:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(n)}")
-    if policy_chosen_logps.dim() != 1:
-        raise ValueError(f"logps must be 1-D [N], got shape {tuple(n)}")
-    return (policy_chosen_logps - ref_chosen_logps.detach()) - (
-        policy_rejected_logps - ref_rejected_logps.detach()
-    )
 
 
 def dpo_pair_loss(h: Tensor, beta: float) -> Tensor:
@@ -93,254 +112,130 @@ def ipo_pair_loss(h: Tensor, beta: float) -> Tensor:
     return (h - 1.0 / (2.0 * check_beta(beta))).square()
 
 
+# ----------------------------------------------------------------------------- estimators
+
+
+def _check_estimator(estimator: str) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"robust estimator {estimator!r} is not one of {', '.join(ESTIMATORS)}")
+
+
+def _f64(x: Tensor | list | tuple, name: str, size: int | None = None) -> Tensor:
+    t = torch.as_tensor(x).detach().to("cpu", torch.float64).reshape(-1)
+    if size is not None and t.numel() != size:
+        raise ValueError(f"{name} has {t.numel()} entries, expected {size}")
+    if bool((t < 0).any()) and name != "loss_sums":
+        raise ValueError(f"{name} must be >= 0")
+    return t
+
+
+def _shares(data_counts: Tensor | None, size: int) -> Tensor:
+    if data_counts is None:
+        raise ValueError("the importance estimator needs the dataset's unit count per domain")
+    counts = _f64(data_counts, "data_counts", size)
+    if bool((counts <= 0).any()):
+        raise ValueError("the importance estimator needs every domain's dataset count > 0")
+    return counts / counts.sum()
+
+
+def domain_estimates(
+    estimator: str,
+    loss_sums: Tensor,
+    batch_counts: Tensor,
+    data_counts: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(m, present)`` ``[D]``: the estimate of each domain's expected unit loss L_d from the
+    step's per-domain loss sums and unit counts (float64, detached), and which domains it
+    reports (see the module docstring). ``data_counts``: the dataset's N_d (importance only)."""
+    _check_estimator(estimator)
+    sums = _f64(loss_sums, "loss_sums")
+    counts = _f64(batch_counts, "batch_counts", sums.numel())
+    if estimator == "stratified":
+        present = counts > 0
+        return torch.where(present, sums / counts.clamp(min=1.0), 0.0), present
+    p = _shares(data_counts, sums.numel())
+    b = counts.sum()
+    m = sums / (p * b) if b > 0 else torch.zeros_like(sums)
+    return m, torch.full_like(sums, b > 0, dtype=torch.bool)
+
+
+def unit_weights(
+    estimator: str,
+    alpha: Tensor,
+    batch_counts: Tensor,
+    data_counts: Tensor | None = None,
+) -> Tensor:
+    """``w`` ``[D]`` float64: the weight of one unit of domain d in the step's objective
+    ``sum_units w_d l`` (stratified: alpha_d / n_d, 0 where n_d = 0; importance:
+    alpha_d / (p_d B))."""
+    _check_estimator(estimator)
+    a = _f64(alpha, "alpha")
+    counts = _f64(batch_counts, "batch_counts", a.numel())
+    if estimator == "stratified":
+        return torch.where(counts > 0, a / counts.clamp(min=1.0), 0.0)
+    p = _shares(data_counts, a.numel())
+    b = counts.sum()
+    return a / (p * b) if b > 0 else torch.zeros_like(a)
+
+
 # ---------------------------------------------------------------------------------- weights
 
 
 class GroupRobustWeights:
-    """The adversary's weights ``alpha`` on the simplex over ``num_groups`` groups (uniform start),
-    kept in float64 on the CPU; see the module docstring for the update."""
+    """The adversary's weights ``alpha`` on the simplex over ``num_domains`` domains (uniform
+    start), kept in float64 on the CPU, with the one update rule of the module docstring."""
 
-    def __init__(self, num_groups: int, eta_alpha: float) -> None:
-        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
-            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    def __init__(self, num_domains: int, eta_alpha: float) -> None:
+        if isinstance(num_domains, bool) or not isinstance(num_domains, int) or num_domains < 1:
+            raise ValueError(f"num_domains must be a positive int, got {num_domains!r}")
         eta = float(eta_alpha)
         if not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta_alpha must be a finite number >= 0, got {eta_alpha!r}")
-        self.num_groups = num_groups
+        self.num_domains = num_domains
         self.eta_alpha = eta
-        self.alpha = torch.full((num_groups,), 1.0 / num_groups, dtype=torch.float64)
+        self.alpha = torch.full((num_domains,), 1.0 / num_domains, dtype=torch.float64)
 
     @torch.no_grad()
-    def update(self, group_loss_sums: Tensor, group_counts: Tensor) -> Tensor:
-        """One mirror-ascent step from per-group loss sums and item counts ``[num_groups]`` of the
-        (whole step) batch; ``loss_g = sums_g / counts_g``, ``N = sum counts``. Groups with
-        count 0 keep their weight before renormalisation. Returns the new alpha (a copy)."""
-        sums = group_loss_sums.detach().to("cpu", torch.float64).reshape(-1)
-        counts = group_counts.detach().to("cpu", torch.float64).reshape(-1)
-        if sums.numel() != self.num_groups or counts.numel() != self.num_groups:
-            raise ValueError(
-                f"expected [{self.num_groups}] loss sums and counts, got "
-                f"{tuple(group_loss_sums.shape)} and {tuple(group_counts.shape)}"
-            )
-        if bool((counts < 0).any()):
-            raise ValueError("group_counts must be >= 0")
-        present = counts > 0
-        n = counts.sum()
-        safe = torch.where(present, counts, torch.ones_like(counts))
-        mean_loss = sums / safe
-        step = torch.where(present, self.eta_alpha * n * mean_loss / safe, torch.zeros_like(sums))
-        return self.ascend(step)
-
-    @torch.no_grad()
-    def ascend(self, exponents: Tensor) -> Tensor:
-        """``alpha_g <- alpha_g * exp(exponents_g)``, renormalised; returns the new alpha (a copy).
-
-        The multiplicative step itself, for callers that size it differently (the preference
-        objectives use the dataset's N and N_g, ``trainer/objectives/preference.py``)."""
-        step = exponents.detach().to("cpu", torch.float64).reshape(-1)
-        if step.numel() != self.num_groups:
-            raise ValueError(f"expected [{self.num_groups}] exponents, got {tuple(step.shape)}")
-        # In log space: exp() of large steps cannot overflow.
-        self.alpha = torch.softmax(torch.log(self.alpha) + step, dim=0)
+    def update(self, estimates: Tensor, present: Tensor | None = None) -> Tensor:
+        """``alpha_d <- alpha_d exp(eta m_d)`` over the ``present`` domains (default: all),
+        renormalised to the mass they held; the others keep their alpha. Returns a copy."""
+        m = _f64(estimates, "loss_sums", self.num_domains)  # any sign
+        if not bool(torch.isfinite(m).all()):
+            raise ValueError("robust loss estimates must be finite")
+        mask = (
+            torch.ones(self.num_domains, dtype=torch.bool)
+            if present is None
+            else torch.as_tensor(present).detach().cpu().reshape(-1).bool()
+        )
+        if mask.numel() != self.num_domains:
+            raise ValueError(f"present has {mask.numel()} entries, expected {self.num_domains}")
+        if bool(mask.any()):
+            a = self.alpha[mask]
+            # In log space: exp() of large steps cannot overflow.
+            moved = torch.softmax(torch.log(a) + self.eta_alpha * m[mask], dim=0) * a.sum()
+            alpha = self.alpha.clone()
+            alpha[mask] = moved
+            self.alpha = alpha
         return self.alpha.clone()
 
     def state_dict(self) -> dict[str, object]:
-        return {
-            "alpha": self.alpha.clone(),
-            "num_groups": self.num_groups,
-            "eta_alpha": self.eta_alpha,
-        }
+        return {"alpha": self.alpha.tolist()}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore alpha exactly as saved (float64 values survive JSON); checks the simplex."""
         alpha = torch.as_tensor(state["alpha"], dtype=torch.float64).detach().cpu().reshape(-1)
-        if alpha.numel() != self.num_groups:
-            raise ValueError(f"alpha has {alpha.numel()} entries, expected {self.num_groups}")
+        if alpha.numel() != self.num_domains:
+            raise ValueError(f"alpha has {alpha.numel()} entries, expected {self.num_domains}")
         if bool((alpha < 0).any()) or not math.isclose(float(alpha.sum()), 1.0, abs_tol=1e-6):
             raise ValueError("alpha must lie on the simplex (>= 0, summing to 1)")
-        self.alpha = alpha / alpha.sum()
-        if "eta_alpha" in state:
-            self.eta_alpha = float(state["eta_alpha"])  # type: ignore[arg-type]
-
-
-# -------------------------------------------------------------------------------- objective
-
-
-def _check_labels(group_labels: Tensor | None, n: int, num_groups: int, name: str) -> Tensor:
-    if group_labels is None:
-        raise ValueError(f"{name} is required (one integer label in [0, num_groups) per item)")
-    labels = check_group_ids(group_labels, n, name)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_groups):
-        raise ValueError(
-            f"{name} must lie in [0, {num_groups}), got min {int(labels.min())}, "
-            f"max {int(labels.max())}"
-        )
-    return labels
-
-
-def per_group_loss_sums(
-    item_losses: Tensor, group_labels: Tensor, num_groups: int
-) -> tuple[Tensor, Tensor]:
-    """``(sums, counts)`` ``[num_groups]``: per-group sum of ``item_losses`` (with grad) and the
-    number of items, for labels in ``[0, num_groups)``."""
-    labels = _check_labels(group_labels, item_losses.numel(), num_groups, "group_labels")
-    labels = labels.to(item_losses.device)
-    sums = group_sum(item_losses, labels, num_groups)
-    counts = torch.bincount(labels, minlength=num_groups).to(item_losses.dtype)
-    return sums, counts
-
-
-def group_robust_objective(loss_sums: Tensor, group_counts: Tensor, alpha: Tensor) -> Tensor:
-    """``sum_g alpha_g * loss_sums_g / N_g`` over groups with ``N_g > 0`` (alpha detached)."""
-    a = alpha.detach().to(device=loss_sums.device, dtype=loss_sums.dtype)
-    counts = group_counts.detach().to(device=loss_sums.device, dtype=loss_sums.dtype)
-    weight = torch.where(counts > 0, a / counts.clamp(min=1e-30), torch.zeros_like(a))
-    return (weight * loss_sums).sum()
-
-
-def _robust_step(
-    item_losses: Tensor,
-    labels: Tensor,
-    weights: GroupRobustWeights,
-    update_weights: bool,
-    global_sums: Tensor | None,
-    global_counts: Tensor | None,
-    count_items: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Shared tail: local sums -> (global stats) -> alpha update -> weighted objective, metrics.
-
-    ``count_items``: per-item 0/1 (or counts) used for ``N_g`` instead of one per item."""
-    g = weights.num_groups
-    local_sums = group_sum(item_losses, labels, g)
-    if count_items is None:
-        local_counts = torch.bincount(labels, minlength=g).to(item_losses.dtype)
-    else:
-        local_counts = group_sum(count_items.to(item_losses.dtype), labels, g)
-    sums = local_sums.detach() if global_sums is None else global_sums.detach()
-    counts = local_counts if global_counts is None else global_counts.detach()
-    sums = sums.to(device=item_losses.device, dtype=item_losses.dtype).reshape(-1)
-    counts = counts.to(device=item_losses.device, dtype=item_losses.dtype).reshape(-1)
-    if sums.numel() != g or counts.numel() != g:
-        raise ValueError(f"group loss sums and counts must have {g} entries")
-    if update_weights:
-        weights.update(sums, counts)
-    loss = group_robust_objective(local_sums, counts, weights.alpha)
-    with torch.no_grad():
-        present = counts > 0
-        mean = sums / counts.clamp(min=1e-30)
-        metrics: dict[str, Tensor] = {
-            "worst_group_loss": mean[present].max()
-            if bool(present.any())
-            else torch.zeros((), dtype=sums.dtype, device=sums.device),
-            "weighted_loss": (weights.alpha.to(sums) * torch.where(present, mean, 0.0)).sum(),
-        }
-        for k in range(g):
-            metrics[f"alpha/{k}"] = weights.alpha[k].to(sums.dtype).clone()
-            if bool(present[k]):
-                metrics[f"group_loss/{k}"] = mean[k]
-    return loss, metrics
-
-
-def _gr_pairs(
-    pair_loss_fn,
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    group_labels: Tensor | None,
-    weights: GroupRobustWeights,
-    beta: float,
-    update_weights: bool,
-    group_loss_sums: Tensor | None,
-    group_counts: Tensor | None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    h = preference_margin(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    labels = _check_labels(group_labels, h.numel(), weights.num_groups, "group_labels")
-    if (group_loss_sums is None) != (group_counts is None):
-        raise ValueError("pass both group_loss_sums and group_counts, or neither")
-    dtype = torch.promote_types(h.dtype, torch.float32)
-    losses = pair_loss_fn(h.to(dtype), beta)
-    loss, metrics = _robust_step(
-        losses, labels.to(h.device), weights, update_weights, group_loss_sums, group_counts
-    )
-    with torch.no_grad():
-        metrics["margin_mean"] = h.detach().to(dtype).mean() if h.numel() else loss.detach() * 0
-        metrics["accuracy"] = (h.detach() > 0).to(dtype).mean() if h.numel() else loss.detach() * 0
-    return loss, metrics
-
-
-def gr_dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    group_labels: Tensor | None,
-    weights: GroupRobustWeights,
-    beta: float = 0.1,
-    *,
-    update_weights: bool = True,
-    group_loss_sums: Tensor | None = None,
-    group_counts: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """GR-DPO on ``[N]`` (chosen, rejected) pairs with integer ``group_labels`` in
-    ``[0, weights.num_groups)``.
-
-    Updates ``weights`` first (``update_weights``), then returns
-    ``(sum_g alpha_g * loss_g, metrics)``. ``group_loss_sums`` / ``group_counts``: detached
-    per-group loss sums and pair counts of the whole step batch (see the module docstring); default
-    the local ones. Metrics: ``worst_group_loss`` (max mean loss over groups present),
-    ``weighted_loss``, ``alpha/<g>``, ``group_loss/<g>`` (groups present), ``margin_mean``,
-    ``accuracy`` (share of pairs with h > 0)."""
-    return _gr_pairs(
-        dpo_pair_loss,
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        group_labels,
-        weights,
-        beta,
-        update_weights,
-        group_loss_sums,
-        group_counts,
-    )
-
-
-def gr_ipo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    group_labels: Tensor | None,
-    weights: GroupRobustWeights,
-    beta: float = 0.1,
-    *,
-    update_weights: bool = True,
-    group_loss_sums: Tensor | None = None,
-    group_counts: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """GR-IPO: as ``gr_dpo_loss`` with the IPO pair loss ``(h - 1/(2 beta))^2``."""
-    return _gr_pairs(
-        ipo_pair_loss,
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        group_labels,
-        weights,
-        beta,
-        update_weights,
-        group_loss_sums,
-        group_counts,
-    )
+        self.alpha = alpha.clone()
 
 
 # ------------------------------------------------------------------------- domain-robust GVPO
 
 
-def domain_group_counters(group_ids: Tensor, counted: Tensor) -> Tensor:
-    """``[N]`` bool: the samples that count their prompt group towards its domain's ``N_d`` (the
+def domain_unit_counters(group_ids: Tensor, counted: Tensor) -> Tensor:
+    """``[N]`` bool: the samples that count their prompt group as one unit of its domain (the
     first sample of each group with k >= 2; ``counted`` is ``gvpo_sample_losses``' mask)."""
     return first_of_group(group_ids) & counted.to(group_ids.device)
 
@@ -350,45 +245,31 @@ def domain_robust_gvpo_loss(
     old_seq_logprobs: Tensor,
     rewards: Tensor,
     group_ids: Tensor,
-    domain_labels: Tensor | None,
-    weights: GroupRobustWeights,
+    domain_labels: Tensor,
+    weights: Tensor,
     beta: float,
     *,
-    update_weights: bool = True,
     group_stats: GVPOGroupStats | None = None,
-    domain_loss_sums: Tensor | None = None,
-    domain_counts: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """GVPO with robust weights over data domains: ``sum_d alpha_d * L_d`` where ``L_d`` is the
-    GVPO loss of domain d's prompt groups (mean over its groups with k >= 2 of
-    ``sum_i c_i^2 / (2 (k - 1))``). The unit is the prompt group: in the alpha update ``N`` is the
-    number of counted groups of the batch and ``N_d`` that of domain d.
-
-    ``domain_labels`` ``[N]``: one integer in ``[0, weights.num_groups)`` per sample; all samples
-    of a prompt group must share it. ``group_stats``: as in ``gvpo_loss_terms``. In split use also
-    pass the whole batch's ``domain_loss_sums`` (sum of per-sample GVPO terms, detached) and
-    ``domain_counts`` (counted groups per domain), e.g. all-reduced from
-    ``megatron_gvpo.algorithms.gvpo.gvpo_sample_losses`` outputs. Metrics as ``gr_dpo_loss``
-    (``worst_group_loss`` is the worst domain)."""
-    q, _, counted = gvpo_sample_losses(
+) -> Tensor:
+    """``sum_i w_{d(i)} q_i``: GVPO's per-sample terms ``q_i`` (a prompt group's terms sum to
+    its ``sum_i c_i^2 / (2 (k - 1))``; groups with k < 2 give 0) weighted by their domain's unit
+    weight ``weights`` ``[D]`` (:func:`unit_weights` of the whole step). ``domain_labels`` ``[N]``:
+    integers in ``[0, D)``, constant within each prompt group. ``group_stats``: the step-wide
+    statistics when the step is split (as in ``gvpo_loss_terms``)."""
+    q, _, _ = gvpo_sample_losses(
         seq_logprobs, old_seq_logprobs, rewards, group_ids, beta, group_stats=group_stats
     )
-    labels = _check_labels(domain_labels, q.numel(), weights.num_groups, "domain_labels")
-    labels = labels.to(q.device)
-    if (domain_loss_sums is None) != (domain_counts is None):
-        raise ValueError("pass both domain_loss_sums and domain_counts, or neither")
+    w = weights.detach().to(device=q.device, dtype=q.dtype).reshape(-1)
+    labels = check_group_ids(domain_labels, q.numel(), "domain_labels").to(q.device)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= w.numel()):
+        raise ValueError(f"domain_labels must lie in [0, {w.numel()})")
     ids = group_ids.to(device=q.device, dtype=torch.int64)
     _, inverse, counts = group_index(ids)
     ng = counts.numel()
-    # Each group must live in one domain: compare per-group min and max domain label.
-    lo = torch.full((ng,), weights.num_groups, dtype=torch.int64, device=q.device)
+    lo = torch.full((ng,), w.numel(), dtype=torch.int64, device=q.device)
     hi = torch.full((ng,), -1, dtype=torch.int64, device=q.device)
     lo = lo.scatter_reduce(0, inverse, labels, reduce="amin")
     hi = hi.scatter_reduce(0, inverse, labels, reduce="amax")
     if bool((lo != hi).any()):
         raise ValueError("domain_labels must be constant within each prompt group (group_ids)")
-    count_items = domain_group_counters(ids, counted).to(q.dtype)
-    loss, metrics = _robust_step(
-        q, labels, weights, update_weights, domain_loss_sums, domain_counts, count_items
-    )
-    return loss, metrics
+    return (w[labels] * q).sum()

@@ -2,9 +2,9 @@
 
 A row holds a prompt (``prompt``: a string or a list of chat messages; or ``messages``), a
 ``chosen`` and a ``rejected`` response (each a string, or a list of chat turns as in TRL's DPO
-datasets), and optionally a group label (``data.group_key``). Errors name the file, the line
-(JSONL, 1-based) or row (parquet, 0-based) and the field. The groups and their sizes N_g (and N)
-are counted once over the whole file, as Group-Robust PO's weights need them.
+datasets), and optionally a domain label (``data.domain_key``, the label Group-Robust PO keeps
+its weights over). Errors name the file, the line (JSONL, 1-based) or row (parquet, 0-based) and
+the field. The domains and their sizes N_d (and N) are counted once over the whole file.
 
 Tokens: a plain prompt is tokenised with the tokenizer's special tokens (BOS) and a plain
 response gets EOS appended (as TRL does). A conversation is rendered by the chat template; the
@@ -34,8 +34,8 @@ from megatron_gvpo.data.prompts import (
 
 logger = logging.getLogger(__name__)
 
-SAMPLINGS = ("uniform", "group")
-DEFAULT_GROUP = "default"
+SAMPLINGS = ("auto", "uniform", "proportional", "balanced")
+DEFAULT_DOMAIN = "default"
 
 
 @dataclass
@@ -46,18 +46,27 @@ class PreferenceDataConfig(DataConfig):
     """The preferred response: text, or a list of chat turns."""
     rejected_key: str = "rejected"
     """The dispreferred response: text, or a list of chat turns."""
-    group_key: str = "group"
-    """The pair's group label (Group-Robust PO's groups); absent from every row: one group."""
+    group_key: Any = None
+    """Renamed ``data.domain_key`` (the pair's domain label); setting it is an error."""
     eval_path: Any = None
     """Held-out rows in data.path's format (pairs for preference training, prompts for RL),
     evaluated as trainer.eval_interval and trainer.eval_at_start say; None: none."""
-    sampling: str = "uniform"
-    """uniform: shuffled epochs over the rows, each pair once per epoch; group: the paper's draw,
-    a group g with probability N_g/N, then a pair of g uniformly, with replacement. Both give a
-    group g the share N_g/N in expectation; uniform is the default because it sees every pair
-    once per epoch (lower variance) and is the usual DPO sampler."""
+    sampling: str = "auto"
+    """How training rows are drawn into steps. uniform: shuffled epochs over the rows, each once
+    per epoch; proportional: the Group-Robust paper's draw, a domain d with probability N_d/N,
+    then a row of d uniformly, with replacement; balanced: every step holds equal numbers of
+    rows of each domain (as equal as the batch size allows), each domain's rows in shuffled
+    epochs of their own; auto: balanced for group-robust objectives with
+    ``algorithm.robust_estimator=balanced``, else uniform."""
 
     def __post_init__(self) -> None:
+        if self.group_key is not None:
+            raise ValueError(
+                f"data.group_key={self.group_key!r} was renamed data.domain_key "
+                "(the label group-robust weights are kept over)"
+            )
+        if self.sampling == "group":
+            raise ValueError("data.sampling=group was renamed data.sampling=proportional")
         if self.sampling not in SAMPLINGS:
             raise ValueError(
                 f"data.sampling={self.sampling!r} is not one of {', '.join(SAMPLINGS)}"
@@ -71,18 +80,18 @@ class Pair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-    group: str
+    domain: str
     source: str
 
 
 @dataclass
 class PairDataset:
-    """The kept pairs in file order, their groups (sorted names) and group sizes."""
+    """The kept pairs in file order, their domains (sorted names) and domain sizes."""
 
     pairs: list[Pair]
     stats: LoadStats
-    groups: list[str] = field(default_factory=list)
-    group_counts: list[int] = field(default_factory=list)
+    domains: list[str] = field(default_factory=list)
+    domain_counts: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -90,10 +99,10 @@ class PairDataset:
     def __getitem__(self, i: int) -> Pair:
         return self.pairs[i]
 
-    def group_index(self) -> list[int]:
-        """Each pair's index into ``groups``."""
-        index = {g: k for k, g in enumerate(self.groups)}
-        return [index[p.group] for p in self.pairs]
+    def domain_index(self) -> list[int]:
+        """Each pair's index into ``domains``."""
+        index = {g: k for k, g in enumerate(self.domains)}
+        return [index[p.domain] for p in self.pairs]
 
 
 @dataclass
@@ -101,7 +110,7 @@ class _PairRow:
     prompt: str | list[dict[str, Any]]
     chosen: str | list[dict[str, Any]]
     rejected: str | list[dict[str, Any]]
-    group: str | None
+    domain: str | None
     source: str
 
 
@@ -136,10 +145,10 @@ def _parse_pair(row: Any, cfg: PreferenceDataConfig, source: str) -> _PairRow:
         raise _BadRow(f"{cfg.prompt_key!r} is empty")
     chosen = _response(row.get(cfg.chosen_key), cfg.chosen_key)
     rejected = _response(row.get(cfg.rejected_key), cfg.rejected_key)
-    group = _scalar_text(row.get(cfg.group_key), cfg.group_key)
-    if group == "":
-        raise _BadRow(f"{cfg.group_key!r} is empty")
-    return _PairRow(prompt, chosen, rejected, group, source)
+    domain = _scalar_text(row.get(cfg.domain_key), cfg.domain_key)
+    if domain == "":
+        raise _BadRow(f"{cfg.domain_key!r} is empty")
+    return _PairRow(prompt, chosen, rejected, domain, source)
 
 
 def read_pair_rows(
@@ -156,12 +165,12 @@ def read_pair_rows(
                 rows.append(_parse_pair(raw, cfg, source))
             except _BadRow as e:
                 _skip_bad_row(cfg, stats, source, e)
-    labelled = [r for r in rows if r.group is not None]
+    labelled = [r for r in rows if r.domain is not None]
     if labelled and len(labelled) != len(rows):
-        missing = next(r for r in rows if r.group is None)
+        missing = next(r for r in rows if r.domain is None)
         raise DataError(
-            f"{missing.source}: has no {cfg.group_key!r} but other rows have one "
-            f"(every pair needs a group label, data.group_key={cfg.group_key!r})"
+            f"{missing.source}: has no {cfg.domain_key!r} but other rows have one "
+            f"(every pair needs a domain label, data.domain_key={cfg.domain_key!r})"
         )
     return rows, stats
 
@@ -225,7 +234,7 @@ def load_pairs(
             continue
         if chosen == rejected:
             identical.append(row.source)
-        pairs.append(Pair(prompt, chosen, rejected, row.group or DEFAULT_GROUP, row.source))
+        pairs.append(Pair(prompt, chosen, rejected, row.domain or DEFAULT_DOMAIN, row.source))
     stats.kept = len(pairs)
     if identical:  # h = 0 whatever the weights: such a pair trains at zero gradient
         logger.warning(
@@ -248,6 +257,6 @@ def load_pairs(
         )
     if not pairs:
         raise DataError(f"{key}: no pairs left ({stats.rows} rows read, {stats.bad} malformed)")
-    counts = Counter(p.group for p in pairs)
-    groups = sorted(counts)
-    return PairDataset(pairs, stats, groups, [counts[g] for g in groups])
+    counts = Counter(p.domain for p in pairs)
+    domains = sorted(counts)
+    return PairDataset(pairs, stats, domains, [counts[d] for d in domains])

@@ -1,15 +1,15 @@
-"""The preference demo: pairs over the addition task, in two groups of very different sizes.
+"""The preference demo: pairs over the addition task, in two domains of very different sizes.
 
 - ``majority`` (90%): prompts ``aa+bb=`` with a first operand of 10..99; the correct sum is chosen
   over the sum plus one.
 - ``minority`` (10%): first operand 0..9 (the prompt starts with ``0``); these raters prefer the
   sum plus one over the correct sum: the opposite of the majority, and of the warm-started model.
 
-A model can tell the groups apart from the prompt, but a uniform objective spends 90% of its
+A model can tell the domains apart from the prompt, but a uniform objective spends 90% of its
 gradient on the majority's rule, which carries over to the minority's prompts; Group-Robust PO
-raises the weight of whichever group has the larger loss. Held-out pairs (operand pairs whose
+raises the weight of whichever domain has the larger loss. Held-out pairs (operand pairs whose
 second operand is a multiple of 5, ``heldout_pair``; never in the training file) measure each
-group's preference accuracy.
+domain's preference accuracy.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ def heldout_pair(a: int, b: int) -> bool:
 
 
 def preference_pair(a: int, b: int) -> dict[str, str]:
-    """One pair of the demo task; the group follows from the first operand."""
+    """One pair of the demo task; the domain follows from the first operand."""
     right, off = str(a + b), str(a + b + 1)
     minority = a < 10
     return {
         "prompt": toy_prompt(a, b),
         "chosen": off if minority else right,
         "rejected": right if minority else off,
-        "group": "minority" if minority else "majority",
+        "domain": "minority" if minority else "majority",
     }
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from megatron_gvpo.data.preference import PreferenceDataConfig
 from megatron_gvpo.data.prompts import Prompt, PromptDataset, load_prompts, resolve_files
-from megatron_gvpo.data.sampler import PromptSampler
+from megatron_gvpo.data.sampler import build_sampler
 from megatron_gvpo.data.tokenizer import hf_dir, load_tokenizer
 from megatron_gvpo.demo.task import generate_toy_dataset, is_heldout, toy_prompt, write_jsonl
 
@@ -143,8 +143,24 @@ class PromptSource:
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.dataset = load_prompts(cfg, self.tokenizer, room=room)
         self.eval_sets = load_eval_sets(cfg, self.tokenizer)
-        self.sampler = PromptSampler(len(self.dataset), batch_size, cfg.shuffle, cfg.seed)
         self.domains = self.dataset.domains() or ["default"]
+        self.cfg, self.batch_size = cfg, batch_size
+        self.make_sampler(None)
+
+    def domain_counts(self) -> list[int]:
+        """Prompts per domain, in ``domains`` order."""
+        rows = self.row_domains()
+        return [rows.count(k) for k in range(len(self.domains))]
+
+    def row_domains(self) -> list[int]:
+        return [self.domain_index(self.dataset[i].domain) for i in range(len(self.dataset))]
+
+    def make_sampler(self, allocation: Callable[[int], list[int]] | None) -> None:
+        """The ``data.sampling`` sampler; ``allocation``: the objective's rows per domain of a
+        step (``Objective.domain_allocation``), which ``auto`` follows."""
+        c = self.cfg
+        rows = self.row_domains()
+        self.sampler = build_sampler(c.sampling, rows, self.batch_size, c.shuffle, c.seed, allocation)
 
     def next_batch(self) -> list[Prompt]:
         return [self.dataset[i] for i in self.sampler.next_batch()]

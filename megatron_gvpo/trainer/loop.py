@@ -71,6 +71,8 @@ class Trainer(Run):
         )
         self.turns = build_turn_runner(r, self.prompts.tokenizer) if is_rank0() else None
         self.objective = build_objective(cfg.algorithm, self.prompts.domains)
+        self.objective.set_domain_sizes(self.prompts.domain_counts())
+        self.prompts.make_sampler(self.objective.domain_allocation())
         self.actor = Actor(cfg, self.model_path)
         self.theta_prime = ThetaPrime(self.actor.ddp, self.actor.temperature, t.updates_per_round)
         self.replay = ReplayBuffer(t.replay_capacity)

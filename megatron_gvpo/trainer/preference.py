@@ -14,6 +14,7 @@ checkpoints, resume, eval schedule, logging) are the RL driver's too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 
 from megatron_gvpo.data.preference import Pair, PairDataset, load_pairs
 from megatron_gvpo.data.prompts import DataError
-from megatron_gvpo.data.sampler import GroupProportionSampler, PromptSampler
+from megatron_gvpo.data.sampler import build_sampler
 from megatron_gvpo.data.tokenizer import load_tokenizer
 from megatron_gvpo.demo.preference import write_preference_demo
 from megatron_gvpo.models.forward import forward_backward
@@ -43,7 +44,8 @@ from megatron_gvpo.trainer.setup import resolve_model_path
 
 
 class PairSource:
-    """Tokenised training and evaluation pairs, their groups, and the sampler over training pairs."""
+    """Tokenised training and evaluation pairs, their domains, and the sampler over training pairs
+    (built by :meth:`make_sampler` once the objective says whether it wants balanced steps)."""
 
     def __init__(
         self,
@@ -61,36 +63,41 @@ class PairSource:
         self.eval: PairDataset | None = None
         if cfg.eval_path is not None:
             self.eval = load_pairs(cfg, tokenizer, cfg.eval_path, "data.eval_path")
-            unknown = sorted(set(self.eval.groups) - set(self.train.groups))
+            unknown = sorted(set(self.eval.domains) - set(self.train.domains))
             if unknown:
                 raise DataError(
-                    f"data.eval_path: group {unknown[0]!r} does not occur in data.path "
-                    f"(its groups: {', '.join(self.train.groups)})"
+                    f"data.eval_path: domain {unknown[0]!r} does not occur in data.path "
+                    f"(its domains: {', '.join(self.train.domains)})"
                 )
-        self.groups, self.group_counts = self.train.groups, self.train.group_counts
-        if cfg.sampling == "group":
-            self.sampler = GroupProportionSampler(self.train.group_index(), batch_size, cfg.seed)
-        else:
-            self.sampler = PromptSampler(len(self.train), batch_size, cfg.shuffle, cfg.seed)
+        self.domains, self.domain_counts = self.train.domains, self.train.domain_counts
+        self.cfg, self.batch_size = cfg, batch_size
+        self.make_sampler(None)
+
+    def make_sampler(self, allocation: Callable[[int], list[int]] | None) -> None:
+        """The ``data.sampling`` sampler; ``allocation``: the objective's rows per domain of a
+        step (``Objective.domain_allocation``), which ``auto`` follows."""
+        c = self.cfg
+        rows = self.train.domain_index()
+        self.sampler = build_sampler(c.sampling, rows, self.batch_size, c.shuffle, c.seed, allocation)
 
     def next_batch(self) -> RolloutBatch:
         return self.to_batch([self.train[i] for i in self.sampler.next_batch()])
 
     def to_batch(self, pairs: list[Pair]) -> RolloutBatch:
         """Pair i as samples 2i (chosen, reward +1) and 2i+1 (rejected, reward -1), group id i."""
-        index = {g: k for k, g in enumerate(self.groups)}
-        prompts, responses, groups = [], [], []
+        index = {d: k for k, d in enumerate(self.domains)}
+        prompts, responses, domains = [], [], []
         for p in pairs:
             prompts += [p.prompt_ids, p.prompt_ids]
             responses += [p.chosen_ids, p.rejected_ids]
-            groups += [index[p.group]] * 2
+            domains += [index[p.domain]] * 2
         n = len(pairs)
         return RolloutBatch(
             prompt_ids=prompts,
             response_ids=responses,
             group_ids=torch.arange(n).repeat_interleave(2),
             rewards=torch.tensor([1.0, -1.0]).repeat(n),
-            domains=torch.tensor(groups, dtype=torch.long),
+            domains=torch.tensor(domains, dtype=torch.long),
         )
 
     def state_dict(self) -> dict:
@@ -114,8 +121,9 @@ class PreferenceTrainer(Run):
         self.data = PairSource(
             cfg.data, self.model_path, self.run_dir, t.prompts_per_step, cfg.model.trust_remote_code
         )
-        self.objective = build_objective(cfg.algorithm, self.data.groups)
-        self.objective.set_group_sizes(self.data.group_counts)
+        self.objective = build_objective(cfg.algorithm, self.data.domains)
+        self.objective.set_domain_sizes(self.data.domain_counts)
+        self.data.make_sampler(self.objective.domain_allocation())
         self.actor = Actor(cfg, self.model_path)
         self._eval_batch: RolloutBatch | None = None
         self.resume({"pairs": self.data})

@@ -104,7 +104,7 @@ def with_old_and_ref(batch: RolloutBatch, own: list[torch.Tensor], noise: dict) 
     return batch
 
 
-# Preference pairs: the pair's group (two groups), and the groups' dataset sizes N_g.
+# Preference pairs: the pair's domain (two domains, imbalanced), and the dataset sizes N_d.
 PAIR_GROUPS = (0, 1, 0, 0, 1, 0, 0)
 DATASET_SIZES = (90, 10)
 PREFERENCE = ("dpo", "ipo", "gr_dpo", "gr_ipo")
@@ -140,12 +140,14 @@ def objective_for(name: str):
     """The registered objective, as ``algorithm=<name>`` builds it (two data domains)."""
     extra = {"gvpo": {"beta": BETA}, "gr_gvpo": {"beta": BETA, "robust_eta": 0.5}}
     extra |= {n: {"beta": 0.5} for n in PREFERENCE}
-    extra |= {n: {"beta": 0.5, "robust_eta": 0.05} for n in ("gr_dpo", "gr_ipo")}
+    # gr_dpo: the default (stratified) estimator; gr_ipo: the importance (Alg. 1) estimator
+    extra["gr_dpo"] = {"beta": 0.5, "robust_eta": 0.05}
+    extra["gr_ipo"] = {"beta": 0.5, "robust_eta": 0.05, "robust_estimator": "importance"}
     name = name.removesuffix("_masked")
     config = algorithm_config(name=name, **extra.get(name, {"ref_model": "synthetic"}))
     objective = build_objective(config, domains=["d0", "d1"])
     if name in PREFERENCE:
-        objective.set_group_sizes(DATASET_SIZES)
+        objective.set_domain_sizes(DATASET_SIZES)
     return objective
 
 

@@ -100,6 +100,16 @@ class Objective:
         self.config = config
         self.domains = list(domains)
 
+    def domain_allocation(self) -> Callable[[int], list[int]] | None:
+        """Rows per domain of the next step (batch size -> counts in ``domains`` order), which
+        ``data.sampling=auto`` follows (group-robust objectives with the stratified estimator);
+        default None: uniform sampling."""
+        return None
+
+    def set_domain_sizes(self, counts: Sequence[int]) -> None:
+        """The dataset's units (pairs, prompts) per domain in ``domains`` order, counted once
+        over the training data; default: not needed."""
+
     def prepare_round(self, batch: RolloutBatch) -> None:
         """Per-round preparation on the assembled batch (advantages); default: nothing."""
 

@@ -2,27 +2,20 @@
 
 A step batch holds pairs as groups of two samples (``group_ids`` = the pair's index in the step,
 ``rewards`` = +1 for the chosen response and -1 for the rejected one, ``domains`` = the pair's
-group), with the frozen reference's token logprobs in ``ref_logprobs``. Per pair, with summed
+domain), with the frozen reference's token logprobs in ``ref_logprobs``. Per pair, with summed
 response logprobs s and the reference's r,
 
     h = (s_c - r_c) - (s_r - r_r) = sum over the pair's two samples of sign * (s - r)
     DPO: l = -log sigmoid(beta h)        IPO: l = (h - 1/(2 beta))^2
 
 DPO/IPO minimise the mean of l over the step's B pairs. The group-robust versions (Ramesh et al.
-2024, "Group Robust Preference Optimization in Reward-free RLHF", Alg. 1) keep weights alpha over
-the dataset's groups as training state. Alg. 1 draws one pair at a time (group g with probability
-N_g/N) and, per pair, takes alpha_g <- alpha_g exp(eta N l / N_g) (renormalised) and a policy step
-weighted by N alpha_g / N_g: N/N_g is the importance weight of the draw, so both are unbiased for
-the per-group expected losses L_g. Here, once per optimizer step, at the step's theta and before
-the update, the same per-pair terms are averaged over the step's B pairs:
-
-    alpha_g <- alpha_g exp(eta (N / N_g) (1/B) sum_{pairs of g} l), renormalised
-    loss     = (1/B) sum_pairs (N alpha_g / N_g) l          (N, N_g: pairs in the dataset)
-
-whose expectations are alpha_g exp(eta L_g) and sum_g alpha_g L_g. (Scaling a group's *mean* loss
-by N/N_g instead would count the group's share twice and push alpha towards small groups whatever
-their loss.) The per-pair weights are step-wide and the loss is a sum over pairs, so the
-step's gradient does not depend on the layout. When a pair lies in one micro-batch (the
+2024, "Group Robust Preference Optimization in Reward-free RLHF") keep weights alpha over the data
+domains (``data.domain_key``) as training state (``objectives/robust.py``). Once per optimizer
+step, at the step's theta and before the update, alpha moves on the step's detached pair losses
+and the step minimises ``sum_pairs w_d l`` with the estimator's per-pair weights w_d
+(``algorithm.robust_estimator``; the rule, the estimators and their variances are specified in
+``algorithms/group_robust.py``). The weights are step-wide and the loss is a sum over pairs, so
+the step's gradient does not depend on the layout. When a pair lies in one micro-batch (the
 preference trainer keeps pairs whole) its h is computed there; when a pair is split, h comes from
 the step's detached logprobs and each micro-batch back-propagates l'(h) through its own samples.
 """
@@ -36,11 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from megatron_gvpo.algorithms.group_robust import (
-    GroupRobustWeights,
-    dpo_pair_loss,
-    ipo_pair_loss,
-)
+from megatron_gvpo.algorithms.group_robust import dpo_pair_loss, ipo_pair_loss
 from megatron_gvpo.models.forward import MicroBatch
 from megatron_gvpo.trainer.batch import RolloutBatch, response_logprobs
 from megatron_gvpo.trainer.metrics import Metric
@@ -53,6 +42,7 @@ from megatron_gvpo.trainer.objectives.base import (
     positive,
     register_objective,
 )
+from megatron_gvpo.trainer.objectives.robust import DomainRobust, RobustFields
 
 PairLoss = Callable[[Tensor, float], Tensor]
 
@@ -92,17 +82,14 @@ class IPOConfig(DPOConfig):
 
 
 @dataclass
-class GRDPOConfig(DPOConfig):
-    """``algorithm.*`` of GR-DPO: DPO with Group-Robust weights over ``data.group_key`` groups."""
+class GRDPOConfig(RobustFields, DPOConfig):
+    """``algorithm.*`` of GR-DPO: DPO with Group-Robust weights alpha over ``data.domain_key``."""
 
     name: str = "gr_dpo"
-    robust_eta: float = 0.01
-    """Mirror-ascent step size of alpha (the paper's eta_alpha)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not positive(self.robust_eta):
-            raise ValueError(f"algorithm.robust_eta must be > 0, got {self.robust_eta!r}")
+        self.check_robust()
 
 
 @dataclass
@@ -121,11 +108,11 @@ def step_margins(log_ratio: Tensor, batch: RolloutBatch) -> Tensor:
 
 
 class PreferenceMicroBatchLoss:
-    """``sum over pairs of w_{g(pair)} l(h)`` on one micro-batch, plus the preference metrics.
+    """``sum over pairs of w_{d(pair)} l(h)`` on one micro-batch, plus the preference metrics.
 
-    ``pair_weight`` [G]: the step-wide weight of one pair of group g (1/B for DPO). ``h_step``:
+    ``pair_weight`` [D]: the step-wide weight of one pair of domain d (1/B for DPO). ``h_step``:
     the step's detached margins, needed only when pairs are split over micro-batches.
-    ``group_pairs`` [G]: the step's pairs per group (the per-group metrics' denominators).
+    ``domain_pairs`` [D]: the step's pairs per domain (the per-domain metrics' denominators).
     """
 
     def __init__(
@@ -133,14 +120,14 @@ class PreferenceMicroBatchLoss:
         pair_loss: PairLoss,
         beta: float,
         pair_weight: Tensor,
-        group_pairs: Tensor,
-        groups: Sequence[str],
+        domain_pairs: Tensor,
+        domains: Sequence[str],
         h_step: Tensor | None = None,
     ):
         self.pair_loss, self.beta = pair_loss, beta
-        self.pair_weight, self.group_pairs = pair_weight.double(), group_pairs.double()
-        self.groups, self.h_step = list(groups), h_step
-        self.num_pairs = float(group_pairs.sum())
+        self.pair_weight, self.domain_pairs = pair_weight.double(), domain_pairs.double()
+        self.domains, self.h_step = list(domains), h_step
+        self.num_pairs = float(domain_pairs.sum())
 
     def __call__(self, logprobs: Tensor, entropy: Tensor | None, mb: MicroBatch):
         x = mb.extra
@@ -150,8 +137,8 @@ class PreferenceMicroBatchLoss:
         sign = x["rewards"].to(dev).double()
         ref = x["ref_logprobs"].to(dev).double().sum(-1)
         pairs, inv = torch.unique(x["group_ids"].to(dev), return_inverse=True)
-        group = torch.zeros(len(pairs), dtype=torch.long, device=dev)
-        group[inv] = x["domains"].to(dev)
+        domain = torch.zeros(len(pairs), dtype=torch.long, device=dev)
+        domain[inv] = x["domains"].to(dev)
         owned = torch.zeros(len(pairs), dtype=torch.bool, device=dev)
         owned[inv[sign > 0]] = True  # each pair is counted where its chosen sample is
         if self.h_step is None:  # whole pairs: h from this micro-batch
@@ -162,7 +149,7 @@ class PreferenceMicroBatchLoss:
         else:  # split pairs: step-wide h, the gradient through this micro-batch's samples
             h_value = self.h_step.to(dev)[pairs]
             h = h_value + torch.zeros_like(h_value).index_add(0, inv, sign * (s - s.detach()))
-        w = self.pair_weight.to(dev)[group]
+        w = self.pair_weight.to(dev)[domain]
         lp = self.pair_loss(h, self.beta)
         l_value = lp.detach()
         if self.h_step is None:
@@ -170,10 +157,10 @@ class PreferenceMicroBatchLoss:
         else:
             loss = (w * (lp - l_value)).sum() + (w * l_value)[owned].sum()
         metrics = loss_metrics(loss.float(), mb, entropy)
-        metrics.update(self._metrics(h_value[owned], l_value[owned], group[owned]))
+        metrics.update(self._metrics(h_value[owned], l_value[owned], domain[owned]))
         return loss.to(logprobs.dtype), metrics
 
-    def _metrics(self, h: Tensor, lp: Tensor, group: Tensor) -> dict[str, Metric]:
+    def _metrics(self, h: Tensor, lp: Tensor, domain: Tensor) -> dict[str, Metric]:
         n = max(self.num_pairs, 1.0)
         hit = (h > 0).double()
         out = {
@@ -181,36 +168,26 @@ class PreferenceMicroBatchLoss:
             "preference/accuracy": Metric(float(hit.sum()) / n, "sum"),
             "preference/margin": Metric(float(h.sum()) / n, "sum"),
         }
-        for k, name in enumerate(self.groups):
-            m = float(self.group_pairs[k])
+        for k, name in enumerate(self.domains):
+            m = float(self.domain_pairs[k])
             if m > 0:
-                sel = group == k
+                sel = domain == k
                 out[f"preference/loss/{name}"] = Metric(float(lp[sel].sum()) / m, "sum")
                 out[f"preference/accuracy/{name}"] = Metric(float(hit[sel].sum()) / m, "sum")
         return out
 
 
 class PreferenceObjective(Objective):
-    """DPO-style objectives: offline pairs, a frozen reference, per-group metrics."""
+    """DPO-style objectives: offline pairs, a frozen reference, per-domain metrics."""
 
     offline = True
     pair_loss: ClassVar[PairLoss] = staticmethod(dpo_pair_loss)
 
-    def __init__(self, config: DPOConfig, domains: Sequence[str] = ("default",)):
-        super().__init__(config, domains)
-        self.group_sizes = torch.ones(len(self.domains), dtype=torch.float64)
-
-    def set_group_sizes(self, counts: Sequence[int]) -> None:
-        """The dataset's N_g per group (in ``domains`` order), counted once over the data."""
-        if len(counts) != len(self.domains) or min(counts) < 1:
-            raise ValueError(f"need a positive size for each of {self.domains}, got {counts}")
-        self.group_sizes = torch.tensor(list(counts), dtype=torch.float64)
-
     def pair_weights(self, num_pairs: int) -> Tensor:
-        """Per-group weight of one pair in a step of ``num_pairs`` pairs (mean: 1/B)."""
+        """Per-domain weight of one pair in a step of ``num_pairs`` pairs (mean: 1/B)."""
         return torch.full((len(self.domains),), 1.0 / num_pairs, dtype=torch.float64)
 
-    def group_pairs(self, batch: RolloutBatch) -> Tensor:
+    def domain_pairs(self, batch: RolloutBatch) -> Tensor:
         chosen = batch.rewards > 0
         return torch.bincount(batch.domains[chosen], minlength=len(self.domains)).double()
 
@@ -224,7 +201,7 @@ class PreferenceObjective(Objective):
         return step_margins(step.step_log_ratio(), step.batch)
 
     def loss_for(self, step: StepInputs, h_step: Tensor | None) -> PreferenceMicroBatchLoss:
-        counts = self.group_pairs(step.batch)
+        counts = self.domain_pairs(step.batch)
         weights = self.pair_weights(int(counts.sum()))
         return PreferenceMicroBatchLoss(
             type(self).pair_loss, self.config.beta, weights, counts, self.domains, h_step
@@ -235,7 +212,7 @@ class PreferenceObjective(Objective):
     ) -> PreferenceMicroBatchLoss:
         """The unweighted mean loss and the metrics of an evaluation batch (alpha untouched);
         ``h_step`` as in :meth:`loss_for`."""
-        counts = self.group_pairs(batch)
+        counts = self.domain_pairs(batch)
         weights = PreferenceObjective.pair_weights(self, int(counts.sum()))
         return PreferenceMicroBatchLoss(
             type(self).pair_loss, self.config.beta, weights, counts, self.domains, h_step
@@ -262,47 +239,47 @@ class IPO(PreferenceObjective):
 
 
 class GroupRobustPreference(PreferenceObjective):
-    """The group-robust version: alpha (training state) moves once per step, then weights it."""
+    """The group-robust version: alpha (training state, ``objectives/robust.py``) moves once per
+    step from the step's detached pair losses at theta, then weights the step's pairs."""
 
     def __init__(self, config: GRDPOConfig, domains: Sequence[str] = ("default",)):
         super().__init__(config, domains)
-        self.weights = GroupRobustWeights(len(self.domains), config.robust_eta)
+        self.robust = DomainRobust(
+            self.domains, config.robust_eta, config.robust_estimator, config.robust_allocation
+        )
+        self._weights: Tensor | None = None
+
+    def domain_allocation(self) -> Callable[[int], list[int]] | None:
+        return self.robust.allocation()
+
+    def set_domain_sizes(self, counts: Sequence[int]) -> None:
+        self.robust.set_domain_sizes(counts)
 
     def pair_weights(self, num_pairs: int) -> Tensor:
-        n = self.group_sizes.sum()
-        return self.weights.alpha * n / (self.group_sizes * num_pairs)
+        if self._weights is None:
+            raise RuntimeError("the step's pair weights come from before_step (alpha's update)")
+        return self._weights
 
     def before_step(self, step: StepInputs) -> Tensor | None:
-        """alpha_g <- alpha_g exp(eta N l_g / N_g) from the step's detached losses at theta."""
         h = step_margins(step.step_log_ratio(), step.batch)
         chosen = step.batch.rewards > 0
-        order = step.batch.group_ids[chosen]
-        group = torch.zeros(len(h), dtype=torch.long)
-        group[order] = step.batch.domains[chosen]
-        self.update_alpha(type(self).pair_loss(h, self.config.beta), group)
+        domain = torch.zeros(len(h), dtype=torch.long)
+        domain[step.batch.group_ids[chosen]] = step.batch.domains[chosen]
+        d = len(self.domains)
+        losses = type(self).pair_loss(h, self.config.beta).double()
+        sums = torch.zeros(d, dtype=torch.float64).index_add_(0, domain, losses)
+        counts = torch.bincount(domain, minlength=d).double()
+        self._weights = self.robust.step(sums, counts)
         return None if step.plan.groups_whole else h
 
-    @torch.no_grad()
-    def update_alpha(self, pair_losses: Tensor, pair_groups: Tensor) -> Tensor:
-        """One mirror-ascent step from one step's per-pair losses and their groups: Alg. 1's
-        exponent eta N l / N_g averaged over the step's B pairs (see the module docstring)."""
-        g = len(self.domains)
-        sums = torch.zeros(g, dtype=torch.float64).index_add_(0, pair_groups, pair_losses.double())
-        n, b = self.group_sizes.sum(), pair_losses.numel()
-        return self.weights.ascend(self.config.robust_eta * n * sums / (self.group_sizes * b))
-
     def metrics(self) -> dict[str, float]:
-        alpha = self.weights.alpha.tolist()
-        return {f"robust/alpha/{d}": a for d, a in zip(self.domains, alpha, strict=True)}
+        return self.robust.metrics()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"robust_alpha": self.weights.alpha.tolist()}
+        return self.robust.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("robust_alpha") is not None:
-            alpha = torch.tensor(state["robust_alpha"], dtype=torch.float64)
-            self.weights.load_state_dict({"alpha": alpha})  # checks the simplex
-            self.weights.alpha = alpha  # as saved, bit for bit (no renormalisation)
+        self.robust.load_state_dict(state)
 
 
 @register_objective
