@@ -336,3 +336,33 @@ def test_make_demo_model_is_deterministic():
     a = train(cfg, build_char_tokenizer()).state_dict()
     b = train(cfg, build_char_tokenizer()).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_jobs_starting_together_build_the_demo_model_once(tmp_path):
+    """Jobs sharing a cache: the second waits on the first's build instead of racing it (a
+    shared ``.tmp`` folder once made one of them fail)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time, pathlib\n"
+        "import megatron_gvpo.demo.model as m\n"
+        "def build(out, seed=0):\n"
+        "    with open(sys.argv[2], 'a') as f: f.write('built\\n')\n"
+        "    time.sleep(1.0)\n"
+        "    out = pathlib.Path(out); out.mkdir(parents=True)\n"
+        "    (out / 'config.json').write_text('{}')\n"
+        "m.build_demo_model = build\n"
+        "print(m.demo_model_path(sys.argv[1]))\n"
+    )
+    log = tmp_path / "builds.log"
+    env = {"RANK": "0", "PATH": "/usr/bin:/bin"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cache"), str(log)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert log.read_text().splitlines() == ["built"]
+    assert all(o.strip().endswith("toy_addition_v2") for o, _ in outs)

@@ -15,6 +15,7 @@ cached yet.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import random
@@ -272,8 +273,14 @@ def demo_model_path(cache_dir: str | Path) -> Path:
     if (out / "config.json").is_file():
         return out
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"building the demo model into {out} (once; cached)", flush=True)
-        build_demo_model(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Jobs started together share the cache: one builds, the others wait on the lock and
+        # find the model there (the kernel drops the lock of a killed builder).
+        with open(out.with_name(out.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (out / "config.json").is_file():
+                print(f"building the demo model into {out} (once; cached)", flush=True)
+                build_demo_model(out)
     else:
         deadline = time.monotonic() + 1800
         while not (out / "config.json").is_file():
