@@ -642,7 +642,7 @@ def test_trajectories_through_sglang_servers_against_the_protocol_fake(char_mode
 
     fake = [sys.executable, str(REPO / "tests" / "sglang_fake_server.py")]
     rows = _train_two_turns(
-        char_model, tmp_path, "rollout=sglang", "rollout.device=cpu", "rollout.max_new_tokens=6",
+        char_model, tmp_path, "rollout=sglang", "rollout.max_new_tokens=6",
         "rollout.sglang.weight_sync=distributed", f"++rollout.sglang.launch_command=[{','.join(fake)}]",
         "++rollout.sglang.dist_backend=gloo", "++rollout.sglang.startup_timeout_s=60",
     )
