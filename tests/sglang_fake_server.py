@@ -480,7 +480,7 @@ class FakeState:
         self.lock = threading.Lock()  # guards the fields below
         self.control = FifoLock()  # control and weight calls: one at a time, arrival order
         self.cond = threading.Condition(self.lock)
-        self.log: list[dict] = []
+        self.log: list[dict] = []  # method, path, body and "at" (time.monotonic() on arrival)
         self.version = "default"
         self.paused = False
         self.session = False
@@ -578,7 +578,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body()
             route = ROUTES.get((method, path))
             available = route is not None and self.state.generation in route[1]
-            entry = {"method": method, "path": path, "body": body}
+            entry = {"method": method, "path": path, "body": body, "at": time.monotonic()}
             if available and route[2]:  # control or weight call: logged with its turn's ticket
                 ticket = self.state.arrive(entry)
             elif not path.startswith("/fake/"):

@@ -250,6 +250,106 @@ def test_sglang_fake_trajectory_is_the_ids_the_server_saw():
     _check_token_in_token_out(calls, trajs, prompt)
 
 
+class SlowFirstStep:
+    """Two turns; the first ``step`` sleeps ``row["slow_s"]``; the times steps end are listed
+    under ``(row["key"], turn)`` in ``ends``."""
+
+    ends: dict = {}
+
+    def __init__(self, row):
+        self.slow_s, self.key, self.n = row["slow_s"], row["key"], 0
+
+    def reset(self):
+        return None
+
+    def step(self, action):
+        self.n += 1
+        if self.n == 1:
+            time.sleep(self.slow_s)
+        SlowFirstStep.ends.setdefault((self.key, self.n), []).append(time.monotonic())
+        return "b", 1.0, self.n >= 2
+
+
+_FAST_SGLANG = dict(health_poll_s=0.05, health_timeout_s=2.0, connect_timeout_s=1.0,
+                    request_timeout_s=5.0, backoff_s=0.01, backoff_max_s=0.05, max_concurrency=8)
+
+
+def test_sglang_sends_each_next_turn_as_its_step_ends_not_after_the_wave():
+    """SGLang batches continuously: a trajectory whose step is fast has its second turn on the
+    server while another trajectory's slow (1 s) step still runs. The negative control, the same
+    engine driven in waves, sends it only after the slow step; both give the same trajectories
+    (ids, masks, logprobs, rewards) in request and response order."""
+    from sglang_fake_server import FakeSGLangServer
+
+    from megatron_gvpo.demo.task import build_char_tokenizer
+    from megatron_gvpo.rollout.sglang import SGLangConfig, SGLangEngine
+
+    tok = build_char_tokenizer()
+    slow, fast = [5, 6, 7], [8, 9]
+    reqs = [GenerateRequest(slow, 2, seed=4), GenerateRequest(fast, 2, seed=5)]
+    rows = [{"slow_s": 1.0, "key": "slow"}, {"slow_s": 0.0, "key": "fast"}]
+    runner = _runner(SlowFirstStep, tok, max_turns=3, max_total_tokens=40)
+    results, second_turns = {}, {}
+    with FakeSGLangServer() as fake, SGLangEngine(SGLangConfig(urls=[fake.url],
+                                                               **_FAST_SGLANG)) as eng:
+        assert eng.continuous_batching
+        for mode in ("each", "waves"):
+            eng.continuous_batching = mode == "each"  # "waves": the engine-independent loop
+            SlowFirstStep.ends.clear()
+            fake.state.log.clear()
+            results[mode] = runner.run(eng, reqs, rows, SamplingParams(max_new_tokens=4))
+            bodies = [e for e in fake.state.log if e["path"] == "/generate"]
+            assert len(bodies) == 8  # 4 trajectories x 2 turns
+            second_turns[mode] = [e["at"] for e in bodies
+                                  if e["body"]["input_ids"][:2] == fast
+                                  and len(e["body"]["input_ids"]) > len(fast)]
+            assert len(second_turns[mode]) == 2
+            slow_step_end = min(SlowFirstStep.ends["slow", 1])  # the first slow step to end
+            if mode == "each":
+                assert max(second_turns[mode]) < slow_step_end - 0.5
+            else:  # the wave waits for the slowest step before any second turn goes out
+                assert min(second_turns[mode]) >= slow_step_end
+    for a_group, b_group in zip(results["each"], results["waves"], strict=True):
+        for a, b in zip(a_group, b_group, strict=True):
+            assert (a.prompt_ids, a.response_ids, a.loss_mask, a.logprobs, a.turns, a.env_reward) \
+                == (b.prompt_ids, b.response_ids, b.loss_mask, b.logprobs, b.turns, b.env_reward)
+    assert [t.prompt_ids for g in results["each"] for t in g] == [slow, slow, fast, fast]
+    assert results["each"][0][0].response_ids != results["each"][0][1].response_ids  # seeds differ
+
+
+def test_a_turn_the_sglang_engine_gives_up_on_fails_the_rollout():
+    """A turn whose ``/generate`` fails past ``max_retries`` raises out of the turn loop, as a
+    failed round does, and the turns still queued are cancelled."""
+    from sglang_fake_server import FakeSGLangServer
+
+    from megatron_gvpo.demo.task import build_char_tokenizer
+    from megatron_gvpo.rollout.sglang import SGLangConfig, SGLangEngine
+    from megatron_gvpo.rollout.sglang.client import SGLangError
+
+    tok = build_char_tokenizer()
+    with FakeSGLangServer(fail_generate=1, generate_delay_s=0.05) as fake:
+        cfg = SGLangConfig(urls=[fake.url], **{**_FAST_SGLANG, "max_concurrency": 1},
+                           max_retries=0)
+        with SGLangEngine(cfg) as eng:
+            runner = _runner(ObserveB, tok, max_turns=3, max_total_tokens=40)
+            with pytest.raises(SGLangError, match="failed 1 times"):
+                runner.run(eng, [GenerateRequest([5, 6], 6, seed=1)], [{"turns": 3}],
+                           SamplingParams(max_new_tokens=4))
+            time.sleep(0.3)
+            # one failed, at most the one then running finished: the other four never went out
+            assert fake.state.generates <= 2
+
+
+def test_default_submit_is_generate_for_one_request(bpe_engine):
+    engine, _ = bpe_engine
+    assert not engine.continuous_batching
+    req, sp = GenerateRequest([2, 4], 3, seed=7), SamplingParams(max_new_tokens=4)
+    fut = engine.submit(req, sp)
+    assert fut.done()
+    got = [s.response_ids for s in fut.result()]
+    assert got == [s.response_ids for s in engine.generate([req], sp)[0]]
+
+
 # ---------------------------------------------------------------------------- where it ends
 
 

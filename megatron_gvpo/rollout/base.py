@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -115,6 +116,25 @@ class RolloutEngine(abc.ABC):
         for i, group in enumerate(self.generate(requests, sampling)):
             for j, sample in enumerate(group):
                 yield i, j, sample
+
+    continuous_batching: bool = False
+    """The engine batches requests as they arrive (SGLang): a request sent with :meth:`submit`
+    starts at once, alongside those already running, so callers that produce requests one at a
+    time (the multi-turn loop) send each as soon as it is ready instead of gathering a round."""
+
+    def submit(self, request: GenerateRequest, sampling: SamplingParams) -> Future[list[Sample]]:
+        """Start ``request``'s ``n`` responses; the future holds them in response order.
+
+        Cancelling the future stops responses not yet started. This default generates before
+        returning (an already finished future); engines with ``continuous_batching`` return at
+        once.
+        """
+        fut: Future[list[Sample]] = Future()
+        try:
+            fut.set_result(self.generate([request], sampling)[0])
+        except Exception as e:
+            fut.set_exception(e)
+        return fut
 
     @abc.abstractmethod
     def update_weights(self, buckets: Iterable[NamedTensors], version: int) -> None:

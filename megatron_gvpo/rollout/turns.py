@@ -14,17 +14,23 @@ says done, after ``rollout.max_turns`` turns, or when its tokens after the promp
 ``step``; the sum is the trajectory's environment reward. The final observation of a trajectory
 (after ``done``, or when it is cut) is not appended: nothing would follow it.
 
-Turns are generated in waves: every live trajectory's next turn is in flight at once (one
-``generate_stream`` call, so SGLang servers batch them), and each turn's ``step`` runs in a
-thread pool as soon as that turn arrives, concurrently with the other trajectories' generation
-and steps. An environment exception or timeout ends its trajectory with ``env_error`` set.
+Concurrency: environment calls run in a thread pool (``rollout.env_workers``), each turn's
+``step`` as soon as that turn arrives, concurrently with the other trajectories' generation and
+steps. With an engine that batches continuously (``engine.continuous_batching``: SGLang), each
+trajectory runs on its own: its next turn is submitted the moment its ``step`` returns, so every
+live trajectory's next turn is in flight and a slow step holds up only its own trajectory. Other
+engines (the embedded transformers model, which gains from batching a whole round) get turns in
+waves: every live trajectory's next turn in one ``generate_stream`` call, the next wave once the
+last step of this one is done. Both give the same trajectories: each turn's request and seed
+depend on its own trajectory only. An environment exception or timeout ends its trajectory with
+``env_error`` set.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,6 +182,12 @@ class _Live:
 OnTrajectory = Callable[[int, int, Trajectory], None]
 
 
+def _next_turn(t: _Live) -> GenerateRequest:
+    """The request for trajectory ``t``'s next turn: the prompt and its ids so far, one response
+    seeded by the trajectory's slot and turn number."""
+    return GenerateRequest(t.prompt + t.ids, 1, turn_seed(t.seed, t.slot[1], t.turns))
+
+
 class TurnRunner:
     """Rolls out groups of trajectories through ``engine`` with the environment class
     ``env_cls``; ``tokenizer`` decodes turns into actions and encodes observations."""
@@ -233,22 +245,71 @@ class TurnRunner:
                 if t.over:
                     finish(t)
             live = [t for t in trajs if not t.over]
-            while live:
-                steps: list[tuple[_Live, Future]] = []
-                reqs = [
-                    GenerateRequest(t.prompt + t.ids, 1, turn_seed(t.seed, t.slot[1], t.turns))
-                    for t in live
-                ]
-                for k, _, sample in engine.generate_stream(reqs, turn_sampling):
-                    t = live[k]
-                    self._append_turn(t, sample)
-                    steps.append((t, pool.submit(self._step, t)))
-                for t, fut in steps:
+            if getattr(engine, "continuous_batching", False):
+                self._run_each(engine, pool, live, turn_sampling, finish)
+            else:
+                self._run_waves(engine, pool, live, turn_sampling, finish)
+        return [[done[i, j] for j in range(req.n)] for i, req in enumerate(requests)]
+
+    def _run_waves(
+        self,
+        engine: RolloutEngine,
+        pool: ThreadPoolExecutor,
+        live: list[_Live],
+        sampling: SamplingParams,
+        finish: Callable[[_Live], None],
+    ) -> None:
+        """One ``generate_stream`` call per turn for every live trajectory (steps overlap it)."""
+        while live:
+            steps: list[tuple[_Live, Future]] = []
+            reqs = [_next_turn(t) for t in live]
+            for k, _, sample in engine.generate_stream(reqs, sampling):
+                t = live[k]
+                self._append_turn(t, sample)
+                steps.append((t, pool.submit(self._step, t)))
+            for t, fut in steps:
+                fut.result()
+                if t.over:
+                    finish(t)
+            live = [t for t in live if not t.over]
+
+    def _run_each(
+        self,
+        engine: RolloutEngine,
+        pool: ThreadPoolExecutor,
+        live: list[_Live],
+        sampling: SamplingParams,
+        finish: Callable[[_Live], None],
+    ) -> None:
+        """Every trajectory on its own: turn done -> ``step`` in ``pool`` -> next turn submitted.
+
+        On a failed turn (the engine gave up) the turns still in flight are cancelled and the
+        error propagates, as a failed round does."""
+        pending: dict[Future, tuple[bool, _Live]] = {}  # future -> (is a turn, trajectory)
+
+        def send(t: _Live) -> None:
+            pending[engine.submit(_next_turn(t), sampling)] = (True, t)
+
+        for t in live:
+            send(t)
+        try:
+            while pending:
+                ready, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in ready:
+                    is_turn, t = pending.pop(fut)
+                    if is_turn:
+                        [sample] = fut.result()
+                        self._append_turn(t, sample)
+                        pending[pool.submit(self._step, t)] = (False, t)
+                        continue
                     fut.result()
                     if t.over:
                         finish(t)
-                live = [t for t in live if not t.over]
-        return [[done[i, j] for j in range(req.n)] for i, req in enumerate(requests)]
+                    else:
+                        send(t)
+        finally:
+            for fut in pending:
+                fut.cancel()
 
     # ---- one trajectory ---------------------------------------------------------------------
 

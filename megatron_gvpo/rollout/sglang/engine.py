@@ -1,7 +1,8 @@
 """``SGLangEngine``: rollout on SGLang servers (started here, attached to, or behind a router).
 
 Generation streams every response of a round as its own ``/generate`` request, bounded per
-server by ``max_concurrency``; weights arrive in one of three modes (``tensor.py``,
+server by ``max_concurrency``, and ``submit`` adds one request's responses to what is in flight
+(the multi-turn loop sends each trajectory's next turn this way); weights arrive in one of three modes (``tensor.py``,
 ``distributed.py``, ``disk.py``) wrapped in the same begin/finish steps: pause (which aborts
 in-flight requests), open weight-update sessions where the server has them, load, close them,
 flush the prefix cache, continue, and check every server's live weight version.
@@ -15,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -32,6 +33,7 @@ from megatron_gvpo.rollout.sglang.disk import load_from_disk, write_sync_folder
 from megatron_gvpo.rollout.sglang.distributed import sync_distributed
 from megatron_gvpo.rollout.sglang.generate import (
     Job,
+    gather_jobs,
     make_jobs,
     parse_generate_output,
     stream_jobs,
@@ -118,6 +120,17 @@ class SGLangEngine(RolloutEngine):
                          skip_special_tokens=self.cfg.skip_special_tokens)
         for job, sample in stream_jobs(self._gen_pool, jobs, self._run_job):
             yield job.slot[0], job.slot[1], sample
+
+    continuous_batching = True
+
+    def submit(self, request: GenerateRequest, sampling: SamplingParams) -> Future[list[Sample]]:
+        """Send ``request``'s responses now (each its own ``/generate`` on the generation pool,
+        retried as in a round), alongside whatever else is in flight; the future holds them in
+        response order. A failed response, or cancelling the future, stops the others."""
+        self._check_open()
+        jobs = make_jobs([request], sampling, no_stop_trim=self.cfg.no_stop_trim,
+                         skip_special_tokens=self.cfg.skip_special_tokens)
+        return gather_jobs(self._gen_pool, jobs, self._run_job)
 
     def _run_job(self, job: Job, cancel: threading.Event) -> Sample:
         """Generate one response, retrying on other or restarted servers. A response cut off by

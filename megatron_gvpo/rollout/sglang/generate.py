@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,3 +123,52 @@ def stream_jobs(pool: ThreadPoolExecutor, jobs: Sequence[Job],
             cancel.set()
             for f in pending:
                 f.cancel()
+
+
+def gather_jobs(pool: ThreadPoolExecutor, jobs: Sequence[Job],
+                run: Callable[[Job, threading.Event], Sample]) -> Future[list[Sample]]:
+    """Submit ``jobs`` at once and return one future for their samples, in job order.
+
+    The first job that fails fails the future and cancels the rest (as :func:`stream_jobs`
+    does); cancelling the future cancels the jobs. A job whose request is already on a server
+    runs to its end, its sample unused; a job the pool drops (shut down) fails the future.
+    """
+    cancel = threading.Event()
+    out: Future[list[Sample]] = Future()
+    samples: list[Sample | None] = [None] * len(jobs)
+    left = [len(jobs)]
+    lock = threading.RLock()  # re-entered when failing ``out`` cancels a job from its callback
+    futures: list[Future] = []
+
+    def stop(_: Future | None = None) -> None:
+        cancel.set()
+        for f in list(futures):
+            f.cancel()
+
+    def settle(k: int, f: Future) -> None:
+        with lock:
+            if out.done():
+                return
+            error = (SGLangError("generation cancelled (the engine was shut down)")
+                     if f.cancelled() else f.exception())
+            try:
+                if error is not None:
+                    out.set_exception(error)
+                else:
+                    samples[k] = f.result()
+                    left[0] -= 1
+                    if left[0] == 0:
+                        out.set_result(samples)  # type: ignore[arg-type]
+            except InvalidStateError:  # the caller cancelled ``out`` meanwhile
+                return
+        if error is not None:
+            stop()
+
+    out.add_done_callback(lambda f: stop() if f.cancelled() else None)
+    for k, job in enumerate(jobs):
+        f = pool.submit(run, job, cancel)
+        futures.append(f)
+        f.add_done_callback(lambda f, k=k: settle(k, f))
+    if out.done():
+        stop()  # a job failed (or ``out`` was cancelled) while later ones were being submitted
+    return out
