@@ -1,0 +1,147 @@
+"""Mixture-of-experts (qwen3_moe): config, HF expert layouts, parity and conversion under EP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import last_json, run_tool
+from safetensors.torch import load_file
+
+from megatron_gvpo.bridge.mapping import (
+    fused_expert_source,
+    hf_names,
+    mcore_names,
+    read_fused_expert,
+    unfuse_experts,
+)
+from megatron_gvpo.models.hf_config import arch_from_dict, check_parallel_layout, read_hf_config
+from megatron_gvpo.models.tiny import save_tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """A random tiny qwen3_moe saved by transformers: layer 0 dense, layer 1 with 4 experts."""
+    return save_tiny_hf_model(tmp_path_factory.mktemp("moe") / "hf", "qwen3_moe", seed=5)
+
+
+def _moe_config(**overrides) -> dict:
+    raw = dict(
+        model_type="qwen3_moe",
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+    )
+    raw.update(overrides)
+    return raw
+
+
+def test_config_reads_sparse_layers_as_transformers_decides_them():
+    # HF: sparse when not in mlp_only_layers and (layer + 1) % decoder_sparse_step == 0.
+    arch = arch_from_dict(_moe_config(decoder_sparse_step=2, mlp_only_layers=[3]))
+    assert arch.moe_layers == [0, 1, 0, 0]
+    assert arch.qk_layernorm and arch.is_moe and not arch.norm_topk_prob
+    # transformers 5 writes the count as num_local_experts
+    raw = _moe_config(norm_topk_prob=True)
+    raw["num_local_experts"] = raw.pop("num_experts")
+    arch = arch_from_dict(raw)
+    assert (arch.num_experts, arch.norm_topk_prob, arch.moe_layers) == (8, True, [1, 1, 1, 1])
+
+
+def test_config_and_layout_errors_name_the_field():
+    with pytest.raises(ValueError, match="c.json: missing required field.*moe_intermediate_size"):
+        arch_from_dict({**_moe_config(), "moe_intermediate_size": None}, source="c.json")
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        arch_from_dict(_moe_config(num_experts_per_tok=9))
+    with pytest.raises(ValueError, match="mlp_only_layers \\[7\\]"):
+        arch_from_dict(_moe_config(mlp_only_layers=[7]))
+    arch = arch_from_dict(_moe_config())
+    with pytest.raises(ValueError, match="num_experts=8 is not divisible by ep=3"):
+        check_parallel_layout(arch, 1, 1, ep=3)
+    with pytest.raises(ValueError, match="moe_intermediate_size=24 is not divisible by etp=5"):
+        check_parallel_layout(arch, 1, 1, ep=2, etp=5)
+    dense = arch_from_dict({**_moe_config(), "model_type": "qwen3"})
+    with pytest.raises(ValueError, match="parallel.ep=2 needs a mixture-of-experts model"):
+        check_parallel_layout(dense, 1, 1, ep=2)
+
+
+def test_expert_names_cover_the_checkpoint_and_the_fused_layout(tiny_moe):
+    """Every tensor transformers saved is some Megatron parameter's source, and the fused 3-D
+    expert tensors transformers holds in memory cut back into exactly the saved ones."""
+    from transformers import AutoModelForCausalLM
+
+    arch = read_hf_config(tiny_moe)
+    saved = load_file(str(tiny_moe / "model.safetensors"))
+    mapped = [n for m in mcore_names(arch) for n in hf_names(m, arch)]
+    assert sorted(mapped) == sorted(saved)
+    assert "model.layers.0.mlp.gate_proj.weight" in mapped  # mlp_only_layers=[0]: dense
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in mapped
+
+    in_memory = AutoModelForCausalLM.from_pretrained(str(tiny_moe)).state_dict()
+    assert "model.layers.1.mlp.experts.gate_up_proj" in in_memory
+    unfused = unfuse_experts(in_memory)
+    for name, tensor in saved.items():
+        assert torch.equal(unfused[name], tensor), name
+        if fused_expert_source(name) is not None:
+            assert torch.equal(read_fused_expert(name, in_memory.__getitem__), tensor), name
+
+
+def test_logprobs_and_gradients_match_transformers_at_ep1(tiny_moe):
+    _, out, _ = run_tool(
+        "logprob_parity.py", "--hf-dir", str(tiny_moe), "--random-tokens", "--grad"
+    )
+    result = last_json(out)
+    assert result["model_type"] == "qwen3_moe"
+    assert result["max_abs_diff"] <= 1e-4
+    assert result["grad_max_rel_err"] <= 1e-4, result
+
+
+@pytest.mark.slow
+def test_ep2_conversion_round_trip_is_bitwise_and_loads_under_other_layouts(tiny_moe, tmp_path):
+    """TP1 x PP2 x EP2 conversion, back to HF at EP2 (bitwise), then the checkpoint at
+    TP2 x EP2 (4 ranks, experts split over TP as well) against transformers, gradients too."""
+    m, back = tmp_path / "m", tmp_path / "back"
+    run_tool(
+        "convert_hf_to_mcore.py",
+        "--hf-dir",
+        str(tiny_moe),
+        "--out-dir",
+        str(m),
+        "--pp",
+        "2",
+        "--ep",
+        "2",
+    )
+    run_tool("convert_mcore_to_hf.py", "--mcore-dir", str(m), "--out-dir", str(back), "--ep", "2")
+    src, out = (
+        load_file(str(tiny_moe / "model.safetensors")),
+        load_file(str(back / "model.safetensors")),
+    )
+    assert set(src) == set(out)
+    for name in src:
+        assert torch.equal(src[name], out[name]), name
+    assert json.loads((back / "config.json").read_text())["model_type"] == "qwen3_moe"
+    _, stdout, _ = run_tool(
+        "logprob_parity.py",
+        "--hf-dir",
+        str(tiny_moe),
+        "--mcore-dir",
+        str(m),
+        "--tp",
+        "2",
+        "--ep",
+        "2",
+        "--random-tokens",
+        "--grad",
+    )
+    result = last_json(stdout)
+    assert (result["tp"], result["ep"]) == (2, 2)
+    assert result["max_abs_diff"] <= 1e-4
+    assert result["grad_max_rel_err"] <= 1e-4, result
