@@ -157,7 +157,7 @@ def read_fused_expert(hf_name: str, get_hf: Callable[[str], torch.Tensor]) -> to
 def unfuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tensors`` with transformers' fused 3-D expert tensors (``mlp.experts.gate_up_proj``,
     ``mlp.experts.down_proj``, e.g. a model's in-memory parameters or their gradients) replaced
-    by the per-expert names a checkpoint uses."""
+    by the per-expert names a checkpoint uses (views: writing one writes the fused tensor)."""
     out = {}
     for name, t in tensors.items():
         base, _, leaf = name.rpartition(".")
