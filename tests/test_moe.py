@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import last_json, run_tool
+from conftest import last_json, run_tool, run_torchrun
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from megatron_gvpo.bridge.mapping import (
@@ -145,3 +147,52 @@ def test_ep2_conversion_round_trip_is_bitwise_and_loads_under_other_layouts(tiny
     assert (result["tp"], result["ep"]) == (2, 2)
     assert result["max_abs_diff"] <= 1e-4
     assert result["grad_max_rel_err"] <= 1e-4, result
+
+
+LAYOUT_WORKER = Path(__file__).resolve().parent / "dist_workers" / "loss_layout_worker.py"
+# (tp, ep, world): EP takes its ranks from DP; at TP2 the experts are split over TP as well.
+EP_LAYOUTS = {"tp1_ep1": (1, 1, 1), "tp1_ep2": (1, 2, 2), "tp2_ep2": (2, 2, 4)}
+
+
+@pytest.mark.slow
+def test_gvpo_step_gradient_is_the_same_at_ep1_and_ep2(tiny_moe, tmp_path):
+    """GVPO's (and GRPO's) step gradient with the router's aux loss off, at (TP, EP) = (1, 1),
+    (1, 2), (2, 2), with several micro-batches and groups split across them and DP ranks."""
+    grads, infos = {}, {}
+    for name, (tp, ep, world) in EP_LAYOUTS.items():
+        out = tmp_path / f"{name}.safetensors"
+        budget = "4096" if world == 1 else "48"
+        run_torchrun(
+            LAYOUT_WORKER,
+            world,
+            "--hf-dir",
+            str(tiny_moe),
+            "--tp",
+            str(tp),
+            "--ep",
+            str(ep),
+            "--budget",
+            budget,
+            "--split",
+            "--losses",
+            "gvpo,grpo",
+            "--out",
+            str(out),
+        )
+        with safe_open(str(out), "pt") as f:
+            infos[name] = {k: json.loads(v) for k, v in f.metadata().items()}
+        grads[name] = load_file(str(out))
+    ref = grads["tp1_ep1"]
+    assert any(".mlp.experts.3." in k for k in ref) and any(".mlp.gate." in k for k in ref)
+    for name in ("tp1_ep2", "tp2_ep2"):
+        assert infos[name]["gvpo"]["groups_whole"] is False
+        assert set(grads[name]) == set(ref)
+        for k, want in ref.items():
+            err = ((grads[name][k] - want).norm() / want.norm().clamp_min(1e-12)).item()
+            assert err < 1e-5, f"{name} {k}: rel err {err:.2e}"
+        for loss in ("gvpo", "grpo"):
+            want = torch.sqrt(
+                sum(v.double().square().sum() for k, v in ref.items() if k.startswith(loss + "/"))
+            )
+            got = infos[name][loss]["grad_norm"]
+            assert abs(got - want.item()) <= 1e-5 * want.item(), (name, loss, got, want.item())
