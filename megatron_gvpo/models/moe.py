@@ -93,3 +93,118 @@ def patch_router_gemm_without_te() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def _routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    return [m for m in model.modules() if isinstance(m, TopKRouter)]
+
+
+class RouterStats:
+    """Per-layer expert load of the micro-batches run since :meth:`reset`, and the router losses.
+
+    A forward hook on each of megatron's routers adds up its routing map (tokens this rank routed
+    to each expert, padding positions included). :meth:`metrics` (collective over every rank)
+    sums the counts over ranks and reports, per MoE layer ``L``, ``moe/layer_L/tokens_max`` and
+    ``moe/layer_L/tokens_mean`` (tokens per expert) and over all layers ``moe/load_max_over_mean``
+    (1 = perfectly balanced), plus ``moe/aux_loss`` and ``moe/z_loss`` (not multiplied by their
+    coefficients; the mean over ranks, layers and micro-batches) when they are on. Routing is dropless:
+    no token is ever dropped, so there is no dropped-token count.
+    """
+
+    def __init__(self, model: torch.nn.Module, num_layers: int, num_experts: int):
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.layer_passes = 0  # router calls on this rank (micro-batches x its MoE layers)
+        for router in _routers(model):
+            router.register_forward_hook(self._hook)
+
+    def _hook(self, router, args, output) -> None:
+        _, routing_map = output
+        self.counts[router.layer_number - 1] += routing_map.detach().sum(0).to("cpu", torch.float64)
+        self.layer_passes += 1
+
+    def reset(self) -> None:
+        """Forget what earlier passes routed (and megatron's router-loss tracker)."""
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        self.counts.zero_()
+        self.layer_passes = 0
+        clear_aux_losses_tracker()
+
+    def metrics(self) -> dict[str, float]:
+        """Load and router-loss figures of the passes since :meth:`reset` (every rank calls it)."""
+        import torch.distributed as dist
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        counts = self.counts.clone()
+        losses = {}
+        for key, name in (("moe/aux_loss", "load_balancing_loss"), ("moe/z_loss", "z_loss")):
+            values = get_moe_layer_wise_logging_tracker().get(name, {}).get("values")
+            if values is not None:
+                losses[key] = values.detach().to("cpu", torch.float64)
+        loss_keys = sorted(losses)
+        passes = torch.tensor([float(self.layer_passes)], dtype=torch.float64)
+        packed = torch.cat([counts.flatten(), passes] + [losses[k] for k in loss_keys])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            from megatron_gvpo.parallel.initialize import device
+
+            packed = packed.to(device())
+            dist.all_reduce(packed)
+            packed = packed.cpu()
+        counts = packed[: counts.numel()].view_as(counts)
+        out: dict[str, float] = {}
+        ratios = []
+        for layer in range(self.num_layers):
+            row = counts[layer]
+            if not row.any():
+                continue
+            mean = float(row.mean())
+            out[f"moe/layer_{layer}/tokens_max"] = float(row.max())
+            out[f"moe/layer_{layer}/tokens_mean"] = mean
+            ratios.append(float(row.max()) / mean)
+        if ratios:
+            out["moe/load_max_over_mean"] = max(ratios)
+        n = counts.numel()
+        total_passes = max(1.0, float(packed[n]))
+        for i, key in enumerate(loss_keys):
+            # mean over (rank, layer, micro-batch) of each router call's loss
+            start = n + 1 + i * self.num_layers
+            out[key] = float(packed[start : start + self.num_layers].sum()) / total_passes
+        return out
+
+
+class AuxLossScale:
+    """Scale the router losses' gradients to a step-wide token mean.
+
+    With ``calculate_per_token_loss`` megatron-core backpropagates each micro-batch's router loss
+    multiplied by its token count and expects ``finalize_model_grads`` to divide every gradient by
+    the step's token count. This trainer's losses arrive already normalised for the whole step,
+    so nothing is divided there; instead the router losses' backward scale
+    (``MoEAuxLossAutoScaler``, which megatron's schedule sets to 1 before every backward) is
+    multiplied by 1 / (tokens of the step over every DP rank) while the step runs. The step's
+    router-loss term is then coeff x the token-weighted mean of the micro-batches' router losses.
+    """
+
+    def __init__(self, step_tokens: int):
+        self.factor = 1.0 / max(1, step_tokens)
+        self._original = None
+
+    def __enter__(self) -> AuxLossScale:
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        original = MoEAuxLossAutoScaler.set_loss_scale
+        factor = self.factor
+
+        def set_loss_scale(scale: torch.Tensor) -> None:
+            original(scale * factor)
+
+        self._original = original
+        MoEAuxLossAutoScaler.set_loss_scale = staticmethod(set_loss_scale)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        MoEAuxLossAutoScaler.set_loss_scale = staticmethod(self._original)

@@ -26,6 +26,7 @@ from megatron_gvpo.bridge.export import ExportConfig, iter_buckets_on_rank0
 from megatron_gvpo.bridge.hf_io import copy_side_files, write_bucket_shards
 from megatron_gvpo.data.tokenizer import hf_dir
 from megatron_gvpo.models.forward import forward_backward
+from megatron_gvpo.models.moe import RouterStats
 from megatron_gvpo.parallel.cpu_compat import native_torch
 from megatron_gvpo.parallel.ddp import wrap_with_ddp
 from megatron_gvpo.parallel.initialize import destroy, initialize
@@ -87,13 +88,22 @@ class Trainer:
         self.model_path = resolve_model_path(cfg.model)
         room = prompt_room(self.model_path, r.max_new_tokens, t.max_tokens_per_microbatch)
         self.prompts = PromptSource(
-            cfg.data, self.model_path, self.run_dir, t.prompts_per_step, cfg.model.trust_remote_code,
+            cfg.data,
+            self.model_path,
+            self.run_dir,
+            t.prompts_per_step,
+            cfg.model.trust_remote_code,
             room,
         )
         self.objective = build_objective(cfg.algorithm, self.prompts.domains)
         initialize(cfg.parallel)
         model, self.arch = build_model(cfg.model, self.model_path)
         self.ddp = wrap_with_ddp(model, use_distributed_optimizer=t.use_distributed_optimizer)
+        self.router_stats = (
+            RouterStats(model, self.arch.num_layers, self.arch.num_experts)
+            if self.arch.is_moe
+            else None
+        )
         self.optimizer, self.scheduler = build_optimizer(self.ddp, t, cfg.model)
         self.reference = build_reference(cfg, self.model_path)
         self.replay = ReplayBuffer(t.replay_capacity)
@@ -118,7 +128,11 @@ class Trainer:
         )
         self.evaluator = (
             Evaluator.build(
-                self.prompts.eval_sets, cfg.eval, cfg.data.eval_sets, r.max_new_tokens, r.stop,
+                self.prompts.eval_sets,
+                cfg.eval,
+                cfg.data.eval_sets,
+                r.max_new_tokens,
+                r.stop,
                 t.seed,
             )
             if self.prompts.eval_sets and is_rank0()
@@ -244,6 +258,8 @@ class Trainer:
             fill = OldLogprobsFromForward(loss_fn, sub) if sub.old_logprobs is None else None
             self.ddp.zero_grad_buffer()
             self.optimizer.zero_grad()
+            if self.router_stats is not None:
+                self.router_stats.reset()
             results = forward_backward(
                 self.ddp,
                 mbs,
@@ -254,6 +270,10 @@ class Trainer:
             if fill is not None:  # one update: sub is the whole batch, in order
                 batch.old_logprobs = sub.old_logprobs = fill.collect(self.ddp)
             metrics = reduce_metrics(results)
+            if self.router_stats is not None:  # collective: expert load summed over ranks
+                metrics.update(
+                    {k: Metric(v, "mean") for k, v in self.router_stats.metrics().items()}
+                )
             values = {k: float(m.value) for k, m in metrics.items()}
             if self.step_guard.skip(self.ddp, self.optimizer, values):
                 continue  # non-finite loss or gradient: counted, never applied
@@ -333,7 +353,12 @@ class Trainer:
     def save(self) -> None:
         t = self.cfg.trainer
         self.state.save(
-            self.run_dir, self.step, asdict(self.cfg), self.ddp, self.optimizer, t.keep_last,
+            self.run_dir,
+            self.step,
+            asdict(self.cfg),
+            self.ddp,
+            self.optimizer,
+            t.keep_last,
             part_states={"prompts": self.rounds.prompt_state()},  # as of the last trained round
             export_hf=self._export_hf if t.export_hf else None,
             best=self.eval_schedule,
