@@ -46,7 +46,11 @@ class _Counted:
 
 def _sync_metrics(start: float, nbytes: int) -> dict[str, float]:
     seconds = time.perf_counter() - start
-    return {"sync/seconds": seconds, "sync/gb_per_s": nbytes / 1e9 / max(seconds, 1e-9)}
+    return {
+        "sync/seconds": seconds,
+        "sync/gb_per_s": nbytes / 1e9 / max(seconds, 1e-9),
+        "sync/bytes": float(nbytes),
+    }
 
 
 class WeightSync(abc.ABC):
