@@ -279,10 +279,12 @@ def test_gvpo_trains_at_ep2_with_router_losses_and_metrics(char_moe, tmp_path):
 
 
 @pytest.mark.slow
-def test_distributed_weight_sync_at_ep2_against_the_protocol_fake(char_moe, tmp_path):
+@pytest.mark.parametrize("mode", ["distributed", "disk"])
+def test_weight_sync_at_ep2_against_the_protocol_fake(char_moe, tmp_path, mode):
     """weight_sync=distributed at EP2: the source replica broadcasts every expert, its EP peer
-    joins the gathers. The servers are tests/sglang_fake_server.py, a PROTOCOL FAKE (fake
-    tokens, no model): this checks the wiring and the bytes, not SGLang."""
+    joins the gathers; disk: rank 0 writes the gathered model. The servers are
+    tests/sglang_fake_server.py, a PROTOCOL FAKE (fake tokens, no model): this checks the
+    wiring and the bytes, not SGLang."""
     fake = [sys.executable, str(REPO / "tests" / "sglang_fake_server.py")]
     rows = _train_ep2(
         char_moe,
