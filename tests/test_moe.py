@@ -257,14 +257,16 @@ def _model_bytes(hf_dir) -> int:
 
 @pytest.mark.slow
 def test_gvpo_trains_at_ep2_with_router_losses_and_metrics(char_moe, tmp_path):
-    """Two GVPO rounds at EP2 (2 updates each, router aux and z losses on) with the embedded
-    engine: finite losses, every expert synced (the whole model's bytes), router metrics."""
+    """Two GVPO rounds at EP2 (2 updates each, router aux and z losses on, routes replayed) with
+    the embedded engine: finite losses, every expert synced (the whole model's bytes), router
+    metrics."""
     rows = _train_ep2(
         char_moe,
         tmp_path / "run",
         "trainer.updates_per_round=2",
         "model.moe.aux_loss_coeff=0.01",
         "model.moe.z_loss_coeff=0.001",
+        "model.moe.routing_replay=old",
     )
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
@@ -276,6 +278,7 @@ def test_gvpo_trains_at_ep2_with_router_losses_and_metrics(char_moe, tmp_path):
         mean, top = r["moe/layer_1/tokens_mean"], r["moe/layer_1/tokens_max"]
         assert top >= mean > 0 and r["moe/load_max_over_mean"] >= 1  # averaged over 2 updates
         assert r["moe/aux_loss"] > 0 and r["moe/z_loss"] > 0
+        assert 0 <= r["moe/routing_replay_flips"] <= 1
 
 
 @pytest.mark.slow
@@ -300,3 +303,89 @@ def test_weight_sync_at_ep2_against_the_protocol_fake(char_moe, tmp_path, mode):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["sync/bytes"] == _model_bytes(char_moe) for r in rows)
     assert rows[-1]["engine/weight_syncs"] == 2
+
+
+REPLAY_WORKER = Path(__file__).resolve().parent / "dist_workers" / "routing_replay_worker.py"
+
+
+def _hf_response_logprobs(model, prompt, response) -> torch.Tensor:
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids).logits[0, :-1].double()
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    return lp[len(prompt) - 1 :]
+
+
+@pytest.mark.slow
+def test_routing_replay_routes_every_update_like_theta_prime(tiny_moe, tmp_path):
+    """Routes recorded at EP2 are transformers' top-k; after the router is perturbed, a pass
+    under another placement with replay routes exactly those experts (its logprobs equal
+    transformers forced to them) while without replay (the negative control) routes change."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as hf_moe
+
+    out = tmp_path / "replay.safetensors"
+    run_torchrun(REPLAY_WORKER, 2, "--hf-dir", str(tiny_moe), "--out", str(out))
+    saved = load_file(str(out))
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    layer, batch = int(meta["layer"]), json.loads(meta["batch"])
+    assert int(meta["micro_batches"]) > 2  # the replayed pass used another placement
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_moe)).eval()
+    hf_router = model.model.layers[layer].mlp.gate
+
+    # 1. The recorded routes are transformers' own top-k under the unperturbed router.
+    seen = {}
+    original_forward = hf_moe.Qwen3MoeTopKRouter.forward
+
+    def spy(self, hidden):
+        logits, scores, indices = original_forward(self, hidden)
+        seen["indices"] = indices
+        return logits, scores, indices
+
+    forced = {}
+
+    def force(self, hidden):
+        hidden = hidden.reshape(-1, self.hidden_dim)
+        logits = torch.nn.functional.linear(hidden, self.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        top = probs.gather(-1, forced["indices"])
+        top = top / top.sum(-1, keepdim=True) if self.norm_topk_prob else top
+        return logits, top.to(logits.dtype), forced["indices"]
+
+    changed = 0
+    with torch.no_grad():
+        for i, (prompt, response) in enumerate(
+            zip(batch["prompts"], batch["responses"], strict=True)
+        ):
+            hf_moe.Qwen3MoeTopKRouter.forward = spy
+            try:
+                model(input_ids=torch.tensor([prompt + response]))
+            finally:
+                hf_moe.Qwen3MoeTopKRouter.forward = original_forward
+            routes = saved[f"routes.{i}"]
+            assert torch.equal(routes.sort(-1).values, seen["indices"].sort(-1).values), i
+            changed += int(
+                (saved[f"free_routes.{i}"].sort(-1).values != routes.sort(-1).values).any(-1).sum()
+            )
+
+        # 2. Perturbed router, the recorded routes forced: equals the replayed pass.
+        hf_router.weight.copy_(saved["router_weight"])
+        for i, (prompt, response) in enumerate(
+            zip(batch["prompts"], batch["responses"], strict=True)
+        ):
+            forced["indices"] = saved[f"routes.{i}"]
+            hf_moe.Qwen3MoeTopKRouter.forward = force
+            try:
+                want = _hf_response_logprobs(model, prompt, response)
+            finally:
+                hf_moe.Qwen3MoeTopKRouter.forward = original_forward
+            got = saved[f"replayed.{i}"].double()
+            assert (got - want).abs().max() < 1e-4, i
+    # 3. Negative control: without replay the perturbed router routes some tokens elsewhere,
+    # which is what the replayed pass reported as flips.
+    assert changed > 0 and float(meta["flips"]) > 0
+    diff = max(
+        (saved[f"free.{i}"] - saved[f"replayed.{i}"]).abs().max().item()
+        for i in range(len(batch["prompts"]))
+    )
+    assert diff > 1e-3

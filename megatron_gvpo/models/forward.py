@@ -18,6 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_gvpo.models.moe import AuxLossScale
+from megatron_gvpo.models.routing_replay import notify_forward
 from megatron_gvpo.parallel.cpu_compat import native_torch
 from megatron_gvpo.parallel.initialize import device
 from megatron_gvpo.parallel.logprobs import vocab_parallel_logprobs
@@ -69,6 +70,7 @@ def forward_backward(
         pos = mb.position_ids
         if pos is None:
             pos = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+        notify_forward(mb)  # routing replay (MoE): which samples' routes this forward takes
         with native_torch():  # the CPU compat layer's mode is for megatron's schedule, not this
             output = model_chunk(
                 tokens, pos.to(device), attention_mask=None, packed_seq_params=mb.packed_seq_params

@@ -36,6 +36,9 @@ class MoEConfig:
     token_dispatcher: str = "auto"
     """How tokens reach their experts' ranks: allgather, alltoall, or auto (alltoall with CUDA,
     allgather on CPU, where gloo's all-to-all with uneven splits is not available)."""
+    routing_replay: str = "off"
+    """off, or old: the round's theta' pass records each token's top-k experts and every update
+    of the round routes the tokens the same way (``models/routing_replay.py``)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the ``model.moe`` key whose value is out of range."""
@@ -44,6 +47,8 @@ class MoEConfig:
                 f"model.moe.token_dispatcher={self.token_dispatcher!r}: use "
                 f"{', '.join(DISPATCHERS)}"
             )
+        if self.routing_replay not in ("off", "old"):
+            raise ValueError(f"model.moe.routing_replay={self.routing_replay!r}: use off or old")
         for key in ("aux_loss_coeff", "z_loss_coeff"):
             if getattr(self, key) < 0:
                 raise ValueError(f"model.moe.{key}={getattr(self, key)} must be >= 0")
@@ -77,6 +82,7 @@ def moe_transformer_config_kwargs(arch: HFArch, moe: MoEConfig, ep: int, etp: in
         moe_expert_capacity_factor=None,
         moe_permute_fusion=False,
         moe_router_fusion=False,
+        moe_enable_routing_replay=moe.routing_replay != "off",
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
     )

@@ -40,6 +40,9 @@ class RolloutBatch:
     rollout_logprobs: list[Tensor] | None = None
     """The engine's response-token logprobs (for TIS in the GRPO family); None when any group
     has none (replayed groups)."""
+    routes: list[dict] | None = None
+    """Routing replay (MoE): per sample, this pipeline stage's MoE layer -> the top-k experts of
+    each of its tokens [tokens, k] under theta'; None when routes are not replayed."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -115,6 +118,8 @@ def build_micro_batches(batch: RolloutBatch, plan: StepPlan, pad_id: int = 0) ->
             v = getattr(batch, key)
             if v is not None:
                 extra[key] = v[idx]
+        if batch.routes is not None:
+            extra["routes"] = [batch.routes[i] for i in ids]
         width = packed.response_index.shape[1]
         for key in _TOKEN_KEYS:
             v = getattr(batch, key)

@@ -15,21 +15,24 @@ from __future__ import annotations
 import math
 import random
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megatron_gvpo.bridge.export import ExportConfig, iter_buckets_on_rank0
 from megatron_gvpo.bridge.hf_io import copy_side_files, write_bucket_shards
 from megatron_gvpo.data.tokenizer import hf_dir
 from megatron_gvpo.models.forward import forward_backward
 from megatron_gvpo.models.moe import RouterStats
+from megatron_gvpo.models.routing_replay import RoutingReplay
+from megatron_gvpo.models.routing_replay import set_active as set_active_replay
 from megatron_gvpo.parallel.cpu_compat import native_torch
 from megatron_gvpo.parallel.ddp import wrap_with_ddp
-from megatron_gvpo.parallel.initialize import destroy, initialize
+from megatron_gvpo.parallel.initialize import destroy, device, initialize
 from megatron_gvpo.parallel.launch import broadcast_object, is_rank0
 from megatron_gvpo.rollout.base import SamplingParams
 from megatron_gvpo.trainer.async_rollout import RoundSource
@@ -104,6 +107,10 @@ class Trainer:
             if self.arch.is_moe
             else None
         )
+        self.routing_replay = None
+        if self.arch.is_moe and cfg.model.moe.routing_replay == "old":
+            self.routing_replay = RoutingReplay(model)
+            set_active_replay(self.routing_replay)
         self.optimizer, self.scheduler = build_optimizer(self.ddp, t, cfg.model)
         self.reference = build_reference(cfg, self.model_path)
         self.replay = ReplayBuffer(t.replay_capacity)
@@ -241,12 +248,25 @@ class Trainer:
         plan = self._plan(batch)
         temperature = self.cfg.algorithm.temperature
         if self.cfg.trainer.updates_per_round > 1:  # else the only update's forward gives them
-            batch.old_logprobs = response_token_logprobs(self.ddp, batch, plan, temperature)
+            replay = self.routing_replay
+            with replay.recording() if replay else nullcontext():
+                batch.old_logprobs = response_token_logprobs(self.ddp, batch, plan, temperature)
+            if replay is not None:  # every update of the round routes tokens as theta' did
+                batch.routes = replay.routes(len(batch))
         if self.reference is not None:
             batch.ref_logprobs = response_token_logprobs(self.reference, batch, plan, temperature)
 
     def _updates(self, batch: RolloutBatch) -> dict:
-        """``trainer.updates_per_round`` optimizer steps, each on whole groups of the batch."""
+        """``trainer.updates_per_round`` optimizer steps, each on whole groups of the batch
+        (with routing replay, each routing every token as the round's theta' pass did)."""
+        if batch.routes is None:
+            return self._run_updates(batch)
+        with self.routing_replay.replaying() as replay:
+            out = self._run_updates(batch)
+        out["moe/routing_replay_flips"] = _dp_mean(replay.flip_fraction())
+        return out
+
+    def _run_updates(self, batch: RolloutBatch) -> dict:
         t = self.cfg.trainer
         per_update = []
         for u, sub in enumerate(_split_by_groups(batch, t.updates_per_round)):
@@ -373,6 +393,15 @@ class Trainer:
         else:
             for _ in buckets:  # take part in the gathers and sends
                 pass
+
+
+def _dp_mean(value: float) -> float:
+    """The mean of a per-rank float over every rank (identical everywhere after)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device())
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
 
 
 def _split_by_groups(batch: RolloutBatch, parts: int) -> list[RolloutBatch]:
