@@ -78,6 +78,18 @@ def test_config_and_layout_errors_name_the_field():
         check_parallel_layout(dense, 1, 1, ep=2)
 
 
+def test_moe_settings_errors_name_the_key():
+    from megatron_gvpo.models.moe import MoEConfig
+
+    for bad, key in [
+        (dict(token_dispatcher="flex"), "model.moe.token_dispatcher"),
+        (dict(routing_replay="rollout"), "model.moe.routing_replay"),
+        (dict(aux_loss_coeff=-1.0), "model.moe.aux_loss_coeff"),
+    ]:
+        with pytest.raises(ValueError, match=key):
+            MoEConfig(**bad).validate()
+
+
 def test_expert_names_cover_the_checkpoint_and_the_fused_layout(tiny_moe):
     """Every tensor transformers saved is some Megatron parameter's source, and the fused 3-D
     expert tensors transformers holds in memory cut back into exactly the saved ones."""
@@ -389,3 +401,24 @@ def test_routing_replay_routes_every_update_like_theta_prime(tiny_moe, tmp_path)
         for i in range(len(batch["prompts"]))
     )
     assert diff > 1e-3
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["parallel.ep=2"], "parallel.ep"),
+        (["model.moe.routing_replay=old"], "model.moe.routing_replay"),  # the demo is dense
+    ],
+)
+def test_bad_moe_settings_fail_before_any_model_is_built(tmp_path, overrides, key):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEGATRON_GVPO_CACHE=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    for k in ("WORLD_SIZE", "RANK"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "megatron_gvpo.train", f"trainer.run_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(
+        cmd + overrides, env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert key in proc.stderr
+    assert not (tmp_path / "cache").exists()  # no demo model was built

@@ -429,13 +429,18 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     m.moe.validate()
     if m.path is not None:
         _check_exists(Path(m.path), "model.path")
+    if m.moe.routing_replay != "off" and m.path is None:
+        raise ValueError(
+            f"model.moe.routing_replay={m.moe.routing_replay!r} needs a mixture-of-experts "
+            "model.path; the demo model is dense"
+        )
     if cfg.parallel.ep > 1 and m.path is None:
         raise ValueError(
             f"parallel.ep={cfg.parallel.ep} needs a mixture-of-experts model.path; "
             "the demo model is dense"
         )
     if m.path is not None:
-        context = _check_model_type(Path(m.path), cfg.parallel)
+        context = _check_model_type(Path(m.path), cfg.parallel, m.moe)
         if r.max_new_tokens >= context and not objective.offline:
             raise ValueError(
                 f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in the "
@@ -496,7 +501,7 @@ def _check_exists(path: Path, key: str) -> None:
         raise FileNotFoundError(f"{key}={path}: {e.strerror}") from None
 
 
-def _check_model_type(path: Path, parallel: ParallelConfig) -> int:
+def _check_model_type(path: Path, parallel: ParallelConfig, moe: MoEConfig) -> int:
     """An unsupported architecture (gpt2, ...), or one the layout cannot split, is named before
     anything is built. Returns the model's context length (``max_position_embeddings``, 4096
     when the config has none)."""
@@ -519,8 +524,14 @@ def _check_model_type(path: Path, parallel: ParallelConfig) -> int:
             f"model.path: {cfg_file}: model_type {model_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    arch = read_hf_config(cfg_file)
+    if moe.routing_replay != "off" and not arch.is_moe:
+        raise ValueError(
+            f"model.moe.routing_replay={moe.routing_replay!r} needs a mixture-of-experts model; "
+            f"model.path {cfg_file} is {arch.model_type}"
+        )
     check_parallel_layout(
-        read_hf_config(cfg_file),
+        arch,
         parallel.tp,
         parallel.pp,
         source=f"model.path: {cfg_file}",
