@@ -507,6 +507,7 @@ def _check_model_type(path: Path, parallel: ParallelConfig, moe: MoEConfig) -> i
     when the config has none)."""
     from megatron_gvpo.data.tokenizer import hf_dir
     from megatron_gvpo.models.hf_config import (
+        MOE_MODEL_TYPES,
         SUPPORTED_MODEL_TYPES,
         check_parallel_layout,
         read_hf_config,
@@ -524,6 +525,9 @@ def _check_model_type(path: Path, parallel: ParallelConfig, moe: MoEConfig) -> i
             f"model.path: {cfg_file}: model_type {model_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    context = int(json.loads(cfg_file.read_text()).get("max_position_embeddings", 4096))
+    if model_type not in MOE_MODEL_TYPES and parallel.ep == 1 and moe.routing_replay == "off":
+        return context  # dense: the layout is checked against the full config when built
     arch = read_hf_config(cfg_file)
     if moe.routing_replay != "off" and not arch.is_moe:
         raise ValueError(
@@ -538,7 +542,7 @@ def _check_model_type(path: Path, parallel: ParallelConfig, moe: MoEConfig) -> i
         ep=parallel.ep,
         etp=parallel.etp,
     )
-    return int(json.loads(cfg_file.read_text()).get("max_position_embeddings", 4096))
+    return context
 
 
 def sglang_kwargs(r: RolloutSection, model_path: str, run_dir: str | None = None) -> dict:
