@@ -87,7 +87,7 @@ def main(argv=None) -> None:
         for key in rs[0]:
             vals = [r[key] for r in rs if isinstance(r[key], float)]
             if vals and key != "seed":
-                summary[key] = round(statistics.fmean(vals), 4)
+                summary[key] = float(f"{statistics.fmean(vals):.4g}")
         print(json.dumps(summary), flush=True)
 
 
