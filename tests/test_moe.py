@@ -422,3 +422,36 @@ def test_bad_moe_settings_fail_before_any_model_is_built(tmp_path, overrides, ke
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert key in proc.stderr
     assert not (tmp_path / "cache").exists()  # no demo model was built
+
+
+AUX_WORKER = Path(__file__).resolve().parent / "dist_workers" / "moe_aux_worker.py"
+
+
+def test_router_loss_gradient_is_the_step_token_mean(tiny_moe, tmp_path):
+    """With only the load-balancing loss (coeff c), the router weight's gradient over a step of
+    micro-batches equals d/dW of c x sum_mb (T_mb / T) aux_mb in float64, aux_mb being
+    megatron-core's documented switch loss E x sum_i f_i P_i of the micro-batch (f_i: share of
+    its T_mb x k routes to expert i, P_i: its mean softmax probability of expert i)."""
+    coeff = 0.5
+    out = tmp_path / "aux.safetensors"
+    run_torchrun(AUX_WORKER, 1, "--hf-dir", str(tiny_moe), "--coeff", str(coeff), "--out", str(out))
+    saved = load_file(str(out))
+    arch = read_hf_config(tiny_moe)
+    e, k = arch.num_experts, arch.moe_router_topk
+    weight = saved["weight"].double().requires_grad_(True)
+    inputs = [saved[f"input.{i}"].double() for i in range(2)]
+    total_tokens = sum(x.shape[0] for x in inputs)
+    loss = 0.0
+    for x in inputs:
+        t = x.shape[0]
+        probs = torch.softmax(x @ weight.T, dim=-1)
+        top = probs.detach().topk(k, dim=-1).indices
+        counts = torch.zeros(e, dtype=torch.float64).scatter_add_(
+            0, top.flatten(), torch.ones(t * k, dtype=torch.float64)
+        )
+        aux = e * ((counts / (t * k)) * probs.mean(0)).sum()
+        loss = loss + coeff * aux * t / total_tokens
+    loss.backward()
+    want, got = weight.grad, saved["grad"].double()
+    assert want.norm() > 0
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
