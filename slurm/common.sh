@@ -172,6 +172,8 @@ usage: sbatch ${GVPO_SCRIPT_NAME:-slurm/gvpo_<size>.sh} [options] [-- hydra over
   --colocate         SGLang servers share the training nodes' GPUs (CUDA-IPC weight sync)
   --train-nodes N    nodes that train (default ${GVPO_DEFAULT_TRAIN_NODES:-?}; the rest run SGLang)
   --tp N, --pp N     training tensor / pipeline parallel sizes (default ${GVPO_DEFAULT_TP:-?} x ${GVPO_DEFAULT_PP:-?})
+  --ep N             expert-parallel size of a mixture-of-experts model (default ${GVPO_DEFAULT_EP:-1};
+                     experts take their ranks from TP x DP)
   --engine-tp N      tensor parallel size of each SGLang server (default ${GVPO_DEFAULT_ENGINE_TP:-?})
   --fp8-rollout      SGLang servers start from a blockwise-FP8 checkpoint (SGLANG_MODEL if it
                      is one, else converted once into RUN_DIR/fp8_model by
@@ -191,6 +193,7 @@ gvpo_parse_args() {
     GVPO_TRAIN_NODES=""
     GVPO_TP=${GVPO_DEFAULT_TP:?}
     GVPO_PP=${GVPO_DEFAULT_PP:?}
+    GVPO_EP=${GVPO_DEFAULT_EP:-1}
     GVPO_ENGINE_TP=${GVPO_DEFAULT_ENGINE_TP:?}
     GVPO_USER_OVERRIDES=()
     while (($#)); do
@@ -199,13 +202,14 @@ gvpo_parse_args() {
             --colocate) GVPO_COLOCATE=1 ;;
             --fp8-rollout) GVPO_FP8_ROLLOUT=1 ;;
             --no-convert) GVPO_CONVERT=0 ;;
-            --train-nodes | --tp | --pp | --engine-tp)
+            --train-nodes | --tp | --pp | --ep | --engine-tp)
                 (($# >= 2)) || gvpo_die "$1 needs a value"
                 [[ $2 =~ ^[1-9][0-9]*$ ]] || gvpo_die "$1 needs a positive integer, got '$2'"
                 case $1 in
                     --train-nodes) GVPO_TRAIN_NODES=$2 ;;
                     --tp) GVPO_TP=$2 ;;
                     --pp) GVPO_PP=$2 ;;
+                    --ep) GVPO_EP=$2 ;;
                     --engine-tp) GVPO_ENGINE_TP=$2 ;;
                 esac
                 shift
@@ -295,6 +299,8 @@ gvpo_plan_layout() {
     ((GVPO_WORLD % (GVPO_TP * GVPO_PP) == 0)) ||
         gvpo_die "TP x PP = $GVPO_TP x $GVPO_PP does not divide the $GVPO_WORLD training GPUs ($GVPO_TRAIN_NODES nodes x $gpn)"
     GVPO_DP=$((GVPO_WORLD / (GVPO_TP * GVPO_PP)))
+    ((GVPO_DP % GVPO_EP == 0)) ||
+        gvpo_die "--ep $GVPO_EP must divide DP = $GVPO_DP (experts take their ranks from the data-parallel ranks)"
 
     # Rank 0 of a c10d rendezvous is the node whose host name sorts first (torchrun sorts the
     # participants), so the head -- rendezvous endpoint and weight-sync master -- is that node;
@@ -330,6 +336,9 @@ gvpo_plan_layout() {
 
     gvpo_log "allocation: job $GVPO_JOB_ID, $n nodes x $gpn GPUs (${GVPO_NODES[*]})"
     gvpo_log "training: ${GVPO_TRAIN_HOSTS[*]}: TP$GVPO_TP x PP$GVPO_PP x DP$GVPO_DP = $GVPO_WORLD GPUs, head $GVPO_HEAD ($GVPO_HEAD_ADDR)"
+    if ((GVPO_EP > 1)); then
+        gvpo_log "experts: EP$GVPO_EP (each expert-parallel group spans $GVPO_EP of the DP ranks)"
+    fi
     gvpo_log "rollout: ${#GVPO_ENGINE_URLS[@]} SGLang servers at TP$GVPO_ENGINE_TP on ${GVPO_ROLLOUT_HOSTS[*]}, router on $GVPO_ROUTER_HOST, weight sync $GVPO_WEIGHT_SYNC"
     if ((GVPO_COLOCATE && GVPO_TRAIN_NODES > 1)); then
         gvpo_log "WARNING: colocated CUDA-IPC weight sync is sent by trainer rank 0, which reaches only the servers on its own node ($GVPO_HEAD); servers on the other nodes need a per-node sync in the trainer"
@@ -472,7 +481,7 @@ gvpo_convert_if_needed() {
     gvpo_run mkdir -p "$(dirname "$MCORE_CKPT")"
     gvpo_run "${GVPO_SRUN[@]}" --kill-on-bad-exit=1 --chdir="$GVPO_REPO" \
         "$GVPO_PYTHON" tools/convert_hf_to_mcore.py --hf-dir "$HF_MODEL" --out-dir "$MCORE_CKPT" \
-        --tp "$GVPO_TP" --pp "$GVPO_PP"
+        --tp "$GVPO_TP" --pp "$GVPO_PP" --ep "$GVPO_EP"
 }
 
 gvpo_fp8_model_if_needed() {
@@ -541,7 +550,7 @@ gvpo_trainer_overrides() {
     urls=$(IFS=,; printf '%s' "${GVPO_ENGINE_URLS[*]}")
     GVPO_OVERRIDES=(
         model=hf "model.path=$GVPO_MODEL_PATH" model.precision=bf16
-        "parallel.tp=$GVPO_TP" "parallel.pp=$GVPO_PP"
+        "parallel.tp=$GVPO_TP" "parallel.pp=$GVPO_PP" "parallel.ep=$GVPO_EP"
         algorithm=gvpo
         rollout=sglang "rollout.sglang.urls=[$urls]" "rollout.sglang.router_url=$GVPO_ROUTER_URL"
         "rollout.sglang.tp_size=$GVPO_ENGINE_TP" "rollout.sglang.weight_sync=$GVPO_WEIGHT_SYNC"

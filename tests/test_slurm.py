@@ -23,7 +23,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
-SCRIPTS = ("gvpo_70b.sh", "gvpo_8b.sh")
+SCRIPTS = ("gvpo_70b.sh", "gvpo_8b.sh", "gvpo_qwen3_30b_a3b.sh")
 JOB_ID = "4242"
 
 
@@ -240,9 +240,12 @@ def check_launch(
     assert r.hosts == [rollout[0]]
     assert values_after(r.program, "--worker-urls") == urls
     # a sync's pause never outlasts the router's health checks; one success restores a worker
-    assert int(opt(r.program, "--health-check-interval-secs")) * int(
-        opt(r.program, "--health-failure-threshold")
-    ) > 1800 and opt(r.program, "--health-success-threshold") == "1"
+    assert (
+        int(opt(r.program, "--health-check-interval-secs"))
+        * int(opt(r.program, "--health-failure-threshold"))
+        > 1800
+        and opt(r.program, "--health-success-threshold") == "1"
+    )
     assert ov["rollout.sglang.urls"] == "[" + ",".join(urls) + "]"
     assert ov["rollout.sglang.router_url"] == f"http://{rollout[0]}:{opt(r.program, '--port')}"
     assert int(ov["rollout.sglang.tp_size"]) == engine_tp
@@ -339,6 +342,58 @@ def test_8b_on_two_nodes_and_on_eight(paths, monkeypatch):
     assert ports == {str(30000 + k) for k in range(8)}
     launch = dry_run("gvpo_8b.sh", "node[001-002]", two, paths, "--engine-tp", "2")
     check_launch(launch, two, train=two[:1], rollout=two[1:], tp=2, pp=1, dp=4, engine_tp=2)
+
+
+# Qwen3-30B-A3B's config.json fields that decide the layout (the Hub checkpoint's values).
+QWEN3_30B_A3B = {
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "max_position_embeddings": 40960,
+}
+
+
+def test_qwen3_30b_a3b_expert_parallel_layout(paths, monkeypatch):
+    import json
+
+    assert header_nodes("gvpo_qwen3_30b_a3b.sh") == 2
+    mark_converted(paths)
+    (Path(paths["MCORE_CKPT"]) / "hf" / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
+    two = nodes(2)
+    launch = dry_run("gvpo_qwen3_30b_a3b.sh", "node[001-002]", two, paths)
+    check_launch(launch, two, train=two[:1], rollout=two[1:], tp=1, pp=1, dp=8, engine_tp=2)
+    assert launch.override_map["parallel.ep"] == "8"
+    assert "EP8" in launch.stderr
+    check_config(launch, paths, monkeypatch)  # 128 experts split over 8 ranks passes the trainer
+    one = ["gpu7"]
+    launch = dry_run("gvpo_qwen3_30b_a3b.sh", "gpu7", one, paths, "--colocate")
+    check_launch(launch, one, train=one, rollout=one, tp=1, pp=1, dp=8, engine_tp=2, colocate=True)
+    # EP must fit in DP: TP2 leaves DP 4 on one node
+    p = run_script(
+        "gvpo_qwen3_30b_a3b.sh",
+        base_env(two, "node[001-002]", paths),
+        "--dry-run",
+        "--tp",
+        "2",
+    )
+    assert p.returncode != 0 and "--ep 8 must divide DP = 4" in p.stderr
+
+
+def test_qwen3_30b_a3b_converts_with_its_expert_parallel_size(paths):
+    launch = dry_run("gvpo_qwen3_30b_a3b.sh", "node[001-002]", nodes(2), paths, "--ep", "4")
+    conv = launch.one("tools/convert_hf_to_mcore.py")
+    assert opt(conv.program, "--ep") == "4" and launch.override_map["parallel.ep"] == "4"
 
 
 def test_8b_colocate_one_node(paths, monkeypatch):

@@ -1,9 +1,10 @@
 """Convert a Megatron-Core checkpoint written by convert_hf_to_mcore.py (or the trainer) to HF.
 
-    python tools/convert_mcore_to_hf.py --mcore-dir M --out-dir H2 [--pp 4]
+    python tools/convert_mcore_to_hf.py --mcore-dir M --out-dir H2 [--pp 4] [--ep 2]
 
 Writes config.json, the tokenizer files and ``model.safetensors`` (with ``--pp P``: one shard per
-pipeline stage, each written by its own process holding 1/P of the model, plus the index). The
+pipeline stage, each written by its own process holding 1/P of the model, plus the index; with
+``--ep E`` a mixture-of-experts model's experts are read by E processes per stage and gathered). The
 weights keep the checkpoint's dtype, so HF -> Megatron -> HF is bitwise identical.
 """
 
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,7 +37,7 @@ from megatron_gvpo.parallel.launch import is_rank0, run_on_ranks  # noqa: E402
 
 
 def worker(args) -> None:
-    initialize(ParallelConfig(tp=1, pp=args.pp))
+    initialize(ParallelConfig(tp=1, pp=args.pp, ep=args.ep))
     out = Path(args.out_dir)
     tmp = staging_dir(out)
     if is_rank0():
@@ -43,14 +45,17 @@ def worker(args) -> None:
         copy_side_files(Path(args.mcore_dir) / "hf", tmp)
     dist.barrier()
     model, arch = build_from_checkpoint(args.mcore_dir)
-    tensors = dict(iter_hf_tensors(model, arch))
-    rank = dist.get_rank()
+    tensors = dict(iter_hf_tensors(model, arch))  # every EP rank of a stage gets all experts
+    stage = parallel_state.get_pipeline_model_parallel_rank()
     shard = (
         "model.safetensors"
         if args.pp == 1
-        else f"model-{rank + 1:05d}-of-{args.pp:05d}.safetensors"
+        else f"model-{stage + 1:05d}-of-{args.pp:05d}.safetensors"
     )
-    write_safetensors_shard(tensors, tmp / shard)
+    if parallel_state.get_data_parallel_rank() == 0:
+        write_safetensors_shard(tensors, tmp / shard)
+    else:
+        tensors = {}
     stage_info = (
         {n: shard for n in tensors},
         sum(t.numel() * t.element_size() for t in tensors.values()),
@@ -79,10 +84,13 @@ def main(argv=None) -> None:
     p.add_argument(
         "--pp", type=int, default=1, help="processes (pipeline stages) used; one shard each"
     )
+    p.add_argument(
+        "--ep", type=int, default=1, help="expert-parallel processes per stage (MoE models)"
+    )
     args = p.parse_args(argv)
     _, arch = read_meta(args.mcore_dir)  # fails fast on a folder that is not a checkpoint
-    check_parallel_layout(arch, 1, args.pp, source=f"--pp {args.pp}")
-    run_on_ranks(worker, args.pp, args)
+    check_parallel_layout(arch, 1, args.pp, source=f"--pp {args.pp} --ep {args.ep}", ep=args.ep)
+    run_on_ranks(worker, args.pp * args.ep, args)
 
 
 if __name__ == "__main__":

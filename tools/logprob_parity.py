@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 4 tools/logprob_parity.py --hf-dir H --tp 2 --pp 2
     python tools/logprob_parity.py --hf-dir H --tp 2          # spawns the ranks itself
+    python tools/logprob_parity.py --hf-dir H --ep 2          # a MoE model, experts over 2 ranks
 
 Prints one JSON line: max_abs_diff, tokens, layout, dtype (and grad_max_rel_err with --grad).
 ``--mcore-dir M`` loads the actor from a converted checkpoint instead of the HF safetensors.
@@ -16,16 +17,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_gvpo.bridge.loader import build_from_checkpoint, build_from_hf  # noqa: E402
+from megatron_gvpo.bridge.mapping import unfuse_experts  # noqa: E402
 from megatron_gvpo.bridge.weights import gather_hf_tensors  # noqa: E402
 from megatron_gvpo.models.forward import MicroBatch, compute_logprobs, forward_backward  # noqa: E402
 from megatron_gvpo.models.gpt import PRECISIONS, ModelConfig  # noqa: E402
 from megatron_gvpo.models.hf_config import read_hf_config  # noqa: E402
 from megatron_gvpo.parallel.ddp import wrap_with_ddp  # noqa: E402
-from megatron_gvpo.parallel.initialize import ParallelConfig, destroy, initialize  # noqa: E402
+from megatron_gvpo.parallel.initialize import (  # noqa: E402
+    ParallelConfig,
+    destroy,
+    initialize,
+    layout_world_size,
+)
 from megatron_gvpo.parallel.launch import run_on_ranks  # noqa: E402
 
 DEFAULT_TEXTS = [
@@ -72,11 +80,11 @@ def hf_reference(hf_dir: Path, batches, dtype, want_grad: bool):
         if want_grad:
             total.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out, grads
+    return out, unfuse_experts(grads)
 
 
 def worker(args) -> None:
-    initialize(ParallelConfig(tp=args.tp, pp=args.pp, seed=args.seed))
+    initialize(_layout(args))
     hf_dir = Path(args.hf_dir)
     arch = read_hf_config(hf_dir)
     cfg = ModelConfig(precision=args.precision)
@@ -94,7 +102,9 @@ def worker(args) -> None:
         # embedding grads across PP stages).
         ddp = wrap_with_ddp(model)
         ddp.zero_grad_buffer()
-        forward_backward(ddp, mbs, lambda lp, ent, mb: (lp.sum(), {}), forward_only=False)
+        # Every DP rank runs the same batches and DDP sums their gradients: count them once.
+        dp = parallel_state.get_data_parallel_world_size()
+        forward_backward(ddp, mbs, lambda lp, ent, mb: (lp.sum() / dp, {}), forward_only=False)
         grads = {n: p.main_grad for n, p in model.named_parameters()}
         grads = gather_hf_tensors(model, arch, tensors=grads)
     if dist.get_rank() == 0:
@@ -107,6 +117,7 @@ def worker(args) -> None:
             "tokens": sum(r.numel() for r in ref),
             "tp": args.tp,
             "pp": args.pp,
+            "ep": args.ep,
             "precision": args.precision,
             "source": "mcore" if args.mcore_dir else "hf",
             "model_type": arch.model_type,
@@ -131,6 +142,10 @@ def worker(args) -> None:
     destroy()
 
 
+def _layout(args) -> ParallelConfig:
+    return ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, seed=args.seed)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,6 +154,8 @@ def main(argv=None) -> None:
     p.add_argument("--mcore-dir", help="load the actor from this converted checkpoint instead")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
+    p.add_argument("--etp", type=int, help="expert tensor-parallel size (default: --tp)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     p.add_argument(
         "--ref-precision", choices=list(PRECISIONS), default=None, help="default: --precision"
@@ -154,7 +171,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     args.ref_precision = args.ref_precision or args.precision
     read_hf_config(args.hf_dir)  # fail fast on a bad folder, before ranks start
-    run_on_ranks(worker, args.tp * args.pp, args)
+    run_on_ranks(worker, layout_world_size(_layout(args)), args)
 
 
 if __name__ == "__main__":

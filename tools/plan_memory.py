@@ -167,25 +167,37 @@ class StageParams:
     """Parameters of one pipeline stage on one TP rank, split by where they live."""
 
     layers: int
-    layer: int  # one decoder layer
+    layer: int  # one decoder layer (the largest of the stage's)
     gemm: int  # GEMM weights of one layer (what FP8 quantises)
     embedding: int = 0
     output: int = 0
     final_norm: int = 0
+    layer_sum: int | None = None  # the stage's layers together, when they differ (MoE)
 
     @property
     def total(self) -> int:
-        return self.layers * self.layer + self.embedding + self.output + self.final_norm
+        layers = self.layers * self.layer if self.layer_sum is None else self.layer_sum
+        return layers + self.embedding + self.output + self.final_norm
 
 
-def layer_params(arch: HFArch, tp: int = 1) -> tuple[int, int]:
-    """(all parameters, GEMM weights) of one decoder layer on one TP rank."""
+def layer_params(arch: HFArch, tp: int = 1, index: int | None = None) -> tuple[int, int]:
+    """(all parameters, GEMM weights) of one decoder layer on one TP rank; for a mixture of
+    experts, of layer ``index`` (default: the first routed one), every expert counted (EP 1,
+    experts split over TP)."""
     h, d, a, g = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups
     qkv = h * (a + 2 * g) * d // tp
     proj = a * d * h // tp
-    mlp = 3 * h * arch.ffn_hidden_size // tp
+    if index is None and arch.is_moe:
+        index = arch.moe_layers.index(1) if 1 in arch.moe_layers else 0
+    routed = index is not None and arch.is_moe_layer(index)
+    if routed:
+        mlp = arch.num_experts * 3 * h * arch.moe_ffn_hidden_size // tp
+    else:
+        mlp = 3 * h * arch.ffn_hidden_size // tp
     gemm = qkv + proj + mlp
     extra = 2 * h  # input and pre-MLP RMSNorm weights, replicated over TP
+    if routed:
+        extra += arch.num_experts * h  # the router, replicated
     if arch.add_qkv_bias:
         extra += (a + 2 * g) * d // tp
     if arch.qk_layernorm:
@@ -195,9 +207,9 @@ def layer_params(arch: HFArch, tp: int = 1) -> tuple[int, int]:
 
 def total_params(arch: HFArch) -> int:
     """Exact parameter count of the HF model (unpadded vocabulary, one copy if tied)."""
-    layer, _ = layer_params(arch)
+    layers = sum(layer_params(arch, 1, i)[0] for i in range(arch.num_layers))
     emb = arch.vocab_size * arch.hidden_size
-    return arch.num_layers * layer + emb * (1 if arch.tie_word_embeddings else 2) + arch.hidden_size
+    return layers + emb * (1 if arch.tie_word_embeddings else 2) + arch.hidden_size
 
 
 def stage_params(arch: HFArch, tp: int, pp: int, vocab: int) -> list[StageParams]:
@@ -208,6 +220,10 @@ def stage_params(arch: HFArch, tp: int, pp: int, vocab: int) -> list[StageParams
     stages = []
     for i in range(pp):
         s = StageParams(layers=per_stage, layer=layer, gemm=gemm)
+        if arch.is_moe:
+            counts = [layer_params(arch, tp, j) for j in range(i * per_stage, (i + 1) * per_stage)]
+            s.layer, s.gemm = max(c[0] for c in counts), max(c[1] for c in counts)
+            s.layer_sum = sum(c[0] for c in counts)
         if i == 0:
             s.embedding = emb
         if i == pp - 1:

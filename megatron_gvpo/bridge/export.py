@@ -138,10 +138,22 @@ def _recv_buckets(
         yield _unflatten(meta, buf)
 
 
-def _in_rank0_data_replica() -> bool:
+def in_rank0_data_replica() -> bool:
     """True on the ranks of the model replica that holds global rank 0 (DP rank 0, CP rank 0)."""
     return (
         parallel_state.get_data_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
+    )
+
+
+def expert_peer_of_replica() -> bool:
+    """True on a rank outside rank 0's data replica that holds some of that replica's routed
+    experts (expert parallelism takes its ranks from DP): it must take part in the EP gathers
+    of every export, then drop what it gathered."""
+    return (
+        not in_rank0_data_replica()
+        and parallel_state.get_expert_model_parallel_world_size() > 1
+        and parallel_state.get_expert_data_parallel_rank() == 0
         and parallel_state.get_context_parallel_rank() == 0
     )
 
@@ -152,11 +164,16 @@ def iter_buckets_on_rank0(
     """Every PP stage's buckets, yielded on global rank 0 only, stage 0 first.
 
     Collective: every rank must iterate it to the end (other ranks yield nothing). Ranks outside
-    rank 0's data-parallel replica return at once; in the replica, each stage's TP ranks gather
+    rank 0's data-parallel replica return at once (except the replica's expert-parallel peers,
+    which gather experts with it and drop them); in the replica, each stage's TP ranks gather
     together and the stage's rank in rank 0's PP group sends each bucket (metadata, then one
     flattened buffer) to rank 0, which holds one received bucket at a time.
     """
-    if not _in_rank0_data_replica():
+    if expert_peer_of_replica():
+        for _ in iter_stage_buckets(model, arch, cfg):
+            pass
+        return
+    if not in_rank0_data_replica():
         return
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()

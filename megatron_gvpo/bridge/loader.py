@@ -15,17 +15,21 @@ from megatron_gvpo.models.gpt import ModelConfig, build_gpt_model
 from megatron_gvpo.models.hf_config import HFArch, check_parallel_layout, read_hf_config
 
 
-def _layout() -> tuple[int, int]:
-    return (
-        parallel_state.get_tensor_model_parallel_world_size(),
-        parallel_state.get_pipeline_model_parallel_world_size(),
+def _layout() -> dict:
+    return dict(
+        tp=parallel_state.get_tensor_model_parallel_world_size(),
+        pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        ep=parallel_state.get_expert_model_parallel_world_size(),
+        etp=parallel_state.get_expert_tensor_parallel_world_size(),
     )
 
 
-def validate_hf_dir(hf_dir: str | Path, tp: int, pp: int) -> tuple[HFArch, SafetensorsReader]:
+def validate_hf_dir(
+    hf_dir: str | Path, tp: int, pp: int, ep: int = 1, etp: int | None = None
+) -> tuple[HFArch, SafetensorsReader]:
     """Cheap checks before any model is built: config fields, layout, shard files and headers."""
     arch = read_hf_config(hf_dir)
-    check_parallel_layout(arch, tp, pp, source=str(Path(hf_dir) / "config.json"))
+    check_parallel_layout(arch, tp, pp, source=str(Path(hf_dir) / "config.json"), ep=ep, etp=etp)
     return arch, SafetensorsReader(hf_dir)
 
 
@@ -33,7 +37,7 @@ def build_from_hf(
     hf_dir: str | Path, cfg: ModelConfig | None = None
 ) -> tuple[torch.nn.Module, HFArch]:
     """GPTModel stage for this rank with weights read from HF safetensors (collective-free)."""
-    arch, reader = validate_hf_dir(hf_dir, *_layout())
+    arch, reader = validate_hf_dir(hf_dir, **_layout())
     cfg = cfg or ModelConfig(precision=precision_of(arch))
     model = build_gpt_model(arch, cfg, perform_initialization=False)
     load_hf_weights(model, reader, arch)
@@ -45,7 +49,7 @@ def build_from_checkpoint(
 ) -> tuple[torch.nn.Module, HFArch]:
     """GPTModel stage for this rank loaded from a converted dist checkpoint (collective)."""
     meta, arch = read_meta(ckpt_dir)
-    check_parallel_layout(arch, *_layout(), source=str(Path(ckpt_dir) / "hf" / "config.json"))
+    check_parallel_layout(arch, **_layout(), source=str(Path(ckpt_dir) / "hf" / "config.json"))
     cfg = replace(
         cfg or ModelConfig(precision=meta.precision), padded_vocab_size=meta.padded_vocab_size
     )

@@ -1,7 +1,7 @@
-"""Hugging Face <-> Megatron-Core parameter names and layouts for llama/mistral/qwen2/qwen3.
+"""Hugging Face <-> Megatron-Core parameter names and layouts for llama/mistral/qwen2/qwen3/qwen3_moe.
 
-Megatron names here are *global* (layer index over the whole model, not per pipeline stage) and
-*full* (not split over TP). TP splitting and merging live in :mod:`megatron_gvpo.bridge.tp`.
+Megatron names here are *global* (layer index over the whole model, not per pipeline stage;
+expert index over all experts, not per expert-parallel rank) and *full* (not split over TP). TP splitting and merging live in :mod:`megatron_gvpo.bridge.tp`.
 Both spellings of the norms are accepted: the local spec's ``input_layernorm.weight`` and
 Transformer Engine's fused ``self_attention.linear_qkv.layer_norm_weight``.
 """
@@ -32,6 +32,17 @@ _LAYER_RENAMES = {
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# Routed experts (megatron-core SequentialMLP) and HF's per-expert layout (transformers 5 saves
+# ``mlp.experts.{e}.{gate,up,down}_proj.weight`` as Hub checkpoints have them).
+_EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight$")
+_HF_EXPERT_RE = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$"
+)
+
+
+def is_expert_param(name: str) -> bool:
+    """Whether ``name`` is a routed expert's weight (split over EP and expert-TP ranks)."""
+    return ".mlp.experts.local_experts." in name
 
 
 def canonical_name(name: str) -> str:
@@ -78,6 +89,14 @@ def hf_names(mcore_name: str, arch: HFArch) -> list[str]:
         return [pre + f"self_attn.{p}_proj.bias" for p in "qkv"]
     if suffix == "mlp.linear_fc1.weight":
         return [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"]
+    if suffix == "mlp.router.weight":
+        return [pre + "mlp.gate.weight"]
+    e = _EXPERT_RE.match(suffix)
+    if e:
+        expert = f"{pre}mlp.experts.{e.group(1)}."
+        if e.group(2) == "linear_fc1":
+            return [expert + "gate_proj.weight", expert + "up_proj.weight"]
+        return [expert + "down_proj.weight"]
     raise KeyError(f"no HF mapping for Megatron parameter {mcore_name!r}")
 
 
@@ -94,16 +113,65 @@ def mcore_names(arch: HFArch) -> list[str]:
                 pre + "self_attention.q_layernorm.weight",
                 pre + "self_attention.k_layernorm.weight",
             ]
-        names += [
-            pre + "self_attention.linear_proj.weight",
-            pre + "pre_mlp_layernorm.weight",
-            pre + "mlp.linear_fc1.weight",
-            pre + "mlp.linear_fc2.weight",
-        ]
+        names += [pre + "self_attention.linear_proj.weight", pre + "pre_mlp_layernorm.weight"]
+        if arch.is_moe_layer(i):
+            names.append(pre + "mlp.router.weight")
+            for e in range(arch.num_experts):
+                names += [
+                    pre + f"mlp.experts.local_experts.{e}.linear_fc1.weight",
+                    pre + f"mlp.experts.local_experts.{e}.linear_fc2.weight",
+                ]
+        else:
+            names += [pre + "mlp.linear_fc1.weight", pre + "mlp.linear_fc2.weight"]
     names.append("decoder.final_layernorm.weight")
     if not arch.tie_word_embeddings:
         names.append("output_layer.weight")
     return names
+
+
+def fused_expert_source(hf_name: str) -> tuple[str, int, slice | None] | None:
+    """Where a per-expert HF tensor sits in transformers' fused 3-D expert layout, if it could.
+
+    ``model.layers.L.mlp.experts.E.gate_proj.weight`` is ``experts.gate_up_proj[E, :I]``, its
+    ``up_proj`` ``[E, I:]`` (``gate_up_proj`` is [experts, 2 x moe_intermediate, hidden], gate
+    first, as transformers' ``Qwen3MoeExperts`` holds it) and ``down_proj`` is
+    ``experts.down_proj[E]``. Returns (fused name, expert, half) with half None for the whole
+    row, or None for a name that is not a per-expert weight.
+    """
+    m = _HF_EXPERT_RE.match(hf_name)
+    if not m:
+        return None
+    base, expert, proj = m.group(1), int(m.group(2)), m.group(3)
+    if proj == "down":
+        return f"{base}.down_proj", expert, None
+    return f"{base}.gate_up_proj", expert, slice(0, 1) if proj == "gate" else slice(1, 2)
+
+
+def read_fused_expert(hf_name: str, get_hf: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """A per-expert HF tensor cut out of the fused layout (see :func:`fused_expert_source`)."""
+    fused, expert, half = fused_expert_source(hf_name)
+    row = get_hf(fused)[expert]
+    return row if half is None else row.chunk(2, dim=0)[half.start]
+
+
+def unfuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with transformers' fused 3-D expert tensors (``mlp.experts.gate_up_proj``,
+    ``mlp.experts.down_proj``, e.g. a model's in-memory parameters or their gradients) replaced
+    by the per-expert names a checkpoint uses (views: writing one writes the fused tensor)."""
+    out = {}
+    for name, t in tensors.items():
+        base, _, leaf = name.rpartition(".")
+        if not base.endswith("mlp.experts") or leaf not in ("gate_up_proj", "down_proj"):
+            out[name] = t
+            continue
+        for e in range(t.shape[0]):
+            if leaf == "down_proj":
+                out[f"{base}.{e}.down_proj.weight"] = t[e]
+            else:
+                gate, up = t[e].chunk(2, dim=0)
+                out[f"{base}.{e}.gate_proj.weight"] = gate
+                out[f"{base}.{e}.up_proj.weight"] = up
+    return out
 
 
 def hf_to_mcore(

@@ -18,15 +18,35 @@ def layer_offset(model: torch.nn.Module) -> int:
     return layers[0].layer_number - 1
 
 
-def to_global_name(name: str, offset: int) -> str:
-    """``decoder.layers.{j}.x`` on a stage -> ``decoder.layers.{j + offset}.x`` in the whole model."""
-    return _LOCAL_LAYER_RE.sub(
+_LOCAL_EXPERT_RE = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
+
+
+def to_global_name(name: str, offset: int, expert_offset: int = 0) -> str:
+    """``decoder.layers.{j}.x`` on a stage -> ``decoder.layers.{j + offset}.x`` in the whole model;
+    a routed expert's ``local_experts.{e}`` on an expert-parallel rank -> ``{e + expert_offset}``."""
+    name = _LOCAL_LAYER_RE.sub(
         lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name, count=1
     )
+    if expert_offset:
+        name = _LOCAL_EXPERT_RE.sub(
+            lambda m: f".mlp.experts.local_experts.{int(m.group(1)) + expert_offset}.",
+            name,
+            count=1,
+        )
+    return name
+
+
+def with_expert_index(name: str, expert: int) -> str:
+    """``name`` with its routed expert's index replaced by ``expert``."""
+    return _LOCAL_EXPERT_RE.sub(f".mlp.experts.local_experts.{expert}.", name, count=1)
 
 
 def _is_gated_fc1(name: str) -> bool:
-    return name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias")
+    return (
+        name.endswith("linear_fc1.weight")
+        and (name.endswith("mlp.linear_fc1.weight") or ".local_experts." in name)
+        or name.endswith("mlp.linear_fc1.bias")
+    )
 
 
 # Column-parallel weights split their output dim (0), row-parallel ones their input dim (1).
@@ -41,6 +61,8 @@ _PARTITION_DIMS = (
     ("self_attention.linear_proj.weight", 1),
     ("mlp.linear_fc2.weight", 1),
 )
+# A routed expert's linears split like the dense MLP's, over the expert tensor-parallel group.
+_EXPERT_PARTITION_RE = re.compile(r"\.local_experts\.\d+\.linear_fc(1|2)\.weight$")
 
 
 def partition_dim(name: str) -> int | None:
@@ -48,6 +70,9 @@ def partition_dim(name: str) -> int | None:
     for suffix, dim in _PARTITION_DIMS:
         if name.endswith(suffix):
             return dim
+    m = _EXPERT_PARTITION_RE.search(name)
+    if m:
+        return 0 if m.group(1) == "1" else 1
     return None
 
 

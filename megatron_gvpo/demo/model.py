@@ -54,6 +54,9 @@ class WarmStartConfig:
     layers: int = 2
     eval_prompts: int = 256
     eval_samples: int = 4  # samples per eval prompt at temperature 1
+    family: str = "llama"
+    """llama, or qwen3_moe: the same size with every MLP a mixture of 4 experts, top-2 (a
+    model to measure routing replay on)."""
 
 
 def tiny_llama_config(tokenizer, hidden: int, layers: int):
@@ -69,6 +72,35 @@ def tiny_llama_config(tokenizer, hidden: int, layers: int):
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def tiny_moe_config(tokenizer, hidden: int, layers: int):
+    """The demo model's shape as a qwen3_moe: every layer routes each token to 2 of 4 experts,
+    each expert as wide as the dense model's MLP divided by 2 (the same active parameters)."""
+    from transformers import Qwen3MoeConfig
+
+    if layers % 2 or hidden % 4:
+        raise ValueError(f"need an even layer count and hidden % 4 == 0, got {layers}, {hidden}")
+    return Qwen3MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        moe_intermediate_size=2 * hidden,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
         max_position_embeddings=64,
         rms_norm_eps=1e-6,
         rope_parameters=dict(rope_type="default", rope_theta=10000.0),
@@ -182,7 +214,10 @@ def train(cfg: WarmStartConfig, tokenizer, rows: list[dict] | None = None):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.seed)
-    config = tiny_llama_config(tokenizer, cfg.hidden, cfg.layers)
+    if cfg.family not in ("llama", "qwen3_moe"):
+        raise ValueError(f"family {cfg.family!r}: use llama or qwen3_moe")
+    build = tiny_moe_config if cfg.family == "qwen3_moe" else tiny_llama_config
+    config = build(tokenizer, cfg.hidden, cfg.layers)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))

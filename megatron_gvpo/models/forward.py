@@ -17,6 +17,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 
+from megatron_gvpo.models.moe import AuxLossScale
+from megatron_gvpo.models.routing_replay import notify_forward
 from megatron_gvpo.parallel.cpu_compat import native_torch
 from megatron_gvpo.parallel.initialize import device
 from megatron_gvpo.parallel.logprobs import vocab_parallel_logprobs
@@ -68,6 +70,7 @@ def forward_backward(
         pos = mb.position_ids
         if pos is None:
             pos = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+        notify_forward(mb)  # routing replay (MoE): which samples' routes this forward takes
         with native_torch():  # the CPU compat layer's mode is for megatron's schedule, not this
             output = model_chunk(
                 tokens, pos.to(device), attention_mask=None, packed_seq_params=mb.packed_seq_params
@@ -89,15 +92,37 @@ def forward_backward(
 
         return output, loss_func
 
-    return get_forward_backward_func()(
-        forward_step_func=step,
-        data_iterator=it,
-        model=model,
-        num_microbatches=len(micro_batches),
-        seq_length=seq,
-        micro_batch_size=mbs,
-        forward_only=forward_only,
+    def run() -> list[dict]:
+        return get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=it,
+            model=model,
+            num_microbatches=len(micro_batches),
+            seq_length=seq,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
+        )
+
+    config = get_attr_wrapped_model(model, "config")
+    if forward_only or not _has_router_loss(config):
+        return run()
+    with AuxLossScale(_step_tokens(micro_batches)):
+        return run()
+
+
+def _has_router_loss(config) -> bool:
+    return bool(config.num_moe_experts) and (
+        bool(config.moe_aux_loss_coeff) or bool(config.moe_z_loss_coeff)
     )
+
+
+def _step_tokens(micro_batches: list[MicroBatch]) -> int:
+    """Token positions of the step's micro-batches over every DP rank (the router losses'
+    step-wide normaliser, see :class:`megatron_gvpo.models.moe.AuxLossScale`)."""
+    count = torch.tensor([float(sum(mb.tokens.numel() for mb in micro_batches))], device=device())
+    if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
+    return int(count.item())
 
 
 @torch.no_grad()

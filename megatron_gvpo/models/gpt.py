@@ -1,4 +1,4 @@
-"""Megatron-Core ``GPTModel`` from an HF architecture (llama, mistral, qwen2, qwen3)."""
+"""Megatron-Core ``GPTModel`` from an HF architecture (llama, mistral, qwen2, qwen3, qwen3_moe)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_gvpo.models.fp8 import FP8Config
 from megatron_gvpo.models.hf_config import HFArch, check_parallel_layout, padded_vocab_size
+from megatron_gvpo.models.moe import (
+    MoEConfig,
+    moe_transformer_config_kwargs,
+    patch_router_gemm_without_te,
+)
 from megatron_gvpo.models.specs import layer_spec, te_available
 
 logger = logging.getLogger(__name__)
@@ -32,6 +37,7 @@ class ModelConfig:
     recompute_granularity: str | None = None  # None | "full" | "selective"
     use_cpu_initialization: bool | None = None  # default: True without CUDA
     fp8: FP8Config = field(default_factory=FP8Config)  # FP8 GEMMs through Transformer Engine
+    moe: MoEConfig = field(default_factory=MoEConfig)  # router losses, token dispatcher
 
     @property
     def dtype(self) -> torch.dtype:
@@ -52,10 +58,17 @@ _CUDA_GRAPH_FIELD = (
 
 
 def transformer_config(
-    arch: HFArch, cfg: ModelConfig, tp: int, pp: int, perform_initialization: bool = True
+    arch: HFArch,
+    cfg: ModelConfig,
+    tp: int,
+    pp: int,
+    perform_initialization: bool = True,
+    ep: int = 1,
+    etp: int | None = None,
 ) -> TransformerConfig:
     """Megatron ``TransformerConfig`` equivalent to the HF architecture (dropout off for RL)."""
-    check_parallel_layout(arch, tp, pp)
+    etp = tp if etp is None else etp
+    check_parallel_layout(arch, tp, pp, ep=ep, etp=etp)
     dtype = cfg.dtype
     cfg.fp8.validate(cfg.precision, cfg.transformer_impl)
     cfg.fp8.check_layers(arch.num_layers, pp)
@@ -81,6 +94,9 @@ def transformer_config(
         calculate_per_token_loss=True,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        # megatron-core's MoE layer refuses to train under TP without sequence parallelism
+        # (moe_layer.py); dense models keep the activations replicated over TP.
+        sequence_parallel=arch.is_moe and tp > 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -101,6 +117,7 @@ def transformer_config(
         recompute_method="uniform" if cfg.recompute_granularity == "full" else None,
         recompute_num_layers=1 if cfg.recompute_granularity == "full" else None,
         **cfg.fp8.transformer_config_kwargs(),
+        **moe_transformer_config_kwargs(arch, cfg.moe, ep, etp),
     )
 
 
@@ -117,8 +134,12 @@ def build_gpt_model(
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    config = transformer_config(arch, cfg, tp, pp, perform_initialization)
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    config = transformer_config(arch, cfg, tp, pp, perform_initialization, ep=ep, etp=etp)
     use_te = _resolve_impl(cfg.transformer_impl)
+    if arch.is_moe:
+        patch_router_gemm_without_te()
     vocab = cfg.padded_vocab_size or padded_vocab_size(
         arch.vocab_size, tp, cfg.make_vocab_size_divisible_by
     )

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+MOE_MODEL_TYPES = ("qwen3_moe",)
 _REQUIRED = (
     "model_type",
     "hidden_size",
@@ -23,7 +24,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class HFArch:
-    """Architecture of a supported decoder-only HF model (llama, mistral, qwen2, qwen3)."""
+    """Architecture of a supported decoder-only HF model (llama, mistral, qwen2, qwen3, qwen3_moe).
+
+    ``ffn_hidden_size`` is the dense MLP's width; a mixture-of-experts model adds the expert
+    fields below (``num_experts`` 0 means a dense model).
+    """
 
     model_type: str
     hidden_size: int
@@ -41,11 +46,30 @@ class HFArch:
     qk_layernorm: bool = False
     max_position_embeddings: int = 4096
     torch_dtype: str = "float32"
+    num_experts: int = 0
+    """Routed experts per MoE layer (HF ``num_experts``); 0 for a dense model."""
+    moe_ffn_hidden_size: int = 0
+    """Each expert's MLP width (HF ``moe_intermediate_size``)."""
+    moe_router_topk: int = 0
+    """Experts each token is sent to (HF ``num_experts_per_tok``)."""
+    norm_topk_prob: bool = False
+    """Renormalise the top-k routing probabilities to sum to one (HF ``norm_topk_prob``)."""
+    moe_layers: list[int] = field(default_factory=list)
+    """Per layer, 1 when its MLP is a mixture of experts, 0 when dense (HF ``mlp_only_layers``
+    and ``decoder_sparse_step``); empty for a dense model."""
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
         return _DTYPES[self.torch_dtype]
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether global layer ``layer`` (0-based) has routed experts."""
+        return bool(self.moe_layers) and bool(self.moe_layers[layer])
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -112,6 +136,7 @@ def arch_from_dict(raw: dict, source: str = "config.json") -> HFArch:
     dtype = str(raw.get("dtype") or raw.get("torch_dtype") or "float32").replace("torch.", "")
     if dtype not in _DTYPES:
         raise ValueError(f"{source}: dtype {dtype!r} is not supported ({', '.join(_DTYPES)})")
+    moe = _moe_fields(raw, source) if model_type in MOE_MODEL_TYPES else {}
     return HFArch(
         model_type=model_type,
         hidden_size=hidden,
@@ -126,23 +151,72 @@ def arch_from_dict(raw: dict, source: str = "config.json") -> HFArch:
         rope_scaling=rope_scaling,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         add_qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
-        qk_layernorm=model_type == "qwen3",
+        qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
         torch_dtype=dtype,
         raw=raw,
+        **moe,
     )
 
 
-def check_parallel_layout(arch: HFArch, tp: int, pp: int, source: str = "config.json") -> None:
-    """Raise ValueError when the model cannot be split over ``tp`` x ``pp``; name the fields."""
+def _moe_fields(raw: dict, source: str) -> dict:
+    """The expert fields of a qwen3_moe config, checked (HF ``Qwen3MoeDecoderLayer`` decides a
+    layer is sparse when it is not in ``mlp_only_layers`` and (layer + 1) is a multiple of
+    ``decoder_sparse_step``). Hub configs spell the expert count ``num_experts``; transformers 5
+    writes it as ``num_local_experts``."""
+    raw = {**raw, "num_experts": raw.get("num_experts", raw.get("num_local_experts"))}
+    missing = [
+        k
+        for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
+        if raw.get(k) is None
+    ]
+    if missing:
+        raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
+    experts, topk = int(raw["num_experts"]), int(raw["num_experts_per_tok"])
+    if experts < 1 or not 1 <= topk <= experts:
+        raise ValueError(
+            f"{source}: num_experts={experts} and num_experts_per_tok={topk} need "
+            "1 <= num_experts_per_tok <= num_experts"
+        )
+    layers = int(raw["num_hidden_layers"])
+    step = int(raw.get("decoder_sparse_step") or 1)
+    dense = set(raw.get("mlp_only_layers") or [])
+    bad = sorted(i for i in dense if not 0 <= int(i) < layers)
+    if bad:
+        raise ValueError(f"{source}: mlp_only_layers {bad} are not layers of {layers}")
+    return dict(
+        num_experts=experts,
+        moe_ffn_hidden_size=int(raw["moe_intermediate_size"]),
+        moe_router_topk=topk,
+        norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+        moe_layers=[int(i not in dense and (i + 1) % step == 0) for i in range(layers)],
+    )
+
+
+def check_parallel_layout(
+    arch: HFArch, tp: int, pp: int, source: str = "config.json", ep: int = 1, etp: int | None = None
+) -> None:
+    """Raise ValueError when the model cannot be split over ``tp`` x ``pp`` (x ``ep`` experts,
+    each over ``etp`` ranks, default ``tp``); name the fields."""
     problems = []
+    etp = tp if etp is None else etp
+    if ep > 1 and not arch.is_moe:
+        problems.append(f"parallel.ep={ep} needs a mixture-of-experts model ({arch.model_type})")
+    if arch.is_moe:
+        if arch.num_experts % ep:
+            problems.append(f"num_experts={arch.num_experts} is not divisible by ep={ep}")
+        if arch.moe_ffn_hidden_size % etp:
+            problems.append(
+                f"moe_intermediate_size={arch.moe_ffn_hidden_size} is not divisible by etp={etp}"
+            )
     if arch.num_attention_heads % tp:
         problems.append(
             f"num_attention_heads={arch.num_attention_heads} is not divisible by tp={tp}"
         )
     if arch.num_query_groups % tp:
         problems.append(f"num_key_value_heads={arch.num_query_groups} is not divisible by tp={tp}")
-    if arch.ffn_hidden_size % tp:
+    has_dense = not arch.is_moe or 0 in arch.moe_layers
+    if has_dense and arch.ffn_hidden_size % tp:
         problems.append(f"intermediate_size={arch.ffn_hidden_size} is not divisible by tp={tp}")
     if arch.num_layers % pp:
         problems.append(f"num_hidden_layers={arch.num_layers} is not divisible by pp={pp}")

@@ -34,11 +34,24 @@ TINY_FAMILIES = {
     ),
     "qwen3": dict(head_dim=32, rope_parameters=dict(rope_type="default", rope_theta=1e6)),
     "mistral": dict(sliding_window=None, rope_parameters=dict(rope_type="default", rope_theta=1e4)),
+    # Two layers, the first dense (mlp_only_layers), the second with 4 routed experts, top-2.
+    "qwen3_moe": dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        norm_topk_prob=True,
+        mlp_only_layers=[0],
+        rope_parameters=dict(rope_type="default", rope_theta=1e6),
+    ),
 }
 
 
 def tiny_hf_config(family: str, **overrides):
-    """A transformers config of ``family`` (llama, qwen2, qwen3, mistral) at tiny size."""
+    """A transformers config of ``family`` (llama, qwen2, qwen3, mistral, qwen3_moe) at tiny size."""
     from transformers import AutoConfig
 
     if family not in TINY_FAMILIES:
@@ -61,5 +74,9 @@ def save_tiny_hf_model(
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("mlp.gate.weight"):
+                # HF initialises the router to zero: every expert ties. Spread the logits so the
+                # top-k choice is decided and a mis-mapped router or expert shows.
+                p.normal_(0.0, 0.5)
     model.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,7 +22,14 @@ class ParallelConfig:
     """Model-parallel layout; DP is whatever world size is left over."""
 
     tp: int = 1
+    """Tensor-parallel size (attention and dense MLPs)."""
     pp: int = 1
+    """Pipeline-parallel size."""
+    ep: int = 1
+    """Expert-parallel size: a mixture-of-experts layer's experts are split over ``ep`` ranks,
+    taken from the data-parallel ranks (megatron-core's expert model parallelism)."""
+    etp: int | None = None
+    """Expert tensor-parallel size: each expert split over ``etp`` ranks; None: the same as ``tp``."""
     seed: int = 1234
     timeout_minutes: int = 30
 
@@ -35,6 +43,25 @@ def validate_layout(cfg: ParallelConfig, world_size: int) -> None:
             f"parallel.tp * parallel.pp = {cfg.tp} x {cfg.pp} = {cfg.tp * cfg.pp} does not divide "
             f"the world size {world_size}"
         )
+    etp = expert_tp(cfg)
+    if cfg.ep < 1 or etp < 1:
+        raise ValueError(f"parallel.ep={cfg.ep} and parallel.etp={cfg.etp} must both be >= 1")
+    if world_size % (etp * cfg.ep * cfg.pp) != 0:
+        raise ValueError(
+            f"parallel.etp * parallel.ep * parallel.pp = {etp} x {cfg.ep} x {cfg.pp} does not "
+            f"divide the world size {world_size} (experts take their ranks from TP x DP)"
+        )
+
+
+def expert_tp(cfg: ParallelConfig) -> int:
+    """The expert tensor-parallel size: ``parallel.etp``, or ``parallel.tp`` when unset."""
+    return cfg.tp if cfg.etp is None else cfg.etp
+
+
+def layout_world_size(cfg: ParallelConfig) -> int:
+    """The fewest ranks the layout needs: PP x lcm(TP, EP x ETP) (experts' ranks come from
+    TP x DP, so DP grows until they fit)."""
+    return cfg.pp * math.lcm(cfg.tp, expert_tp(cfg) * cfg.ep)
 
 
 def device() -> torch.device:
@@ -80,12 +107,16 @@ def _initialize(cfg: ParallelConfig) -> None:
         if (
             parallel_state.get_tensor_model_parallel_world_size() == cfg.tp
             and parallel_state.get_pipeline_model_parallel_world_size() == cfg.pp
+            and parallel_state.get_expert_model_parallel_world_size() == cfg.ep
+            and parallel_state.get_expert_tensor_parallel_world_size() == expert_tp(cfg)
         ):
             return
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp,
+        expert_model_parallel_size=cfg.ep,
+        expert_tensor_parallel_size=expert_tp(cfg),
         distributed_timeout_minutes=cfg.timeout_minutes,
         create_gloo_process_groups=True,
     )

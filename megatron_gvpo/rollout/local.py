@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from megatron_gvpo.bridge.fp8 import DEFAULT_BLOCK, FP8_DTYPE, SCALE_SUFFIX, dequantize_blockwise
+from megatron_gvpo.bridge.mapping import unfuse_experts
 from megatron_gvpo.data.tokenizer import CHECKPOINT_META, hf_dir, load_tokenizer
 from megatron_gvpo.rollout.base import (
     GenerateRequest,
@@ -143,7 +144,9 @@ class LocalEngine(RolloutEngine):
         self.max_batch_size = max_batch_size
         self.fp8_block = tuple(fp8_block)
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
-        self._params = dict(self.model.named_parameters(remove_duplicate=False))
+        # Per-expert names (as checkpoints and the trainer's export have them) are views into
+        # transformers' fused 3-D expert parameters, so a sync writes straight into them.
+        self._params = unfuse_experts(dict(self.model.named_parameters(remove_duplicate=False)))
         self._version = -1
         # transformers >= 5.24 names the KV-cache argument ``cache`` (``past_key_values`` warns).
         params = inspect.signature(self.model.forward).parameters
@@ -247,8 +250,8 @@ class LocalEngine(RolloutEngine):
             cdf = probs[live].double().cumsum(-1)
             x = cdf[:, -1:] * torch.tensor(u, dtype=torch.float64).unsqueeze(-1)
             chosen = torch.zeros(len(rows), dtype=torch.long)
-            chosen[live] = torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(
-                max=probs.shape[-1] - 1
+            chosen[live] = (
+                torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
             )
         tokens[live] = chosen[live]
         picked = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()

@@ -1,7 +1,8 @@
 """The actor: the trained model and everything that steps it, shared by every driver.
 
     Actor(cfg, model_path): parallel state, the model (DDP-wrapped), Megatron's optimizer and LR
-    scheduler, the frozen reference when the loss needs one, the step guard
+    scheduler, the frozen reference when the loss needs one, the step guard; for MoE models the
+    router statistics and routing replay
     actor.plan(batch)            where each sample runs (whole groups to one DP rank, packed)
     actor.step(mbs, loss_fn)     zero grads -> forward_backward -> guard -> optimizer step
 
@@ -20,6 +21,9 @@ from megatron_gvpo.bridge.hf_io import copy_side_files, write_bucket_shards
 from megatron_gvpo.data.batching import StepPlan
 from megatron_gvpo.data.tokenizer import hf_dir
 from megatron_gvpo.models.forward import MicroBatch, forward_backward
+from megatron_gvpo.models.moe import RouterStats
+from megatron_gvpo.models.routing_replay import RoutingReplay
+from megatron_gvpo.models.routing_replay import set_active as set_active_replay
 from megatron_gvpo.parallel.ddp import wrap_with_ddp
 from megatron_gvpo.parallel.initialize import initialize
 from megatron_gvpo.parallel.launch import is_rank0
@@ -42,6 +46,14 @@ class Actor:
         initialize(cfg.parallel)
         model, self.arch = build_model(cfg.model, model_path)
         self.ddp = wrap_with_ddp(model, use_distributed_optimizer=t.use_distributed_optimizer)
+        moe = self.arch.is_moe
+        self.router_stats = (
+            RouterStats(model, self.arch.num_layers, self.arch.num_experts) if moe else None
+        )
+        self.routing_replay = None  # model.moe.routing_replay=old: theta''s routes, replayed
+        if moe and cfg.model.moe.routing_replay == "old":
+            self.routing_replay = RoutingReplay(model)
+            set_active_replay(self.routing_replay)
         self.optimizer, self.scheduler = build_optimizer(self.ddp, t, cfg.model)
         self.reference = build_reference(cfg, model_path)
         self.guard = StepGuard(t.max_consecutive_skips)
@@ -67,11 +79,15 @@ class Actor:
         """
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
+        if self.router_stats is not None:
+            self.router_stats.reset()
         results = forward_backward(
             self.ddp, micro_batches, loss_fn, temperature=self.temperature,
             with_entropy=with_entropy,
         )
         metrics = reduce_metrics(results)
+        if self.router_stats is not None:  # collective: expert load summed over ranks
+            metrics.update({k: Metric(v, "mean") for k, v in self.router_stats.metrics().items()})
         values = {k: float(m.value) for k, m in metrics.items()}
         if self.guard.skip(self.ddp, self.optimizer, values):
             return metrics, False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -45,6 +46,9 @@ class RolloutBatch:
     observation tokens of multi-turn trajectories (None: every response token is the model's).
     Packing ands it into ``response_mask``, so every loss, normaliser and token metric sees the
     model's tokens only."""
+    routes: list[dict] | None = None
+    """Routing replay (MoE): per sample, this pipeline stage's MoE layer -> the top-k experts of
+    each of its tokens [tokens, k] under theta'; None when routes are not replayed."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -131,6 +135,8 @@ def build_micro_batches(batch: RolloutBatch, plan: StepPlan, pad_id: int = 0) ->
             v = getattr(batch, key)
             if v is not None:
                 extra[key] = v[idx]
+        if batch.routes is not None:
+            extra["routes"] = [batch.routes[i] for i in ids]
         width = packed.response_index.shape[1]
         for key in _TOKEN_KEYS:
             v = getattr(batch, key)
@@ -238,16 +244,30 @@ class ThetaPrime:
     ``num_iterations == 1``), and the step-wide ``s - s'`` is exactly 0 without any forward.
     """
 
-    def __init__(self, model: torch.nn.Module, temperature: float, updates_per_round: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        temperature: float,
+        updates_per_round: int,
+        routing_replay=None,
+    ):
         self.model, self.temperature = model, temperature
         self.mode = "forward" if updates_per_round > 1 else "first_update"
+        self.routing_replay = routing_replay
 
     def before_updates(self, batch: RolloutBatch, plan: StepPlan) -> None:
-        """``forward``: s' of every sample of the round, on every rank."""
-        if self.mode == "forward":
+        """``forward``: s' of every sample of the round, on every rank; with MoE routing
+        replay (``model.moe.routing_replay=old``) also the experts theta' routed each token to,
+        which every update of the round then replays (``batch.routes``)."""
+        if self.mode != "forward":
+            return
+        replay = self.routing_replay
+        with replay.recording() if replay is not None else nullcontext():
             batch.old_logprobs = response_token_logprobs(
                 self.model, batch, plan, self.temperature
             )
+        if replay is not None:
+            batch.routes = replay.routes(len(batch))
 
     def update_loss(self, loss_fn, sub: RolloutBatch):
         """The loss to run an update of ``sub`` with (``first_update``: one that records s')."""

@@ -23,6 +23,7 @@ from typing import Any
 
 from megatron_gvpo.models.fp8 import FP8Config
 from megatron_gvpo.models.gpt import PRECISIONS
+from megatron_gvpo.models.moe import MoEConfig
 from megatron_gvpo.parallel.initialize import ParallelConfig, validate_layout
 from megatron_gvpo.trainer.data import DataSection
 from megatron_gvpo.trainer.evaluate import EvalSection, eval_set_config
@@ -51,10 +52,14 @@ class ModelSection:
     """Let transformers run code shipped in a model folder (tokenizer, config)."""
     fp8: FP8Config = field(default_factory=FP8Config)
     """FP8 GEMMs through Transformer Engine (``models/fp8.py``)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-experts models: router losses and token dispatcher (``models/moe.py``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.fp8, dict):  # from Hydra: the model.fp8 sub-tree
             self.fp8 = FP8Config.from_dict(self.fp8, prefix="model.fp8")
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
 
 
 LOCAL_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -496,7 +501,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if r.backend == "sglang":
         sglang_config(r, m.path or "<the demo model>", t.run_dir)  # typed and checked now
         if r.local != LocalEngineSection():
-            raise ValueError("rollout.local.* set the embedded engine's options: rollout.backend=local")
+            raise ValueError(
+                "rollout.local.* set the embedded engine's options: rollout.backend=local"
+            )
     if m.precision not in PRECISIONS:
         raise ValueError(f"model.precision={m.precision!r}: {', '.join(PRECISIONS)}")
     if m.transformer_impl not in ("auto", "transformer_engine", "local"):
@@ -504,10 +511,21 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"model.transformer_impl={m.transformer_impl!r}: auto, transformer_engine or local"
         )
     m.fp8.validate(m.precision, m.transformer_impl)  # hardware checks too: fail before any model
+    m.moe.validate()
     if m.path is not None:
         _check_exists(Path(m.path), "model.path")
+    if m.moe.routing_replay != "off" and m.path is None:
+        raise ValueError(
+            f"model.moe.routing_replay={m.moe.routing_replay!r} needs a mixture-of-experts "
+            "model.path; the demo model is dense"
+        )
+    if cfg.parallel.ep > 1 and m.path is None:
+        raise ValueError(
+            f"parallel.ep={cfg.parallel.ep} needs a mixture-of-experts model.path; "
+            "the demo model is dense"
+        )
     if m.path is not None:
-        context = _check_model_type(Path(m.path))
+        context = _check_model_type(Path(m.path), cfg.parallel, m.moe)
         if r.max_new_tokens >= context and not objective.offline:
             raise ValueError(
                 f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in the "
@@ -571,11 +589,17 @@ def _check_exists(path: Path, key: str) -> None:
         raise FileNotFoundError(f"{key}={path}: {e.strerror}") from None
 
 
-def _check_model_type(path: Path) -> int:
-    """An unsupported architecture (gpt2, ...) is named before anything is built. Returns the
-    model's context length (``max_position_embeddings``, 4096 when the config has none)."""
+def _check_model_type(path: Path, parallel: ParallelConfig, moe: MoEConfig) -> int:
+    """An unsupported architecture (gpt2, ...), or one the layout cannot split, is named before
+    anything is built. Returns the model's context length (``max_position_embeddings``, 4096
+    when the config has none)."""
     from megatron_gvpo.data.tokenizer import hf_dir
-    from megatron_gvpo.models.hf_config import SUPPORTED_MODEL_TYPES
+    from megatron_gvpo.models.hf_config import (
+        MOE_MODEL_TYPES,
+        SUPPORTED_MODEL_TYPES,
+        check_parallel_layout,
+        read_hf_config,
+    )
 
     cfg_file = hf_dir(path) / "config.json"
     if not cfg_file.is_file():
@@ -589,7 +613,24 @@ def _check_model_type(path: Path) -> int:
             f"model.path: {cfg_file}: model_type {model_type!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    return int(json.loads(cfg_file.read_text()).get("max_position_embeddings", 4096))
+    context = int(json.loads(cfg_file.read_text()).get("max_position_embeddings", 4096))
+    if model_type not in MOE_MODEL_TYPES and parallel.ep == 1 and moe.routing_replay == "off":
+        return context  # dense: the layout is checked against the full config when built
+    arch = read_hf_config(cfg_file)
+    if moe.routing_replay != "off" and not arch.is_moe:
+        raise ValueError(
+            f"model.moe.routing_replay={moe.routing_replay!r} needs a mixture-of-experts model; "
+            f"model.path {cfg_file} is {arch.model_type}"
+        )
+    check_parallel_layout(
+        arch,
+        parallel.tp,
+        parallel.pp,
+        source=f"model.path: {cfg_file}",
+        ep=parallel.ep,
+        etp=parallel.etp,
+    )
+    return context
 
 
 def sglang_kwargs(r: RolloutSection, model_path: str, run_dir: str | None = None) -> dict:

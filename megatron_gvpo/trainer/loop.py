@@ -15,8 +15,12 @@ from __future__ import annotations
 import math
 import random
 
+import torch
+import torch.distributed as dist
+
 from megatron_gvpo.bridge.export import ExportConfig
 from megatron_gvpo.parallel.cpu_compat import native_torch
+from megatron_gvpo.parallel.initialize import device
 from megatron_gvpo.parallel.launch import broadcast_object, is_rank0
 from megatron_gvpo.rollout.base import SamplingParams
 from megatron_gvpo.trainer.actor import Actor
@@ -66,7 +70,11 @@ class Trainer(Run):
         self.model_path = resolve_model_path(cfg.model)
         room = prompt_room(self.model_path, r.response_room, t.max_tokens_per_microbatch)
         self.prompts = PromptSource(
-            cfg.data, self.model_path, self.run_dir, t.prompts_per_step, cfg.model.trust_remote_code,
+            cfg.data,
+            self.model_path,
+            self.run_dir,
+            t.prompts_per_step,
+            cfg.model.trust_remote_code,
             room,
         )
         self.turns = build_turn_runner(r, self.prompts.tokenizer) if is_rank0() else None
@@ -74,7 +82,9 @@ class Trainer(Run):
         self.objective.set_domain_sizes(self.prompts.domain_counts())
         self.prompts.make_sampler(self.objective.domain_allocation())
         self.actor = Actor(cfg, self.model_path)
-        self.theta_prime = ThetaPrime(self.actor.ddp, self.actor.temperature, t.updates_per_round)
+        self.theta_prime = ThetaPrime(
+            self.actor.ddp, self.actor.temperature, t.updates_per_round, self.actor.routing_replay
+        )
         self.replay = ReplayBuffer(t.replay_capacity)
         ahead = t.async_training.max_staleness
         self.engine = (
@@ -210,7 +220,16 @@ class Trainer(Run):
             batch.ref_logprobs = response_token_logprobs(a.reference, batch, plan, a.temperature)
 
     def _updates(self, batch: RolloutBatch) -> dict:
-        """``trainer.updates_per_round`` optimizer steps, each on whole groups of the batch."""
+        """``trainer.updates_per_round`` optimizer steps, each on whole groups of the batch
+        (with routing replay, each routing every token as the round's theta' pass did)."""
+        if batch.routes is None:
+            return self._run_updates(batch)
+        with self.actor.routing_replay.replaying() as replay:
+            out = self._run_updates(batch)
+        out["moe/routing_replay_flips"] = _dp_mean(replay.flip_fraction())
+        return out
+
+    def _run_updates(self, batch: RolloutBatch) -> dict:
         t = self.cfg.trainer
         per_update = []
         for u, sub in enumerate(_split_by_groups(batch, t.updates_per_round)):
@@ -251,6 +270,15 @@ class Trainer(Run):
             self.engine.shutdown()
         self.weight_sync.close()
         super().close()
+
+
+def _dp_mean(value: float) -> float:
+    """The mean of a per-rank float over every rank (identical everywhere after)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device())
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
 
 
 def _split_by_groups(batch: RolloutBatch, parts: int) -> list[RolloutBatch]:

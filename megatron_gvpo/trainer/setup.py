@@ -40,6 +40,7 @@ def model_config(m: ModelSection) -> ModelConfig:
         transformer_impl=m.transformer_impl,
         recompute_granularity=m.recompute_granularity,
         fp8=m.fp8,
+        moe=m.moe,
     )
 
 

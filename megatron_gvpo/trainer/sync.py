@@ -21,6 +21,8 @@ from megatron.core import parallel_state
 from megatron_gvpo.bridge.export import (
     ExportConfig,
     bucket_nbytes,
+    expert_peer_of_replica,
+    in_rank0_data_replica,
     iter_buckets_on_rank0,
     iter_stage_buckets,
 )
@@ -44,7 +46,11 @@ class _Counted:
 
 def _sync_metrics(start: float, nbytes: int) -> dict[str, float]:
     seconds = time.perf_counter() - start
-    return {"sync/seconds": seconds, "sync/gb_per_s": nbytes / 1e9 / max(seconds, 1e-9)}
+    return {
+        "sync/seconds": seconds,
+        "sync/gb_per_s": nbytes / 1e9 / max(seconds, 1e-9),
+        "sync/bytes": float(nbytes),
+    }
 
 
 class WeightSync(abc.ABC):
@@ -103,11 +109,10 @@ class PerStageSync(WeightSync):
             self.engine.begin_update(version)
         dist.barrier()
         nbytes, error = 0, None
-        in_replica = (
-            parallel_state.get_data_parallel_rank() == 0
-            and parallel_state.get_context_parallel_rank() == 0
-        )
-        if in_replica:
+        if expert_peer_of_replica():  # holds some of the replica's experts: gather, send nothing
+            for _ in iter_stage_buckets(self.model, self.arch, self.export):
+                pass
+        if in_rank0_data_replica():
             buckets = _Counted(iter_stage_buckets(self.model, self.arch, self.export))
             if parallel_state.get_tensor_model_parallel_rank() == 0:
                 try:

@@ -1,4 +1,4 @@
-"""torchrun worker: parameter gradients of one GVPO/GRPO/DAPO/DPO step at a given (TP, PP, DP) layout.
+"""torchrun worker: parameter gradients of one GVPO/GRPO/DAPO/DPO step at a given (TP, PP, DP, EP) layout.
 
 Run by tests/test_loss_layout.py as
 ``python -m torch.distributed.run --nproc_per_node W <this file> --hf-dir H --tp T --pp P ...``.
@@ -181,6 +181,7 @@ def main() -> None:
     p.add_argument("--hf-dir", required=True)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
     p.add_argument("--budget", type=int, default=4096, help="max tokens per micro-batch")
     p.add_argument("--split", action="store_true", help="let groups span micro-batches/ranks")
     p.add_argument(
@@ -188,7 +189,7 @@ def main() -> None:
     )
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    initialize(ParallelConfig(tp=args.tp, pp=args.pp, seed=1))
+    initialize(ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, seed=1))
     model, arch = build_from_hf(args.hf_dir, ModelConfig(precision="fp32"))
     ddp = wrap_with_ddp(model)
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=0.0), [ddp])

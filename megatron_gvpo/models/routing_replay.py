@@ -1,0 +1,186 @@
+"""Routing replay: the experts each token was routed to under theta', used again by every update.
+
+A mixture-of-experts policy's top-k choice is not differentiable and flips under small weight
+changes, so the round's updates would otherwise compare s (under theta) with s' (under theta')
+for tokens that went through different experts: GVPO's s - s' and the GRPO family's ratio then
+measure routing flips as well as the policy. With ``model.moe.routing_replay=old`` the round's
+theta' pass records every token's top-k experts per MoE layer and every later forward of the
+round (updates and their step-wide logprob passes) routes each token to the same experts; the
+routing *probabilities* still come from the current router, so the router keeps its gradient.
+
+megatron-core's routers carry the switch (``moe_enable_routing_replay``: a ``RouterReplay`` per
+router that records the top-k indices or replays given ones); this module maps those per-pass
+token rows to samples and back. Routes are kept per sample (``RolloutBatch.routes``: per MoE
+layer of this pipeline stage, [tokens, top-k]) so any placement of the samples in micro-batches
+and DP ranks replays them. Under sequence parallelism (TP > 1) a router sees only its TP rank's
+slice of the packed row: the recorded slices are gathered over TP, and each rank replays its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_gvpo.models.moe import _routers
+
+ROUTING_REPLAY_MODES = ("off", "old")
+
+
+class RoutingReplay:
+    """Records routes per sample during a theta' pass and replays them during updates."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.routers = {r.layer_number - 1: r for r in _routers(model)}
+        if any(r.router_replay is None for r in self.routers.values()):
+            raise ValueError("routing replay needs a model built with moe_enable_routing_replay")
+        self.mode: str | None = None
+        self._mb = None  # the micro-batch whose forward runs now (its sample ids and spans)
+        self._real = torch.zeros(0, dtype=torch.bool)  # its rows that are tokens, not padding
+        self._recorded: dict[int, dict[int, torch.Tensor]] = {}
+        self.flips = torch.zeros(2, dtype=torch.float64)  # (tokens whose own top-k differ, tokens)
+        for router in self.routers.values():
+            router.register_forward_hook(self._after_router)
+
+    # ---- recording --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Record the routes of every forward in the block; :meth:`routes` returns them."""
+        self._recorded = {}
+        with self._action("RECORD", "record"):
+            yield self
+
+    def routes(self, num_samples: int) -> list[dict[int, torch.Tensor]]:
+        """Per sample of the recorded batch, this stage's layer -> [tokens, top-k] (collective
+        over DP: every rank learns the samples the other ranks recorded)."""
+        recorded = self._recorded
+        if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+            gathered: list = [None] * parallel_state.get_data_parallel_world_size()
+            dist.all_gather_object(
+                gathered, recorded, group=parallel_state.get_data_parallel_group_gloo()
+            )
+            recorded = {k: v for part in gathered for k, v in part.items()}
+        missing = [i for i in range(num_samples) if self.routers and i not in recorded]
+        if missing:
+            raise RuntimeError(f"routing replay: no routes recorded for samples {missing[:8]}")
+        return [recorded.get(i, {}) for i in range(num_samples)]
+
+    # ---- replaying --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def replaying(self):
+        """Route every forward in the block by the micro-batches' ``extra["routes"]``."""
+        self.flips.zero_()
+        with self._action("REPLAY_FORWARD", "replay"):
+            yield self
+
+    def flip_fraction(self) -> float:
+        """Share of replayed token-layer routes the current router would have chosen otherwise."""
+        return float(self.flips[0] / self.flips[1]) if self.flips[1] else 0.0
+
+    # ---- per micro-batch --------------------------------------------------------------------
+
+    def before_forward(self, mb) -> None:
+        """Called by the forward step with the micro-batch about to run."""
+        self._mb = mb
+        if self.mode != "replay":
+            return
+        routes = mb.extra.get("routes") if mb.extra else None
+        if routes is None:
+            raise RuntimeError("routing replay: a replayed micro-batch carries no routes")
+        spans = _spans(mb)
+        length = mb.tokens.numel()
+        real = torch.zeros(length, dtype=torch.bool)
+        for start, end in spans:
+            real[start:end] = True
+        self._real = _local_rows(real)  # padding rows take arbitrary experts, never counted
+        for layer, router in self.routers.items():
+            k = router.topk
+            target = torch.arange(k, dtype=torch.long).expand(length, k).clone()  # padding
+            for (start, end), sample in zip(spans, routes, strict=False):
+                target[start:end] = sample[layer]
+            router.router_replay.target_topk_idx = _local_rows(target)
+
+    def _after_router(self, router, args, output) -> None:
+        if self.mode == "record":
+            rows = _full_rows(router.router_replay.recorded_topk_idx.detach()).cpu()
+            ids = self._mb.extra["sample_ids"].tolist()
+            for (start, end), i in zip(_spans(self._mb), ids, strict=False):
+                self._recorded.setdefault(i, {})[router.layer_number - 1] = rows[start:end].clone()
+        elif self.mode == "replay":
+            with torch.no_grad():
+                logits = torch.nn.functional.linear(
+                    args[0].reshape(-1, args[0].shape[-1]).float(), router.weight.float()
+                )
+                own = logits.topk(router.topk, dim=-1).indices.sort(-1).values.cpu()
+            used = router.router_replay.target_topk_idx.sort(-1).values.cpu()
+            changed = (own != used).any(-1) & self._real
+            self.flips += torch.tensor(
+                [float(changed.sum()), float(self._real.sum())], dtype=torch.float64
+            )
+
+    @contextlib.contextmanager
+    def _action(self, action: str, mode: str):
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        for router in self.routers.values():
+            router.router_replay.set_router_replay_action(getattr(RouterReplayAction, action))
+        self.mode = mode
+        try:
+            yield
+        finally:
+            self.mode, self._mb = None, None
+            for router in self.routers.values():
+                router.router_replay.clear_router_replay_action()
+                router.router_replay.clear_indices()
+
+
+def _spans(mb) -> list[tuple[int, int]]:
+    """(start, end) of each sample of a packed micro-batch row, in ``extra["sample_ids"]`` order."""
+    cu = mb.packed_seq_params.cu_seqlens_q.tolist()
+    n = len(mb.extra["sample_ids"])
+    return list(zip(cu[:n], cu[1 : n + 1], strict=True))
+
+
+def _sequence_parallel() -> bool:
+    return parallel_state.get_tensor_model_parallel_world_size() > 1
+
+
+def _full_rows(local: torch.Tensor) -> torch.Tensor:
+    """A router's token rows of the whole packed row (gathered over TP under sequence parallel)."""
+    if not _sequence_parallel():
+        return local
+    parts = [
+        torch.empty_like(local)
+        for _ in range(parallel_state.get_tensor_model_parallel_world_size())
+    ]
+    dist.all_gather(
+        parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group()
+    )
+    return torch.cat(parts)
+
+
+def _local_rows(full: torch.Tensor) -> torch.Tensor:
+    """This TP rank's slice of a packed row's token rows (the whole row without SP)."""
+    if not _sequence_parallel():
+        return full
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    return full.chunk(tp)[parallel_state.get_tensor_model_parallel_rank()]
+
+
+_ACTIVE: RoutingReplay | None = None
+
+
+def set_active(replay: RoutingReplay | None) -> None:
+    """The replay the forward step informs of each micro-batch (None: none)."""
+    global _ACTIVE
+    _ACTIVE = replay
+
+
+def notify_forward(mb) -> None:
+    """Tell the active replay (if any) which micro-batch runs next."""
+    if _ACTIVE is not None and _ACTIVE.mode is not None:
+        _ACTIVE.before_forward(mb)

@@ -1,0 +1,456 @@
+"""Mixture-of-experts (qwen3_moe): config, HF expert layouts, parity and conversion under EP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, last_json, run_tool, run_torchrun, torchrun_cmd
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from megatron_gvpo.bridge.mapping import (
+    fused_expert_source,
+    hf_names,
+    mcore_names,
+    read_fused_expert,
+    unfuse_experts,
+)
+from megatron_gvpo.models.hf_config import arch_from_dict, check_parallel_layout, read_hf_config
+from megatron_gvpo.models.tiny import save_tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """A random tiny qwen3_moe saved by transformers: layer 0 dense, layer 1 with 4 experts."""
+    return save_tiny_hf_model(tmp_path_factory.mktemp("moe") / "hf", "qwen3_moe", seed=5)
+
+
+def _moe_config(**overrides) -> dict:
+    raw = dict(
+        model_type="qwen3_moe",
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+    )
+    raw.update(overrides)
+    return raw
+
+
+def test_config_reads_sparse_layers_as_transformers_decides_them():
+    # HF: sparse when not in mlp_only_layers and (layer + 1) % decoder_sparse_step == 0.
+    arch = arch_from_dict(_moe_config(decoder_sparse_step=2, mlp_only_layers=[3]))
+    assert arch.moe_layers == [0, 1, 0, 0]
+    assert arch.qk_layernorm and arch.is_moe and not arch.norm_topk_prob
+    # transformers 5 writes the count as num_local_experts
+    raw = _moe_config(norm_topk_prob=True)
+    raw["num_local_experts"] = raw.pop("num_experts")
+    arch = arch_from_dict(raw)
+    assert (arch.num_experts, arch.norm_topk_prob, arch.moe_layers) == (8, True, [1, 1, 1, 1])
+
+
+def test_config_and_layout_errors_name_the_field():
+    with pytest.raises(ValueError, match="c.json: missing required field.*moe_intermediate_size"):
+        arch_from_dict({**_moe_config(), "moe_intermediate_size": None}, source="c.json")
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        arch_from_dict(_moe_config(num_experts_per_tok=9))
+    with pytest.raises(ValueError, match="mlp_only_layers \\[7\\]"):
+        arch_from_dict(_moe_config(mlp_only_layers=[7]))
+    arch = arch_from_dict(_moe_config())
+    with pytest.raises(ValueError, match="num_experts=8 is not divisible by ep=3"):
+        check_parallel_layout(arch, 1, 1, ep=3)
+    with pytest.raises(ValueError, match="moe_intermediate_size=24 is not divisible by etp=5"):
+        check_parallel_layout(arch, 1, 1, ep=2, etp=5)
+    dense = arch_from_dict({**_moe_config(), "model_type": "qwen3"})
+    with pytest.raises(ValueError, match="parallel.ep=2 needs a mixture-of-experts model"):
+        check_parallel_layout(dense, 1, 1, ep=2)
+
+
+def test_moe_settings_errors_name_the_key():
+    from megatron_gvpo.models.moe import MoEConfig
+
+    for bad, key in [
+        (dict(token_dispatcher="flex"), "model.moe.token_dispatcher"),
+        (dict(routing_replay="rollout"), "model.moe.routing_replay"),
+        (dict(aux_loss_coeff=-1.0), "model.moe.aux_loss_coeff"),
+    ]:
+        with pytest.raises(ValueError, match=key):
+            MoEConfig(**bad).validate()
+
+
+def test_expert_names_cover_the_checkpoint_and_the_fused_layout(tiny_moe):
+    """Every tensor transformers saved is some Megatron parameter's source, and the fused 3-D
+    expert tensors transformers holds in memory cut back into exactly the saved ones."""
+    from transformers import AutoModelForCausalLM
+
+    arch = read_hf_config(tiny_moe)
+    saved = load_file(str(tiny_moe / "model.safetensors"))
+    mapped = [n for m in mcore_names(arch) for n in hf_names(m, arch)]
+    assert sorted(mapped) == sorted(saved)
+    assert "model.layers.0.mlp.gate_proj.weight" in mapped  # mlp_only_layers=[0]: dense
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in mapped
+
+    in_memory = AutoModelForCausalLM.from_pretrained(str(tiny_moe)).state_dict()
+    assert "model.layers.1.mlp.experts.gate_up_proj" in in_memory
+    unfused = unfuse_experts(in_memory)
+    for name, tensor in saved.items():
+        assert torch.equal(unfused[name], tensor), name
+        if fused_expert_source(name) is not None:
+            assert torch.equal(read_fused_expert(name, in_memory.__getitem__), tensor), name
+
+
+def test_logprobs_and_gradients_match_transformers_at_ep1(tiny_moe):
+    _, out, _ = run_tool(
+        "logprob_parity.py", "--hf-dir", str(tiny_moe), "--random-tokens", "--grad"
+    )
+    result = last_json(out)
+    assert result["model_type"] == "qwen3_moe"
+    assert result["max_abs_diff"] <= 1e-4
+    assert result["grad_max_rel_err"] <= 1e-4, result
+
+
+@pytest.mark.slow
+def test_ep2_conversion_round_trip_is_bitwise_and_loads_under_other_layouts(tiny_moe, tmp_path):
+    """TP1 x PP2 x EP2 conversion, back to HF at EP2 (bitwise), then the checkpoint at
+    TP2 x EP2 (4 ranks, experts split over TP as well) against transformers, gradients too."""
+    m, back = tmp_path / "m", tmp_path / "back"
+    run_tool(
+        "convert_hf_to_mcore.py",
+        "--hf-dir",
+        str(tiny_moe),
+        "--out-dir",
+        str(m),
+        "--pp",
+        "2",
+        "--ep",
+        "2",
+    )
+    run_tool("convert_mcore_to_hf.py", "--mcore-dir", str(m), "--out-dir", str(back), "--ep", "2")
+    src, out = (
+        load_file(str(tiny_moe / "model.safetensors")),
+        load_file(str(back / "model.safetensors")),
+    )
+    assert set(src) == set(out)
+    for name in src:
+        assert torch.equal(src[name], out[name]), name
+    assert json.loads((back / "config.json").read_text())["model_type"] == "qwen3_moe"
+    _, stdout, _ = run_tool(
+        "logprob_parity.py",
+        "--hf-dir",
+        str(tiny_moe),
+        "--mcore-dir",
+        str(m),
+        "--tp",
+        "2",
+        "--ep",
+        "2",
+        "--random-tokens",
+        "--grad",
+    )
+    result = last_json(stdout)
+    assert (result["tp"], result["ep"]) == (2, 2)
+    assert result["max_abs_diff"] <= 1e-4
+    assert result["grad_max_rel_err"] <= 1e-4, result
+
+
+LAYOUT_WORKER = Path(__file__).resolve().parent / "dist_workers" / "loss_layout_worker.py"
+# (tp, ep, world): EP takes its ranks from DP; at TP2 the experts are split over TP as well.
+EP_LAYOUTS = {"tp1_ep1": (1, 1, 1), "tp1_ep2": (1, 2, 2), "tp2_ep2": (2, 2, 4)}
+
+
+@pytest.mark.slow
+def test_gvpo_step_gradient_is_the_same_at_ep1_and_ep2(tiny_moe, tmp_path):
+    """GVPO's (and GRPO's) step gradient with the router's aux loss off, at (TP, EP) = (1, 1),
+    (1, 2), (2, 2), with several micro-batches and groups split across them and DP ranks."""
+    grads, infos = {}, {}
+    for name, (tp, ep, world) in EP_LAYOUTS.items():
+        out = tmp_path / f"{name}.safetensors"
+        budget = "4096" if world == 1 else "48"
+        run_torchrun(
+            LAYOUT_WORKER,
+            world,
+            "--hf-dir",
+            str(tiny_moe),
+            "--tp",
+            str(tp),
+            "--ep",
+            str(ep),
+            "--budget",
+            budget,
+            "--split",
+            "--losses",
+            "gvpo,grpo",
+            "--out",
+            str(out),
+        )
+        with safe_open(str(out), "pt") as f:
+            infos[name] = {k: json.loads(v) for k, v in f.metadata().items()}
+        grads[name] = load_file(str(out))
+    ref = grads["tp1_ep1"]
+    assert any(".mlp.experts.3." in k for k in ref) and any(".mlp.gate." in k for k in ref)
+    for name in ("tp1_ep2", "tp2_ep2"):
+        assert infos[name]["gvpo"]["groups_whole"] is False
+        assert set(grads[name]) == set(ref)
+        for k, want in ref.items():
+            err = ((grads[name][k] - want).norm() / want.norm().clamp_min(1e-12)).item()
+            assert err < 1e-5, f"{name} {k}: rel err {err:.2e}"
+        for loss in ("gvpo", "grpo"):
+            want = torch.sqrt(
+                sum(v.double().square().sum() for k, v in ref.items() if k.startswith(loss + "/"))
+            )
+            got = infos[name][loss]["grad_norm"]
+            assert abs(got - want.item()) <= 1e-5 * want.item(), (name, loss, got, want.item())
+
+
+@pytest.fixture(scope="module")
+def char_moe(tmp_path_factory):
+    """A tiny qwen3_moe over the demo's character tokenizer, so the trainer can run the demo
+    task on it."""
+    from megatron_gvpo.demo.task import build_char_tokenizer, save_char_tokenizer
+
+    tok = build_char_tokenizer()
+    out = save_tiny_hf_model(
+        tmp_path_factory.mktemp("char_moe") / "hf",
+        "qwen3_moe",
+        seed=2,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        max_position_embeddings=64,
+    )
+    save_char_tokenizer(out)
+    return out
+
+
+def _train_ep2(char_moe, run_dir, *overrides):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEGATRON_GVPO_CACHE=str(run_dir.parent / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    for key in ("WORLD_SIZE", "RANK"):
+        env.pop(key, None)
+    cmd = torchrun_cmd(
+        2,
+        "-m",
+        "megatron_gvpo.train",
+        "model=hf",
+        f"model.path={char_moe}",
+        "model.precision=fp32",
+        "parallel.ep=2",
+        "trainer.max_steps=2",
+        "trainer.prompts_per_step=4",
+        "rollout.n_samples_per_prompt=4",
+        "data.builtin_eval_size=8",
+        f"trainer.run_dir={run_dir}",
+        *overrides,
+    )
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["step"] >= 1]
+
+
+def _model_bytes(hf_dir) -> int:
+    return sum(
+        t.numel() * t.element_size() for t in load_file(str(hf_dir / "model.safetensors")).values()
+    )
+
+
+@pytest.mark.slow
+def test_gvpo_trains_at_ep2_with_router_losses_and_metrics(char_moe, tmp_path):
+    """Two GVPO rounds at EP2 (2 updates each, router aux and z losses on, routes replayed) with
+    the embedded engine: finite losses, every expert synced (the whole model's bytes), router
+    metrics."""
+    rows = _train_ep2(
+        char_moe,
+        tmp_path / "run",
+        "trainer.updates_per_round=2",
+        "model.moe.aux_loss_coeff=0.01",
+        "model.moe.z_loss_coeff=0.001",
+        "model.moe.routing_replay=old",
+    )
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
+        assert r["sync/bytes"] == _model_bytes(char_moe)
+        assert r["rollout/logprob_abs_diff/max"] < 1e-4  # the engine got the trained experts
+        # layer 0 is dense (mlp_only_layers); layer 1 routes each token to 2 of 4 experts
+        assert "moe/layer_0/tokens_mean" not in r
+        mean, top = r["moe/layer_1/tokens_mean"], r["moe/layer_1/tokens_max"]
+        assert top >= mean > 0 and r["moe/load_max_over_mean"] >= 1  # averaged over 2 updates
+        assert r["moe/aux_loss"] > 0 and r["moe/z_loss"] > 0
+        assert 0 <= r["moe/routing_replay_flips"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["distributed", "disk"])
+def test_weight_sync_at_ep2_against_the_protocol_fake(char_moe, tmp_path, mode):
+    """weight_sync=distributed at EP2: the source replica broadcasts every expert, its EP peer
+    joins the gathers; disk: rank 0 writes the gathered model. The servers are
+    tests/sglang_fake_server.py, a PROTOCOL FAKE (fake tokens, no model): this checks the
+    wiring and the bytes, not SGLang."""
+    fake = [sys.executable, str(REPO / "tests" / "sglang_fake_server.py")]
+    rows = _train_ep2(
+        char_moe,
+        tmp_path / "run",
+        "rollout=sglang",
+        "rollout.max_new_tokens=4",
+        "rollout.sglang.weight_sync=distributed",
+        f"++rollout.sglang.launch_command=[{','.join(fake)}]",
+        "++rollout.sglang.dist_backend=gloo",
+        "++rollout.sglang.startup_timeout_s=60",
+    )
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["sync/bytes"] == _model_bytes(char_moe) for r in rows)
+    assert rows[-1]["engine/weight_syncs"] == 2
+
+
+REPLAY_WORKER = Path(__file__).resolve().parent / "dist_workers" / "routing_replay_worker.py"
+
+
+def _hf_response_logprobs(model, prompt, response) -> torch.Tensor:
+    ids = torch.tensor([prompt + response])
+    logits = model(input_ids=ids).logits[0, :-1].double()
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    return lp[len(prompt) - 1 :]
+
+
+@pytest.mark.slow
+def test_routing_replay_routes_every_update_like_theta_prime(tiny_moe, tmp_path):
+    """Routes recorded at EP2 are transformers' top-k; after the router is perturbed, a pass
+    under another placement with replay routes exactly those experts (its logprobs equal
+    transformers forced to them) while without replay (the negative control) routes change."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as hf_moe
+
+    out = tmp_path / "replay.safetensors"
+    run_torchrun(REPLAY_WORKER, 2, "--hf-dir", str(tiny_moe), "--out", str(out))
+    saved = load_file(str(out))
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    layer, batch = int(meta["layer"]), json.loads(meta["batch"])
+    assert int(meta["micro_batches"]) > 2  # the replayed pass used another placement
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_moe)).eval()
+    hf_router = model.model.layers[layer].mlp.gate
+
+    # 1. The recorded routes are transformers' own top-k under the unperturbed router.
+    seen = {}
+    original_forward = hf_moe.Qwen3MoeTopKRouter.forward
+
+    def spy(self, hidden):
+        logits, scores, indices = original_forward(self, hidden)
+        seen["indices"] = indices
+        return logits, scores, indices
+
+    forced = {}
+
+    def force(self, hidden):
+        hidden = hidden.reshape(-1, self.hidden_dim)
+        logits = torch.nn.functional.linear(hidden, self.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        top = probs.gather(-1, forced["indices"])
+        top = top / top.sum(-1, keepdim=True) if self.norm_topk_prob else top
+        return logits, top.to(logits.dtype), forced["indices"]
+
+    changed = 0
+    with torch.no_grad():
+        for i, (prompt, response) in enumerate(
+            zip(batch["prompts"], batch["responses"], strict=True)
+        ):
+            hf_moe.Qwen3MoeTopKRouter.forward = spy
+            try:
+                model(input_ids=torch.tensor([prompt + response]))
+            finally:
+                hf_moe.Qwen3MoeTopKRouter.forward = original_forward
+            routes = saved[f"routes.{i}"]
+            assert torch.equal(routes.sort(-1).values, seen["indices"].sort(-1).values), i
+            changed += int(
+                (saved[f"free_routes.{i}"].sort(-1).values != routes.sort(-1).values).any(-1).sum()
+            )
+
+        # 2. Perturbed router, the recorded routes forced: equals the replayed pass.
+        hf_router.weight.copy_(saved["router_weight"])
+        for i, (prompt, response) in enumerate(
+            zip(batch["prompts"], batch["responses"], strict=True)
+        ):
+            forced["indices"] = saved[f"routes.{i}"]
+            hf_moe.Qwen3MoeTopKRouter.forward = force
+            try:
+                want = _hf_response_logprobs(model, prompt, response)
+            finally:
+                hf_moe.Qwen3MoeTopKRouter.forward = original_forward
+            got = saved[f"replayed.{i}"].double()
+            assert (got - want).abs().max() < 1e-4, i
+    # 3. Negative control: without replay the perturbed router routes some tokens elsewhere,
+    # which is what the replayed pass reported as flips.
+    assert changed > 0 and float(meta["flips"]) > 0
+    diff = max(
+        (saved[f"free.{i}"] - saved[f"replayed.{i}"]).abs().max().item()
+        for i in range(len(batch["prompts"]))
+    )
+    assert diff > 1e-3
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["parallel.ep=2"], "parallel.ep"),
+        (["model.moe.routing_replay=old"], "model.moe.routing_replay"),  # the demo is dense
+    ],
+)
+def test_bad_moe_settings_fail_before_any_model_is_built(tmp_path, overrides, key):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MEGATRON_GVPO_CACHE=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    for k in ("WORLD_SIZE", "RANK"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "megatron_gvpo.train", f"trainer.run_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(
+        cmd + overrides, env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert key in proc.stderr
+    assert not (tmp_path / "cache").exists()  # no demo model was built
+
+
+AUX_WORKER = Path(__file__).resolve().parent / "dist_workers" / "moe_aux_worker.py"
+
+
+def test_router_loss_gradient_is_the_step_token_mean(tiny_moe, tmp_path):
+    """With only the load-balancing loss (coeff c), the router weight's gradient over a step of
+    micro-batches equals d/dW of c x sum_mb (T_mb / T) aux_mb in float64, aux_mb being
+    megatron-core's documented switch loss E x sum_i f_i P_i of the micro-batch (f_i: share of
+    its T_mb x k routes to expert i, P_i: its mean softmax probability of expert i)."""
+    coeff = 0.5
+    out = tmp_path / "aux.safetensors"
+    run_torchrun(AUX_WORKER, 1, "--hf-dir", str(tiny_moe), "--coeff", str(coeff), "--out", str(out))
+    saved = load_file(str(out))
+    arch = read_hf_config(tiny_moe)
+    e, k = arch.num_experts, arch.moe_router_topk
+    weight = saved["weight"].double().requires_grad_(True)
+    inputs = [saved[f"input.{i}"].double() for i in range(2)]
+    total_tokens = sum(x.shape[0] for x in inputs)
+    loss = 0.0
+    for x in inputs:
+        t = x.shape[0]
+        probs = torch.softmax(x @ weight.T, dim=-1)
+        top = probs.detach().topk(k, dim=-1).indices
+        counts = torch.zeros(e, dtype=torch.float64).scatter_add_(
+            0, top.flatten(), torch.ones(t * k, dtype=torch.float64)
+        )
+        aux = e * ((counts / (t * k)) * probs.mean(0)).sum()
+        loss = loss + coeff * aux * t / total_tokens
+    loss.backward()
+    want, got = weight.grad, saved["grad"].double()
+    assert want.norm() > 0
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
