@@ -168,3 +168,23 @@ def test_gvpo_microbatch_losses_sum_to_the_whole_batch_loss():
     (gt,) = torch.autograd.grad(total, tok, retain_graph=True)
     (gw,) = torch.autograd.grad(want, tok)
     torch.testing.assert_close(gt, gw, rtol=1e-10, atol=1e-12)
+
+
+def test_dynamic_sampling_drops_groups_whose_rewards_are_all_equal():
+    """DAPO's filter on whole groups, after short and failed responses are gone: a group whose
+    remaining rewards are equal gives no gradient and is dropped and counted."""
+    from megatron_gvpo.trainer.groups import PromptGroup, filter_groups
+
+    groups = [
+        PromptGroup([1], [[2], [3], [4]], [1.0, 1.0, 1.0]),  # constant: dropped
+        PromptGroup([1], [[2], [3], [4]], [1.0, 0.0, 1.0]),  # kept
+        PromptGroup([1], [[2], [3, 4], [5]], [0.5, 0.5, 0.0], reward_failed=[False, False, True]),
+        PromptGroup([1], [[2], [3]], [0.0, 1.0]),  # kept
+    ]
+    metrics: dict = {}
+    kept = filter_groups(groups, 0, True, True, metrics)
+    # the third group loses its failed response, then its rewards (0.5, 0.5) are constant
+    assert [g.rewards for g in kept] == [[1.0, 0.0, 1.0], [0.0, 1.0]]
+    assert metrics["filter/constant_reward_groups"] == 2
+    assert metrics["filter/reward_failed"] == 1
+    assert len(filter_groups(groups, 0, False, True, {})) == 4  # off: all groups stay

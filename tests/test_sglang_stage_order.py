@@ -62,7 +62,7 @@ def _run_stages(urls: list[str], ordered: bool) -> tuple[dict, float, list]:
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     out = ctx.Queue()
     try:
-        spec = eng.stage_sync_spec()
+        spec = eng.stage_sync_target()
         eng.begin_update(5)
         t0 = time.monotonic()
         procs = [ctx.Process(target=_stage_main, args=(spec, k, 5, ordered, store.port, out))

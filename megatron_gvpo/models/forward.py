@@ -35,13 +35,16 @@ class MicroBatch:
 
 
 # (logprobs [b, s-1], entropy [b, s-1] or None, micro-batch) -> (loss, metrics dict)
-LossFn = Callable[[torch.Tensor, torch.Tensor | None, MicroBatch], tuple[torch.Tensor, dict]]
+# (logprobs [1, T-1], entropy [1, T-1] or None, micro-batch) -> (loss, tagged metrics)
+MicroBatchLoss = Callable[
+    [torch.Tensor, torch.Tensor | None, MicroBatch], tuple[torch.Tensor, dict]
+]
 
 
 def forward_backward(
     model: torch.nn.Module,
     micro_batches: list[MicroBatch],
-    loss_fn: LossFn,
+    loss_fn: MicroBatchLoss,
     forward_only: bool = False,
     temperature: float = 1.0,
     with_entropy: bool = False,

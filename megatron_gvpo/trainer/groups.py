@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_gvpo.algorithms.grpo import nonconstant_group_mask
 from megatron_gvpo.data.prompts import Prompt
 from megatron_gvpo.rewards import RewardInput, RewardManager, RewardResult
 from megatron_gvpo.rewards.guard import RoundDeadline
@@ -77,7 +78,6 @@ class RolloutResult:
 
     groups: list[PromptGroup]
     metrics: dict[str, float]
-    generate_seconds: float
     reward_seconds: float
     """Time spent waiting for rewards after the last response arrived."""
 
@@ -209,7 +209,7 @@ def rollout_and_score(
     }
     if turns is not None:
         metrics.update(trajectory_metrics(flat))
-    return RolloutResult(groups, metrics, gen_s, wait_s)
+    return RolloutResult(groups, metrics, wait_s)
 
 
 def with_env_rewards(result: RewardResult, group: Sequence[Trajectory]) -> RewardResult:
@@ -244,9 +244,16 @@ def filter_groups(
     metrics["filter/reward_failed"] = failed
     if dynamic_sampling:
         before = len(kept)
-        kept = [g for g in kept if len(set(g.rewards)) > 1]
+        kept = [g for g in kept if g.rewards and _nonconstant(g.rewards)]
         metrics["filter/constant_reward_groups"] = before - len(kept)
     return kept
+
+
+def _nonconstant(rewards: list[float]) -> bool:
+    """Whether a group's rewards are not all equal (``algorithms.grpo.nonconstant_group_mask``,
+    the specification of DAPO's dynamic sampling, on one group)."""
+    r = torch.tensor(rewards, dtype=torch.float64)
+    return bool(nonconstant_group_mask(r, torch.zeros(len(rewards), dtype=torch.long)).any())
 
 
 def drop_stale(

@@ -320,11 +320,10 @@ class SGLangEngine(RolloutEngine):
         return {k: float(v) for k, v in self.stats.items()}
 
     def stage_sync_target(self) -> StageSyncSpec | None:
-        """Per-stage senders in distributed mode; the other modes enter through update_weights."""
-        return self.stage_sync_spec() if self.cfg.weight_sync == "distributed" else None
-
-    def stage_sync_spec(self) -> StageSyncSpec:
-        """What per-stage senders need; a new ``group_name`` after a server was restarted."""
+        """What per-stage senders need in distributed mode (a new ``group_name`` after a server
+        was restarted); None in the other modes, which enter through ``update_weights``."""
+        if self.cfg.weight_sync != "distributed":
+            return None
         servers = self._update_targets()
         self._client.each(servers, lambda s: self._client.learn(s, self.cfg.tp_size))
         epochs = {s.index: s.epoch for s in servers}

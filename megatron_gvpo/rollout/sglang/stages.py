@@ -37,7 +37,7 @@ TURN_PREFIX = "megatron_gvpo/sglang_stage_turns"
 class StageSyncSpec:
     """What a pipeline stage's source rank needs to feed the servers itself (picklable).
 
-    Built by ``SGLangEngine.stage_sync_spec`` on rank 0 and broadcast to the other ranks.
+    Built by ``SGLangEngine.stage_sync_target`` on rank 0 and broadcast to the other ranks.
     ``group_name`` changes when a server was restarted, so stage groups are then rebuilt.
     """
 

@@ -37,12 +37,9 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from megatron_gvpo.data.batching import StepPlan
-from megatron_gvpo.models.forward import MicroBatch
+from megatron_gvpo.models.forward import MicroBatch, MicroBatchLoss
 from megatron_gvpo.trainer.batch import RolloutBatch
 from megatron_gvpo.trainer.metrics import Metric
-
-# (logprobs [1, T-1], entropy [1, T-1] or None, micro-batch) -> (loss, tagged metrics)
-MicroBatchLoss = Callable[[Tensor, Tensor | None, MicroBatch], tuple[Tensor, dict[str, Metric]]]
 
 
 @dataclass
