@@ -554,6 +554,10 @@ def test_sglang_backend_with_per_stage_sync_against_the_protocol_fake(demo_cache
         (["algorithm.eps_low=0.2"], "algorithm.eps_low"),  # GVPO has no clip
         (["rollout=sglang", "+rollout.sglang.bogus=1"], "rollout.sglang.bogus"),
         (["rollout=sglang", "rollout.sglang.weight_sync=nccl"], "rollout.sglang"),
+        (
+            ["rollout=sglang", "trainer.async_training.max_staleness=1"],
+            "rollout.sglang.weight_sync=tensor is the colocated mode",
+        ),
         (["eval.n_samples=4"], "eval.n_samples"),  # greedy samples would all be equal
         (["data.builtin_eval_size=0", "trainer.save_best=eval/accuracy"], "trainer.save_best"),
         (["+data.eval_sets={hard: /nonexistent/hard.jsonl}"], "data.eval_sets.hard"),

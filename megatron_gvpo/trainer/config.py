@@ -499,7 +499,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if r.top_k == 0 or r.top_k < -1:
         raise ValueError(f"rollout.top_k must be -1 (off) or >= 1, got {r.top_k}")
     if r.backend == "sglang":
-        sglang_config(r, m.path or "<the demo model>", t.run_dir)  # typed and checked now
+        sg = sglang_config(r, m.path or "<the demo model>", t.run_dir)  # typed and checked now
+        if t.async_training.max_staleness > 0 and sg.weight_sync == "tensor":
+            raise ValueError(
+                "trainer.async_training.max_staleness > 0 needs an engine that does not share the "
+                "trainer's accelerators: rollout.sglang.weight_sync=tensor is the colocated mode "
+                "(use distributed or disk)"
+            )
         if r.local != LocalEngineSection():
             raise ValueError(
                 "rollout.local.* set the embedded engine's options: rollout.backend=local"

@@ -92,12 +92,6 @@ class Trainer(Run):
             if is_rank0()
             else None
         )
-        if ahead and self.engine is not None and self.engine.colocated:
-            self.engine.shutdown()
-            raise ValueError(
-                "trainer.async_training.max_staleness > 0 needs an engine that does not share "
-                "the trainer's accelerators (this one is colocated)"
-            )
         self.rounds = RoundSource(self.prompts, self._rollout if is_rank0() else None, ahead)
         export = ExportConfig(bucket_bytes=r.bucket_mb << 20, fp8=r.fp8)
         self.weight_sync = build_weight_sync(self.actor.ddp, self.actor.arch, export, self.engine)
