@@ -10,11 +10,20 @@ import pytest
 from conftest import FAMILIES, last_json, run_tool
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+# CI's second leg (newer megatron-core) checks every family at TP1xPP1 and every layout on qwen3;
+# the first leg checks every family at every layout.
+PARITY_CASES = [
+    pytest.param(
+        family, tp, pp, id=f"{family}-tp{tp}pp{pp}",
+        marks=() if family == "qwen3" or (tp, pp) == (1, 1) else pytest.mark.one_leg,
+    )
+    for family in FAMILIES
+    for tp, pp in LAYOUTS
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("family", "tp", "pp"), PARITY_CASES)
 def test_logprob_parity_fp32(tiny_models, family, tp, pp):
     # Gradients are checked on the model-parallel layouts (TP2, PP2, TP2xPP2).
     grad = ["--grad"] if tp * pp > 1 else []

@@ -251,7 +251,7 @@ def test_started_sglang_server_loads_the_fp8_checkpoint(tmp_path, tiny_models, f
         "startup_timeout_s": 60.0,
         "shutdown_grace_s": 5.0,
     }
-    section = RolloutSection(backend="sglang", device="cpu", fp8=fp8, sglang=sglang)
+    section = RolloutSection(backend="sglang", fp8=fp8, sglang=sglang)
     engine = build_engine(section, str(tiny_models["llama"]), trust_remote_code=False,
                           run_dir=str(tmp_path / "run"))
     try:

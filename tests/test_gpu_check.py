@@ -30,6 +30,7 @@ def test_scripts_are_shellcheck_clean():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the check runs its GPU stages")
+@pytest.mark.one_leg
 def test_gpu_check_skip_mode_writes_both_summaries(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))

@@ -53,6 +53,7 @@ def trickle_url():
     server.server_close()
 
 
+@pytest.mark.one_leg
 def test_a_trickling_server_is_cut_off_at_the_request_deadline(trickle_url):
     reward = RemoteReward(trickle_url, request_timeout_s=1.5, max_retries=1, backoff_s=0.01)
     start = time.monotonic()
@@ -135,6 +136,7 @@ def test_a_trickled_status_line_or_header_is_cut_off_at_the_request_deadline(slo
     reward.close()
 
 
+@pytest.mark.one_leg
 def test_groups_are_scored_concurrently_up_to_max_concurrency(slow_head_url):
     from megatron_gvpo.data.prompts import Prompt
     from megatron_gvpo.rewards import RewardManager
@@ -173,6 +175,7 @@ print("scored", result.failed, flush=True)
 """
 
 
+@pytest.mark.one_leg
 def test_a_process_with_stuck_reward_requests_scores_and_exits(trickle_url):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     start = time.monotonic()
@@ -284,6 +287,7 @@ def _server_alive_after_trainer_killed(tmp_path, watchdog: bool) -> bool:
     return True
 
 
+@pytest.mark.one_leg
 def test_a_started_server_dies_with_a_sigkilled_trainer(tmp_path):
     assert not _server_alive_after_trainer_killed(tmp_path, watchdog=True)
     # Negative control: the same server started without the watchdog outlives the trainer.

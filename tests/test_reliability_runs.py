@@ -194,6 +194,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, seconds: float) -> None:
     assert path.exists(), f"{path} not written (exit code {proc.poll()})"
 
 
+@pytest.mark.one_leg
 def test_stop_signal_during_a_stuck_step_exits_after_the_grace_without_saving(tiny_model, tmp_path):
     extra = _reward_module(tmp_path, _REWARDS)
     run = tmp_path / "run"
@@ -435,6 +436,7 @@ runpy.run_module("megatron_gvpo.train", run_name="__main__")
 """
 
 
+@pytest.mark.one_leg
 def test_full_disk_during_a_checkpoint_names_the_cause_and_keeps_the_data(tiny_model, tmp_path):
     run = tmp_path / "run"
     args = _cmd(tiny_model, run, "trainer.max_steps=3", "trainer.save_interval=1")[3:]
@@ -454,6 +456,7 @@ def test_full_disk_during_a_checkpoint_names_the_cause_and_keeps_the_data(tiny_m
     assert "step_000001 at step 1" in out.stdout
 
 
+@pytest.mark.one_leg
 def test_torn_metrics_line_resumes_and_config_changes_are_refused(tiny_model, tmp_path):
     run = tmp_path / "run"
     train(tiny_model, run, "trainer.max_steps=1")
@@ -477,6 +480,7 @@ def test_torn_metrics_line_resumes_and_config_changes_are_refused(tiny_model, tm
     assert [r["step"] for r in metrics(run)] == [1, 2]
 
 
+@pytest.mark.one_leg
 def test_secrets_in_reward_kwargs_are_not_written(tiny_model, tmp_path):
     """Credentials by key name (api_key, token, headers, access_key, auth, openai_key) and in a
     URL (user information, a token query parameter): in no file of the run, not on the console,

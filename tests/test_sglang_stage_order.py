@@ -108,6 +108,7 @@ def _stop(procs) -> None:
         p.wait()
 
 
+@pytest.mark.one_leg
 def test_concurrent_stage_posting_deadlocks_two_servers(tmp_path, model_dir):
     """Negative control: the old order (every stage at once) hangs until the time-out."""
     procs, urls = _servers(tmp_path, model_dir)
