@@ -735,6 +735,7 @@ def test_function_tool_env_runs_calls_and_returns_errors_to_the_model():
 
 
 @pytest.mark.slow
+@pytest.mark.one_leg
 def test_trajectories_through_sglang_servers_against_the_protocol_fake(char_model, tmp_path):
     """The trainer's SGLang path with an environment: one ``/generate`` per turn (the servers
     are tests/sglang_fake_server.py, a PROTOCOL FAKE: fake tokens, no model)."""

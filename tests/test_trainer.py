@@ -110,6 +110,7 @@ def greedy_accuracy(hf_dir: Path, eval_file: Path) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.one_leg
 def test_demo_learns(demo_cache, tmp_path):
     """README's main command (the defaults): held-out greedy accuracy, in the run's own eval,
     rises by >= 0.2 and the sampled reward rises; an independent greedy decode by transformers
@@ -216,6 +217,7 @@ _NOISE = (
 )
 
 
+@pytest.mark.one_leg
 def test_console_banner_one_line_per_step_and_library_lines_in_train_log(demo_cache, tmp_path):
     run = tmp_path / "run"
     out = train(demo_cache, f"trainer.run_dir={run}", "trainer.max_steps=2", *_SMALL[:2])
@@ -296,6 +298,7 @@ def test_resume_after_kill_gives_identical_metrics(demo_cache, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.one_leg
 def test_sigusr1_saves_the_current_step_and_exits_for_requeue(demo_cache, tmp_path):
     """Slurm's ``--signal=USR1@T`` warning: finish the step, checkpoint it, exit 0; then resume."""
     (tmp_path / "slow_reward.py").write_text(_SLOW_REWARD)
