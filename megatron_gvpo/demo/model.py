@@ -59,13 +59,12 @@ class WarmStartConfig:
     model to measure routing replay on)."""
 
 
-def tiny_llama_config(tokenizer, hidden: int, layers: int):
-    """A small llama config valid for TP2 x PP2 (4 heads, 2 KV heads, an even layer count)."""
-    from transformers import LlamaConfig
-
+def _tiny_shape(tokenizer, hidden: int, layers: int) -> dict:
+    """What the demo model's dense and MoE configs share: valid for TP2 x PP2 (4 heads, 2 KV
+    heads, an even layer count), the character tokenizer's ids."""
     if layers % 2 or hidden % 4:
         raise ValueError(f"need an even layer count and hidden % 4 == 0, got {layers}, {hidden}")
-    return LlamaConfig(
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=4 * hidden,
@@ -82,32 +81,25 @@ def tiny_llama_config(tokenizer, hidden: int, layers: int):
     )
 
 
+def tiny_llama_config(tokenizer, hidden: int, layers: int):
+    """A small llama config valid for TP2 x PP2 (4 heads, 2 KV heads, an even layer count)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_tiny_shape(tokenizer, hidden, layers))
+
+
 def tiny_moe_config(tokenizer, hidden: int, layers: int):
     """The demo model's shape as a qwen3_moe: every layer routes each token to 2 of 4 experts,
     each expert as wide as the dense model's MLP divided by 2 (the same active parameters)."""
     from transformers import Qwen3MoeConfig
 
-    if layers % 2 or hidden % 4:
-        raise ValueError(f"need an even layer count and hidden % 4 == 0, got {layers}, {hidden}")
     return Qwen3MoeConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
+        **_tiny_shape(tokenizer, hidden, layers),
         moe_intermediate_size=2 * hidden,
         num_experts=4,
         num_experts_per_tok=2,
         norm_topk_prob=True,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=hidden // 4,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-6,
-        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
 
 
