@@ -7,6 +7,7 @@ injects faults. What these tests prove is the client's side of the protocol, not
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
@@ -403,6 +404,26 @@ def _open_session(fake) -> None:
     assert requests.post(fake.url + "/begin_weight_update", json={}, timeout=5).ok
 
 
+@contextlib.contextmanager
+def _torch_storage_reduce():
+    """A storage pickles as torch alone writes it (``torch.storage._load_from_bytes``).
+    megatron-core 0.17+ replaces that function at import (``megatron/core/__init__.py``:
+    ``torch.storage._load_from_bytes = safe_load_from_bytes``), so in this process a plain
+    pickle would name ``megatron.core.safe_globals.safe_load_from_bytes`` instead."""
+
+    def _load_from_bytes(b: bytes) -> object:  # stands at torch's name while pickling only
+        raise AssertionError("never called")
+
+    _load_from_bytes.__module__ = "torch.storage"
+    _load_from_bytes.__qualname__ = "_load_from_bytes"
+    saved = torch.storage._load_from_bytes
+    torch.storage._load_from_bytes = _load_from_bytes
+    try:
+        yield
+    finally:
+        torch.storage._load_from_bytes = saved
+
+
 def test_tensor_payloads_decode_through_sglangs_base64_and_allow_list():
     import base64
     import pickle
@@ -424,12 +445,16 @@ def test_tensor_payloads_decode_through_sglangs_base64_and_allow_list():
                                      "load_format": "flattened_bucket"}, timeout=5)
         assert r.ok, r.text
         assert fake.state.weights["w"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+        # the client's payload never names megatron-core's replacement of torch's
+        # _load_from_bytes, which SGLang's allow-list refuses (CPU storages travel by fd)
+        assert b"safe_load_from_bytes" not in raw
         # a plain pickle's storages go through torch.load(weights_only=True) (_load_from_bytes)
-        with sglang_standin():
+        with sglang_standin(), _torch_storage_reduce():
             from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
 
             meta = [FlattenedTensorMetadata("v", torch.Size([3]), torch.float32, 0, 3, 3)]
             plain = pickle.dumps({"flattened_tensor": torch.ones(3), "metadata": meta})
+        assert b"torch.storage" in plain and b"_load_from_bytes" in plain
         r = requests.post(url, json={"serialized_named_tensors": [
             base64.b64encode(plain).decode()], "load_format": "flattened_bucket"}, timeout=5)
         assert r.ok, r.text
