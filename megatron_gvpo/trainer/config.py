@@ -537,6 +537,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                 f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in the "
                 f"model's context (max_position_embeddings={context} in model.path={m.path})"
             )
+    from megatron_gvpo.rewards import check_reward_configs
+
+    check_reward_configs(cfg.reward.rewards)
     if not cfg.reward.rewards and r.env is None:
         raise ValueError(
             "reward.rewards is empty: name at least one reward (only a rollout.env may be the "
