@@ -235,15 +235,21 @@ def char_moe(tmp_path_factory):
     return out
 
 
-def _train_ep2(char_moe, run_dir, *overrides):
+TRAIN = ("-m", "megatron_gvpo.train")
+# megatron_gvpo.train with SGLang's tensor-bucket metadata class stood in for (colocated sync)
+TRAIN_TENSOR_SYNC = (
+    str(Path(__file__).resolve().parent / "dist_workers" / "train_sglang_standin.py"),
+)
+
+
+def _train_ep2(char_moe, run_dir, *overrides, entry=TRAIN):
     env = dict(os.environ, OMP_NUM_THREADS="1", MEGATRON_GVPO_CACHE=str(run_dir.parent / "cache"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     for key in ("WORLD_SIZE", "RANK"):
         env.pop(key, None)
     cmd = torchrun_cmd(
         2,
-        "-m",
-        "megatron_gvpo.train",
+        *entry,
         "model=hf",
         f"model.path={char_moe}",
         "model.precision=fp32",
@@ -294,26 +300,56 @@ def test_gvpo_trains_at_ep2_with_router_losses_and_metrics(char_moe, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["distributed", "disk"])
+@pytest.mark.parametrize("mode", ["distributed", "disk", "tensor"])
 def test_weight_sync_at_ep2_against_the_protocol_fake(char_moe, tmp_path, mode):
-    """weight_sync=distributed at EP2: the source replica broadcasts every expert, its EP peer
-    joins the gathers; disk: rank 0 writes the gathered model. The servers are
-    tests/sglang_fake_server.py, a PROTOCOL FAKE (fake tokens, no model): this checks the
-    wiring and the bytes, not SGLang."""
+    """Two GVPO rounds at EP2 syncing into tests/sglang_fake_server.py, a PROTOCOL FAKE (fake
+    tokens, no model: this checks the wiring and the bytes, not SGLang). distributed: the source
+    replica broadcasts every expert, its EP peer joins the gathers; disk: rank 0 writes the
+    gathered model; tensor: flattened buckets pickled by the client's own serializer and decoded
+    by the fake with SGLang's allow-list. After the last sync the fake holds exactly the trained
+    model: the names are those transformers saved the model under (SGLang's Qwen3-MoE loader
+    reads them), every expert of both EP ranks; the values equal, bitwise, the HF export the
+    final checkpoint writes (``trainer.export_hf``: safetensors on disk, not the sync's transport)."""
+    dump = tmp_path / "fake_weights.safetensors"
     fake = [sys.executable, str(REPO / "tests" / "sglang_fake_server.py")]
-    rows = _train_ep2(
-        char_moe,
-        tmp_path / "run",
+    fake += ["--fake-dump-weights", str(dump)]
+    overrides = [
         "rollout=sglang",
         "rollout.max_new_tokens=4",
-        "rollout.sglang.weight_sync=distributed",
+        f"rollout.sglang.weight_sync={mode}",
         f"++rollout.sglang.launch_command=[{','.join(fake)}]",
-        "++rollout.sglang.dist_backend=gloo",
         "++rollout.sglang.startup_timeout_s=60",
-    )
+        "trainer.export_hf=true",
+        # the fake's tokens earn equal rewards (zero policy gradient): decoupled weight decay
+        # still moves every weight, so the last sync carries weights the optimizer changed
+        "trainer.weight_decay=0.1",
+    ]
+    if mode == "distributed":
+        overrides.append("++rollout.sglang.dist_backend=gloo")
+    if mode == "disk":
+        overrides.append(f"++rollout.sglang.sync_dir={tmp_path / 'sync'}")
+    entry = TRAIN_TENSOR_SYNC if mode == "tensor" else TRAIN
+    rows = _train_ep2(char_moe, tmp_path / "run", *overrides, entry=entry)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["sync/bytes"] == _model_bytes(char_moe) for r in rows)
     assert rows[-1]["engine/weight_syncs"] == 2
+
+    final = tmp_path / "run" / "checkpoints" / "step_000002" / "hf"
+    want = {}
+    for shard in sorted(final.glob("*.safetensors")):
+        want.update(load_file(str(shard)))
+    got = load_file(str(dump))
+    initial = load_file(str(char_moe / "model.safetensors"))
+    assert set(got) == set(want) == set(initial)
+    experts = [
+        f"model.layers.1.mlp.experts.{e}.{w}_proj.weight"
+        for e in range(4)
+        for w in ("gate", "up", "down")
+    ]
+    assert set(experts) <= set(got)  # SGLang's per-expert names, all 4 experts of both EP ranks
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    assert all(not torch.equal(got[n], initial[n]) for n in experts)  # stepped, not the start
 
 
 REPLAY_WORKER = Path(__file__).resolve().parent / "dist_workers" / "routing_replay_worker.py"
