@@ -1,4 +1,5 @@
-"""Mixture-of-experts (qwen3_moe): config, HF expert layouts, parity and conversion under EP."""
+"""Mixture-of-experts (qwen3_moe, qwen2_moe): config, HF expert layouts, parity and conversion
+under EP."""
 
 from __future__ import annotations
 
@@ -32,6 +33,19 @@ def tiny_moe(tmp_path_factory):
     return save_tiny_hf_model(tmp_path_factory.mktemp("moe") / "hf", "qwen3_moe", seed=5)
 
 
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe")
+
+
+@pytest.fixture(scope="module", params=MOE_FAMILIES)
+def moe_model(request, tiny_moe, tmp_path_factory):
+    """Each MoE family as transformers saves it: the qwen3_moe above, and a qwen2_moe (the same
+    routed layer plus a shared expert behind its sigmoid gate, q/k/v biases, no q/k norms,
+    top-k probabilities not renormalised)."""
+    if request.param == "qwen3_moe":
+        return tiny_moe
+    return save_tiny_hf_model(tmp_path_factory.mktemp("moe2") / "hf", request.param, seed=6)
+
+
 def _moe_config(**overrides) -> dict:
     raw = dict(
         model_type="qwen3_moe",
@@ -59,6 +73,29 @@ def test_config_reads_sparse_layers_as_transformers_decides_them():
     raw["num_local_experts"] = raw.pop("num_experts")
     arch = arch_from_dict(raw)
     assert (arch.num_experts, arch.norm_topk_prob, arch.moe_layers) == (8, True, [1, 1, 1, 1])
+
+
+def test_qwen2_moe_config_reads_the_shared_expert_and_qkv_bias():
+    raw = _moe_config(model_type="qwen2_moe", shared_expert_intermediate_size=40)
+    arch = arch_from_dict(raw)
+    assert (arch.shared_expert_ffn_hidden_size, arch.add_qkv_bias, arch.qk_layernorm) == (
+        40,
+        True,  # transformers' Qwen2MoeConfig.qkv_bias defaults to True
+        False,
+    )
+    assert not arch.norm_topk_prob and arch.moe_layers == [1, 1, 1, 1]
+    assert not arch_from_dict({**raw, "qkv_bias": False}).add_qkv_bias
+    assert arch_from_dict(_moe_config()).shared_expert_ffn_hidden_size == 0  # qwen3_moe: none
+    with pytest.raises(ValueError, match="missing required field.*shared_expert_intermediate_size"):
+        arch_from_dict(_moe_config(model_type="qwen2_moe"))
+    with pytest.raises(
+        ValueError, match="shared_expert_intermediate_size=40 is not divisible by tp=3"
+    ):
+        check_parallel_layout(
+            arch_from_dict({**raw, "num_attention_heads": 3, "num_key_value_heads": 3}), 3, 1
+        )
+    with pytest.raises(ValueError, match="use_sliding_window=true"):
+        arch_from_dict({**raw, "use_sliding_window": True})
 
 
 def test_config_and_layout_errors_name_the_field():
@@ -90,17 +127,22 @@ def test_moe_settings_errors_name_the_key():
             MoEConfig(**bad).validate()
 
 
-def test_expert_names_cover_the_checkpoint_and_the_fused_layout(tiny_moe):
+def test_expert_names_cover_the_checkpoint_and_the_fused_layout(moe_model):
     """Every tensor transformers saved is some Megatron parameter's source, and the fused 3-D
     expert tensors transformers holds in memory cut back into exactly the saved ones."""
     from transformers import AutoModelForCausalLM
 
+    tiny_moe = moe_model
     arch = read_hf_config(tiny_moe)
     saved = load_file(str(tiny_moe / "model.safetensors"))
     mapped = [n for m in mcore_names(arch) for n in hf_names(m, arch)]
     assert sorted(mapped) == sorted(saved)
     assert "model.layers.0.mlp.gate_proj.weight" in mapped  # mlp_only_layers=[0]: dense
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in mapped
+    if arch.model_type == "qwen2_moe":
+        assert "model.layers.1.mlp.shared_expert_gate.weight" in mapped
+        assert "model.layers.1.mlp.shared_expert.up_proj.weight" in mapped
+        assert "model.layers.1.self_attn.q_proj.bias" in mapped
 
     in_memory = AutoModelForCausalLM.from_pretrained(str(tiny_moe)).state_dict()
     assert "model.layers.1.mlp.experts.gate_up_proj" in in_memory
@@ -111,20 +153,23 @@ def test_expert_names_cover_the_checkpoint_and_the_fused_layout(tiny_moe):
             assert torch.equal(read_fused_expert(name, in_memory.__getitem__), tensor), name
 
 
-def test_logprobs_and_gradients_match_transformers_at_ep1(tiny_moe):
+def test_logprobs_and_gradients_match_transformers_at_ep1(moe_model):
     _, out, _ = run_tool(
-        "logprob_parity.py", "--hf-dir", str(tiny_moe), "--random-tokens", "--grad"
+        "logprob_parity.py", "--hf-dir", str(moe_model), "--random-tokens", "--grad"
     )
     result = last_json(out)
-    assert result["model_type"] == "qwen3_moe"
+    assert result["model_type"] == read_hf_config(moe_model).model_type
     assert result["max_abs_diff"] <= 1e-4
     assert result["grad_max_rel_err"] <= 1e-4, result
 
 
 @pytest.mark.slow
-def test_ep2_conversion_round_trip_is_bitwise_and_loads_under_other_layouts(tiny_moe, tmp_path):
+def test_ep2_conversion_round_trip_is_bitwise_and_loads_under_other_layouts(moe_model, tmp_path):
     """TP1 x PP2 x EP2 conversion, back to HF at EP2 (bitwise), then the checkpoint at
-    TP2 x EP2 (4 ranks, experts split over TP as well) against transformers, gradients too."""
+    TP2 x EP2 (4 ranks, experts split over TP as well; qwen2_moe's shared expert over TP) against
+    transformers, gradients too."""
+    tiny_moe = moe_model
+    model_type = read_hf_config(tiny_moe).model_type
     m, back = tmp_path / "m", tmp_path / "back"
     run_tool(
         "convert_hf_to_mcore.py",
@@ -145,7 +190,7 @@ def test_ep2_conversion_round_trip_is_bitwise_and_loads_under_other_layouts(tiny
     assert set(src) == set(out)
     for name in src:
         assert torch.equal(src[name], out[name]), name
-    assert json.loads((back / "config.json").read_text())["model_type"] == "qwen3_moe"
+    assert json.loads((back / "config.json").read_text())["model_type"] == model_type
     _, stdout, _ = run_tool(
         "logprob_parity.py",
         "--hf-dir",

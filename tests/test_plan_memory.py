@@ -293,33 +293,37 @@ def test_bad_config_exits_2_naming_the_key(args, key):
     "tp,pp,ep,etp", [(1, 2, 2, None), (2, 1, 2, 1)], ids=["tp1_pp2_ep2", "tp2_ep2_etp1"]
 )
 def test_moe_stage_params_match_megatron_per_rank_under_ep(tmp_path, tp, pp, ep, etp):
-    """Each rank's built qwen3_moe GPTModel (layer 0 dense, layer 1 with 4 experts) against the
-    planner at EP2: 2 experts per rank, split over ETP; the expert part (megatron's
-    ``allreduce=False`` parameters) is what the planner shards over the expert-data-parallel
-    group, whose size megatron-core reports. EP1 per rank: the TP2 x PP2 test above."""
+    families = ("qwen3_moe", "qwen2_moe")
+    """Each rank's built qwen3_moe and qwen2_moe GPTModel (layer 0 dense, layer 1 with 4 experts;
+    qwen2_moe with a shared expert over TP) against the planner at EP2: 2 experts per rank,
+    split over ETP; the expert part (megatron's ``allreduce=False`` parameters) is what the
+    planner shards over the expert-data-parallel group, whose size megatron-core reports. EP1
+    per rank: the TP2 x PP2 test above."""
     out = tmp_path / "counts"
     extra = ["--etp", str(etp)] if etp is not None else []
     run_torchrun(
         REPO / "tests" / "dist_workers" / "plan_params_worker.py",
         4,
         *("--tp", str(tp), "--pp", str(pp), "--ep", str(ep), *extra),
-        *("--families", "qwen3_moe", "--out", str(out)),
+        *("--families", ",".join(families), "--out", str(out)),
     )
     ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     assert len(ranks) == 4
-    arch = arch_from_dict(tiny_hf_config("qwen3_moe").to_dict())
-    stages = pm.stage_params(arch, tp, pp, padded_vocab_size(arch.vocab_size, tp), ep, etp)
     settings = pm.Settings(tp=tp, pp=pp, dp=4 // (tp * pp), ep=ep, etp=etp)
-    for r in ranks:
-        stage = stages[r["pp_rank"]]
-        assert stage.total == r["params"]["qwen3_moe"], r
-        assert stage.expert == r["expert_params"]["qwen3_moe"], r
-        assert (settings.dp, settings.expert_dp) == (r["dp"], r["expert_dp"]), r
+    for family in families:
+        arch = arch_from_dict(tiny_hf_config(family).to_dict())
+        vocab = padded_vocab_size(arch.vocab_size, tp)
+        stages = pm.stage_params(arch, tp, pp, vocab, ep, etp)
+        for r in ranks:
+            stage = stages[r["pp_rank"]]
+            assert stage.total == r["params"][family], (family, r)
+            assert stage.expert == r["expert_params"][family], (family, r)
+            assert (settings.dp, settings.expert_dp) == (r["dp"], r["expert_dp"]), r
+        assert any(r["expert_params"][family] for r in ranks)  # the routed layer is here
+        # the negative control: counting every expert (EP1) is not what the ranks hold
+        ep1 = pm.stage_params(arch, tp, pp, vocab, 1, etp)
+        assert any(ep1[r["pp_rank"]].total != r["params"][family] for r in ranks)
     assert {r["ep_rank"] for r in ranks} == {0, 1}
-    assert any(r["expert_params"]["qwen3_moe"] for r in ranks)  # the routed layer is here
-    # the negative control: counting every expert (EP1) is not what the ranks hold
-    ep1 = pm.stage_params(arch, tp, pp, padded_vocab_size(arch.vocab_size, tp), 1, etp)
-    assert any(ep1[r["pp_rank"]].total != r["params"]["qwen3_moe"] for r in ranks)
 
 
 def test_moe_total_matches_transformers_and_presets_match_the_model_cards():

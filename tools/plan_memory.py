@@ -22,10 +22,11 @@ from the architecture; D = data-parallel size):
   pads it), the last stage the final norm ``h`` and the output layer ``V h / t``; with tied
   embeddings that is a second copy when PP > 1 (megatron keeps it on the last stage) and none at
   PP = 1.
-- Mixture of experts (qwen3_moe). A routed layer replaces the MLP by ``E / EP`` experts on this
-  rank (``parallel.ep``), each ``3 h f_e / ETP`` (gate, up, down of width f_e =
+- Mixture of experts (qwen3_moe, qwen2_moe). A routed layer replaces the MLP by ``E / EP``
+  experts on this rank (``parallel.ep``), each ``3 h f_e / ETP`` (gate, up, down of width f_e =
   ``moe_intermediate_size``, split over ``parallel.etp``, default TP), plus the router ``E h``
-  (replicated over TP, as megatron-core's ``TopKRouter`` holds it). Dense layers
+  (replicated over TP, as megatron-core's ``TopKRouter`` holds it); qwen2_moe adds its shared
+  expert, a dense MLP ``3 h f_s / t`` over TP and DP, and its gate ``h``. Dense layers
   (``mlp_only_layers``, ``decoder_sparse_step``) keep ``3 h f / t``. Active parameters per token
   count ``num_experts_per_tok`` experts per routed layer instead of E.
 - Which group shards which state (megatron-core 0.16 ``parallel_state.initialize_model_parallel``,
@@ -258,12 +259,15 @@ def layer_params(
     routed = index is not None and arch.is_moe_layer(index)
     if routed:
         mlp = expert_params(arch, index, tp, ep, etp, experts)
+        mlp += 3 * h * arch.shared_expert_ffn_hidden_size // tp  # qwen2_moe's shared expert
     else:
         mlp = 3 * h * arch.ffn_hidden_size // tp
     gemm = qkv + proj + mlp
     extra = 2 * h  # input and pre-MLP RMSNorm weights, replicated over TP
     if routed:
         extra += arch.num_experts * h  # the router, replicated
+        if arch.shared_expert_ffn_hidden_size:
+            extra += h  # the shared expert's sigmoid gate, replicated
     if arch.add_qkv_bias:
         extra += (a + 2 * g) * d // tp
     if arch.qk_layernorm:
