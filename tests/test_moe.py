@@ -263,12 +263,24 @@ def test_gvpo_step_gradient_is_the_same_at_ep1_and_ep2(tiny_moe, tmp_path):
 def char_moe(tmp_path_factory):
     """A tiny qwen3_moe over the demo's character tokenizer, so the trainer can run the demo
     task on it."""
+    return _char_model(tmp_path_factory, "qwen3_moe")
+
+
+@pytest.fixture(scope="module", params=MOE_FAMILIES)
+def char_moe_family(request, char_moe, tmp_path_factory):
+    """:func:`char_moe`, and the same as a qwen2_moe (shared expert and its gate)."""
+    if request.param == "qwen3_moe":
+        return char_moe
+    return _char_model(tmp_path_factory, request.param)
+
+
+def _char_model(tmp_path_factory, family: str):
     from megatron_gvpo.demo.task import build_char_tokenizer, save_char_tokenizer
 
     tok = build_char_tokenizer()
     out = save_tiny_hf_model(
         tmp_path_factory.mktemp("char_moe") / "hf",
-        "qwen3_moe",
+        family,
         seed=2,
         vocab_size=len(tok),
         bos_token_id=tok.bos_token_id,
@@ -319,10 +331,11 @@ def _model_bytes(hf_dir) -> int:
 
 
 @pytest.mark.slow
-def test_gvpo_trains_at_ep2_with_router_losses_and_metrics(char_moe, tmp_path):
+def test_gvpo_trains_at_ep2_with_router_losses_and_metrics(char_moe_family, tmp_path):
     """Two GVPO rounds at EP2 (2 updates each, router aux and z losses on, routes replayed) with
-    the embedded engine: finite losses, every expert synced (the whole model's bytes), router
-    metrics."""
+    the embedded engine: finite losses, every expert (and qwen2_moe's shared expert) synced (the
+    whole model's bytes; the engine's logprobs equal the trainer's), router metrics."""
+    char_moe = char_moe_family
     rows = _train_ep2(
         char_moe,
         tmp_path / "run",
