@@ -471,11 +471,12 @@ class FakeState:
     """What the fake remembers: a request log, weights, version, sessions, groups, faults."""
 
     def __init__(self, tp_size: int = 1, model_path: str = "", generation: str = "0.5.23",
-                 memory_saver: bool = False, **faults: Any):
+                 memory_saver: bool = False, dump_weights: str = "", **faults: Any):
         if generation not in GENERATIONS:
             raise ValueError(f"generation must be one of {GENERATIONS}, got {generation!r}")
         self.generation, self.tp_size, self.model_path = generation, tp_size, model_path
         self.memory_saver = memory_saver
+        self.dump_weights = dump_weights  # test-only: every finished update writes the weights here
         self.fp8_model = _is_fp8_checkpoint(model_path)
         self.lock = threading.Lock()  # guards the fields below
         self.control = FifoLock()  # control and weight calls: one at a time, arrival order
@@ -833,7 +834,20 @@ def end_update(h: _Handler, body: Any):
         return _fail("no weight-update session is open; call begin_weight_update() first")
     st.session = False
     st.post_loads += 1
+    _dump(st)
     return _ok()
+
+
+def _dump(st: FakeState) -> None:
+    """Test-only (not SGLang): write every weight the fake holds, under the names it received
+    them by, to ``dump_weights`` (safetensors, replaced atomically) after a finished update."""
+    if not st.dump_weights:
+        return
+    from safetensors.torch import save_file
+
+    tmp = st.dump_weights + ".tmp"
+    save_file({n: t.detach().contiguous().clone() for n, t in st.weights.items()}, tmp)
+    os.replace(tmp, st.dump_weights)
 
 
 def _check_session(st: FakeState, route: str) -> None:
@@ -985,6 +999,8 @@ def from_disk(h: _Handler, body: Any):
             return _fail(f"{shard}: index disagrees with file")
         tensors.update(part)
     _accept(h.state, tensors)
+    if not h.state.session:
+        _dump(h.state)  # no session closes a disk update
     return _updated(h.state, body)
 
 
@@ -1040,8 +1056,9 @@ class FakeSGLangServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, tp_size: int = 1,
                  model_path: str = "", generation: str = "0.5.23", memory_saver: bool = False,
-                 **faults: Any):
-        self.state = FakeState(tp_size, model_path, generation, memory_saver, **faults)
+                 dump_weights: str = "", **faults: Any):
+        self.state = FakeState(tp_size, model_path, generation, memory_saver, dump_weights,
+                               **faults)
         handler = type("Handler", (_Handler,), {"state": self.state})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -1084,6 +1101,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fake-exit-after-generates", type=int, default=0)
     p.add_argument("--fake-crash-marker", default="")
     p.add_argument("--fake-collective-timeout", type=float, default=30.0)
+    p.add_argument("--fake-dump-weights", default="",
+                   help="after each finished weight update, write the weights to this "
+                        "safetensors file (test introspection)")
     p.add_argument("--fake-arrival-after", action="append", default=[],
                    help="PART:OTHER:SECONDS, the first call whose group name has PART queues "
                         "after one naming OTHER (or after SECONDS)")
@@ -1095,7 +1115,7 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(a.model_path, "config.json").is_file():
         sys.exit(f"protocol fake: model path {a.model_path} has no config.json")
     server = FakeSGLangServer(a.host, a.port, a.tp_size, a.model_path, a.fake_generation,
-                              a.enable_memory_saver,
+                              a.enable_memory_saver, a.fake_dump_weights,
                               generate_delay_s=a.fake_generate_delay,
                               decode_s_per_token=a.fake_decode_s_per_token,
                               exit_after_generates=a.fake_exit_after_generates,

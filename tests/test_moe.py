@@ -1,4 +1,5 @@
-"""Mixture-of-experts (qwen3_moe): config, HF expert layouts, parity and conversion under EP."""
+"""Mixture-of-experts (qwen3_moe, qwen2_moe): config, HF expert layouts, parity and conversion
+under EP."""
 
 from __future__ import annotations
 
@@ -32,6 +33,19 @@ def tiny_moe(tmp_path_factory):
     return save_tiny_hf_model(tmp_path_factory.mktemp("moe") / "hf", "qwen3_moe", seed=5)
 
 
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe")
+
+
+@pytest.fixture(scope="module", params=MOE_FAMILIES)
+def moe_model(request, tiny_moe, tmp_path_factory):
+    """Each MoE family as transformers saves it: the qwen3_moe above, and a qwen2_moe (the same
+    routed layer plus a shared expert behind its sigmoid gate, q/k/v biases, no q/k norms,
+    top-k probabilities not renormalised)."""
+    if request.param == "qwen3_moe":
+        return tiny_moe
+    return save_tiny_hf_model(tmp_path_factory.mktemp("moe2") / "hf", request.param, seed=6)
+
+
 def _moe_config(**overrides) -> dict:
     raw = dict(
         model_type="qwen3_moe",
@@ -59,6 +73,29 @@ def test_config_reads_sparse_layers_as_transformers_decides_them():
     raw["num_local_experts"] = raw.pop("num_experts")
     arch = arch_from_dict(raw)
     assert (arch.num_experts, arch.norm_topk_prob, arch.moe_layers) == (8, True, [1, 1, 1, 1])
+
+
+def test_qwen2_moe_config_reads_the_shared_expert_and_qkv_bias():
+    raw = _moe_config(model_type="qwen2_moe", shared_expert_intermediate_size=40)
+    arch = arch_from_dict(raw)
+    assert (arch.shared_expert_ffn_hidden_size, arch.add_qkv_bias, arch.qk_layernorm) == (
+        40,
+        True,  # transformers' Qwen2MoeConfig.qkv_bias defaults to True
+        False,
+    )
+    assert not arch.norm_topk_prob and arch.moe_layers == [1, 1, 1, 1]
+    assert not arch_from_dict({**raw, "qkv_bias": False}).add_qkv_bias
+    assert arch_from_dict(_moe_config()).shared_expert_ffn_hidden_size == 0  # qwen3_moe: none
+    with pytest.raises(ValueError, match="missing required field.*shared_expert_intermediate_size"):
+        arch_from_dict(_moe_config(model_type="qwen2_moe"))
+    with pytest.raises(
+        ValueError, match="shared_expert_intermediate_size=40 is not divisible by tp=3"
+    ):
+        check_parallel_layout(
+            arch_from_dict({**raw, "num_attention_heads": 3, "num_key_value_heads": 3}), 3, 1
+        )
+    with pytest.raises(ValueError, match="use_sliding_window=true"):
+        arch_from_dict({**raw, "use_sliding_window": True})
 
 
 def test_config_and_layout_errors_name_the_field():
@@ -90,17 +127,22 @@ def test_moe_settings_errors_name_the_key():
             MoEConfig(**bad).validate()
 
 
-def test_expert_names_cover_the_checkpoint_and_the_fused_layout(tiny_moe):
+def test_expert_names_cover_the_checkpoint_and_the_fused_layout(moe_model):
     """Every tensor transformers saved is some Megatron parameter's source, and the fused 3-D
     expert tensors transformers holds in memory cut back into exactly the saved ones."""
     from transformers import AutoModelForCausalLM
 
+    tiny_moe = moe_model
     arch = read_hf_config(tiny_moe)
     saved = load_file(str(tiny_moe / "model.safetensors"))
     mapped = [n for m in mcore_names(arch) for n in hf_names(m, arch)]
     assert sorted(mapped) == sorted(saved)
     assert "model.layers.0.mlp.gate_proj.weight" in mapped  # mlp_only_layers=[0]: dense
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in mapped
+    if arch.model_type == "qwen2_moe":
+        assert "model.layers.1.mlp.shared_expert_gate.weight" in mapped
+        assert "model.layers.1.mlp.shared_expert.up_proj.weight" in mapped
+        assert "model.layers.1.self_attn.q_proj.bias" in mapped
 
     in_memory = AutoModelForCausalLM.from_pretrained(str(tiny_moe)).state_dict()
     assert "model.layers.1.mlp.experts.gate_up_proj" in in_memory
@@ -111,20 +153,23 @@ def test_expert_names_cover_the_checkpoint_and_the_fused_layout(tiny_moe):
             assert torch.equal(read_fused_expert(name, in_memory.__getitem__), tensor), name
 
 
-def test_logprobs_and_gradients_match_transformers_at_ep1(tiny_moe):
+def test_logprobs_and_gradients_match_transformers_at_ep1(moe_model):
     _, out, _ = run_tool(
-        "logprob_parity.py", "--hf-dir", str(tiny_moe), "--random-tokens", "--grad"
+        "logprob_parity.py", "--hf-dir", str(moe_model), "--random-tokens", "--grad"
     )
     result = last_json(out)
-    assert result["model_type"] == "qwen3_moe"
+    assert result["model_type"] == read_hf_config(moe_model).model_type
     assert result["max_abs_diff"] <= 1e-4
     assert result["grad_max_rel_err"] <= 1e-4, result
 
 
 @pytest.mark.slow
-def test_ep2_conversion_round_trip_is_bitwise_and_loads_under_other_layouts(tiny_moe, tmp_path):
+def test_ep2_conversion_round_trip_is_bitwise_and_loads_under_other_layouts(moe_model, tmp_path):
     """TP1 x PP2 x EP2 conversion, back to HF at EP2 (bitwise), then the checkpoint at
-    TP2 x EP2 (4 ranks, experts split over TP as well) against transformers, gradients too."""
+    TP2 x EP2 (4 ranks, experts split over TP as well; qwen2_moe's shared expert over TP) against
+    transformers, gradients too."""
+    tiny_moe = moe_model
+    model_type = read_hf_config(tiny_moe).model_type
     m, back = tmp_path / "m", tmp_path / "back"
     run_tool(
         "convert_hf_to_mcore.py",
@@ -145,7 +190,7 @@ def test_ep2_conversion_round_trip_is_bitwise_and_loads_under_other_layouts(tiny
     assert set(src) == set(out)
     for name in src:
         assert torch.equal(src[name], out[name]), name
-    assert json.loads((back / "config.json").read_text())["model_type"] == "qwen3_moe"
+    assert json.loads((back / "config.json").read_text())["model_type"] == model_type
     _, stdout, _ = run_tool(
         "logprob_parity.py",
         "--hf-dir",
@@ -218,12 +263,24 @@ def test_gvpo_step_gradient_is_the_same_at_ep1_and_ep2(tiny_moe, tmp_path):
 def char_moe(tmp_path_factory):
     """A tiny qwen3_moe over the demo's character tokenizer, so the trainer can run the demo
     task on it."""
+    return _char_model(tmp_path_factory, "qwen3_moe")
+
+
+@pytest.fixture(scope="module", params=MOE_FAMILIES)
+def char_moe_family(request, char_moe, tmp_path_factory):
+    """:func:`char_moe`, and the same as a qwen2_moe (shared expert and its gate)."""
+    if request.param == "qwen3_moe":
+        return char_moe
+    return _char_model(tmp_path_factory, request.param)
+
+
+def _char_model(tmp_path_factory, family: str):
     from megatron_gvpo.demo.task import build_char_tokenizer, save_char_tokenizer
 
     tok = build_char_tokenizer()
     out = save_tiny_hf_model(
         tmp_path_factory.mktemp("char_moe") / "hf",
-        "qwen3_moe",
+        family,
         seed=2,
         vocab_size=len(tok),
         bos_token_id=tok.bos_token_id,
@@ -235,15 +292,21 @@ def char_moe(tmp_path_factory):
     return out
 
 
-def _train_ep2(char_moe, run_dir, *overrides):
+TRAIN = ("-m", "megatron_gvpo.train")
+# megatron_gvpo.train with SGLang's tensor-bucket metadata class stood in for (colocated sync)
+TRAIN_TENSOR_SYNC = (
+    str(Path(__file__).resolve().parent / "dist_workers" / "train_sglang_standin.py"),
+)
+
+
+def _train_ep2(char_moe, run_dir, *overrides, entry=TRAIN):
     env = dict(os.environ, OMP_NUM_THREADS="1", MEGATRON_GVPO_CACHE=str(run_dir.parent / "cache"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     for key in ("WORLD_SIZE", "RANK"):
         env.pop(key, None)
     cmd = torchrun_cmd(
         2,
-        "-m",
-        "megatron_gvpo.train",
+        *entry,
         "model=hf",
         f"model.path={char_moe}",
         "model.precision=fp32",
@@ -268,10 +331,11 @@ def _model_bytes(hf_dir) -> int:
 
 
 @pytest.mark.slow
-def test_gvpo_trains_at_ep2_with_router_losses_and_metrics(char_moe, tmp_path):
+def test_gvpo_trains_at_ep2_with_router_losses_and_metrics(char_moe_family, tmp_path):
     """Two GVPO rounds at EP2 (2 updates each, router aux and z losses on, routes replayed) with
-    the embedded engine: finite losses, every expert synced (the whole model's bytes), router
-    metrics."""
+    the embedded engine: finite losses, every expert (and qwen2_moe's shared expert) synced (the
+    whole model's bytes; the engine's logprobs equal the trainer's), router metrics."""
+    char_moe = char_moe_family
     rows = _train_ep2(
         char_moe,
         tmp_path / "run",
@@ -294,26 +358,56 @@ def test_gvpo_trains_at_ep2_with_router_losses_and_metrics(char_moe, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["distributed", "disk"])
+@pytest.mark.parametrize("mode", ["distributed", "disk", "tensor"])
 def test_weight_sync_at_ep2_against_the_protocol_fake(char_moe, tmp_path, mode):
-    """weight_sync=distributed at EP2: the source replica broadcasts every expert, its EP peer
-    joins the gathers; disk: rank 0 writes the gathered model. The servers are
-    tests/sglang_fake_server.py, a PROTOCOL FAKE (fake tokens, no model): this checks the
-    wiring and the bytes, not SGLang."""
+    """Two GVPO rounds at EP2 syncing into tests/sglang_fake_server.py, a PROTOCOL FAKE (fake
+    tokens, no model: this checks the wiring and the bytes, not SGLang). distributed: the source
+    replica broadcasts every expert, its EP peer joins the gathers; disk: rank 0 writes the
+    gathered model; tensor: flattened buckets pickled by the client's own serializer and decoded
+    by the fake with SGLang's allow-list. After the last sync the fake holds exactly the trained
+    model: the names are those transformers saved the model under (SGLang's Qwen3-MoE loader
+    reads them), every expert of both EP ranks; the values equal, bitwise, the HF export the
+    final checkpoint writes (``trainer.export_hf``: safetensors on disk, not the sync's transport)."""
+    dump = tmp_path / "fake_weights.safetensors"
     fake = [sys.executable, str(REPO / "tests" / "sglang_fake_server.py")]
-    rows = _train_ep2(
-        char_moe,
-        tmp_path / "run",
+    fake += ["--fake-dump-weights", str(dump)]
+    overrides = [
         "rollout=sglang",
         "rollout.max_new_tokens=4",
-        "rollout.sglang.weight_sync=distributed",
+        f"rollout.sglang.weight_sync={mode}",
         f"++rollout.sglang.launch_command=[{','.join(fake)}]",
-        "++rollout.sglang.dist_backend=gloo",
         "++rollout.sglang.startup_timeout_s=60",
-    )
+        "trainer.export_hf=true",
+        # the fake's tokens earn equal rewards (zero policy gradient): decoupled weight decay
+        # still moves every weight, so the last sync carries weights the optimizer changed
+        "trainer.weight_decay=0.1",
+    ]
+    if mode == "distributed":
+        overrides.append("++rollout.sglang.dist_backend=gloo")
+    if mode == "disk":
+        overrides.append(f"++rollout.sglang.sync_dir={tmp_path / 'sync'}")
+    entry = TRAIN_TENSOR_SYNC if mode == "tensor" else TRAIN
+    rows = _train_ep2(char_moe, tmp_path / "run", *overrides, entry=entry)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["sync/bytes"] == _model_bytes(char_moe) for r in rows)
     assert rows[-1]["engine/weight_syncs"] == 2
+
+    final = tmp_path / "run" / "checkpoints" / "step_000002" / "hf"
+    want = {}
+    for shard in sorted(final.glob("*.safetensors")):
+        want.update(load_file(str(shard)))
+    got = load_file(str(dump))
+    initial = load_file(str(char_moe / "model.safetensors"))
+    assert set(got) == set(want) == set(initial)
+    experts = [
+        f"model.layers.1.mlp.experts.{e}.{w}_proj.weight"
+        for e in range(4)
+        for w in ("gate", "up", "down")
+    ]
+    assert set(experts) <= set(got)  # SGLang's per-expert names, all 4 experts of both EP ranks
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    assert all(not torch.equal(got[n], initial[n]) for n in experts)  # stepped, not the start
 
 
 REPLAY_WORKER = Path(__file__).resolve().parent / "dist_workers" / "routing_replay_worker.py"

@@ -1,15 +1,21 @@
-"""Mixture-of-experts settings: how a routed-expert model (qwen3_moe) is built in megatron-core.
+"""Mixture-of-experts settings: how a routed-expert model (qwen3_moe, qwen2_moe) is built in
+megatron-core.
 
 The router and experts are megatron-core's own (``TopKRouter``, ``SequentialMLP``, its token
 dispatchers); this module only turns the HF architecture and ``model.moe.*`` into the
 ``TransformerConfig`` fields that make them compute what transformers computes:
 
-- routing: softmax over all experts then top-k (HF ``Qwen3MoeTopKRouter``). With
+- routing: softmax over all experts then top-k (HF ``Qwen3MoeTopKRouter``, and
+  ``Qwen2MoeTopKRouter``, the same computation). With
   ``norm_topk_prob`` the top-k probabilities are renormalised, which equals megatron's
   top-k-then-softmax (``moe_router_pre_softmax=False``); without it, megatron's
   ``moe_router_pre_softmax=True`` keeps the unnormalised top-k of the full softmax.
 - the router's GEMM and softmax in fp32 (``moe_router_dtype="fp32"``) whatever the model dtype;
-- dropless: no expert capacity, no token dropping, no padding.
+- dropless: no expert capacity, no token dropping, no padding;
+- qwen2_moe's shared expert: megatron-core's ``SharedExpertMLP`` (``moe_shared_expert_intermediate_size``)
+  with its sigmoid gate (``moe_shared_expert_gate``: output x sigmoid(x . w), as HF's
+  ``Qwen2MoeSparseMoeBlock`` scales the shared expert by ``sigmoid(shared_expert_gate(x))``),
+  added to the routed experts' output.
 """
 
 from __future__ import annotations
@@ -85,6 +91,8 @@ def moe_transformer_config_kwargs(arch: HFArch, moe: MoEConfig, ep: int, etp: in
         moe_enable_routing_replay=moe.routing_replay != "off",
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
+        moe_shared_expert_intermediate_size=arch.shared_expert_ffn_hidden_size or None,
+        moe_shared_expert_gate=arch.shared_expert_ffn_hidden_size > 0,
     )
 
 
