@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import pytest
 import torch
 from conftest import REPO, last_json, run_tool, run_torchrun, torchrun_cmd
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from megatron_gvpo.bridge.mapping import (
     fused_expert_source,
@@ -83,7 +84,7 @@ def test_moe_settings_errors_name_the_key():
 
     for bad, key in [
         (dict(token_dispatcher="flex"), "model.moe.token_dispatcher"),
-        (dict(routing_replay="rollout"), "model.moe.routing_replay"),
+        (dict(routing_replay="fresh"), "model.moe.routing_replay"),
         (dict(aux_loss_coeff=-1.0), "model.moe.aux_loss_coeff"),
     ]:
         with pytest.raises(ValueError, match=key):
@@ -326,19 +327,120 @@ def _hf_response_logprobs(model, prompt, response) -> torch.Tensor:
     return lp[len(prompt) - 1 :]
 
 
+def _engine_samples(hf_dir: Path) -> list:
+    """Six samples (3 prompts x 2) of the embedded engine with routes, no EOS (full length)."""
+    from megatron_gvpo.rollout.base import GenerateRequest, SamplingParams
+    from megatron_gvpo.rollout.local import LocalEngine
+
+    engine = LocalEngine(hf_dir, return_routes=True, eos_token_ids=[])
+    g = torch.Generator().manual_seed(3)
+    requests = [
+        GenerateRequest(torch.randint(0, 100, (n,), generator=g).tolist(), 2, seed=n)
+        for n in (3, 7, 5)
+    ]
+    return [s for group in engine.generate(requests, SamplingParams(max_new_tokens=6)) for s in group]
+
+
+class _HFRoutes:
+    """transformers' qwen3_moe router, spied on (the top-k it chose per layer) or forced to
+    given experts (rows of -1: its own choice)."""
+
+    def __init__(self):
+        from transformers.models.qwen3_moe import modeling_qwen3_moe as hf_moe
+
+        self.cls, self.original = hf_moe.Qwen3MoeTopKRouter, hf_moe.Qwen3MoeTopKRouter.forward
+        self.seen: list[torch.Tensor] = []
+        self.forced: list[torch.Tensor] = []  # per MoE layer, in order
+
+    @contextlib.contextmanager
+    def spying(self):
+        self.seen = []
+
+        def spy(router, hidden):
+            logits, scores, indices = self.original(router, hidden)
+            self.seen.append(indices)
+            return logits, scores, indices
+
+        self.cls.forward = spy
+        try:
+            yield self
+        finally:
+            self.cls.forward = self.original
+
+    @contextlib.contextmanager
+    def forcing(self, routes: list[torch.Tensor]):
+        calls = iter(routes)
+
+        def force(router, hidden):
+            hidden = hidden.reshape(-1, router.hidden_dim)
+            logits = torch.nn.functional.linear(hidden, router.weight)
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+            target = next(calls)
+            own = probs.topk(router.top_k, dim=-1).indices
+            free = (target < 0).any(-1, keepdim=True)
+            indices = torch.where(free, own, target[: own.shape[0]])
+            top = probs.gather(-1, indices)
+            top = top / top.sum(-1, keepdim=True) if router.norm_topk_prob else top
+            return logits, top.to(logits.dtype), indices
+
+        self.cls.forward = force
+        try:
+            yield self
+        finally:
+            self.cls.forward = self.original
+
+
+@pytest.fixture(scope="module")
+def replay_run(tiny_moe, tmp_path_factory):
+    """One torchrun (EP2) of the routing-replay worker: the ``old`` part on its own batch and the
+    ``rollout`` part on the embedded engine's samples (generated here, routes included)."""
+    tmp = tmp_path_factory.mktemp("replay")
+    samples = _engine_samples(tiny_moe)
+    engine_file = tmp / "engine.safetensors"
+    rows = {"prompts": [s.prompt_ids for s in samples], "responses": [s.response_ids for s in samples]}
+    save_file(
+        {f"routes.{i}": s.routes.contiguous() for i, s in enumerate(samples)},
+        str(engine_file),
+        metadata={"batch": json.dumps(rows)},
+    )
+    out = tmp / "replay.safetensors"
+    run_torchrun(
+        REPLAY_WORKER, 2, "--hf-dir", str(tiny_moe), "--out", str(out),
+        "--engine-samples", str(engine_file),
+    )
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    return samples, load_file(str(out)), meta
+
+
+def test_local_engine_routes_are_transformers_top_k(tiny_moe):
+    """The embedded engine's routes (batched, left-padded, decoded with a KV cache) equal the
+    top-k transformers' router picks in an independent forward of the whole sequence, for every
+    token but the last; the layout is [MoE layers, tokens, k]."""
+    from transformers import AutoModelForCausalLM
+
+    arch = read_hf_config(tiny_moe)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_moe)).eval()
+    hf = _HFRoutes()
+    for s in _engine_samples(tiny_moe):
+        ids = s.prompt_ids + s.response_ids
+        assert s.routes.dtype == torch.int32
+        assert tuple(s.routes.shape) == (sum(arch.moe_layers), len(ids) - 1, arch.moe_router_topk)
+        with torch.no_grad(), hf.spying():
+            model(input_ids=torch.tensor([ids]))
+        want = torch.stack(hf.seen)[:, :-1]
+        assert torch.equal(s.routes.long().sort(-1).values, want.sort(-1).values)
+
+
 @pytest.mark.slow
-def test_routing_replay_routes_every_update_like_theta_prime(tiny_moe, tmp_path):
+def test_routing_replay_routes_every_update_like_theta_prime(tiny_moe, replay_run):
     """Routes recorded at EP2 are transformers' top-k; after the router is perturbed, a pass
     under another placement with replay routes exactly those experts (its logprobs equal
     transformers forced to them) while without replay (the negative control) routes change."""
     from transformers import AutoModelForCausalLM
     from transformers.models.qwen3_moe import modeling_qwen3_moe as hf_moe
 
-    out = tmp_path / "replay.safetensors"
-    run_torchrun(REPLAY_WORKER, 2, "--hf-dir", str(tiny_moe), "--out", str(out))
-    saved = load_file(str(out))
-    with safe_open(str(out), "pt") as f:
-        meta = f.metadata()
+    _, saved, meta = replay_run
     layer, batch = int(meta["layer"]), json.loads(meta["batch"])
     assert int(meta["micro_batches"]) > 2  # the replayed pass used another placement
     model = AutoModelForCausalLM.from_pretrained(str(tiny_moe)).eval()
@@ -400,6 +502,38 @@ def test_routing_replay_routes_every_update_like_theta_prime(tiny_moe, tmp_path)
         for i in range(len(batch["prompts"]))
     )
     assert diff > 1e-3
+
+
+@pytest.mark.slow
+def test_rollout_routing_replay_routes_theta_prime_as_the_engine_did(tiny_moe, replay_run):
+    """routing_replay=rollout: after the router is perturbed, the theta' pass (small
+    micro-batches over two DP ranks at EP2) replays the embedded engine's routes exactly: its
+    logprobs equal transformers' with the perturbed router forced to the engine's routes (the
+    last token, which has none, routed freely). Negative control: without replay the perturbed
+    router routes some tokens elsewhere and the logprobs move."""
+    from transformers import AutoModelForCausalLM
+
+    samples, saved, meta = replay_run
+    layer = int(meta["layer"])
+    assert int(meta["rollout.micro_batches"]) > 2
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_moe)).eval()
+    with torch.no_grad():
+        model.model.layers[layer].mlp.gate.weight.copy_(saved["router_weight"])
+    hf = _HFRoutes()
+    changed, moved = 0, 0.0
+    for i, s in enumerate(samples):
+        ids = s.prompt_ids + s.response_ids
+        target = torch.full((len(ids), s.routes.shape[-1]), -1, dtype=torch.long)
+        target[: len(ids) - 1] = s.routes[0].long()  # the tiny model's one MoE layer
+        with torch.no_grad(), hf.forcing([target]):
+            want = _hf_response_logprobs(model, s.prompt_ids, s.response_ids)
+        got = saved[f"rollout.replayed.{i}"].double()
+        assert (got - want).abs().max() < 1e-4, i
+        free = saved[f"rollout.free_routes.{i}.{layer}"][: len(ids) - 1]
+        changed += int((free.sort(-1).values != target[:-1].sort(-1).values).any(-1).sum())
+        moved = max(moved, (saved[f"rollout.free.{i}"] - saved[f"rollout.replayed.{i}"]).abs().max().item())
+    assert changed > 0 and moved > 1e-3
+    assert 0 <= float(meta["rollout.flips"]) <= 1
 
 
 @pytest.mark.parametrize(
