@@ -541,6 +541,7 @@ def test_rollout_routing_replay_routes_theta_prime_as_the_engine_did(tiny_moe, r
     [
         (["parallel.ep=2"], "parallel.ep"),
         (["model.moe.routing_replay=old"], "model.moe.routing_replay"),  # the demo is dense
+        (["model.moe.routing_replay=rollout"], "model.moe.routing_replay"),
     ],
 )
 def test_bad_moe_settings_fail_before_any_model_is_built(tmp_path, overrides, key):
@@ -555,6 +556,30 @@ def test_bad_moe_settings_fail_before_any_model_is_built(tmp_path, overrides, ke
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert key in proc.stderr
     assert not (tmp_path / "cache").exists()  # no demo model was built
+
+
+def test_rollout_routing_replay_config_errors_name_the_key(tiny_moe):
+    """routing_replay=rollout: a one-line error naming the key, at validation (no model built),
+    for a dense model, for preference training (no rollouts) and for replayed older groups (no
+    engine routes); the MoE model with rollouts validates."""
+    from megatron_gvpo.trainer.config import run_config_from_dict
+
+    moe = {"path": str(tiny_moe), "moe": {"routing_replay": "rollout"}}
+    dense = save_tiny_hf_model(tiny_moe.parent / "dense", "qwen3", seed=1)
+    cases = [
+        ({"model": {**moe, "path": str(dense)}}, "needs a mixture-of-experts model"),
+        ({"model": moe, "algorithm": {"name": "dpo"}, "data": {"builtin": "preference_demo"}},
+         "preference training has no rollouts"),
+        ({"model": moe, "trainer": {"max_steps": 1, "replay_ratio": 0.5}},
+         "carry no engine routes"),
+    ]
+    base = {"trainer": {"max_steps": 1}, "rollout": {"n_samples_per_prompt": 2},
+            "data": {"builtin": "toy_addition"}}
+    for raw, why in cases:
+        with pytest.raises(ValueError, match=f"model.moe.routing_replay.*{why}") as err:
+            run_config_from_dict({**base, **raw})
+        assert "\n" not in str(err.value)
+    run_config_from_dict({**base, "model": moe})
 
 
 AUX_WORKER = Path(__file__).resolve().parent / "dist_workers" / "moe_aux_worker.py"
