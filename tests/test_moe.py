@@ -269,17 +269,18 @@ def _model_bytes(hf_dir) -> int:
 
 
 @pytest.mark.slow
-def test_gvpo_trains_at_ep2_with_router_losses_and_metrics(char_moe, tmp_path):
-    """Two GVPO rounds at EP2 (2 updates each, router aux and z losses on, routes replayed) with
-    the embedded engine: finite losses, every expert synced (the whole model's bytes), router
-    metrics."""
+@pytest.mark.parametrize("replay", ["old", "rollout"])
+def test_gvpo_trains_at_ep2_with_router_losses_and_metrics(char_moe, tmp_path, replay):
+    """Two GVPO rounds at EP2 (2 updates each, router aux and z losses on, routes replayed:
+    theta''s, or the embedded engine's) with the embedded engine: finite losses, every expert
+    synced (the whole model's bytes), router metrics."""
     rows = _train_ep2(
         char_moe,
         tmp_path / "run",
         "trainer.updates_per_round=2",
         "model.moe.aux_loss_coeff=0.01",
         "model.moe.z_loss_coeff=0.001",
-        "model.moe.routing_replay=old",
+        f"model.moe.routing_replay={replay}",
     )
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
@@ -292,6 +293,10 @@ def test_gvpo_trains_at_ep2_with_router_losses_and_metrics(char_moe, tmp_path):
         assert top >= mean > 0 and r["moe/load_max_over_mean"] >= 1  # averaged over 2 updates
         assert r["moe/aux_loss"] > 0 and r["moe/z_loss"] > 0
         assert 0 <= r["moe/routing_replay_flips"] <= 1
+        # rollout: the theta' pass replayed the engine's routes; the fp32 engine holds the
+        # trained weights, so its routes are the theta' router's up to float near-ties
+        assert ("moe/rollout_route_flips" in r) == (replay == "rollout")
+        assert r.get("moe/rollout_route_flips", 0.0) <= 0.01
 
 
 @pytest.mark.slow
