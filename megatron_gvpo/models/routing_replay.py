@@ -164,8 +164,7 @@ class RoutingReplay:
         replay = router.router_replay
         target = replay.target_topk_idx.to(own.device)
         free = (target < 0).any(-1)
-        if bool(free.any()):
-            replay.target_topk_idx = torch.where(free.unsqueeze(-1), own, target)
+        replay.target_topk_idx = torch.where(free.unsqueeze(-1), own, target)  # no host sync
         layer = router.layer_number - 1
         self._own[layer], self._free[layer] = own.sort(-1).values.cpu(), free.cpu()
 
