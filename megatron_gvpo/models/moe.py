@@ -43,8 +43,10 @@ class MoEConfig:
     """How tokens reach their experts' ranks: allgather, alltoall, or auto (alltoall with CUDA,
     allgather on CPU, where gloo's all-to-all with uneven splits is not available)."""
     routing_replay: str = "off"
-    """off, or old: the round's theta' pass records each token's top-k experts and every update
-    of the round routes the tokens the same way (``models/routing_replay.py``)."""
+    """off; old: the round's theta' pass records each token's top-k experts and every update
+    of the round routes the tokens the same way; rollout: the rollout engine reports the experts
+    it chose for every token it processed, and the theta' pass and every update route the tokens
+    as the engine did (``models/routing_replay.py``)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the ``model.moe`` key whose value is out of range."""
@@ -53,8 +55,10 @@ class MoEConfig:
                 f"model.moe.token_dispatcher={self.token_dispatcher!r}: use "
                 f"{', '.join(DISPATCHERS)}"
             )
-        if self.routing_replay not in ("off", "old"):
-            raise ValueError(f"model.moe.routing_replay={self.routing_replay!r}: use off or old")
+        if self.routing_replay not in ("off", "old", "rollout"):
+            raise ValueError(
+                f"model.moe.routing_replay={self.routing_replay!r}: use off, old or rollout"
+            )
         for key in ("aux_loss_coeff", "z_loss_coeff"):
             if getattr(self, key) < 0:
                 raise ValueError(f"model.moe.{key}={getattr(self, key)} must be >= 0")

@@ -47,8 +47,10 @@ class RolloutBatch:
     Packing ands it into ``response_mask``, so every loss, normaliser and token metric sees the
     model's tokens only."""
     routes: list[dict] | None = None
-    """Routing replay (MoE): per sample, this pipeline stage's MoE layer -> the top-k experts of
-    each of its tokens [tokens, k] under theta'; None when routes are not replayed."""
+    """Routing replay (MoE): per sample, MoE decoder layer -> the top-k experts of each of its
+    tokens [tokens, k]: recorded under theta' (``routing_replay=old``, this pipeline stage's
+    layers) or reported by the rollout engine (``rollout``, every MoE layer; ``NO_ROUTE`` rows
+    where it reported none); None when routes are not replayed."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -254,14 +256,25 @@ class ThetaPrime:
         self.model, self.temperature = model, temperature
         self.mode = "forward" if updates_per_round > 1 else "first_update"
         self.routing_replay = routing_replay
+        self.engine_route_flips: float | None = None
+        """``routing_replay=rollout``, ``forward``: share of the engine's routes the theta'
+        router would have chosen otherwise (the last theta' pass; DP-local)."""
 
     def before_updates(self, batch: RolloutBatch, plan: StepPlan) -> None:
-        """``forward``: s' of every sample of the round, on every rank; with MoE routing
-        replay (``model.moe.routing_replay=old``) also the experts theta' routed each token to,
-        which every update of the round then replays (``batch.routes``)."""
+        """``forward``: s' of every sample of the round, on every rank. With MoE routing replay
+        ``old`` also the experts theta' routed each token to, which every update of the round
+        then replays (``batch.routes``); with ``rollout`` the pass itself replays the engine's
+        routes (already in ``batch.routes``), so s' routes as the sampling engine did."""
         if self.mode != "forward":
             return
         replay = self.routing_replay
+        if replay is not None and replay.source == "rollout" and batch.routes is not None:
+            with replay.replaying():
+                batch.old_logprobs = response_token_logprobs(
+                    self.model, batch, plan, self.temperature
+                )
+            self.engine_route_flips = replay.flip_fraction()
+            return
         with replay.recording() if replay is not None else nullcontext():
             batch.old_logprobs = response_token_logprobs(
                 self.model, batch, plan, self.temperature

@@ -88,7 +88,10 @@ class Trainer(Run):
         self.replay = ReplayBuffer(t.replay_capacity)
         ahead = t.async_training.max_staleness
         self.engine = (
-            build_engine(r, self.model_path, cfg.model.trust_remote_code, t.run_dir, ahead > 0)
+            build_engine(
+                r, self.model_path, cfg.model.trust_remote_code, t.run_dir, ahead > 0,
+                routes=self.actor.route_layers is not None,
+            )
             if is_rank0()
             else None
         )
@@ -130,12 +133,16 @@ class Trainer(Run):
             return self._skipped_round(metrics, clock)
         rng = random.Random(request_seed(t.seed, self.step, -1))
         batch = to_batch(
-            mix_replay(fresh, self.replay, t.replay_ratio, rng, metrics), self.prompts.domains
+            mix_replay(fresh, self.replay, t.replay_ratio, rng, metrics),
+            self.prompts.domains,
+            self.actor.route_layers,  # routing_replay=rollout: the engine's routes, replayed
         )
         self.objective.prepare_round(batch)
 
         with clock("logprob"):
             self._old_and_ref_logprobs(batch)
+        if self.theta_prime.engine_route_flips is not None:
+            metrics["moe/rollout_route_flips"] = _dp_mean(self.theta_prime.engine_route_flips)
         with clock("train"):
             metrics.update(self._updates(batch))
         metrics.update(logprob_mismatch(batch.old_logprobs, fresh))  # theta' is known now
