@@ -37,7 +37,12 @@ def tiny_moe(tmp_path_factory):
 MOE_FAMILIES = ("qwen3_moe", "qwen2_moe")
 
 
-@pytest.fixture(scope="module", params=MOE_FAMILIES)
+# qwen2_moe's conversion and parity run in the Python 3.11 leg only (CI budget); the 3.12 leg
+# still reads and trains a qwen2_moe (test_gvpo_trains_at_ep2_with_router_losses_and_metrics).
+@pytest.fixture(
+    scope="module",
+    params=[MOE_FAMILIES[0], pytest.param(MOE_FAMILIES[1], marks=pytest.mark.one_leg)],
+)
 def moe_model(request, tiny_moe, tmp_path_factory):
     """Each MoE family as transformers saves it: the qwen3_moe above, and a qwen2_moe (the same
     routed layer plus a shared expert behind its sigmoid gate, q/k/v biases, no q/k norms,
