@@ -53,8 +53,10 @@ class RolloutBatch:
     Packing ands it into ``response_mask``, so every loss, normaliser and token metric sees the
     model's tokens only."""
     routes: list[dict] | None = None
-    """Routing replay (MoE): per sample, this pipeline stage's MoE layer -> the top-k experts of
-    each of its tokens [tokens, k] under theta'; None when routes are not replayed."""
+    """Routing replay (MoE): per sample, MoE decoder layer -> the top-k experts of each of its
+    tokens [tokens, k]: recorded under theta' (``routing_replay=old``, this pipeline stage's
+    layers) or reported by the rollout engine (``rollout``, every MoE layer; ``NO_ROUTE`` rows
+    where it reported none); None when routes are not replayed."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -205,28 +207,44 @@ class ThetaPrime:
         self.mode = "forward" if updates_per_round > 1 else "first_update"
         self.routing_replay = routing_replay
         self.reference = reference
+        self.engine_route_flips: float | None = None
+        """``routing_replay=rollout``, ``forward``: share of the engine's routes the theta'
+        router would have chosen otherwise (the last theta' pass; DP-local)."""
 
     def before_updates(self, batch: RolloutBatch, plan: StepPlan) -> None:
         """The round's fixed logprobs, on every rank, from one packing of the batch: s' of every
-        sample in ``forward`` mode (with MoE routing replay, ``model.moe.routing_replay=old``,
-        also the experts theta' routed each token to, which every update of the round then
-        replays: ``batch.routes``), and the reference's when there is one."""
+        sample in ``forward`` mode, and the reference's when there is one. With MoE routing
+        replay ``old`` the theta' pass also records the experts theta' routed each token to,
+        which every update of the round then replays (``batch.routes``); with ``rollout`` it
+        replays the engine's routes (already in ``batch.routes``), so s' routes as the sampling
+        engine did."""
         if self.mode != "forward" and self.reference is None:
             return
         offsets = _flat_offsets(batch)
         micro_batches = build_micro_batches(batch, plan)
         if self.mode == "forward":
-            replay = self.routing_replay
-            with replay.recording() if replay is not None else nullcontext():
-                batch.old_logprobs = sample_token_logprobs(
-                    self.model, micro_batches, offsets, self.temperature
-                )
-            if replay is not None:
-                batch.routes = replay.routes(len(batch))
+            batch.old_logprobs = self._theta_prime_pass(batch, micro_batches, offsets)
         if self.reference is not None:
             batch.ref_logprobs = sample_token_logprobs(
                 self.reference, micro_batches, offsets, self.temperature
             )
+
+    def _theta_prime_pass(
+        self, batch: RolloutBatch, micro_batches: list[MicroBatch], offsets: list[int]
+    ) -> list[Tensor]:
+        replay = self.routing_replay
+        if replay is not None and replay.source == "rollout" and batch.routes is not None:
+            with replay.replaying():
+                logprobs = sample_token_logprobs(
+                    self.model, micro_batches, offsets, self.temperature
+                )
+            self.engine_route_flips = replay.flip_fraction()
+            return logprobs
+        with replay.recording() if replay is not None else nullcontext():
+            logprobs = sample_token_logprobs(self.model, micro_batches, offsets, self.temperature)
+        if replay is not None:
+            batch.routes = replay.routes(len(batch))
+        return logprobs
 
     def update_loss(self, loss_fn, sub: RolloutBatch):
         """The loss to run an update of ``sub`` with (``first_update``: one that records s')."""

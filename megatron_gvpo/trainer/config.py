@@ -525,6 +525,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"model.moe.routing_replay={m.moe.routing_replay!r} needs a mixture-of-experts "
             "model.path; the demo model is dense"
         )
+    if m.moe.routing_replay == "rollout":
+        _check_rollout_routes(r, t, objective.offline)
     if cfg.parallel.ep > 1 and m.path is None:
         raise ValueError(
             f"parallel.ep={cfg.parallel.ep} needs a mixture-of-experts model.path; "
@@ -656,6 +658,31 @@ def sglang_kwargs(r: RolloutSection, model_path: str, run_dir: str | None = None
         if kwargs["fp8"] and run_dir and not kwargs.get("fp8_dir"):
             kwargs["fp8_dir"] = str(Path(run_dir) / "fp8_model")
     return kwargs
+
+
+ROUTE_REPORTING_BACKENDS = ("local", "sglang")
+"""Engines that report each token's experts (``Sample.routes``): the embedded engine from
+transformers' routers, SGLang servers started with ``--enable-return-routed-experts``."""
+
+
+def _check_rollout_routes(r: RolloutSection, t, offline: bool) -> None:
+    """``model.moe.routing_replay=rollout`` needs rollouts whose engine reports routes, and
+    every trained sample fresh from the engine."""
+    if offline:
+        raise ValueError(
+            "model.moe.routing_replay=rollout replays the rollout engine's routes; preference "
+            "training has no rollouts (use old or off)"
+        )
+    if r.backend not in ROUTE_REPORTING_BACKENDS:
+        raise ValueError(
+            f"model.moe.routing_replay=rollout: rollout.backend={r.backend!r} reports no routes "
+            f"({', '.join(ROUTE_REPORTING_BACKENDS)} do)"
+        )
+    if t.replay_ratio > 0:
+        raise ValueError(
+            f"model.moe.routing_replay=rollout: trainer.replay_ratio={t.replay_ratio} replays "
+            "older groups, which carry no engine routes (use routing_replay=old)"
+        )
 
 
 def sglang_config(r: RolloutSection, model_path: str, run_dir: str | None = None):

@@ -16,6 +16,7 @@ import torch
 
 from megatron_gvpo.algorithms.grpo import nonconstant_group_mask
 from megatron_gvpo.data.prompts import Prompt
+from megatron_gvpo.models.routing_replay import engine_routes
 from megatron_gvpo.rewards import RewardInput, RewardManager, RewardResult
 from megatron_gvpo.rewards.guard import RoundDeadline
 from megatron_gvpo.rollout.base import GenerateRequest, RolloutEngine, Sample, SamplingParams
@@ -43,6 +44,9 @@ class PromptGroup:
     loss_masks: list[list[int]] = field(default_factory=list)
     """Per response, 1 on the model's tokens and 0 on observations (multi-turn trajectories;
     empty: every response token is the model's)."""
+    routes: list[torch.Tensor | None] = field(default_factory=list)
+    """Per response, the engine's experts per token [MoE layers, tokens, top-k] (``Sample.routes``,
+    for ``model.moe.routing_replay=rollout``; empty when the engine reported none)."""
 
     def select(self, keep: Sequence[int]) -> PromptGroup:
         """The group restricted to the responses at ``keep``."""
@@ -59,6 +63,7 @@ class PromptGroup:
             pick(self.reward_failed),
             pick(self.weight_versions),
             pick(self.loss_masks),
+            pick(self.routes),
         )
 
     def to_replay(self) -> tuple:
@@ -193,6 +198,7 @@ def rollout_and_score(
                 result.failed[offset : offset + n],
                 [s.weight_version for s in group],
                 [s.loss_mask for s in group] if turns is not None else [],
+                [s.routes for s in group] if any(s.routes is not None for s in group) else [],
             )
         )
         offset += n
@@ -298,8 +304,15 @@ def mix_replay(
     return fresh + replayed
 
 
-def to_batch(groups: Sequence[PromptGroup], domains: Sequence[str]) -> RolloutBatch:
-    """One row per response; group ids are the groups' positions, domains index ``domains``."""
+def to_batch(
+    groups: Sequence[PromptGroup],
+    domains: Sequence[str],
+    moe_layers: Sequence[int] | None = None,
+) -> RolloutBatch:
+    """One row per response; group ids are the groups' positions, domains index ``domains``.
+
+    ``moe_layers`` (``model.moe.routing_replay=rollout``: the model's MoE decoder layers) turns
+    the engine's routes into ``batch.routes``; a response without them is an error."""
     prompt_ids, response_ids, gids, rewards, doms = [], [], [], [], []
     engine = [torch.tensor(lp, dtype=torch.float32) for g in groups for lp in g.engine_logprobs]
     masks = [
@@ -323,7 +336,23 @@ def to_batch(groups: Sequence[PromptGroup], domains: Sequence[str]) -> RolloutBa
         domains=torch.tensor(doms, dtype=torch.long),
         rollout_logprobs=engine if _aligned(engine, response_ids) else None,
         loss_masks=_full_masks(masks, response_ids),
+        routes=None if moe_layers is None else _batch_routes(groups, moe_layers),
     )
+
+
+def _batch_routes(groups: Sequence[PromptGroup], moe_layers: Sequence[int]) -> list[dict]:
+    """Per response, decoder layer -> [tokens, top-k] of the engine's routes (replay targets)."""
+    out = []
+    for g in groups:
+        for j, resp in enumerate(g.responses):
+            routes = g.routes[j] if g.routes else None
+            if routes is None:
+                raise RuntimeError(
+                    "model.moe.routing_replay=rollout: the rollout engine reported no routes "
+                    "for a response"
+                )
+            out.append(engine_routes(routes, moe_layers, len(g.prompt_ids) + len(resp)))
+    return out
 
 
 def _full_masks(
@@ -385,6 +414,9 @@ class BatchRules:
     """``trainer.async_training.max_staleness``: responses of older weights are dropped."""
     replay_ratio: float
     """``trainer.replay_ratio``: replayed groups per fresh group."""
+    moe_layers: Sequence[int] | None = None
+    """``model.moe.routing_replay=rollout``: the MoE decoder layers whose engine routes the
+    batch carries (:func:`to_batch`)."""
 
 
 def assemble_batch(
@@ -413,4 +445,5 @@ def assemble_batch(
     metrics["train/skipped_rounds"] = int(not trainable)
     if not trainable:
         return None, fresh
-    return to_batch(mix_replay(fresh, replay, rules.replay_ratio, rng, metrics), domains), fresh
+    groups = mix_replay(fresh, replay, rules.replay_ratio, rng, metrics)
+    return to_batch(groups, domains, rules.moe_layers), fresh

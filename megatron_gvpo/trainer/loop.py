@@ -79,12 +79,15 @@ class Trainer(Run):
         )  # fmt: skip
         self.batch_rules = BatchRules(
             t.min_response_tokens, t.dynamic_sampling, cfg.reward.on_error == "drop",
-            t.async_training.max_staleness, t.replay_ratio,
+            t.async_training.max_staleness, t.replay_ratio, self.actor.route_layers,
         )  # fmt: skip
         self.replay = ReplayBuffer(t.replay_capacity)
         ahead = t.async_training.max_staleness
         self.engine = (
-            build_engine(r, self.model_path, cfg.model.trust_remote_code, t.run_dir, ahead > 0)
+            build_engine(
+                r, self.model_path, cfg.model.trust_remote_code, t.run_dir, ahead > 0,
+                routes=self.actor.route_layers is not None,
+            )
             if is_rank0()
             else None
         )
@@ -181,6 +184,8 @@ class Trainer(Run):
         with self.actor.routing_replay.replaying() as replay:
             out = self._run_updates(batch)
         out["moe/routing_replay_flips"] = _dp_mean(replay.flip_fraction())
+        if self.theta_prime.engine_route_flips is not None:
+            out["moe/rollout_route_flips"] = _dp_mean(self.theta_prime.engine_route_flips)
         return out
 
     def _run_updates(self, batch: RolloutBatch) -> dict:
