@@ -222,29 +222,24 @@ class ThetaPrime:
             return
         offsets = _flat_offsets(batch)
         micro_batches = build_micro_batches(batch, plan)
-        if self.mode == "forward":
-            batch.old_logprobs = self._theta_prime_pass(batch, micro_batches, offsets)
+        replay = self.routing_replay
+        if self.mode == "forward" and replay is not None and replay.source == "rollout":
+            with replay.replaying():  # the engine's routes (batch.routes)
+                batch.old_logprobs = sample_token_logprobs(
+                    self.model, micro_batches, offsets, self.temperature
+                )
+            self.engine_route_flips = replay.flip_fraction()
+        elif self.mode == "forward":
+            with replay.recording() if replay is not None else nullcontext():
+                batch.old_logprobs = sample_token_logprobs(
+                    self.model, micro_batches, offsets, self.temperature
+                )
+            if replay is not None:
+                batch.routes = replay.routes(len(batch))
         if self.reference is not None:
             batch.ref_logprobs = sample_token_logprobs(
                 self.reference, micro_batches, offsets, self.temperature
             )
-
-    def _theta_prime_pass(
-        self, batch: RolloutBatch, micro_batches: list[MicroBatch], offsets: list[int]
-    ) -> list[Tensor]:
-        replay = self.routing_replay
-        if replay is not None and replay.source == "rollout" and batch.routes is not None:
-            with replay.replaying():
-                logprobs = sample_token_logprobs(
-                    self.model, micro_batches, offsets, self.temperature
-                )
-            self.engine_route_flips = replay.flip_fraction()
-            return logprobs
-        with replay.recording() if replay is not None else nullcontext():
-            logprobs = sample_token_logprobs(self.model, micro_batches, offsets, self.temperature)
-        if replay is not None:
-            batch.routes = replay.routes(len(batch))
-        return logprobs
 
     def update_loss(self, loss_fn, sub: RolloutBatch):
         """The loss to run an update of ``sub`` with (``first_update``: one that records s')."""

@@ -23,7 +23,6 @@ from megatron_gvpo.rollout.base import GenerateRequest, RolloutEngine, Sample, S
 from megatron_gvpo.rollout.round import generate_round
 from megatron_gvpo.rollout.turns import Trajectory, TurnRunner, trajectory_metrics
 from megatron_gvpo.trainer.batch import RolloutBatch
-from megatron_gvpo.trainer.guards import StepGuard
 from megatron_gvpo.trainer.replay import ReplayBuffer
 
 
@@ -423,27 +422,23 @@ def assemble_batch(
     groups: list[PromptGroup],
     rules: BatchRules,
     actor_version: int,
-    guard: StepGuard,
     replay: ReplayBuffer,
     rng: random.Random,
     domains: Sequence[str],
     metrics: dict,
 ) -> tuple[RolloutBatch | None, list[PromptGroup]]:
     """A round's batch from its groups, and the fresh groups in it: the filters, then the reward
-    metrics of what is left; None when no group with two responses is left (``guard`` counts the
-    round and stops the run after too many in a row); else the fresh groups followed by replayed
-    ones. The actor is at ``actor_version``; older samples than the staleness bound are dropped."""
+    metrics of what is left; None when no group with two responses is left (nothing joins the
+    replay buffer then), else the fresh groups followed by replayed ones. The actor is at
+    ``actor_version``; samples older than the staleness bound are dropped."""
     groups = filter_groups(
         groups, rules.min_response_tokens, rules.dynamic_sampling, rules.drop_failed, metrics
     )
     groups = drop_stale(groups, actor_version, rules.max_staleness, metrics)
     metrics.update(reward_metrics(groups))
     fresh = [g for g in groups if g.responses]
-    why = f"{metrics.get('filter/reward_failed', 0)} failed rewards, "
-    why += f"{metrics.get('filter/short_responses', 0)} short responses"
-    trainable = guard.round_trainable(any(len(g.responses) >= 2 for g in fresh), why)
-    metrics["train/skipped_rounds"] = int(not trainable)
-    if not trainable:
+    if not any(len(g.responses) >= 2 for g in fresh):
         return None, fresh
-    groups = mix_replay(fresh, replay, rules.replay_ratio, rng, metrics)
-    return to_batch(groups, domains, rules.moe_layers), fresh
+    batch = to_batch(mix_replay(fresh, replay, rules.replay_ratio, rng, metrics), domains,
+                     rules.moe_layers)  # fmt: skip
+    return batch, fresh

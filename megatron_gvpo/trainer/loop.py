@@ -119,9 +119,14 @@ class Trainer(Run):
         rng = random.Random(request_seed(t.seed, self.step, -1))
         # The actor is at version step - 1 (synced after each round); older samples are dropped.
         batch, fresh = assemble_batch(
-            rollout.groups, self.batch_rules, self.step - 1, self.actor.guard, self.replay, rng,
+            rollout.groups, self.batch_rules, self.step - 1, self.replay, rng,
             self.prompts.domains, metrics,
         )  # fmt: skip
+        # Counted; too many rounds in a row with no group of two responses stop the run.
+        why = f"{metrics.get('filter/reward_failed', 0)} failed rewards, "
+        why += f"{metrics.get('filter/short_responses', 0)} short responses"
+        self.actor.guard.round_trainable(batch is not None, why)
+        metrics["train/skipped_rounds"] = int(batch is None)
         if batch is not None:
             self.objective.prepare_round(batch)
             with clock("logprob"):
