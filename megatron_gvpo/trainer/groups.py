@@ -373,13 +373,6 @@ def _aligned(engine: list[torch.Tensor], responses: list[list[int]]) -> bool:
     )
 
 
-def _model_tokens(mask: list[int] | None, n: int) -> torch.Tensor:
-    """Which of ``n`` response tokens are the model's (all without a mask)."""
-    if mask is None:
-        return torch.ones(n, dtype=torch.bool)
-    return torch.tensor(mask, dtype=torch.bool)
-
-
 def reward_metrics(groups: Sequence[PromptGroup]) -> dict[str, float]:
     """Reward mean/std/accuracy (overall and per domain), response lengths, size-1 groups."""
     metrics: dict[str, float] = {}
@@ -406,26 +399,46 @@ def reward_metrics(groups: Sequence[PromptGroup]) -> dict[str, float]:
     return metrics
 
 
-def logprob_mismatch(actor: list[torch.Tensor], groups: Sequence[PromptGroup]) -> dict:
-    """|engine logprob - actor theta' logprob| over the fresh samples' response tokens (the
-    batch's first rows; replayed groups carry no engine logprobs)."""
-    engine = [lp for g in groups for lp in g.engine_logprobs]
-    masks = [
-        g.loss_masks[j] if g.loss_masks else None
-        for g in groups
-        for j in range(len(g.engine_logprobs))
-    ]
-    diffs = [
-        (torch.tensor(e, dtype=torch.float32) - a).abs()[_model_tokens(m, len(e))]
-        for a, e, m in zip(actor, engine, masks, strict=False)
-        if len(e)
-    ]
-    if not diffs:
-        return {}
-    d = torch.cat(diffs)
-    if not d.numel():
-        return {}
-    return {
-        "rollout/logprob_abs_diff/mean": d.mean().item(),
-        "rollout/logprob_abs_diff/max": d.max().item(),
-    }
+@dataclass(frozen=True)
+class BatchRules:
+    """What a round keeps of its groups, and how replayed groups join them (fixed for the run)."""
+
+    min_response_tokens: int
+    """``trainer.min_response_tokens``: shorter responses are dropped."""
+    dynamic_sampling: bool
+    """``trainer.dynamic_sampling``: groups whose rewards are all equal are dropped (DAPO)."""
+    drop_failed: bool
+    """``reward.on_error=drop``: responses whose reward failed are dropped."""
+    max_staleness: int
+    """``trainer.async_training.max_staleness``: responses of older weights are dropped."""
+    replay_ratio: float
+    """``trainer.replay_ratio``: replayed groups per fresh group."""
+    moe_layers: Sequence[int] | None = None
+    """``model.moe.routing_replay=rollout``: the MoE decoder layers whose engine routes the
+    batch carries (:func:`to_batch`)."""
+
+
+def assemble_batch(
+    groups: list[PromptGroup],
+    rules: BatchRules,
+    actor_version: int,
+    replay: ReplayBuffer,
+    rng: random.Random,
+    domains: Sequence[str],
+    metrics: dict,
+) -> tuple[RolloutBatch | None, list[PromptGroup]]:
+    """A round's batch from its groups, and the fresh groups in it: the filters, then the reward
+    metrics of what is left; None when no group with two responses is left (nothing joins the
+    replay buffer then), else the fresh groups followed by replayed ones. The actor is at
+    ``actor_version``; samples older than the staleness bound are dropped."""
+    groups = filter_groups(
+        groups, rules.min_response_tokens, rules.dynamic_sampling, rules.drop_failed, metrics
+    )
+    groups = drop_stale(groups, actor_version, rules.max_staleness, metrics)
+    metrics.update(reward_metrics(groups))
+    fresh = [g for g in groups if g.responses]
+    if not any(len(g.responses) >= 2 for g in fresh):
+        return None, fresh
+    batch = to_batch(mix_replay(fresh, replay, rules.replay_ratio, rng, metrics), domains,
+                     rules.moe_layers)  # fmt: skip
+    return batch, fresh
