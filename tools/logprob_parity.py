@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 4 tools/logprob_parity.py --hf-dir H --tp 2 --pp 2
     python tools/logprob_parity.py --hf-dir H --tp 2          # spawns the ranks itself
     python tools/logprob_parity.py --hf-dir H --ep 2          # a MoE model, experts over 2 ranks
+    python tools/logprob_parity.py --hf-dir H --ep 2 --dispatcher alltoall
 
 Prints one JSON line: max_abs_diff, tokens, layout, dtype (and grad_max_rel_err with --grad).
 ``--mcore-dir M`` loads the actor from a converted checkpoint instead of the HF safetensors.
@@ -27,6 +28,7 @@ from megatron_gvpo.bridge.weights import gather_hf_tensors  # noqa: E402
 from megatron_gvpo.models.forward import MicroBatch, compute_logprobs, forward_backward  # noqa: E402
 from megatron_gvpo.models.gpt import PRECISIONS, ModelConfig  # noqa: E402
 from megatron_gvpo.models.hf_config import read_hf_config  # noqa: E402
+from megatron_gvpo.models.moe import DISPATCHERS, MoEConfig  # noqa: E402
 from megatron_gvpo.parallel.ddp import wrap_with_ddp  # noqa: E402
 from megatron_gvpo.parallel.initialize import (  # noqa: E402
     ParallelConfig,
@@ -87,7 +89,7 @@ def worker(args) -> None:
     initialize(_layout(args))
     hf_dir = Path(args.hf_dir)
     arch = read_hf_config(hf_dir)
-    cfg = ModelConfig(precision=args.precision)
+    cfg = ModelConfig(precision=args.precision, moe=MoEConfig(token_dispatcher=args.dispatcher))
     if args.mcore_dir:
         model, arch = build_from_checkpoint(args.mcore_dir, cfg)
     else:
@@ -119,6 +121,7 @@ def worker(args) -> None:
             "pp": args.pp,
             "ep": args.ep,
             "precision": args.precision,
+            "dispatcher": cfg.moe.dispatcher() if arch.is_moe else None,
             "source": "mcore" if args.mcore_dir else "hf",
             "model_type": arch.model_type,
         }
@@ -135,9 +138,9 @@ def worker(args) -> None:
         if args.dump:
             from safetensors.torch import save_file
 
-            save_file(
-                {f"logprobs.{i}": lp.contiguous() for i, lp in enumerate(logprobs)}, args.dump
-            )
+            dump = {f"logprobs.{i}": lp.contiguous() for i, lp in enumerate(logprobs)}
+            dump |= {f"grad.{n}": g.contiguous() for n, g in grads.items()}
+            save_file(dump, args.dump)
         print(json.dumps(result), flush=True)
     destroy()
 
@@ -156,6 +159,9 @@ def main(argv=None) -> None:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
     p.add_argument("--etp", type=int, help="expert tensor-parallel size (default: --tp)")
+    p.add_argument(
+        "--dispatcher", choices=DISPATCHERS, default="auto", help="MoE token dispatcher"
+    )
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     p.add_argument(
         "--ref-precision", choices=list(PRECISIONS), default=None, help="default: --precision"
@@ -167,7 +173,9 @@ def main(argv=None) -> None:
     p.add_argument("--texts", nargs="*")
     p.add_argument("--random-tokens", action="store_true", help="ignore the tokenizer")
     p.add_argument("--grad", action="store_true", help="also compare d(sum logprobs)/d(weights)")
-    p.add_argument("--dump", help="save Megatron logprobs to this .safetensors file")
+    p.add_argument(
+        "--dump", help="save Megatron logprobs (and with --grad the gradients) to this .safetensors"
+    )
     args = p.parse_args(argv)
     args.ref_precision = args.ref_precision or args.precision
     read_hf_config(args.hf_dir)  # fail fast on a bad folder, before ranks start
