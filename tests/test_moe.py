@@ -168,7 +168,8 @@ def test_logprobs_and_gradients_match_transformers_at_ep1(moe_model):
 def test_ep2_conversion_round_trip_is_bitwise_and_loads_under_other_layouts(moe_model, tmp_path):
     """TP1 x PP2 x EP2 conversion, back to HF at EP2 (bitwise), then the checkpoint at
     TP2 x EP2 (4 ranks, experts split over TP as well; qwen2_moe's shared expert over TP) against
-    transformers, gradients too."""
+    transformers, gradients too, with megatron-core's allgather and its alltoall token
+    dispatcher (which also agree with each other)."""
     tiny_moe = moe_model
     model_type = read_hf_config(tiny_moe).model_type
     m, back = tmp_path / "m", tmp_path / "back"
@@ -202,28 +203,45 @@ def test_ep2_conversion_round_trip_is_bitwise_and_loads_under_other_layouts(moe_
         "2",
         "--ep",
         "2",
+        "--dispatcher",
+        "allgather",
+        "alltoall",
         "--random-tokens",
         "--grad",
     )
     result = last_json(stdout)
     assert (result["tp"], result["ep"]) == (2, 2)
-    assert result["max_abs_diff"] <= 1e-4
+    assert result["dispatcher"] == ["allgather", "alltoall"]
+    assert result["max_abs_diff"] <= 1e-4  # both dispatchers against transformers
     assert result["grad_max_rel_err"] <= 1e-4, result
+    assert result["dispatcher_max_abs_diff"] <= 1e-6, result
+    assert result["dispatcher_grad_max_abs_diff"] <= 1e-6, result
 
 
 LAYOUT_WORKER = Path(__file__).resolve().parent / "dist_workers" / "loss_layout_worker.py"
-# (tp, ep, world): EP takes its ranks from DP; at TP2 the experts are split over TP as well.
-EP_LAYOUTS = {"tp1_ep1": (1, 1, 1), "tp1_ep2": (1, 2, 2), "tp2_ep2": (2, 2, 4)}
+# name: (tp, ep, world, token dispatcher). EP takes its ranks from DP; at TP2 the experts are
+# split over TP as well. TP2 x EP2 with the allgather dispatcher is compared with transformers in
+# test_ep2_conversion_round_trip_is_bitwise_and_loads_under_other_layouts.
+EP_LAYOUTS = {
+    "tp1_ep1": (1, 1, 1, "auto"),
+    "tp1_ep2": (1, 2, 2, "allgather"),
+    "tp1_ep2_alltoall": (1, 2, 2, "alltoall"),
+    "tp2_ep2_alltoall": (2, 2, 4, "alltoall"),
+}
+UPDATES = 2  # GVPO updates with the plain and the distributed optimizer (tp1_ep2_alltoall)
 
 
 @pytest.mark.slow
 def test_gvpo_step_gradient_is_the_same_at_ep1_and_ep2(tiny_moe, tmp_path):
     """GVPO's (and GRPO's) step gradient with the router's aux loss off, at (TP, EP) = (1, 1),
-    (1, 2), (2, 2), with several micro-batches and groups split across them and DP ranks."""
+    (1, 2), (2, 2), with several micro-batches and groups split across them and DP ranks, with
+    megatron-core's allgather and alltoall token dispatchers. At EP2 (alltoall) two GVPO updates
+    with megatron's distributed optimizer give the weights the plain optimizer gives."""
     grads, infos = {}, {}
-    for name, (tp, ep, world) in EP_LAYOUTS.items():
+    for name, (tp, ep, world, dispatcher) in EP_LAYOUTS.items():
         out = tmp_path / f"{name}.safetensors"
         budget = "4096" if world == 1 else "48"
+        updates = ["--optimizer-updates", str(UPDATES)] if name == "tp1_ep2_alltoall" else []
         run_torchrun(
             LAYOUT_WORKER,
             world,
@@ -233,20 +251,31 @@ def test_gvpo_step_gradient_is_the_same_at_ep1_and_ep2(tiny_moe, tmp_path):
             str(tp),
             "--ep",
             str(ep),
+            "--dispatcher",
+            dispatcher,
             "--budget",
             budget,
             "--split",
             "--losses",
             "gvpo,grpo",
+            *updates,
             "--out",
             str(out),
         )
         with safe_open(str(out), "pt") as f:
             infos[name] = {k: json.loads(v) for k, v in f.metadata().items()}
         grads[name] = load_file(str(out))
+    updated = {
+        kind: {
+            k.split("/", 1)[1]: grads["tp1_ep2_alltoall"].pop(k)
+            for k in list(grads["tp1_ep2_alltoall"])
+            if k.startswith(f"updated_{kind}/")
+        }
+        for kind in ("plain", "distributed")
+    }
     ref = grads["tp1_ep1"]
     assert any(".mlp.experts.3." in k for k in ref) and any(".mlp.gate." in k for k in ref)
-    for name in ("tp1_ep2", "tp2_ep2"):
+    for name in ("tp1_ep2", "tp1_ep2_alltoall", "tp2_ep2_alltoall"):
         assert infos[name]["gvpo"]["groups_whole"] is False
         assert set(grads[name]) == set(ref)
         for k, want in ref.items():
@@ -258,6 +287,13 @@ def test_gvpo_step_gradient_is_the_same_at_ep1_and_ep2(tiny_moe, tmp_path):
             )
             got = infos[name][loss]["grad_norm"]
             assert abs(got - want.item()) <= 1e-5 * want.item(), (name, loss, got, want.item())
+    start = load_file(str(tiny_moe / "model.safetensors"))
+    plain, distributed = updated["plain"], updated["distributed"]
+    assert set(plain) == set(distributed) == set(start)
+    for k, w in start.items():
+        assert (plain[k] - w).abs().max() > 1e-3, f"{k} did not move"  # lr 1e-2, Adam
+        diff = (distributed[k] - plain[k]).abs().max().item()
+        assert diff <= 1e-6, f"{k}: distributed optimizer differs by {diff:.2e}"
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,11 @@
     torchrun --nproc_per_node 4 tools/logprob_parity.py --hf-dir H --tp 2 --pp 2
     python tools/logprob_parity.py --hf-dir H --tp 2          # spawns the ranks itself
     python tools/logprob_parity.py --hf-dir H --ep 2          # a MoE model, experts over 2 ranks
-    python tools/logprob_parity.py --hf-dir H --ep 2 --dispatcher alltoall
+    python tools/logprob_parity.py --hf-dir H --ep 2 --dispatcher allgather alltoall
 
 Prints one JSON line: max_abs_diff, tokens, layout, dtype (and grad_max_rel_err with --grad).
 ``--mcore-dir M`` loads the actor from a converted checkpoint instead of the HF safetensors.
+``--dump F`` saves the first dispatcher's logprobs (and gradients) to a safetensors file.
 """
 
 from __future__ import annotations
@@ -85,11 +86,9 @@ def hf_reference(hf_dir: Path, batches, dtype, want_grad: bool):
     return out, unfuse_experts(grads)
 
 
-def worker(args) -> None:
-    initialize(_layout(args))
-    hf_dir = Path(args.hf_dir)
-    arch = read_hf_config(hf_dir)
-    cfg = ModelConfig(precision=args.precision, moe=MoEConfig(token_dispatcher=args.dispatcher))
+def _megatron_pass(args, hf_dir: Path, dispatcher: str):
+    """Build the actor with ``dispatcher``; its logprobs (and HF-named gradients with --grad)."""
+    cfg = ModelConfig(precision=args.precision, moe=MoEConfig(token_dispatcher=dispatcher))
     if args.mcore_dir:
         model, arch = build_from_checkpoint(args.mcore_dir, cfg)
     else:
@@ -109,32 +108,50 @@ def worker(args) -> None:
         forward_backward(ddp, mbs, lambda lp, ent, mb: (lp.sum() / dp, {}), forward_only=False)
         grads = {n: p.main_grad for n, p in model.named_parameters()}
         grads = gather_hf_tensors(model, arch, tensors=grads)
+    used = cfg.moe.dispatcher() if arch.is_moe else None
+    return batches, logprobs, grads, arch, used
+
+
+def _max_abs(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    pairs = zip(a, b, strict=True)
+    return max((x.float().cpu() - y.float().cpu()).abs().max().item() for x, y in pairs)
+
+
+def worker(args) -> None:
+    initialize(_layout(args))
+    hf_dir = Path(args.hf_dir)
+    passes = [_megatron_pass(args, hf_dir, d) for d in args.dispatcher]
+    batches, logprobs, grads, arch, _ = passes[0]
     if dist.get_rank() == 0:
         ref, ref_grads = hf_reference(hf_dir, batches, PRECISIONS[args.ref_precision], args.grad)
-        diffs = [
-            (a.float().cpu() - b).abs().max().item() for a, b in zip(logprobs, ref, strict=True)
-        ]
         result = {
-            "max_abs_diff": max(diffs),
+            "max_abs_diff": max(_max_abs(p[1], ref) for p in passes),
             "tokens": sum(r.numel() for r in ref),
             "tp": args.tp,
             "pp": args.pp,
             "ep": args.ep,
             "precision": args.precision,
-            "dispatcher": cfg.moe.dispatcher() if arch.is_moe else None,
+            "dispatcher": [p[4] for p in passes] if len(passes) > 1 else passes[0][4],
             "source": "mcore" if args.mcore_dir else "hf",
             "model_type": arch.model_type,
         }
+        if len(passes) > 1:  # the other dispatchers against the first, bit for bit or not
+            result["dispatcher_max_abs_diff"] = max(_max_abs(p[1], logprobs) for p in passes[1:])
         if args.grad:
             missing = sorted(set(ref_grads) - set(grads))
             if missing:
                 raise RuntimeError(f"no Megatron gradient for {missing}")
             rel = {
-                n: ((grads[n] - g).norm() / g.norm().clamp_min(1e-30)).item()
+                (i, n): ((p[2][n] - g).norm() / g.norm().clamp_min(1e-30)).item()
+                for i, p in enumerate(passes)
                 for n, g in ref_grads.items()
             }
             worst = max(rel, key=rel.get)
-            result.update(grad_max_rel_err=rel[worst], grad_worst_tensor=worst)
+            result.update(grad_max_rel_err=rel[worst], grad_worst_tensor=worst[1])
+            if len(passes) > 1:
+                result["dispatcher_grad_max_abs_diff"] = max(
+                    (p[2][n] - grads[n]).abs().max().item() for p in passes[1:] for n in grads
+                )
         if args.dump:
             from safetensors.torch import save_file
 
@@ -160,7 +177,12 @@ def main(argv=None) -> None:
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
     p.add_argument("--etp", type=int, help="expert tensor-parallel size (default: --tp)")
     p.add_argument(
-        "--dispatcher", choices=DISPATCHERS, default="auto", help="MoE token dispatcher"
+        "--dispatcher",
+        nargs="+",
+        choices=DISPATCHERS,
+        default=["auto"],
+        help="MoE token dispatcher; several: the model is built and run with each, every one is "
+        "compared with transformers and the others with the first (dispatcher_max_abs_diff)",
     )
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     p.add_argument(
