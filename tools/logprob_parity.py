@@ -148,9 +148,11 @@ def worker(args) -> None:
             }
             worst = max(rel, key=rel.get)
             result.update(grad_max_rel_err=rel[worst], grad_worst_tensor=worst[1])
-            if len(passes) > 1:
-                result["dispatcher_grad_max_abs_diff"] = max(
-                    (p[2][n] - grads[n]).abs().max().item() for p in passes[1:] for n in grads
+            if len(passes) > 1:  # per tensor: |g - g_first| / |g_first|
+                result["dispatcher_grad_max_rel_err"] = max(
+                    ((p[2][n] - g).norm() / g.norm().clamp_min(1e-30)).item()
+                    for p in passes[1:]
+                    for n, g in grads.items()
                 )
         if args.dump:
             from safetensors.torch import save_file
@@ -182,7 +184,8 @@ def main(argv=None) -> None:
         choices=DISPATCHERS,
         default=["auto"],
         help="MoE token dispatcher; several: the model is built and run with each, every one is "
-        "compared with transformers and the others with the first (dispatcher_max_abs_diff)",
+        "compared with transformers and the others with the first (dispatcher_max_abs_diff, "
+        "dispatcher_grad_max_rel_err)",
     )
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     p.add_argument(
