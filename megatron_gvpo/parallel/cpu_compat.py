@@ -4,9 +4,10 @@ megatron-core assumes CUDA in a few places: tensors created with ``device="cuda"
 ``torch.cuda.current_device()``, optimizer type checks against ``'torch.cuda.FloatTensor'``,
 ``torch.cuda.synchronize``/streams, and the CUDA RNG tracker. This module bridges exactly those
 with a process-wide ``TorchFunctionMode`` that maps CUDA devices to the CPU, plus a handful of
-``torch.cuda`` functions, and gives gloo the two collective forms megatron-core's all-to-all MoE
-token dispatcher calls that it does not take as they come (:func:`_gloo_uneven_collectives`). It is a portability layer for correctness tests and the CPU demo, not
-for speed, and it is enabled only when CUDA is absent (see :func:`enable_cpu_compat`). The
+``torch.cuda`` functions, and adapts the two collective calls of megatron-core's all-to-all MoE
+token dispatcher that gloo does not take as they come (:func:`_gloo_uneven_collectives`). It is
+a portability layer for correctness tests and the CPU demo, not for speed, and it is enabled
+only when CUDA is absent (see :func:`enable_cpu_compat`). The
 training step's forward (model and loss) runs with the mode suspended (:func:`native_torch`):
 only megatron's schedule, DDP, optimizer and checkpoint code need it.
 """
