@@ -173,7 +173,8 @@ def test_logprobs_and_gradients_match_transformers_at_ep1(moe_model):
 def test_ep2_conversion_round_trip_is_bitwise_and_loads_under_other_layouts(moe_model, tmp_path):
     """TP1 x PP2 x EP2 conversion, back to HF at EP2 (bitwise), then the checkpoint at
     TP2 x EP2 (4 ranks, experts split over TP as well; qwen2_moe's shared expert over TP) against
-    transformers, gradients too."""
+    transformers, gradients too, with megatron-core's allgather and its alltoall token
+    dispatcher (which also agree with each other)."""
     tiny_moe = moe_model
     model_type = read_hf_config(tiny_moe).model_type
     m, back = tmp_path / "m", tmp_path / "back"
@@ -207,28 +208,56 @@ def test_ep2_conversion_round_trip_is_bitwise_and_loads_under_other_layouts(moe_
         "2",
         "--ep",
         "2",
+        "--dispatcher",
+        "allgather",
+        "alltoall",
         "--random-tokens",
         "--grad",
     )
     result = last_json(stdout)
     assert (result["tp"], result["ep"]) == (2, 2)
-    assert result["max_abs_diff"] <= 1e-4
+    assert result["dispatcher"] == ["allgather", "alltoall"]
+    assert result["max_abs_diff"] <= 1e-4  # both dispatchers against transformers
     assert result["grad_max_rel_err"] <= 1e-4, result
+    assert result["dispatcher_max_abs_diff"] <= 1e-6, result
+    assert result["dispatcher_grad_max_rel_err"] <= 1e-5, result  # as across layouts
+
+
+GLOO_WORKER = Path(__file__).resolve().parent / "dist_workers" / "gloo_collectives_worker.py"
+
+
+def test_alltoall_dispatcher_collectives_move_every_row_exactly_on_gloo():
+    """megatron's all_to_all (split sizes as tensors and numpy arrays) and its gather with uneven
+    per-rank sizes (one rank empty; fp32 and bf16) on 3 gloo ranks through the CPU layer,
+    forward and backward, against rows each rank rebuilds from the inputs' formula."""
+    proc = run_torchrun(GLOO_WORKER, 3)
+    assert "gloo collectives: ok" in proc.stdout
 
 
 LAYOUT_WORKER = Path(__file__).resolve().parent / "dist_workers" / "loss_layout_worker.py"
-# (tp, ep, world): EP takes its ranks from DP; at TP2 the experts are split over TP as well.
-EP_LAYOUTS = {"tp1_ep1": (1, 1, 1), "tp1_ep2": (1, 2, 2), "tp2_ep2": (2, 2, 4)}
+# name: (tp, ep, world, token dispatcher). EP takes its ranks from DP; at TP2 the experts are
+# split over TP as well. TP2 x EP2 with the allgather dispatcher is compared with transformers in
+# test_ep2_conversion_round_trip_is_bitwise_and_loads_under_other_layouts.
+EP_LAYOUTS = {
+    "tp1_ep1": (1, 1, 1, "auto"),
+    "tp1_ep2": (1, 2, 2, "allgather"),
+    "tp1_ep2_alltoall": (1, 2, 2, "alltoall"),
+    "tp2_ep2_alltoall": (2, 2, 4, "alltoall"),
+}
+UPDATES = 2  # GVPO updates with the plain and the distributed optimizer (tp1_ep2_alltoall)
 
 
 @pytest.mark.slow
 def test_gvpo_step_gradient_is_the_same_at_ep1_and_ep2(tiny_moe, tmp_path):
     """GVPO's (and GRPO's) step gradient with the router's aux loss off, at (TP, EP) = (1, 1),
-    (1, 2), (2, 2), with several micro-batches and groups split across them and DP ranks."""
+    (1, 2), (2, 2), with several micro-batches and groups split across them and DP ranks, with
+    megatron-core's allgather and alltoall token dispatchers. At EP2 (alltoall) two GVPO updates
+    with megatron's distributed optimizer give the weights the plain optimizer gives."""
     grads, infos = {}, {}
-    for name, (tp, ep, world) in EP_LAYOUTS.items():
+    for name, (tp, ep, world, dispatcher) in EP_LAYOUTS.items():
         out = tmp_path / f"{name}.safetensors"
         budget = "4096" if world == 1 else "48"
+        updates = ["--optimizer-updates", str(UPDATES)] if name == "tp1_ep2_alltoall" else []
         run_torchrun(
             LAYOUT_WORKER,
             world,
@@ -238,20 +267,31 @@ def test_gvpo_step_gradient_is_the_same_at_ep1_and_ep2(tiny_moe, tmp_path):
             str(tp),
             "--ep",
             str(ep),
+            "--dispatcher",
+            dispatcher,
             "--budget",
             budget,
             "--split",
             "--losses",
             "gvpo,grpo",
+            *updates,
             "--out",
             str(out),
         )
         with safe_open(str(out), "pt") as f:
             infos[name] = {k: json.loads(v) for k, v in f.metadata().items()}
         grads[name] = load_file(str(out))
+    updated = {
+        kind: {
+            k.split("/", 1)[1]: grads["tp1_ep2_alltoall"].pop(k)
+            for k in list(grads["tp1_ep2_alltoall"])
+            if k.startswith(f"updated_{kind}/")
+        }
+        for kind in ("plain", "distributed")
+    }
     ref = grads["tp1_ep1"]
     assert any(".mlp.experts.3." in k for k in ref) and any(".mlp.gate." in k for k in ref)
-    for name in ("tp1_ep2", "tp2_ep2"):
+    for name in ("tp1_ep2", "tp1_ep2_alltoall", "tp2_ep2_alltoall"):
         assert infos[name]["gvpo"]["groups_whole"] is False
         assert set(grads[name]) == set(ref)
         for k, want in ref.items():
@@ -263,6 +303,13 @@ def test_gvpo_step_gradient_is_the_same_at_ep1_and_ep2(tiny_moe, tmp_path):
             )
             got = infos[name][loss]["grad_norm"]
             assert abs(got - want.item()) <= 1e-5 * want.item(), (name, loss, got, want.item())
+    start = load_file(str(tiny_moe / "model.safetensors"))
+    plain, distributed = updated["plain"], updated["distributed"]
+    assert set(plain) == set(distributed) == set(start)
+    for k, w in start.items():
+        assert (plain[k] - w).abs().max() > 1e-3, f"{k} did not move"  # lr 1e-2, Adam
+        diff = (distributed[k] - plain[k]).abs().max().item()
+        assert diff <= 1e-6, f"{k}: distributed optimizer differs by {diff:.2e}"
 
 
 @pytest.fixture(scope="module")
@@ -329,15 +376,18 @@ def _model_bytes(hf_dir) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,replay", [("qwen3_moe", "old"), ("qwen3_moe", "rollout"),
-                                           ("qwen2_moe", "old")])
+@pytest.mark.parametrize(
+    "family,replay,dispatcher",
+    [("qwen3_moe", "old", "auto"), ("qwen3_moe", "rollout", "auto"), ("qwen2_moe", "old", "alltoall")],
+)
 def test_gvpo_trains_at_ep2_with_router_losses_and_metrics(
-    char_moe, tmp_path_factory, tmp_path, family, replay
+    char_moe, tmp_path_factory, tmp_path, family, replay, dispatcher
 ):
     """Two GVPO rounds at EP2 (2 updates each, router aux and z losses on, routes replayed:
     theta''s, or the embedded engine's) with the embedded engine: finite losses, every expert
     (and qwen2_moe's shared expert) synced (the whole model's bytes; the engine's logprobs equal
-    the trainer's), router metrics."""
+    the trainer's), router metrics. The qwen2_moe run uses the alltoall token dispatcher and
+    megatron's distributed optimizer."""
     if family != "qwen3_moe":
         char_moe = _char_model(tmp_path_factory, family)
     rows = _train_ep2(
@@ -347,6 +397,8 @@ def test_gvpo_trains_at_ep2_with_router_losses_and_metrics(
         "model.moe.aux_loss_coeff=0.01",
         "model.moe.z_loss_coeff=0.001",
         f"model.moe.routing_replay={replay}",
+        f"model.moe.token_dispatcher={dispatcher}",
+        "trainer.use_distributed_optimizer=" + ("true" if dispatcher == "alltoall" else "false"),
     )
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:

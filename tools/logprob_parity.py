@@ -3,9 +3,11 @@
     torchrun --nproc_per_node 4 tools/logprob_parity.py --hf-dir H --tp 2 --pp 2
     python tools/logprob_parity.py --hf-dir H --tp 2          # spawns the ranks itself
     python tools/logprob_parity.py --hf-dir H --ep 2          # a MoE model, experts over 2 ranks
+    python tools/logprob_parity.py --hf-dir H --ep 2 --dispatcher allgather alltoall
 
 Prints one JSON line: max_abs_diff, tokens, layout, dtype (and grad_max_rel_err with --grad).
 ``--mcore-dir M`` loads the actor from a converted checkpoint instead of the HF safetensors.
+``--dump F`` saves the first dispatcher's logprobs (and gradients) to a safetensors file.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from megatron_gvpo.bridge.weights import gather_hf_tensors  # noqa: E402
 from megatron_gvpo.models.forward import MicroBatch, compute_logprobs, forward_backward  # noqa: E402
 from megatron_gvpo.models.gpt import PRECISIONS, ModelConfig  # noqa: E402
 from megatron_gvpo.models.hf_config import read_hf_config  # noqa: E402
+from megatron_gvpo.models.moe import DISPATCHERS, MoEConfig  # noqa: E402
 from megatron_gvpo.parallel.ddp import wrap_with_ddp  # noqa: E402
 from megatron_gvpo.parallel.initialize import (  # noqa: E402
     ParallelConfig,
@@ -83,11 +86,9 @@ def hf_reference(hf_dir: Path, batches, dtype, want_grad: bool):
     return out, unfuse_experts(grads)
 
 
-def worker(args) -> None:
-    initialize(_layout(args))
-    hf_dir = Path(args.hf_dir)
-    arch = read_hf_config(hf_dir)
-    cfg = ModelConfig(precision=args.precision)
+def _megatron_pass(args, hf_dir: Path, dispatcher: str):
+    """Build the actor with ``dispatcher``; its logprobs (and HF-named gradients with --grad)."""
+    cfg = ModelConfig(precision=args.precision, moe=MoEConfig(token_dispatcher=dispatcher))
     if args.mcore_dir:
         model, arch = build_from_checkpoint(args.mcore_dir, cfg)
     else:
@@ -107,37 +108,58 @@ def worker(args) -> None:
         forward_backward(ddp, mbs, lambda lp, ent, mb: (lp.sum() / dp, {}), forward_only=False)
         grads = {n: p.main_grad for n, p in model.named_parameters()}
         grads = gather_hf_tensors(model, arch, tensors=grads)
+    used = cfg.moe.dispatcher() if arch.is_moe else None
+    return batches, logprobs, grads, arch, used
+
+
+def _max_abs(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    pairs = zip(a, b, strict=True)
+    return max((x.float().cpu() - y.float().cpu()).abs().max().item() for x, y in pairs)
+
+
+def worker(args) -> None:
+    initialize(_layout(args))
+    hf_dir = Path(args.hf_dir)
+    passes = [_megatron_pass(args, hf_dir, d) for d in args.dispatcher]
+    batches, logprobs, grads, arch, _ = passes[0]
     if dist.get_rank() == 0:
         ref, ref_grads = hf_reference(hf_dir, batches, PRECISIONS[args.ref_precision], args.grad)
-        diffs = [
-            (a.float().cpu() - b).abs().max().item() for a, b in zip(logprobs, ref, strict=True)
-        ]
         result = {
-            "max_abs_diff": max(diffs),
+            "max_abs_diff": max(_max_abs(p[1], ref) for p in passes),
             "tokens": sum(r.numel() for r in ref),
             "tp": args.tp,
             "pp": args.pp,
             "ep": args.ep,
             "precision": args.precision,
+            "dispatcher": [p[4] for p in passes] if len(passes) > 1 else passes[0][4],
             "source": "mcore" if args.mcore_dir else "hf",
             "model_type": arch.model_type,
         }
+        if len(passes) > 1:  # the other dispatchers against the first, bit for bit or not
+            result["dispatcher_max_abs_diff"] = max(_max_abs(p[1], logprobs) for p in passes[1:])
         if args.grad:
             missing = sorted(set(ref_grads) - set(grads))
             if missing:
                 raise RuntimeError(f"no Megatron gradient for {missing}")
             rel = {
-                n: ((grads[n] - g).norm() / g.norm().clamp_min(1e-30)).item()
+                (i, n): ((p[2][n] - g).norm() / g.norm().clamp_min(1e-30)).item()
+                for i, p in enumerate(passes)
                 for n, g in ref_grads.items()
             }
             worst = max(rel, key=rel.get)
-            result.update(grad_max_rel_err=rel[worst], grad_worst_tensor=worst)
+            result.update(grad_max_rel_err=rel[worst], grad_worst_tensor=worst[1])
+            if len(passes) > 1:  # per tensor: |g - g_first| / |g_first|
+                result["dispatcher_grad_max_rel_err"] = max(
+                    ((p[2][n] - g).norm() / g.norm().clamp_min(1e-30)).item()
+                    for p in passes[1:]
+                    for n, g in grads.items()
+                )
         if args.dump:
             from safetensors.torch import save_file
 
-            save_file(
-                {f"logprobs.{i}": lp.contiguous() for i, lp in enumerate(logprobs)}, args.dump
-            )
+            dump = {f"logprobs.{i}": lp.contiguous() for i, lp in enumerate(logprobs)}
+            dump |= {f"grad.{n}": g.contiguous() for n, g in grads.items()}
+            save_file(dump, args.dump)
         print(json.dumps(result), flush=True)
     destroy()
 
@@ -156,6 +178,15 @@ def main(argv=None) -> None:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
     p.add_argument("--etp", type=int, help="expert tensor-parallel size (default: --tp)")
+    p.add_argument(
+        "--dispatcher",
+        nargs="+",
+        choices=DISPATCHERS,
+        default=["auto"],
+        help="MoE token dispatcher; several: the model is built and run with each, every one is "
+        "compared with transformers and the others with the first (dispatcher_max_abs_diff, "
+        "dispatcher_grad_max_rel_err)",
+    )
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     p.add_argument(
         "--ref-precision", choices=list(PRECISIONS), default=None, help="default: --precision"
@@ -167,7 +198,9 @@ def main(argv=None) -> None:
     p.add_argument("--texts", nargs="*")
     p.add_argument("--random-tokens", action="store_true", help="ignore the tokenizer")
     p.add_argument("--grad", action="store_true", help="also compare d(sum logprobs)/d(weights)")
-    p.add_argument("--dump", help="save Megatron logprobs to this .safetensors file")
+    p.add_argument(
+        "--dump", help="save Megatron logprobs (and with --grad the gradients) to this .safetensors"
+    )
     args = p.parse_args(argv)
     args.ref_precision = args.ref_precision or args.precision
     read_hf_config(args.hf_dir)  # fail fast on a bad folder, before ranks start

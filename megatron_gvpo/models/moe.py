@@ -40,8 +40,9 @@ class MoEConfig:
     z_loss_coeff: float = 0.0
     """Weight of the router z-loss (mean squared logsumexp of the router logits); 0: off."""
     token_dispatcher: str = "auto"
-    """How tokens reach their experts' ranks: allgather, alltoall, or auto (alltoall with CUDA,
-    allgather on CPU, where gloo's all-to-all with uneven splits is not available)."""
+    """How tokens reach their experts' ranks: megatron-core's allgather or alltoall dispatcher, or
+    auto (alltoall with CUDA, allgather on CPU). Both run on gloo; on CPU, alltoall goes through
+    the collectives ``parallel/cpu_compat.py`` adapts, and allgather needs none."""
     routing_replay: str = "off"
     """off; old: the round's theta' pass records each token's top-k experts and every update
     of the round routes the tokens the same way; rollout: the rollout engine reports the experts

@@ -4,8 +4,10 @@ megatron-core assumes CUDA in a few places: tensors created with ``device="cuda"
 ``torch.cuda.current_device()``, optimizer type checks against ``'torch.cuda.FloatTensor'``,
 ``torch.cuda.synchronize``/streams, and the CUDA RNG tracker. This module bridges exactly those
 with a process-wide ``TorchFunctionMode`` that maps CUDA devices to the CPU, plus a handful of
-``torch.cuda`` functions. It is a portability layer for correctness tests and the CPU demo, not
-for speed, and it is enabled only when CUDA is absent (see :func:`enable_cpu_compat`). The
+``torch.cuda`` functions, and adapts the two collective calls of megatron-core's all-to-all MoE
+token dispatcher that gloo does not take as they come (:func:`_gloo_uneven_collectives`). It is
+a portability layer for correctness tests and the CPU demo, not for speed, and it is enabled
+only when CUDA is absent (see :func:`enable_cpu_compat`). The
 training step's forward (model and loss) runs with the mode suspended (:func:`native_torch`):
 only megatron's schedule, DDP, optimizer and checkpoint code need it.
 """
@@ -168,6 +170,76 @@ def _single_rank_all_reduce() -> None:
     dist.all_reduce = all_reduce
 
 
+def _split_sizes(sizes):
+    """Split sizes as gloo's binding takes them: a list of ints (or None)."""
+    if sizes is None or isinstance(sizes, list):
+        return sizes
+    if torch.is_tensor(sizes):
+        return [int(n) for n in sizes.tolist()]
+    return [int(n) for n in sizes]  # a numpy array or a tuple
+
+
+def _gloo_uneven_collectives() -> None:
+    """Let megatron-core's ``alltoall`` MoE token dispatcher run on gloo.
+
+    The dispatcher moves tokens with ``tensor_parallel.mappings.all_to_all`` (``_AllToAll``,
+    ``mappings.py:420-461``; ``token_dispatcher.py:666-671`` and ``:810``), whose forward and
+    backward both call ``torch.distributed.all_to_all_single`` with uneven split sizes
+    (``mappings.py:444``); with TP > 1 it also gathers and reduce-scatters over the TP group
+    with uneven per-rank sizes (``token_dispatcher.py:691-700`` and ``:775-783`` through
+    ``mappings.py:150`` and ``:193``). gloo moves uneven all-to-all and reduce-scatter data
+    itself; what it does not take:
+
+    - split sizes as tensors. With CUDA the dispatcher copies its split counts to the host as
+      numpy arrays (``maybe_move_tensor_to_cpu(..., as_numpy=True)``, ``token_dispatcher.py:
+      876-887``); that helper returns a tensor already on the CPU unchanged
+      (``moe_utils.py:1093``), and the binding of ``all_to_all_single`` rejects tensors. They
+      are turned into lists of ints here, and gloo's all-to-all moves the data.
+    - ``all_gather`` into a list of tensors of different sizes (``mappings.py:150``): gloo's
+      requires equal sizes. Emulated exactly: each rank pads its tensor to the largest size
+      along dim 0, gloo gathers the equal-sized blocks, and each output takes its rank's block
+      without the padding (a copy of the bytes; no arithmetic).
+
+    The CUDA-only rest of that path (the dispatcher's side stream and its events,
+    ``record_stream``, ``.cuda()``, ``torch.cuda.current_device()``) is already bridged by the
+    device mode and the ``torch.cuda`` stand-ins above.
+    """
+    import torch.distributed as dist
+
+    a2a, gather = dist.all_to_all_single, dist.all_gather
+    if getattr(a2a, "_gloo_uneven", False):
+        return
+
+    def all_to_all_single(
+        output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False
+    ):
+        return a2a(
+            output,
+            input,
+            output_split_sizes=_split_sizes(output_split_sizes),
+            input_split_sizes=_split_sizes(input_split_sizes),
+            group=group,
+            async_op=async_op,
+        )
+
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        shapes = {tuple(t.shape) for t in tensor_list}
+        if len(shapes) <= 1 or tensor.dim() == 0:
+            return gather(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded[: tensor.shape[0]].copy_(tensor)
+        blocks = [torch.empty_like(padded) for _ in tensor_list]
+        gather(blocks, padded, group=group)
+        for out, block in zip(tensor_list, blocks, strict=True):
+            out.copy_(block[: out.shape[0]])
+        return _NullWork() if async_op else None
+
+    all_to_all_single._gloo_uneven = True
+    dist.all_to_all_single = all_to_all_single
+    dist.all_gather = all_gather
+
+
 class _NullWork:
     """A finished ``dist.Work``."""
 
@@ -186,6 +258,7 @@ def enable_cpu_compat() -> bool:
     if _mode is None:
         _patch_cuda_namespace()
         _single_rank_all_reduce()
+        _gloo_uneven_collectives()
         _mode = _CudaToCpuMode()
         _mode.__enter__()
         logger.info("CUDA not available: megatron-core runs on CPU through the compat layer")

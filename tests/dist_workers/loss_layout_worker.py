@@ -6,7 +6,10 @@ Every rank builds the same synthetic step batch (``make_batch``), places it with
 ``data.batching.plan_step`` under a token budget, runs the real training path (megatron DDP,
 ``forward_backward``, the registered objective's ``step_loss`` from ``trainer/objectives/``) once
 per loss and rank 0 saves the HF-named gradients. Preference losses run on a batch of pairs
-(``make_pair_batch``).
+(``make_pair_batch``). ``--dispatcher`` picks a MoE model's token dispatcher. With
+``--optimizer-updates N`` it also runs N GVPO updates (the trainer's Adam, ``build_optimizer``)
+from the starting weights, once with megatron's plain and once with its distributed optimizer,
+and saves both sets of weights (``updated_plain/``, ``updated_distributed/``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from functools import partial
 
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from safetensors.torch import save_file
 
 from megatron_gvpo.algorithms.grpo import group_advantages
@@ -25,6 +29,7 @@ from megatron_gvpo.bridge.loader import build_from_hf
 from megatron_gvpo.bridge.weights import gather_hf_tensors
 from megatron_gvpo.models.forward import forward_backward, step_log_ratio
 from megatron_gvpo.models.gpt import ModelConfig
+from megatron_gvpo.models.moe import DISPATCHERS, MoEConfig
 from megatron_gvpo.parallel.ddp import wrap_with_ddp
 from megatron_gvpo.parallel.initialize import ParallelConfig, destroy, initialize
 from megatron_gvpo.parallel.launch import is_rank0
@@ -34,8 +39,10 @@ from megatron_gvpo.trainer.batch import (
     plan_for,
     response_token_logprobs,
 )
+from megatron_gvpo.trainer.config import ModelSection, TrainerSection
 from megatron_gvpo.trainer.objectives import StepInputs, algorithm_config, build_objective
 from megatron_gvpo.trainer.objectives.gvpo import GVPOMicroBatchLoss
+from megatron_gvpo.trainer.setup import build_optimizer
 
 GROUP_SIZES = (4, 1, 3, 5, 2, 4, 3)  # variable sizes, one singleton
 BETA = 0.1
@@ -150,17 +157,21 @@ def objective_for(name: str):
     return objective
 
 
-def step_grads(ddp, optimizer, arch, batch, loss_name: str, budget: int, split: bool) -> dict:
+def step_loss(ddp, batch, loss_name: str, budget: int, split: bool):
+    """The step's plan, micro-batches and loss as the trainer builds them."""
     plan = plan_for(batch, budget, keep_groups_whole=not split)
     mbs = build_micro_batches(batch, plan)
     if loss_name == "gvpo_nostats":  # control: per-micro-batch group means (wrong when split)
-        loss = GVPOMicroBatchLoss(BETA, num_counted_groups(batch.group_ids), None)
-    else:
-        objective = objective_for(loss_name)
-        objective.prepare_round(batch)
-        base = "ref_logprobs" if loss_name in PREFERENCE else "old_logprobs"
-        ratio = partial(step_log_ratio, ddp, mbs, len(batch), 1.0, base)
-        loss = objective.step_loss(StepInputs(batch, plan, mbs, ratio))
+        return plan, mbs, GVPOMicroBatchLoss(BETA, num_counted_groups(batch.group_ids), None)
+    objective = objective_for(loss_name)
+    objective.prepare_round(batch)
+    base = "ref_logprobs" if loss_name in PREFERENCE else "old_logprobs"
+    ratio = partial(step_log_ratio, ddp, mbs, len(batch), 1.0, base)
+    return plan, mbs, objective.step_loss(StepInputs(batch, plan, mbs, ratio))
+
+
+def step_grads(ddp, optimizer, arch, batch, loss_name: str, budget: int, split: bool) -> dict:
+    plan, mbs, loss = step_loss(ddp, batch, loss_name, budget, split)
     ddp.zero_grad_buffer()
     forward_backward(ddp, mbs, loss)
     model = ddp.module
@@ -175,6 +186,29 @@ def step_grads(ddp, optimizer, arch, batch, loss_name: str, budget: int, split: 
     return gather_hf_tensors(model, arch, tensors=grads), info
 
 
+def updated_weights(args, batch, distributed: bool) -> dict[str, torch.Tensor]:
+    """HF weights after ``args.optimizer_updates`` GVPO updates from the starting weights with
+    the trainer's optimizer, plain or distributed (theta' fixed, as within one round)."""
+    model, arch = build_from_hf(args.hf_dir, model_config(args))
+    ddp = wrap_with_ddp(model, use_distributed_optimizer=distributed)
+    trainer = TrainerSection(lr=1e-2, clip_grad=1.0, use_distributed_optimizer=distributed)
+    optimizer, _ = build_optimizer(ddp, trainer, ModelSection(precision="fp32"))
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])  # dense and expert parameters
+    assert all(isinstance(o, DistributedOptimizer) == distributed for o in inner), inner
+    for _ in range(args.optimizer_updates):
+        _, mbs, loss = step_loss(ddp, batch, "gvpo", args.budget, args.split)
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        forward_backward(ddp, mbs, loss)
+        ok, _, _ = optimizer.step()
+        assert ok, "the optimizer refused the update"
+    return gather_hf_tensors(model, arch)
+
+
+def model_config(args) -> ModelConfig:
+    return ModelConfig(precision="fp32", moe=MoEConfig(token_dispatcher=args.dispatcher))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--hf-dir", required=True)
@@ -186,10 +220,14 @@ def main() -> None:
     p.add_argument(
         "--losses", default="gvpo,grpo,dapo,gr_gvpo", help="gvpo_nostats: a wrong variant (control)"
     )
+    p.add_argument("--dispatcher", choices=DISPATCHERS, default="auto", help="MoE models")
+    p.add_argument(
+        "--optimizer-updates", type=int, default=0, help="also N updates, plain and distributed"
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args()
     initialize(ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, seed=1))
-    model, arch = build_from_hf(args.hf_dir, ModelConfig(precision="fp32"))
+    model, arch = build_from_hf(args.hf_dir, model_config(args))
     ddp = wrap_with_ddp(model)
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=0.0), [ddp])
     batch, noise = make_batch(arch.vocab_size)
@@ -206,6 +244,10 @@ def main() -> None:
         b = pairs if name in PREFERENCE else masked if name in MASKED else batch
         grads, infos[name] = step_grads(ddp, optimizer, arch, b, name, args.budget, args.split)
         out.update({f"{name}/{k}": v.clone() for k, v in grads.items()})
+    if args.optimizer_updates:
+        for kind, distributed in (("plain", False), ("distributed", True)):
+            weights = updated_weights(args, batch, distributed)
+            out.update({f"updated_{kind}/{k}": v.clone() for k, v in weights.items()})
     if is_rank0():
         save_file(out, args.out, metadata={k: json.dumps(v) for k, v in infos.items()})
     destroy()
