@@ -174,3 +174,42 @@ def test_cpu_malloc_keeps_freed_buffers_and_leaves_user_settings_alone():
     assert base["kept"] < 0.5, base  # control: glibc's defaults trim them off
     assert _heap("apply", MEGATRON_GVPO_MALLOC="default")["applied"] is False
     assert _heap("apply", MALLOC_TRIM_THRESHOLD_="131072")["applied"] is False
+
+
+@pytest.mark.parametrize("exact_mapping", [False, True])
+def test_packed_rope_from_positions_equals_megatrons_loop_bit_for_bit(exact_mapping):
+    """``models/rope.py`` against megatron-core's own per-sequence ``thd`` RoPE (one CP rank):
+    identical values and gradients, with a zero-length sequence among the segments; megatron's
+    exact-mapping case (a table row per packed token) too. Control: RoPE applied at the packed
+    positions (no restart per sequence) differs."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megatron_gvpo.models import rope
+
+    class OneRank:
+        def size(self):
+            return 1
+
+        def rank(self):
+            return 0
+
+    torch.manual_seed(0)
+    lengths = [5, 0, 9, 1, 17, 3]
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    rows = total if exact_mapping else 64
+    freqs = torch.outer(torch.arange(rows, dtype=torch.float32) * 0.7, inv)
+    freqs = torch.cat([freqs, freqs], dim=-1).view(rows, 1, 1, 16)
+    x = torch.randn(total, 4, 16, requires_grad=True)
+    y = x.detach().clone().requires_grad_(True)
+    ours = rope.apply_rotary_pos_emb_thd(x, cu, freqs, cp_group=OneRank())
+    theirs = rope._megatron_thd(y, cu, freqs, cp_group=OneRank())
+    assert torch.equal(ours, theirs)
+    g = torch.randn_like(ours)
+    ours.backward(g)
+    theirs.backward(g)
+    assert torch.equal(x.grad, y.grad)
+    if not exact_mapping:
+        packed = rope_utils._apply_rotary_pos_emb_bshd(x.detach().unsqueeze(1), freqs[:total])
+        assert (packed.squeeze(1) - theirs).abs().max() > 1e-2
