@@ -145,35 +145,53 @@ def pack_sequences(
 
     ``loss_masks[i]`` (one 0/1 per response token of sample ``i``; None: all 1) leaves the
     zero entries out of ``response_mask``."""
-    total = sum(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    lp = [len(p) for p in prompts]
+    lr = [len(r) for r in responses]
+    if len(lp) != len(lr):
+        raise ValueError(f"{len(lp)} prompts for {len(lr)} responses")
+    total = sum(lp) + sum(lr)
     if total > seq_len:
         raise ValueError(f"{total} tokens do not fit a packed row of {seq_len}")
+    for i, n in enumerate(lp):
+        if not n:
+            raise ValueError(f"sample {i} has an empty prompt; a response needs a prefix")
+    # Whole-row tensor ops (no per-sample torch calls): sample i's prompt + response at
+    # [starts[i], starts[i] + lp[i] + lr[i]), positions restarting at 0 in each sample.
+    lengths = torch.tensor([a + b for a, b in zip(lp, lr, strict=True)], dtype=torch.long)
+    ends = lengths.cumsum(0)
+    starts = ends - lengths
     tokens = torch.full((1, seq_len), pad_id, dtype=torch.long)
     pos = torch.zeros((1, seq_len), dtype=torch.long)
-    cu = [0]
-    max_resp = max([len(r) for r in responses] + [1])
-    index = torch.zeros((len(prompts), max_resp), dtype=torch.long)
-    mask = torch.zeros((len(prompts), max_resp), dtype=torch.bool)
-    start = 0
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        if not p:
-            raise ValueError(f"sample {i} has an empty prompt; a response needs a prefix")
-        n = len(p) + len(r)
-        tokens[0, start : start + n] = torch.tensor(p + r, dtype=torch.long)
-        pos[0, start : start + n] = torch.arange(n)
-        # Response token j sits at row position start+len(p)+j and is scored one step earlier.
-        index[i, : len(r)] = torch.arange(len(r)) + start + len(p) - 1
-        if loss_masks is None:
-            mask[i, : len(r)] = True
-        else:
-            m = torch.as_tensor(loss_masks[i], dtype=torch.bool)
-            if m.numel() != len(r):
+    tokens[0, :total] = torch.tensor(
+        [t for p, r in zip(prompts, responses, strict=True) for seq in (p, r) for t in seq],
+        dtype=torch.long,
+    )
+    pos[0, :total] = torch.arange(total) - torch.repeat_interleave(
+        starts, lengths, output_size=total
+    )
+    # Response token j sits at row position start+len(p)+j and is scored one step earlier.
+    max_resp = max([*lr, 1])
+    j = torch.arange(max_resp).unsqueeze(0)
+    resp_len = torch.tensor(lr, dtype=torch.long).unsqueeze(1)
+    valid = j < resp_len
+    first = (starts + torch.tensor(lp, dtype=torch.long) - 1).unsqueeze(1)
+    index = torch.where(valid, j + first, 0)
+    if loss_masks is None:
+        mask = valid
+    else:
+        parts = []
+        for i, m in enumerate(loss_masks):
+            m = torch.as_tensor(m, dtype=torch.bool)
+            if m.numel() != lr[i]:
                 raise ValueError(
-                    f"sample {i}: loss mask of {m.numel()} entries for {len(r)} response tokens"
+                    f"sample {i}: loss mask of {m.numel()} entries for {lr[i]} response tokens"
                 )
-            mask[i, : len(r)] = m
-        start += n
-        cu.append(start)
+            parts.append(m.reshape(-1))
+        mask = torch.zeros((len(lp), max_resp), dtype=torch.bool)
+        if parts:
+            mask[valid] = torch.cat(parts)
+    start = total
+    cu = [0, *ends.tolist()]
     if start < seq_len:
         pos[0, start:] = torch.arange(seq_len - start)
         cu.append(seq_len)
