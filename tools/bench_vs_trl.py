@@ -61,7 +61,9 @@ Arms are interleaved (base, ours, TRL, base, ours, TRL ...; ``base`` only with
   the less load-sensitive of the two.
 
 Ratios are computed pair by pair (the same repetition of two arms, run back to back) and reported
-as min / median / max over the repetitions. Our per-phase breakdown is the mean of ``time/*`` from
+as min / median / max over the repetitions. ``--trl-malloc`` adds TRL run with the glibc malloc
+settings our trainer applies to itself on CPU (``parallel/cpu_malloc.py``), as environment
+variables: what TRL gains from the same setting. Our per-phase breakdown is the mean of ``time/*`` from
 ``metrics.jsonl`` over the long run's steps after ``--short``. Run under ``flock /tmp/bench.lock``
 on a shared machine and note the load average (printed).
 
@@ -228,7 +230,7 @@ def is_step_line(arm: str, line: str) -> bool:
     """A line each side prints once per optimizer step: our console summary ("step N: ..."),
     TRL's logged dict (``logging_steps=1``; with tqdm off, transformers' PrinterCallback prints
     it)."""
-    if arm == "trl":
+    if arm.startswith("trl"):
         return line.startswith("{") and "'step_time'" in line
     head = line.split(":", 1)[0].split(" ")
     return len(head) == 2 and head[0] == "step" and head[1].isdigit()
@@ -278,7 +280,7 @@ def learning_signal(arm: str, run: dict, run_dir: Path) -> dict[str, float]:
     """Mean reward and mean gradient norm (before clipping) over a run's steps, from each side's
     own per-step log; for TRL also the share of groups whose rewards differ. With no KL term a
     non-zero gradient means non-zero advantages."""
-    if arm == "trl":
+    if arm.startswith("trl"):
         rows = [ast.literal_eval(x.strip()) for x in run["lines"]]
         out = {
             "reward": statistics.mean(float(r["reward"]) for r in rows),
@@ -331,11 +333,13 @@ def summarise(arms, runs, signal, phases, short: int, long: int) -> dict:
             row[arm]["phases"] = {
                 k: round(statistics.median(ph[k] for ph in phases[arm]), 4) for k in phases[arm][0]
             }
-    if "trl" in arms:
+    for ref in ("trl", "trl_malloc"):
+        if ref not in arms:
+            continue
         for arm in arms:
-            if arm != "trl":
-                row[f"{arm}/trl"] = {
-                    key: spread([a / b for a, b in zip(per_rep[arm][key], per_rep["trl"][key],
+            if arm != ref and not (ref == "trl_malloc" and arm.startswith("trl")):
+                row[f"{arm}/{ref}"] = {
+                    key: spread([a / b for a, b in zip(per_rep[arm][key], per_rep[ref][key],
                                                        strict=True)])
                     for key in per_rep[arm]
                 }
@@ -359,6 +363,11 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--arms", default="ours,trl", help="comma list of ours, trl")
+    p.add_argument(
+        "--trl-malloc", action="store_true",
+        help="add the arm trl_malloc: TRL with the glibc malloc settings our trainer applies on "
+        "CPU (parallel/cpu_malloc.py), set through MALLOC_* variables",
+    )
     p.add_argument("--out", help="also write the results as JSON here")
     args = p.parse_args(argv)
     if args.long <= args.short:
@@ -370,6 +379,8 @@ def main(argv=None) -> None:
     arms = args.arms.split(",")
     if args.base_pythonpath:
         arms = ["base", *arms]
+    if args.trl_malloc:
+        arms.append("trl_malloc")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     task = build_task(work, args.model or default_model())
@@ -379,6 +390,13 @@ def main(argv=None) -> None:
         "ours": (ours_command, _env(args.threads, args.ours_pythonpath), Path(args.ours_pythonpath)),
         "trl": (trl_command, _env(args.threads, None), work),
     }
+    if args.trl_malloc:
+        sys.path.insert(0, str(REPO))
+        from megatron_gvpo.parallel.cpu_malloc import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+        env = _env(args.threads, None)
+        env.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
+        runners["trl_malloc"] = (trl_command, env, work)
     if args.base_pythonpath:
         runners["base"] = (
             ours_command, _env(args.threads, args.base_pythonpath), Path(args.base_pythonpath)
@@ -386,7 +404,7 @@ def main(argv=None) -> None:
     results = {}
     for shape in shapes:
         runs = {(a, n): [] for a in arms for n in (args.short, args.long)}
-        phases = {a: [] for a in arms if a != "trl"}
+        phases = {a: [] for a in arms if not a.startswith("trl")}
         signal = {a: [] for a in arms}
         loads = []
         for rep in range(args.repeats):
@@ -412,7 +430,7 @@ def main(argv=None) -> None:
                         if not sig["grad_norm"] > 0:
                             raise RuntimeError(f"{log}: no gradient ({sig})")
                         signal[arm].append(sig)
-                        if arm != "trl":
+                        if not arm.startswith("trl"):
                             phases[arm].append(phase_means(ours_rows(run_dir), args.short))
                         msg += f", median interval {run['interval']:.4f} s, {sig}"
                     runs[(arm, n)].append(run)
