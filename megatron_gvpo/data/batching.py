@@ -74,8 +74,10 @@ def plan_step(
 
     Groups go whole to the DP rank with the fewest tokens so far (largest first). On each rank,
     micro-batches are filled first-fit up to ``max_tokens_per_microbatch`` with whole groups, or
-    with single samples when a group does not fit or ``keep_groups_whole`` is False. Ranks with
-    fewer micro-batches get empty ones, so every rank runs the same number.
+    with single samples when a group does not fit or ``keep_groups_whole`` is False; when that
+    takes several micro-batches, the same first fit is redone under the smallest budget that keeps
+    their number, so they come out about equally full (every row is padded to the longest). Ranks
+    with fewer micro-batches get empty ones, so every rank runs the same number.
     """
     if len(lengths) != len(group_ids):
         raise ValueError(f"{len(lengths)} lengths but {len(group_ids)} group ids")
@@ -99,29 +101,56 @@ def plan_step(
 
     per_rank = []
     for glist in rank_groups:
-        bins: list[list[int]] = []
-        room: list[int] = []
+        units: list[list[int]] = []
         for g in glist:
-            size = sum(lengths[i] for i in g)
-            if keep_groups_whole and size <= max_tokens_per_microbatch:
-                units = [g]
+            if keep_groups_whole and sum(lengths[i] for i in g) <= max_tokens_per_microbatch:
+                units.append(g)
             else:
-                units = [[i] for i in g]
-            for unit in units:
-                need = sum(lengths[i] for i in unit)
-                b = next((k for k, free in enumerate(room) if free >= need), None)
-                if b is None:
-                    bins.append([])
-                    room.append(max_tokens_per_microbatch)
-                    b = len(bins) - 1
-                bins[b].extend(unit)
-                room[b] -= need
+                units.extend([i] for i in g)
+        bins = _first_fit(units, lengths, max_tokens_per_microbatch)
+        if len(bins) > 1:
+            bins = _balanced(units, lengths, len(bins), max_tokens_per_microbatch) or bins
         per_rank.append(bins)
     n_mb = max(1, max(len(b) for b in per_rank))
     for bins in per_rank:
         bins.extend([] for _ in range(n_mb - len(bins)))
     longest = max([sum(lengths[i] for i in b) for bins in per_rank for b in bins] + [1])
     return StepPlan(per_rank, _round_up(longest, pad_multiple), _groups_whole(per_rank, group_ids))
+
+
+def _first_fit(units: list[list[int]], lengths: list[int], budget: int) -> list[list[int]]:
+    """Units (a whole group, or one sample) into micro-batches of at most ``budget`` tokens,
+    each into the first micro-batch with room."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for unit in units:
+        need = sum(lengths[i] for i in unit)
+        b = next((k for k, free in enumerate(room) if free >= need), None)
+        if b is None:
+            bins.append([])
+            room.append(budget)
+            b = len(bins) - 1
+        bins[b].extend(unit)
+        room[b] -= need
+    return bins
+
+
+def _balanced(
+    units: list[list[int]], lengths: list[int], n: int, budget: int
+) -> list[list[int]] | None:
+    """The same first fit into ``n`` micro-batches with the smallest budget it finds (from the
+    even share up, in eighths of the remaining gap): every micro-batch is packed to the step's
+    longest, so filling the first to ``budget`` left the last mostly padding (measured at 32 x 8
+    on the demo: two rows of 4,096 tokens for 5,000 real ones, the padding attended as one long
+    sequence). None when no smaller budget keeps ``n``."""
+    total = sum(lengths[i] for u in units for i in u)
+    trial = max(-(-total // n), max(sum(lengths[i] for i in u) for u in units))
+    while trial < budget:
+        bins = _first_fit(units, lengths, trial)
+        if len(bins) <= n:
+            return bins
+        trial += max(1, (budget - trial) // 8)
+    return None
 
 
 def _groups_whole(per_rank: list[list[list[int]]], group_ids: list[int]) -> bool:
