@@ -5,7 +5,7 @@ kernel and gives them back when freed, and the top of the heap is trimmed whenev
 trim threshold is free there. A training step allocates and frees the same activation and
 gradient buffers every step, so on CPU each step faulted its working set in again page by page:
 about 7,400 minor page faults per GRPO step on the demo model at 32 prompts x 8 (one thread),
-against about 500 with the settings below (``docs/benchmarks.md``).
+against about 260 with the settings below (``docs/benchmarks.md``).
 
 ``M_MMAP_THRESHOLD`` 32 MiB (glibc's largest; blocks below it come from the heap and are reused)
 and ``M_TRIM_THRESHOLD`` 1 GiB (free memory at the heap's top is kept up to that). Setting either
