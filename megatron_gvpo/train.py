@@ -102,5 +102,89 @@ def _redact_hydra_output() -> None:
         redact_hydra_dir(Path(hc.runtime.output_dir) / hc.output_subdir)
 
 
+def config_error_line(e: BaseException) -> str:
+    """One line for a Hydra composition error: the full key (or ``group=option``) and the reason.
+
+    Hydra wraps OmegaConf's error, which carries ``full_key``, for an unknown key or a value of
+    the wrong type; a missing config group option carries the options Hydra searched."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
+        return f"{key}: no such key{_unknown_key_hint(cause, key)}"
+    if isinstance(cause, OmegaConfBaseException) and key:
+        return f"{key}: {str(getattr(cause, 'msg', None) or cause).splitlines()[0]}"
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options is not None:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        choices = ", ".join(o for o in e.options if not o.endswith("_schema"))
+        return f"{group}={option}: no such option (one of: {choices})"
+    return " ".join(str(e).split())
+
+
+def _unknown_key_hint(cause: Exception, key: str) -> str:
+    """`` (did you mean ...?)`` from the section's schema, or from a free-form dict's keys."""
+    import difflib
+
+    near = _near_keys(getattr(cause, "object_type", None), key)
+    parent = getattr(cause, "parent_node", None)
+    if not near and hasattr(parent, "keys"):  # a free-form dict such as rollout.sglang
+        names = [str(k) for k in parent.keys()]
+        if not names and key.startswith("rollout.sglang."):
+            return " (rollout.sglang.* keys come with rollout=sglang)"
+        prefix, _, name = key.rpartition(".")
+        near = [f"{prefix}.{n}" for n in difflib.get_close_matches(name, names, n=2, cutoff=0.75)]
+    return f" (did you mean {' or '.join(near)}?)" if near else ""
+
+
+def _near_keys(section: object, key: str) -> list[str]:
+    """Keys of the dataclass ``section`` (nested sections included) that ``key`` may have meant:
+    the same name one level deeper or higher (a moved key), else a close spelling."""
+    import dataclasses
+    import difflib
+    import typing
+
+    if not dataclasses.is_dataclass(section):
+        return []
+    prefix, _, name = key.rpartition(".")
+    paths, todo = [], [(section, prefix)]
+    while todo:
+        cls, at = todo.pop()
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            paths.append(f"{at}.{f.name}")
+            if dataclasses.is_dataclass(hints.get(f.name)):
+                todo.append((hints[f.name], f"{at}.{f.name}"))
+    same = [p for p in paths if p.rpartition(".")[2] == name]
+    leaves = {p.rpartition(".")[2]: p for p in paths}
+    return same or [leaves[n] for n in difflib.get_close_matches(name, leaves, n=2, cutoff=0.75)]
+
+
+def cli() -> None:
+    """``python -m megatron_gvpo.train`` and the ``megatron-gvpo-train`` script.
+
+    Hydra reports its own composition errors (an unknown key, a value of the wrong type, a
+    missing group option) in several lines and exits 1; here they are one line naming the full
+    key, exit 2, like every other config error. ``HYDRA_FULL_ERROR=1`` set by the user keeps
+    Hydra's full report."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing its report
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as e:
+        from megatron_gvpo.trainer.secrets import redact_text
+
+        print(f"error: {redact_text(config_error_line(e))}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        del os.environ["HYDRA_FULL_ERROR"]
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -565,6 +565,7 @@ gvpo_trainer_overrides() {
     GVPO_OVERRIDES+=(
         reward=math data=jsonl "data.path=$DATA_PATH"
         trainer=default "trainer.run_dir=$RUN_DIR" trainer.use_distributed_optimizer=true
+        ${GVPO_SCRIPT_OVERRIDES[@]+"${GVPO_SCRIPT_OVERRIDES[@]}"}
         ${GVPO_USER_OVERRIDES[@]+"${GVPO_USER_OVERRIDES[@]}"}
     )
 }

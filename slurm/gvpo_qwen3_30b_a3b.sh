@@ -1,6 +1,6 @@
 #!/bin/bash
 #SBATCH --job-name=gvpo-qwen3-30b-a3b
-#SBATCH --nodes=2
+#SBATCH --nodes=3
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --exclusive
@@ -10,12 +10,15 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 #
-# GVPO on Qwen3-30B-A3B (mixture of experts: 48 layers, 128 experts, 8 per token), 1 node of
-# training and 1 of rollout (docs/scaling.md explains the layout).
+# GVPO on Qwen3-30B-A3B (mixture of experts: 48 layers, 128 experts, 8 per token), 2 nodes of
+# training and 1 of rollout (docs/scaling.md explains the layout and its memory plan).
 #
-#   node 1: training, TP1 x PP1 x DP8 with EP8 (16 experts per GPU per layer), distributed
-#           optimizer, bf16; torchrun, c10d rendezvous on node 1
-#   node 2: four SGLang servers at TP2 (the bf16 model is about 61 GB), sglang-router on node 2;
+#   nodes 1-2: training, TP1 x PP1 x DP16 with EP8 (16 experts per GPU per layer; expert data
+#           parallel 2 shards the experts' optimizer state), distributed optimizer, full
+#           recompute, bf16; torchrun, c10d rendezvous on node 1. tools/plan_memory.py puts this
+#           at 71 GiB per GPU; one training node (--train-nodes 1, or --colocate) needs 92 GiB
+#           per GPU (expert data parallel 1), which fits 141 GB GPUs, not 80 GB ones
+#   node 3: four SGLang servers at TP2 (the bf16 model is about 61 GB), sglang-router on node 3;
 #           weights from trainer rank 0 over NCCL (rollout.sglang.weight_sync=distributed),
 #           experts gathered over the EP ranks and sent in per-expert HF names
 #   --colocate on one node: trainer and the servers share the node's GPUs (CUDA IPC sync)
@@ -24,7 +27,7 @@
 #
 #   sbatch slurm/gvpo_qwen3_30b_a3b.sh [options] [-- hydra overrides for the trainer]
 #   sbatch slurm/gvpo_qwen3_30b_a3b.sh -- model.moe.aux_loss_coeff=0.001 model.moe.routing_replay=old
-#   SLURM_JOB_ID=1 SLURM_JOB_NODELIST='node[001-002]' SLURM_NNODES=2 GPUS_PER_NODE=8 \
+#   SLURM_JOB_ID=1 SLURM_JOB_NODELIST='node[001-003]' SLURM_NNODES=3 GPUS_PER_NODE=8 \
 #       bash slurm/gvpo_qwen3_30b_a3b.sh --dry-run   # print the commands, run nothing
 #
 # Options: --dry-run, --colocate, --train-nodes N, --tp N, --pp N, --ep N, --engine-tp N,
@@ -52,11 +55,12 @@ fi
 source "$GVPO_REPO/slurm/common.sh"
 
 GVPO_SCRIPT_NAME=slurm/gvpo_qwen3_30b_a3b.sh
-GVPO_DEFAULT_TRAIN_NODES=1
+GVPO_DEFAULT_TRAIN_NODES=2
 GVPO_DEFAULT_TP=1
 GVPO_DEFAULT_PP=1
 GVPO_DEFAULT_ENGINE_TP=2
 GVPO_DEFAULT_EP=8
+GVPO_SCRIPT_OVERRIDES=(model.recompute_granularity=full)  # before the user's overrides
 : "${GVPO_SHARED:=${HOME:?HOME is unset: set GVPO_SHARED}/megatron_gvpo}"
 : "${HF_MODEL:=$GVPO_SHARED/models/Qwen3-30B-A3B}"
 : "${MCORE_CKPT:=$HF_MODEL-mcore}"

@@ -47,6 +47,16 @@ Observable rules reproduced (a route a generation lacks answers 404):
   (no answer, the port closes), as it kills the real scheduler (section "tensor payloads").
 - Tensors named ``*_scale_inv`` exist only when the model folder's ``config.json`` holds an FP8
   ``quantization_config`` (online ``--quantization fp8`` creates no such parameters).
+- Routed experts: a server started with ``--enable-return-routed-experts``
+  (``srt/arg_groups/fields/exec_.py:158``) answers a body with ``return_routed_experts: true``
+  (``srt/managers/io_struct.py:264``) with ``meta_info.routed_experts``: base64 of the int32
+  bytes (``srt/managers/detokenizer_manager.py:432-446``, ``tokenizer_manager.py:2602-2609``) of
+  a [tokens, num_hidden_layers, top-k] array (``srt/state_capturer/base.py:38-42``,
+  ``routed_experts.py:72-73``) over tokens ``[0, len(prompt) + len(output) - 1)``
+  (``scheduler_components/batch_result_processor.py:154-160``, ``base.py:173-188``), dense
+  layers' columns zero (never captured). Without the flag there is no capturer
+  (``routed_experts.py:50``): the request succeeds and the key is absent
+  (``batch_result_processor.py:149-153``). The fake's experts are :func:`fake_routed_experts`.
 
 Tokens are deterministic in (input_ids, sampling_seed), see :func:`fake_tokens`. Decode time is
 ``decode_s_per_token`` per token. Run as a script it takes the ``sglang.launch_server`` flags the
@@ -107,6 +117,7 @@ GENERATE = {
     "logprob_start_len": (_is_int, False),
     "rid": (lambda v: isinstance(v, str), False),
     "stream": (lambda v: v is False, False),
+    "return_routed_experts": (_bool, False),
 }
 # sampling_params: a subset of api_types.SamplingParams' fields; unknown keys refused
 SAMPLING = {
@@ -184,6 +195,28 @@ def check_fields(body: Any, spec: dict, where: str, *, unknown_ok: bool = False)
 
 
 # -- deterministic generation --------------------------------------------------------------------
+
+
+def fake_routed_experts(model_path: str, tokens: list[int]) -> str:
+    """``meta_info.routed_experts`` for the sequence ``tokens`` (prompt + output), encoded as
+    0.5.23 encodes it: rows for every token but the last, a column per decoder layer (zeros on
+    dense layers), ``top-k`` distinct experts per MoE layer, a pure function of (token,
+    position, layer)."""
+    import numpy as np
+
+    cfg = json.loads(Path(model_path, "config.json").read_text())
+    layers, k = int(cfg["num_hidden_layers"]), int(cfg["num_experts_per_tok"])
+    experts = int(cfg.get("num_experts") or cfg["num_local_experts"])
+    dense = set(cfg.get("mlp_only_layers") or [])
+    step = int(cfg.get("decoder_sparse_step", 1) or 1)
+    out = np.zeros((max(len(tokens) - 1, 0), layers, k), dtype=np.int32)
+    for t in range(out.shape[0]):
+        for layer in range(layers):
+            if layer in dense or (layer + 1) % step:
+                continue
+            first = (3 * tokens[t] + t + 5 * layer) % experts
+            out[t, layer] = [(first + j) % experts for j in range(k)]
+    return base64.b64encode(out.tobytes()).decode("utf-8")
 
 
 def fake_tokens(input_ids: list[int], params: dict,
@@ -471,11 +504,14 @@ class FakeState:
     """What the fake remembers: a request log, weights, version, sessions, groups, faults."""
 
     def __init__(self, tp_size: int = 1, model_path: str = "", generation: str = "0.5.23",
-                 memory_saver: bool = False, **faults: Any):
+                 memory_saver: bool = False, routed_experts: bool = False,
+                 dump_weights: str = "", **faults: Any):
         if generation not in GENERATIONS:
             raise ValueError(f"generation must be one of {GENERATIONS}, got {generation!r}")
         self.generation, self.tp_size, self.model_path = generation, tp_size, model_path
         self.memory_saver = memory_saver
+        self.routed_experts = routed_experts  # started with --enable-return-routed-experts
+        self.dump_weights = dump_weights  # test-only: every finished update writes the weights here
         self.fp8_model = _is_fp8_checkpoint(model_path)
         self.lock = threading.Lock()  # guards the fields below
         self.control = FifoLock()  # control and weight calls: one at a time, arrival order
@@ -724,6 +760,8 @@ def _one_output(st: FakeState, body: dict, params: dict) -> dict:
     }
     if body.get("return_logprob"):
         meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(logprobs, ids, strict=True)]
+    if body.get("return_routed_experts") and st.routed_experts:
+        meta["routed_experts"] = fake_routed_experts(st.model_path, body["input_ids"] + ids)
     return {"text": text, "output_ids": ids, "meta_info": meta}
 
 
@@ -833,7 +871,20 @@ def end_update(h: _Handler, body: Any):
         return _fail("no weight-update session is open; call begin_weight_update() first")
     st.session = False
     st.post_loads += 1
+    _dump(st)
     return _ok()
+
+
+def _dump(st: FakeState) -> None:
+    """Test-only (not SGLang): write every weight the fake holds, under the names it received
+    them by, to ``dump_weights`` (safetensors, replaced atomically) after a finished update."""
+    if not st.dump_weights:
+        return
+    from safetensors.torch import save_file
+
+    tmp = st.dump_weights + ".tmp"
+    save_file({n: t.detach().contiguous().clone() for n, t in st.weights.items()}, tmp)
+    os.replace(tmp, st.dump_weights)
 
 
 def _check_session(st: FakeState, route: str) -> None:
@@ -985,6 +1036,8 @@ def from_disk(h: _Handler, body: Any):
             return _fail(f"{shard}: index disagrees with file")
         tensors.update(part)
     _accept(h.state, tensors)
+    if not h.state.session:
+        _dump(h.state)  # no session closes a disk update
     return _updated(h.state, body)
 
 
@@ -1040,8 +1093,10 @@ class FakeSGLangServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, tp_size: int = 1,
                  model_path: str = "", generation: str = "0.5.23", memory_saver: bool = False,
-                 **faults: Any):
-        self.state = FakeState(tp_size, model_path, generation, memory_saver, **faults)
+                 routed_experts: bool = False, dump_weights: str = "", **faults: Any):
+        self.state = FakeState(tp_size, model_path, generation, memory_saver, routed_experts,
+                               dump_weights,
+                               **faults)
         handler = type("Handler", (_Handler,), {"state": self.state})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -1078,12 +1133,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quantization", choices=["fp8"])
     p.add_argument("--enable-memory-saver", action="store_true")
     p.add_argument("--enable-deterministic-inference", action="store_true")
+    p.add_argument("--enable-return-routed-experts", action="store_true")
     p.add_argument("--fake-generation", default="0.5.23", choices=GENERATIONS)
     p.add_argument("--fake-generate-delay", type=float, default=0.0)
     p.add_argument("--fake-decode-s-per-token", type=float, default=0.0)
     p.add_argument("--fake-exit-after-generates", type=int, default=0)
     p.add_argument("--fake-crash-marker", default="")
     p.add_argument("--fake-collective-timeout", type=float, default=30.0)
+    p.add_argument("--fake-dump-weights", default="",
+                   help="after each finished weight update, write the weights to this "
+                        "safetensors file (test introspection)")
     p.add_argument("--fake-arrival-after", action="append", default=[],
                    help="PART:OTHER:SECONDS, the first call whose group name has PART queues "
                         "after one naming OTHER (or after SECONDS)")
@@ -1096,6 +1155,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"protocol fake: model path {a.model_path} has no config.json")
     server = FakeSGLangServer(a.host, a.port, a.tp_size, a.model_path, a.fake_generation,
                               a.enable_memory_saver,
+                              routed_experts=a.enable_return_routed_experts,
+                              dump_weights=a.fake_dump_weights,
                               generate_delay_s=a.fake_generate_delay,
                               decode_s_per_token=a.fake_decode_s_per_token,
                               exit_after_generates=a.fake_exit_after_generates,

@@ -329,6 +329,19 @@ def test_make_demo_model_writes_a_loadable_folder(tmp_path):
     assert model(ids).logits.shape == (1, 7, len(tok))
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_make_demo_model_builds_the_moe_families(tmp_path, family):
+    from megatron_gvpo.models.hf_config import read_hf_config
+
+    out = tmp_path / "hf"
+    args = ("--steps", "2", "--eval-prompts", "4", "--eval-samples", "1", "--family", family)
+    _, stdout, _ = run_tool("make_demo_model.py", "--out-dir", str(out), *args, timeout=120)
+    assert last_json(stdout)["steps"] == 2
+    arch = read_hf_config(out)
+    assert arch.model_type == family and arch.num_experts == 4 and arch.moe_router_topk == 2
+    assert arch.shared_expert_ffn_hidden_size == (128 if family == "qwen2_moe" else 0)
+
+
 def test_make_demo_model_is_deterministic():
     from megatron_gvpo.demo.model import WarmStartConfig, train
 

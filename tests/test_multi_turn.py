@@ -774,3 +774,62 @@ def test_a_resumed_run_with_replayed_trajectories_matches_an_uninterrupted_one(c
     for _, responses, _, _, masks in groups:
         for resp, mask in zip(responses, masks, strict=True):
             assert len(mask) == len(resp) and mask.count(0) == 6 and mask[0] == mask[-1] == 1
+
+
+def test_trajectory_routes_cover_every_token_the_engine_fed(tmp_path):
+    """A tiny qwen3_moe through the embedded engine with routes (model.moe.routing_replay=
+    rollout): a trajectory's routes (the last turn's request, which prefilled every earlier
+    turn and observation) equal transformers' top-k of an independent forward of the whole
+    trajectory, for every token but the last, also when the token budget cuts the last turn;
+    in the batch the last token has no route (NO_ROUTE)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as hf_moe
+
+    from megatron_gvpo.models.routing_replay import NO_ROUTE
+    from megatron_gvpo.models.tiny import save_tiny_hf_model
+    from megatron_gvpo.rollout.local import LocalEngine
+    from megatron_gvpo.trainer.groups import PromptGroup, to_batch
+
+    path = save_tiny_hf_model(
+        tmp_path / "moe", "qwen3_moe", seed=4, vocab_size=len(VOCAB), eos_token_id=1,
+        bos_token_id=0, pad_token_id=0,
+    )
+    tok = bpe_tokenizer()
+    engine = LocalEngine(path, tokenizer=tok, return_routes=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    seen: list[torch.Tensor] = []
+    original = hf_moe.Qwen3MoeTopKRouter.forward
+
+    def spy(router, hidden):
+        out = original(router, hidden)
+        seen.append(out[2])
+        return out
+
+    cuts = 0
+    for budget in (60, 7):
+        [trajs] = _runner(ObserveB, tok, max_turns=3, max_total_tokens=budget).run(
+            engine, [GenerateRequest([2, 4], 3, seed=5)], [{"turns": 3}],
+            SamplingParams(max_new_tokens=4))
+        for t in trajs:
+            ids = t.prompt_ids + t.response_ids
+            seen.clear()
+            hf_moe.Qwen3MoeTopKRouter.forward = spy
+            try:
+                with torch.no_grad():
+                    model(input_ids=torch.tensor([ids]))
+            finally:
+                hf_moe.Qwen3MoeTopKRouter.forward = original
+            want = torch.stack(seen)[:, : t.routes.shape[1]]
+            # the last token has a route only when the budget cut a longer turn after it
+            assert t.loss_mask[-1] == 1 and t.routes.shape[1] in (len(ids) - 1, len(ids))
+            assert torch.equal(t.routes.long().sort(-1).values, want.sort(-1).values)
+            cuts += t.routes.shape[1] == len(ids)
+        group = PromptGroup([2, 4], [t.response_ids for t in trajs], [0.0] * 3,
+                            routes=[t.routes for t in trajs])
+        batch = to_batch([group], ["default"], moe_layers=[1])  # layer 0 is dense
+        for t, routes in zip(trajs, batch.routes, strict=True):
+            n = t.routes.shape[1]
+            assert sorted(routes) == [1]
+            assert routes[1].shape[0] == len(t.prompt_ids) + len(t.response_ids)
+            assert (routes[1][n:] == NO_ROUTE).all() and (routes[1][:n] >= 0).all()
+    assert cuts  # the small budget did cut a turn

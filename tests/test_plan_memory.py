@@ -284,3 +284,133 @@ def test_reads_the_arch_from_model_path(tiny_models):
 def test_bad_config_exits_2_naming_the_key(args, key):
     code, _, text = pm.run(args)
     assert code == 2 and key in text
+
+
+# -- mixture of experts ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tp,pp,ep,etp",
+    [(1, 2, 2, None), pytest.param(2, 1, 2, 1, marks=pytest.mark.one_leg)],
+    ids=["tp1_pp2_ep2", "tp2_ep2_etp1"],
+)
+def test_moe_stage_params_match_megatron_per_rank_under_ep(tmp_path, tp, pp, ep, etp):
+    families = ("qwen3_moe", "qwen2_moe")
+    """Each rank's built qwen3_moe and qwen2_moe GPTModel (layer 0 dense, layer 1 with 4 experts;
+    qwen2_moe with a shared expert over TP) against the planner at EP2: 2 experts per rank,
+    split over ETP; the expert part (megatron's ``allreduce=False`` parameters) is what the
+    planner shards over the expert-data-parallel group, whose size megatron-core reports. EP1
+    per rank: the TP2 x PP2 test above."""
+    out = tmp_path / "counts"
+    extra = ["--etp", str(etp)] if etp is not None else []
+    run_torchrun(
+        REPO / "tests" / "dist_workers" / "plan_params_worker.py",
+        4,
+        *("--tp", str(tp), "--pp", str(pp), "--ep", str(ep), *extra),
+        *("--families", ",".join(families), "--out", str(out)),
+    )
+    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    assert len(ranks) == 4
+    settings = pm.Settings(tp=tp, pp=pp, dp=4 // (tp * pp), ep=ep, etp=etp)
+    for family in families:
+        arch = arch_from_dict(tiny_hf_config(family).to_dict())
+        vocab = padded_vocab_size(arch.vocab_size, tp)
+        stages = pm.stage_params(arch, tp, pp, vocab, ep, etp)
+        for r in ranks:
+            stage = stages[r["pp_rank"]]
+            assert stage.total == r["params"][family], (family, r)
+            assert stage.expert == r["expert_params"][family], (family, r)
+            assert (settings.dp, settings.expert_dp) == (r["dp"], r["expert_dp"]), r
+        assert any(r["expert_params"][family] for r in ranks)  # the routed layer is here
+        # the negative control: counting every expert (EP1) is not what the ranks hold
+        ep1 = pm.stage_params(arch, tp, pp, vocab, 1, etp)
+        assert any(ep1[r["pp_rank"]].total != r["params"][family] for r in ranks)
+    assert {r["ep_rank"] for r in ranks} == {0, 1}
+
+
+def test_moe_total_matches_transformers_and_presets_match_the_model_cards():
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_hf_config("qwen3_moe")
+    model = AutoModelForCausalLM.from_config(config)
+    arch = arch_from_dict(config.to_dict())
+    assert pm.total_params(arch) == sum(p.numel() for p in model.parameters())
+    experts = {n for n, _ in model.named_parameters() if ".experts." in n}
+    per_expert = sum(p.numel() for n, p in model.named_parameters() if n in experts) // 4
+    assert pm.active_params(arch) == pm.total_params(arch) - 2 * per_expert  # top-2 of 4
+
+    a3b = arch_from_dict(pm.ARCHS["qwen3-30b-a3b"])
+    # Qwen/Qwen3-30B-A3B model card: 30.5 B parameters, 3.3 B activated
+    assert pm.total_params(a3b) == pytest.approx(30.5e9, rel=0.01)
+    assert pm.total_params(a3b) == 30_532_122_624
+    # 3.353 B counted (embeddings, router and 8 of 128 experts per layer); the card's 3.3 B is
+    # that figure cut to one decimal, 1.6 % below it
+    assert pm.active_params(a3b) == 3_353_032_704
+    assert math.floor(pm.active_params(a3b) / 1e8) / 10 == 3.3
+    a22b = arch_from_dict(pm.ARCHS["qwen3-235b-a22b"])
+    assert pm.total_params(a22b) == pytest.approx(235e9, rel=0.01)  # card: 235 B, 22 B activated
+    assert pm.active_params(a22b) == pytest.approx(22e9, rel=0.01)
+
+
+def _moe_hand_state(arch, tp, ep, etp, dp, world, pp=1):
+    """Weights + fp32 grads + Adam state per GPU, by hand: dense parameters sharded over DP,
+    expert parameters over world / (ETP EP PP) (megatron-core parallel_state)."""
+    h, d, a, g = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups
+    L, E, f = arch.num_layers, arch.num_experts, arch.moe_ffn_hidden_size
+    vocab = padded_vocab_size(arch.vocab_size, tp)
+    attn = (h * (a + 2 * g) * d + a * d * h) // tp + 2 * h + 2 * d + E * h
+    dense = L // pp * attn + 2 * vocab // tp * h + h  # one stage (pp 1): embedding, output, norm
+    expert = L // pp * (E // ep) * 3 * h * (f // etp)
+    edp = world // (etp * ep * pp)
+    return dense, expert, 6 * (dense + expert) + 12 * dense / dp + 12 * expert / edp
+
+
+@pytest.mark.parametrize(
+    "overrides,world,tp,ep,etp",
+    [
+        (["parallel.ep=8"], 8, 1, 8, 1),  # the script's default: expert-DP 1
+        (["parallel.ep=8"], 16, 1, 8, 1),  # two training nodes: expert-DP 2
+        (["parallel.tp=2", "parallel.ep=4", "parallel.etp=1"], 16, 2, 4, 1),
+    ],
+)
+def test_moe_state_bytes_shard_experts_over_the_expert_data_parallel_group(
+    overrides, world, tp, ep, etp
+):
+    code, plan, text = pm.run(
+        [
+            "--arch",
+            "qwen3-30b-a3b",
+            "--world-size",
+            str(world),
+            "model=hf",
+            "trainer=default",
+            "data=jsonl",
+            *overrides,
+        ]
+    )
+    assert code in (0, 1), text
+    arch = arch_from_dict(pm.ARCHS["qwen3-30b-a3b"])
+    dp = world // tp
+    dense, expert, state = _moe_hand_state(arch, tp, ep, etp, dp, world)
+    st = plan.stages[0]
+    assert (st["params"], st["expert_params"]) == (dense + expert, expert)
+    assert st["weights"] + st["gradients"] + st["optimizer"] == pytest.approx(state, rel=1e-12)
+    assert (plan.ep, plan.etp, plan.expert_dp) == (ep, etp, world // (etp * ep))
+    assert "experts: EP" in text
+
+
+def test_moe_dispatch_buffers_follow_the_alltoall_dispatcher():
+    """One routed layer, one micro-batch of T tokens at TP1/EP8: permute, dispatch all-to-all,
+    sort and unsort (16 local experts), combine all-to-all in bf16 (5 T k h x 2 bytes), the
+    fp32 prob-weighted copy T k h and the fp32 output T h."""
+    arch = arch_from_dict(pm.ARCHS["qwen3-30b-a3b"])
+    h, k, t = 2048, 8, 16384
+    s = pm.Settings(tp=1, pp=1, dp=8, ep=8, tokens_per_microbatch=t)
+    assert pm.moe_dispatch_bytes(arch, s) == 5 * t * k * h * 2 + (t * k + t) * h * 4
+    # ETP2 at TP2 (sequence parallel: T / 2 tokens here, r = T k / 2 routed copies): permute r,
+    # dispatch r, expert-TP all-gather 2 r, sort and unsort 2 r each, reduce-scatter r, combine r
+    s2 = pm.Settings(tp=2, pp=1, dp=4, ep=4, etp=2, tokens_per_microbatch=t)
+    r = t // 2 * k
+    assert pm.moe_dispatch_bytes(arch, s2) == 10 * r * h * 2 + (r + t // 2) * h * 4
+    dense = arch_from_dict(pm.ARCHS["qwen3-8b"])
+    assert pm.moe_dispatch_bytes(dense, s) == 0

@@ -31,6 +31,7 @@ from megatron_gvpo.rollout.sglang import (
 sys.path.insert(0, str(Path(__file__).parent))
 from sglang_fake_server import (  # noqa: E402
     FakeSGLangServer,
+    fake_routed_experts,
     fake_tokens,
     sglang_standin,
 )
@@ -160,6 +161,91 @@ def test_generate_n_responses_in_order_with_per_response_seeds():
     assert all(b["sampling_params"]["n"] == 1 and b["return_logprob"] is True
                and b["logprob_start_len"] == -1 for b in bodies)
     assert len({b["rid"] for b in bodies}) == 8
+
+
+MOE_CONFIG = {"model_type": "qwen3_moe", "num_hidden_layers": 3, "num_experts": 4,
+              "num_experts_per_tok": 2, "mlp_only_layers": [0], "decoder_sparse_step": 1}
+
+
+def _routed_reference(value: str, tokens: int) -> torch.Tensor:
+    """``meta_info.routed_experts`` decoded as SGLang's own helper does
+    (``srt/state_capturer/routed_experts.py:166-174``: base64, then int32), then cut per MoE
+    layer with explicit loops: [MoE layers 1 and 2, tokens - 1, top-k]."""
+    import base64
+
+    import numpy as np
+
+    flat = np.frombuffer(base64.b64decode(value), dtype=np.int32).tolist()
+    rows = tokens - 1
+    assert len(flat) == rows * 3 * 2  # [tokens - 1, num_hidden_layers, top-k]
+    out = torch.zeros(2, rows, 2, dtype=torch.int32)
+    for t in range(rows):
+        for j, layer in enumerate((1, 2)):
+            for e in range(2):
+                out[j, t, e] = flat[(t * 3 + layer) * 2 + e]
+    return out
+
+
+def test_routed_experts_are_requested_and_decoded_as_the_server_encodes_them(tmp_path):
+    """routing_replay=rollout over SGLang: every /generate asks for routed experts; the answer's
+    base64 [tokens, layers, k] int32 array becomes Sample.routes [MoE layers, tokens, k] (dense
+    layer 0 dropped, prompt + every response token but the last). The fake is a PROTOCOL FAKE
+    (tests/sglang_fake_server.py): this checks the client's decoding, not SGLang."""
+    from megatron_gvpo.rollout.sglang import RouteLayout
+
+    model = tmp_path / "moe"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(MOE_CONFIG))
+    layout = RouteLayout(3, (1, 2), 2)
+    reqs = [GenerateRequest([5, 6, 7], n=2, seed=11), GenerateRequest([8], n=1, seed=12)]
+    with FakeSGLangServer(model_path=str(model), routed_experts=True) as fake:
+        with SGLangEngine(SGLangConfig(urls=[fake.url], **FAST), routes=layout) as eng:
+            out = eng.generate(reqs, SAMPLING)
+        bodies = [e["body"] for e in fake.state.log if e["path"] == "/generate"]
+        answers = {}
+        for b in bodies:  # what the server answered each body (the fake is deterministic)
+            ids, *_ = fake_tokens(b["input_ids"], b["sampling_params"])
+            answers[tuple(b["input_ids"] + ids)] = fake_routed_experts(
+                str(model), b["input_ids"] + ids
+            )
+    assert all(b["return_routed_experts"] is True for b in bodies)
+    for group in out:
+        for s in group:
+            ids = s.prompt_ids + s.response_ids
+            assert s.routes.shape == (2, len(ids) - 1, 2)
+            assert torch.equal(s.routes, _routed_reference(answers[tuple(ids)], len(ids)))
+            assert (s.routes >= 0).all() and (s.routes < 4).all()
+            assert (s.routes[:, :, 0] != s.routes[:, :, 1]).all()  # k distinct experts
+
+
+def test_routed_experts_missing_when_the_server_lacks_the_flag(tmp_path):
+    """A server started without --enable-return-routed-experts answers the request without
+    ``meta_info.routed_experts`` (no capturer); the engine refuses such an answer by name."""
+    from megatron_gvpo.rollout.sglang import RouteLayout
+
+    model = tmp_path / "moe"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(MOE_CONFIG))
+    with FakeSGLangServer(model_path=str(model)) as fake:
+        with SGLangEngine(SGLangConfig(urls=[fake.url], max_retries=0, **FAST),
+                          routes=RouteLayout(3, (1, 2), 2)) as eng:
+            with pytest.raises(SGLangError, match="--enable-return-routed-experts"):
+                eng.generate([GenerateRequest([5, 6], n=1, seed=1)], SAMPLING)
+
+
+def test_servers_started_for_routes_get_the_flag(tmp_path):
+    """Servers the engine starts for routing_replay=rollout are launched with
+    --enable-return-routed-experts (the fake, run as a process, accepts only real flags)."""
+    from megatron_gvpo.rollout.sglang import RouteLayout
+
+    model = tmp_path / "moe"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(MOE_CONFIG))
+    cfg = SGLangConfig(model_path=str(model), launch_command=[sys.executable, FAKE],
+                       log_dir=str(tmp_path / "logs"), **FAST)
+    with SGLangEngine(cfg, routes=RouteLayout(3, (1, 2), 2)) as eng:
+        (s,) = eng.generate([GenerateRequest([4, 5, 6], n=1, seed=2)], SAMPLING)[0]
+    assert s.routes.shape == (2, len(s.prompt_ids) + len(s.response_ids) - 1, 2)
 
 
 def test_unseeded_request_sends_no_sampling_seed():

@@ -367,23 +367,27 @@ QWEN3_30B_A3B = {
 def test_qwen3_30b_a3b_expert_parallel_layout(paths, monkeypatch):
     import json
 
-    assert header_nodes("gvpo_qwen3_30b_a3b.sh") == 2
+    assert header_nodes("gvpo_qwen3_30b_a3b.sh") == 3
     mark_converted(paths)
     (Path(paths["MCORE_CKPT"]) / "hf" / "config.json").write_text(json.dumps(QWEN3_30B_A3B))
-    two = nodes(2)
-    launch = dry_run("gvpo_qwen3_30b_a3b.sh", "node[001-002]", two, paths)
-    check_launch(launch, two, train=two[:1], rollout=two[1:], tp=1, pp=1, dp=8, engine_tp=2)
+    three = nodes(3)
+    launch = dry_run("gvpo_qwen3_30b_a3b.sh", "node[001-003]", three, paths)
+    check_launch(launch, three, train=three[:2], rollout=three[2:], tp=1, pp=1, dp=16, engine_tp=2)
     assert launch.override_map["parallel.ep"] == "8"
+    assert launch.override_map["model.recompute_granularity"] == "full"
     assert "EP8" in launch.stderr
     check_config(launch, paths, monkeypatch)  # 128 experts split over 8 ranks passes the trainer
     one = ["gpu7"]
     launch = dry_run("gvpo_qwen3_30b_a3b.sh", "gpu7", one, paths, "--colocate")
     check_launch(launch, one, train=one, rollout=one, tp=1, pp=1, dp=8, engine_tp=2, colocate=True)
-    # EP must fit in DP: TP2 leaves DP 4 on one node
+    # EP must fit in DP: TP2 leaves DP 4 on one training node
+    two = nodes(2)
     p = run_script(
         "gvpo_qwen3_30b_a3b.sh",
         base_env(two, "node[001-002]", paths),
         "--dry-run",
+        "--train-nodes",
+        "1",
         "--tp",
         "2",
     )
@@ -391,7 +395,7 @@ def test_qwen3_30b_a3b_expert_parallel_layout(paths, monkeypatch):
 
 
 def test_qwen3_30b_a3b_converts_with_its_expert_parallel_size(paths):
-    launch = dry_run("gvpo_qwen3_30b_a3b.sh", "node[001-002]", nodes(2), paths, "--ep", "4")
+    launch = dry_run("gvpo_qwen3_30b_a3b.sh", "node[001-003]", nodes(3), paths, "--ep", "4")
     conv = launch.one("tools/convert_hf_to_mcore.py")
     assert opt(conv.program, "--ep") == "4" and launch.override_map["parallel.ep"] == "4"
 

@@ -32,7 +32,12 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_gvpo.algorithms.gvpo import gvpo_group_stats, num_counted_groups  # noqa: E402
-from megatron_gvpo.models.forward import forward_backward  # noqa: E402
+from megatron_gvpo.models.forward import (  # noqa: E402
+    forward_backward,  # noqa: E402
+    sequence_logprobs,
+    step_log_ratio,
+    sum_over_dp,
+)
 from megatron_gvpo.models.gpt import ModelConfig, build_gpt_model  # noqa: E402
 from megatron_gvpo.models.hf_config import arch_from_dict  # noqa: E402
 from megatron_gvpo.models.tiny import tiny_hf_config  # noqa: E402
@@ -48,9 +53,6 @@ from megatron_gvpo.trainer.batch import (  # noqa: E402
     RolloutBatch,
     build_micro_batches,
     plan_for,
-    sequence_logprobs,
-    step_log_ratio,
-    sum_over_dp,
 )
 from megatron_gvpo.trainer.objectives.gvpo import GVPOMicroBatchLoss  # noqa: E402
 

@@ -1,14 +1,17 @@
-"""Routing replay on a tiny mixture-of-experts demo: GRPO with and without ``routing_replay=old``.
+"""Routing replay on a tiny mixture-of-experts demo: GRPO with ``routing_replay`` off, old, rollout.
 
     python tools/make_demo_model.py --out-dir /tmp/moe_demo --family qwen3_moe
     python tools/bench_routing_replay.py --model /tmp/moe_demo --steps 100 --seeds 1 2
 
 Each arm is the demo task (``python -m megatron_gvpo.train``) on the given qwen3_moe model with
 ``algorithm=<algorithm>`` and the demo's 4 updates per round; the arms differ only in
-``model.moe.routing_replay``. Prints one JSON line per run and a summary per arm (mean over
-seeds): the GRPO clip fraction, ``moe/routing_replay_flips`` (share of replayed token routes the
-current router would have changed), the engine/trainer logprob gap, the training reward of the
-first and last 10 steps and the held-out greedy accuracy at the start and the end.
+``model.moe.routing_replay`` (``--arms``). Prints one JSON line per run and a summary per arm
+(mean over seeds): the GRPO clip fraction, ``moe/routing_replay_flips`` (share of replayed token
+routes the current router would have changed), ``moe/rollout_route_flips`` (rollout: share of
+the engine's routes the theta' router would have changed), the engine/trainer logprob gap
+(``rollout/logprob_abs_diff/*``: with ``rollout`` the trainer's theta' pass replays the engine's
+routes, with off and old it routes on its own), the training reward of the first and last 10
+steps and the held-out greedy accuracy at the start and the end.
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ def run(args, replay: str, seed: int) -> dict:
         "steps": len(steps),
         "clip_fraction": mean("clip_fraction"),
         "routing_replay_flips": mean("moe/routing_replay_flips"),
+        "rollout_route_flips": mean("moe/rollout_route_flips"),
         "logprob_abs_diff_mean": mean("rollout/logprob_abs_diff/mean"),
+        "logprob_abs_diff_max": mean("rollout/logprob_abs_diff/max"),
         "reward_first10": mean("reward/mean", steps[:10]),
         "reward_last10": mean("reward/mean", steps[-10:]),
         "eval_accuracy_start": evals[0]["eval/accuracy"] if evals else None,
@@ -72,13 +77,15 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
+    p.add_argument("--arms", nargs="+", default=["off", "old", "rollout"],
+                   choices=["off", "old", "rollout"], help="model.moe.routing_replay values")
     p.add_argument("--overrides", nargs="*", default=[], help="more trainer overrides")
     args = p.parse_args(argv)
     if json.loads((Path(args.model) / "config.json").read_text()).get("model_type") != "qwen3_moe":
         p.error(f"--model {args.model}: not a qwen3_moe folder")
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
-        for replay in ("off", "old"):
+        for replay in args.arms:
             result = run(args, replay, seed)
             print(json.dumps(result), flush=True)
             results.setdefault(replay, []).append(result)

@@ -22,6 +22,22 @@ from the architecture; D = data-parallel size):
   pads it), the last stage the final norm ``h`` and the output layer ``V h / t``; with tied
   embeddings that is a second copy when PP > 1 (megatron keeps it on the last stage) and none at
   PP = 1.
+- Mixture of experts (qwen3_moe, qwen2_moe). A routed layer replaces the MLP by ``E / EP``
+  experts on this rank (``parallel.ep``), each ``3 h f_e / ETP`` (gate, up, down of width f_e =
+  ``moe_intermediate_size``, split over ``parallel.etp``, default TP), plus the router ``E h``
+  (replicated over TP, as megatron-core's ``TopKRouter`` holds it); qwen2_moe adds its shared
+  expert, a dense MLP ``3 h f_s / t`` over TP and DP, and its gate ``h``. Dense layers
+  (``mlp_only_layers``, ``decoder_sparse_step``) keep ``3 h f / t``. Active parameters per token
+  count ``num_experts_per_tok`` experts per routed layer instead of E.
+- Which group shards which state (megatron-core 0.16 ``parallel_state.initialize_model_parallel``,
+  ``parallel_state.py:787-806``): dense parameters are replicated over the data-parallel group of
+  size ``D = world / (TP PP)``; expert parameters over the expert-data-parallel group of size
+  ``D_e = world / (ETP EP PP)`` (``expert_data_parallel_size = world_size //
+  expert_tensor_model_pipeline_parallel_size``). DDP reduces expert gradients over the
+  expert-data-parallel group (``distributed/distributed_data_parallel.py:563-566``: parameters
+  with ``allreduce=False``), and the distributed optimizer shards their state over it
+  (``optimizer/__init__.py:665-675``, ``intra_expt_dp_group``), so the optimizer term below is
+  ``12 P_dense / D + 12 P_expert / D_e``.
 - Weights, gradients, optimizer (megatron-core DDP with fp32 main grads, as
   ``parallel/ddp.py`` sets ``grad_reduce_in_fp32``; Adam). bf16 or fp16 params: 2 bytes of
   weights + 4 of fp32 gradients on every rank, plus the optimizer's fp32 master weights, Adam m and
@@ -42,6 +58,23 @@ from the architecture; D = data-parallel size):
 - 1F1B pipelining (non-interleaved): stage i holds the activations of ``min(PP - i, M)``
   micro-batches (M = micro-batches per optimizer step on a DP rank, bounded by prompts, samples,
   ``data.max_prompt_length + rollout.max_new_tokens``), so the first stage holds PP of them.
+- MoE token dispatch (``model.moe.token_dispatcher``; auto is alltoall on GPUs): per micro-batch
+  and routed layer, the T_l = T / TP tokens entering the layer (sequence parallel under TP) are
+  copied R = T_l k times (k = ``num_experts_per_tok``). What megatron-core 0.16 allocates
+  (``transformer/moe/token_dispatcher.py`` ``MoEAlltoAllTokenDispatcher``, balanced routing):
+  permutation 1 ``permute`` (``moe_utils.py:375``, ``index_select``) R h; the dispatch
+  ``all_to_all`` output (``token_dispatcher.py:666``) R h; with ETP > 1 the all-gather over the
+  expert-TP group (``:696``) R ETP h; permutation 2 ``sort_chunks_by_idxs`` when a rank holds more
+  than one expert (``:732``, ``moe_utils.py:506`` ``torch.cat``) R ETP h; on the way back the
+  unsort (``:767``) R ETP h, the reduce-scatter with ETP > 1 (``:779``) R h, the combine
+  ``all_to_all`` (``:810``) R h, all in the model dtype; ``unpermute`` (``:833``,
+  ``moe_utils.py:447-451``) multiplies by the fp32 router probabilities (``moe_router_dtype=fp32``
+  promotes: R h fp32) and scatter-adds into fp32 zeros (T_l h). The allgather dispatcher instead
+  gathers every token of the TP x EP group (``token_dispatcher.py:274``, T_l ETP EP h), permutes the
+  ones routed here (about R ETP h), and reduce-scatters back (``:338``). The plan counts the sum of
+  one routed layer's buffers once per stage (``moe_dispatch``): they live within the layer, so
+  this bounds what is live at once; an unbalanced router sends more than R h to a hot expert's
+  rank. The expert MLPs' saved activations are counted by the dense formula below.
 - Logprob buffers (last stage, ``parallel/logprobs.py``): the logits ``[T, V / t]`` in the model
   dtype, their gradient of the same size, and one fp32 ``[chunk, V / t]`` buffer (chunk 1024).
 - FP8 (``model.fp8.enabled``): an estimate of 2 bytes per GEMM weight for the FP8 copies TE keeps
@@ -138,7 +171,29 @@ def _qwen(model_type, hidden, ffn, layers, heads, kv, vocab, *, tied=False, head
     return cfg
 
 
+def _qwen3_moe(hidden, ffn, layers, heads, kv, experts, topk, expert_ffn) -> dict:
+    cfg = _qwen("qwen3_moe", hidden, ffn, layers, heads, kv, 151936, head_dim=128)
+    cfg.update(
+        num_experts=experts,
+        num_experts_per_tok=topk,
+        moe_intermediate_size=expert_ffn,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=40960,
+    )
+    return cfg
+
+
 # Published config.json fields of well-known checkpoints (only what the plan needs).
+# Qwen3 MoE shapes: the model cards of Qwen/Qwen3-30B-A3B (48 layers, 32 query / 4 KV heads,
+# 128 experts, 8 per token, 30.5 B total, 3.3 B activated) and Qwen/Qwen3-235B-A22B (94 layers,
+# 64 / 4 heads, 128 experts, 8 per token, 235 B / 22 B); hidden size, head_dim 128, expert width
+# and vocabulary from transformers' Qwen3MoeConfig defaults (``configuration_qwen3_moe.py``,
+# documented against Qwen/Qwen3-30B-A3B-Base: hidden 2048, intermediate 6144, expert width
+# 768, vocab 151936) and, for the 235B, the Megatron configs of MindSpeed-RL
+# (``configs/model/qwen3_235b_a22b.yaml``: hidden 4096, ffn 12288, moe_ffn 1536, kv_channels
+# 128) and MaxText (``configs/models/qwen3-235b-a22b.yml``). Every layer is routed.
 ARCHS: dict[str, dict] = {
     "llama3-8b": _llama(4096, 14336, 32, 32, 8),
     "llama3-70b": _llama(8192, 28672, 80, 64, 8),
@@ -150,6 +205,8 @@ ARCHS: dict[str, dict] = {
     "qwen3-32b": _qwen("qwen3", 5120, 25600, 64, 64, 8, 151936, head_dim=128),
     "qwen2.5-7b": _qwen("qwen2", 3584, 18944, 28, 28, 4, 152064),
     "qwen2.5-72b": _qwen("qwen2", 8192, 29568, 80, 64, 8, 152064),
+    "qwen3-30b-a3b": _qwen3_moe(2048, 6144, 48, 32, 4, 128, 8, 768),
+    "qwen3-235b-a22b": _qwen3_moe(4096, 12288, 94, 64, 4, 128, 8, 1536),
     "mistral-7b": {
         **_llama(4096, 14336, 32, 32, 8),
         "model_type": "mistral",
@@ -173,6 +230,8 @@ class StageParams:
     output: int = 0
     final_norm: int = 0
     layer_sum: int | None = None  # the stage's layers together, when they differ (MoE)
+    expert: int = 0  # of the total: expert weights (sharded over the expert-data-parallel group)
+    routed_layers: int = 0  # layers with routed experts
 
     @property
     def total(self) -> int:
@@ -180,10 +239,18 @@ class StageParams:
         return layers + self.embedding + self.output + self.final_norm
 
 
-def layer_params(arch: HFArch, tp: int = 1, index: int | None = None) -> tuple[int, int]:
-    """(all parameters, GEMM weights) of one decoder layer on one TP rank; for a mixture of
-    experts, of layer ``index`` (default: the first routed one), every expert counted (EP 1,
-    experts split over TP)."""
+def layer_params(
+    arch: HFArch,
+    tp: int = 1,
+    index: int | None = None,
+    ep: int = 1,
+    etp: int | None = None,
+    experts: int | None = None,
+) -> tuple[int, int]:
+    """(all parameters, GEMM weights) of one decoder layer on one rank; for a mixture of
+    experts, of layer ``index`` (default: the first routed one) with ``num_experts / ep`` experts
+    (or ``experts`` of them, e.g. the active top-k), each split over ``etp`` ranks (default
+    ``tp``)."""
     h, d, a, g = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_query_groups
     qkv = h * (a + 2 * g) * d // tp
     proj = a * d * h // tp
@@ -191,18 +258,38 @@ def layer_params(arch: HFArch, tp: int = 1, index: int | None = None) -> tuple[i
         index = arch.moe_layers.index(1) if 1 in arch.moe_layers else 0
     routed = index is not None and arch.is_moe_layer(index)
     if routed:
-        mlp = arch.num_experts * 3 * h * arch.moe_ffn_hidden_size // tp
+        mlp = expert_params(arch, index, tp, ep, etp, experts)
+        mlp += 3 * h * arch.shared_expert_ffn_hidden_size // tp  # qwen2_moe's shared expert
     else:
         mlp = 3 * h * arch.ffn_hidden_size // tp
     gemm = qkv + proj + mlp
     extra = 2 * h  # input and pre-MLP RMSNorm weights, replicated over TP
     if routed:
         extra += arch.num_experts * h  # the router, replicated
+        if arch.shared_expert_ffn_hidden_size:
+            extra += h  # the shared expert's sigmoid gate, replicated
     if arch.add_qkv_bias:
         extra += (a + 2 * g) * d // tp
     if arch.qk_layernorm:
         extra += 2 * d
     return gemm + extra, gemm
+
+
+def expert_params(
+    arch: HFArch,
+    index: int | None,
+    tp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    experts: int | None = None,
+) -> int:
+    """Expert weights of layer ``index`` on one rank (0 for a dense layer): ``num_experts / ep``
+    experts (or ``experts``), each gate, up and down of width ``moe_intermediate_size / etp``."""
+    if not arch.is_moe or index is None or not arch.is_moe_layer(index):
+        return 0
+    etp = tp if etp is None else etp
+    n = arch.num_experts // ep if experts is None else experts
+    return n * 3 * arch.hidden_size * (arch.moe_ffn_hidden_size // etp)
 
 
 def total_params(arch: HFArch) -> int:
@@ -212,18 +299,36 @@ def total_params(arch: HFArch) -> int:
     return layers + emb * (1 if arch.tie_word_embeddings else 2) + arch.hidden_size
 
 
-def stage_params(arch: HFArch, tp: int, pp: int, vocab: int) -> list[StageParams]:
-    """Per-stage parameters on one TP rank, as megatron-core builds them (``vocab`` padded)."""
-    layer, gemm = layer_params(arch, tp)
+def active_params(arch: HFArch) -> int:
+    """Parameters one token passes through: :func:`total_params` with ``num_experts_per_tok``
+    experts per routed layer (the router and every dense part counted; equal to the total for
+    a dense model)."""
+    if not arch.is_moe:
+        return total_params(arch)
+    topk = arch.moe_router_topk
+    layers = sum(layer_params(arch, 1, i, experts=topk)[0] for i in range(arch.num_layers))
+    emb = arch.vocab_size * arch.hidden_size
+    return layers + emb * (1 if arch.tie_word_embeddings else 2) + arch.hidden_size
+
+
+def stage_params(
+    arch: HFArch, tp: int, pp: int, vocab: int, ep: int = 1, etp: int | None = None
+) -> list[StageParams]:
+    """Per-stage parameters on one rank, as megatron-core builds them (``vocab`` padded; a mixture
+    of experts holds ``num_experts / ep`` experts per routed layer, split over ``etp``)."""
+    layer, gemm = layer_params(arch, tp, ep=ep, etp=etp)
     per_stage = arch.num_layers // pp
     emb = vocab // tp * arch.hidden_size
     stages = []
     for i in range(pp):
         s = StageParams(layers=per_stage, layer=layer, gemm=gemm)
         if arch.is_moe:
-            counts = [layer_params(arch, tp, j) for j in range(i * per_stage, (i + 1) * per_stage)]
+            span = range(i * per_stage, (i + 1) * per_stage)
+            counts = [layer_params(arch, tp, j, ep, etp) for j in span]
             s.layer, s.gemm = max(c[0] for c in counts), max(c[1] for c in counts)
             s.layer_sum = sum(c[0] for c in counts)
+            s.expert = sum(expert_params(arch, j, tp, ep, etp) for j in span)
+            s.routed_layers = sum(arch.is_moe_layer(j) for j in span)
         if i == 0:
             s.embedding = emb
         if i == pp - 1:
@@ -243,6 +348,8 @@ class Settings:
     tp: int
     pp: int
     dp: int
+    ep: int = 1
+    etp: int | None = None  # None: tp
     precision: str = "bf16"
     distributed_optimizer: bool = True
     recompute: str | None = None  # None | selective | full
@@ -256,6 +363,18 @@ class Settings:
     reserve_gb: float = 3.0
     vocab: int | None = None  # padded; None: as the trainer pads it
     local_engine_bytes: float = 0.0  # rollout=local on a GPU: rank 0 (stage 0) holds the model
+    dispatcher: str = "alltoall"  # megatron-core's MoE token dispatcher (alltoall | allgather)
+
+    @property
+    def expert_tp(self) -> int:
+        """Expert tensor-parallel size (``parallel.etp``, default TP)."""
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def expert_dp(self) -> int:
+        """Expert-data-parallel size, world / (ETP EP PP) as megatron-core's parallel_state
+        computes it."""
+        return self.tp * self.pp * self.dp // (self.expert_tp * self.ep * self.pp)
 
 
 def arch_precision(arch: HFArch) -> str:
@@ -288,12 +407,40 @@ def activation_bytes_per_layer(arch: HFArch, s: Settings, recompute: str | None 
     return per * scale
 
 
+def moe_dispatch_bytes(arch: HFArch, s: Settings) -> float:
+    """Buffers of one routed layer's token dispatch and combine for one micro-batch (module doc:
+    what megatron-core's dispatcher allocates, balanced routing)."""
+    if not arch.is_moe:
+        return 0.0
+    h, k, b = arch.hidden_size, arch.moe_router_topk, param_bytes(s.precision)
+    etp, ep = s.expert_tp, s.ep
+    local = s.tokens_per_microbatch / s.tp  # sequence parallel under TP
+    routed = local * k
+    if s.dispatcher == "allgather":
+        gathered = local * etp * ep if etp * ep > 1 else local
+        elems = gathered + routed * etp + routed * etp  # gather, permute, expert-output copy
+        if etp * ep > 1:
+            elems += local  # reduce-scatter output
+        fp32 = routed * etp + gathered  # unpermute: prob-weighted copy and fp32 output
+        return elems * h * b + fp32 * h * 4
+    elems = routed + routed  # permutation 1, dispatch all-to-all
+    if etp > 1:
+        elems += routed * etp + routed  # expert-TP all-gather, reduce-scatter back
+    if arch.num_experts // ep > 1:
+        elems += 2 * routed * etp  # permutation 2 and its inverse
+    elems += routed  # combine all-to-all
+    fp32 = routed + local  # unpermute: prob-weighted copy and fp32 output
+    return elems * h * b + fp32 * h * 4
+
+
 def plan_stage(arch: HFArch, sp: StageParams, index: int, s: Settings) -> dict:
     """Bytes per component on one GPU of pipeline stage ``index``."""
     vocab = s.vocab or padded_vocab_size(arch.vocab_size, s.tp)
     p = sp.total
+    dense = p - sp.expert
     per = state_bytes_per_param(s.precision, s.dp, s.distributed_optimizer)
-    out = {k: v * p for k, v in per.items()}
+    per_expert = state_bytes_per_param(s.precision, s.expert_dp, s.distributed_optimizer)
+    out = {k: v * dense + per_expert[k] * sp.expert for k, v in per.items()}
     out["reference_weights"] = param_bytes(s.precision) * p if s.reference_model else 0.0
     in_flight = min(s.pp - index, max(s.microbatches, 1))
     layer = activation_bytes_per_layer(arch, s, s.recompute)
@@ -301,6 +448,7 @@ def plan_stage(arch: HFArch, sp: StageParams, index: int, s: Settings) -> dict:
     if s.recompute == "full":  # the layer being recomputed holds its full activations
         acts += activation_bytes_per_layer(arch, s, "selective")
     out["activations"] = acts
+    out["moe_dispatch"] = moe_dispatch_bytes(arch, s) if sp.routed_layers else 0.0
     logprob = 0.0
     if index == s.pp - 1:
         v_local = vocab // s.tp
@@ -312,6 +460,7 @@ def plan_stage(arch: HFArch, sp: StageParams, index: int, s: Settings) -> dict:
     out["reserve"] = s.reserve_gb * GiB
     out["total"] = sum(out.values())
     out["params"] = p
+    out["expert_params"] = sp.expert
     out["in_flight_microbatches"] = in_flight
     return out
 
@@ -409,6 +558,8 @@ def resolve_arch(args: argparse.Namespace, model: dict) -> tuple[HFArch, int | N
 
 def settings_from_config(cfg, args: argparse.Namespace, world_size: int) -> Settings:
     """Settings from the composed run config (``trainer.config.RunConfig``) and the flags."""
+    from megatron_gvpo.parallel.initialize import expert_tp
+
     t, r, m, d = cfg.trainer, cfg.rollout, cfg.model, cfg.data
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     dp = world_size // (tp * pp)
@@ -419,6 +570,9 @@ def settings_from_config(cfg, args: argparse.Namespace, world_size: int) -> Sett
         tp=tp,
         pp=pp,
         dp=dp,
+        ep=cfg.parallel.ep,
+        etp=expert_tp(cfg.parallel),
+        dispatcher="allgather" if m.moe.token_dispatcher == "allgather" else "alltoall",
         precision=m.precision,
         distributed_optimizer=t.use_distributed_optimizer,
         recompute=m.recompute_granularity,
@@ -448,6 +602,10 @@ class Plan:
     dp: int
     budget: float
     stages: dict[int, dict]
+    params_active: int = 0
+    ep: int = 1
+    etp: int = 1
+    expert_dp: int = 1
     settings: dict = field(default_factory=dict)
     engine: dict | None = None
     engine_placement: str = "none"
@@ -467,9 +625,9 @@ def make_plan(
     colocated_fraction: float = 0.0,
 ) -> Plan:
     """Plan every distinct stage (first, middle, last) and check each against the budget."""
-    check_parallel_layout(arch, s.tp, s.pp, source=source or "config.json")
+    check_parallel_layout(arch, s.tp, s.pp, source=source or "config.json", ep=s.ep, etp=s.etp)
     vocab = s.vocab or padded_vocab_size(arch.vocab_size, s.tp)
-    stages = stage_params(arch, s.tp, s.pp, vocab)
+    stages = stage_params(arch, s.tp, s.pp, vocab, s.ep, s.etp)
     shown = sorted({0, min(1, s.pp - 1), s.pp - 1})  # stage 1 stands for every middle stage
     planned = {i: plan_stage(arch, stages[i], i, s) for i in shown}
     budget = s.gpu_memory_gb * GiB * (1 - colocated_fraction)
@@ -481,6 +639,10 @@ def make_plan(
         pp=s.pp,
         dp=s.dp,
         budget=budget,
+        params_active=active_params(arch),
+        ep=s.ep,
+        etp=s.expert_tp,
+        expert_dp=s.expert_dp,
         stages=planned,
         settings=asdict(s),
         engine=engine,
@@ -507,6 +669,7 @@ COMPONENTS = (
     "optimizer",
     "reference_weights",
     "activations",
+    "moe_dispatch",
     "logprob_buffers",
     "fp8_weight_copies",
     "local_engine",
@@ -520,8 +683,16 @@ def _why(i: int, st: dict, s: Settings, budget: float, colocated: float) -> str:
         "activations": "model.recompute_granularity=full, a smaller "
         "trainer.max_tokens_per_microbatch, or a larger parallel.tp",
         "optimizer": "trainer.use_distributed_optimizer=true and more data-parallel GPUs",
+        "weights": "a larger parallel.ep (experts) or parallel.tp / parallel.pp",
+        "gradients": "a larger parallel.ep (experts) or parallel.tp / parallel.pp",
+        "moe_dispatch": "a smaller trainer.max_tokens_per_microbatch",
         "logprob_buffers": "a smaller trainer.max_tokens_per_microbatch or a larger parallel.tp",
     }
+    if worst == "optimizer" and st["expert_params"] > st["params"] / 2:  # mostly experts
+        hints["optimizer"] = (
+            f"more expert-data-parallel GPUs (world / (parallel.etp x parallel.ep x parallel.pp)"
+            f" = {s.expert_dp} now shards the experts' optimizer state)"
+        )
     where = f" (after {colocated:.0%} for the colocated rollout engine)" if colocated else ""
     return (
         f"pipeline stage {i} needs {st['total'] / GiB:.1f} GiB of {budget / GiB:.1f} GiB{where}; "
@@ -549,14 +720,22 @@ def format_table(plan: Plan) -> str:
     cols = [f"stage {i}" for i in plan.stages]
     rows = [
         ("parameters (M)", lambda st: f"{st['params'] / 1e6:,.1f}"),
+        *(
+            [("  of which experts (M)", lambda st: f"{st['expert_params'] / 1e6:,.1f}")]
+            if plan.ep > 1 or any(st["expert_params"] for st in plan.stages.values())
+            else []
+        ),
         *[(k, lambda st, k=k: f"{st[k] / GiB:.2f}") for k in (*COMPONENTS, "reserve", "total")],
         ("micro-batches in flight", lambda st: str(st["in_flight_microbatches"])),
     ]
     width = max(len(r[0]) for r in rows) + 2
+    moe = plan.params_active != plan.params_total
     lines = [
-        f"{plan.arch}: {plan.params_total / 1e9:.3f} B parameters; world {plan.world_size} = "
-        f"TP {plan.tp} x PP {plan.pp} x DP {plan.dp}; GiB per GPU, budget "
-        f"{plan.budget / GiB:.1f}",
+        f"{plan.arch}: {plan.params_total / 1e9:.3f} B parameters"
+        + (f" ({plan.params_active / 1e9:.3f} B active per token)" if moe else "")
+        + f"; world {plan.world_size} = TP {plan.tp} x PP {plan.pp} x DP {plan.dp}"
+        + (f"; experts: EP {plan.ep} x ETP {plan.etp} x expert-DP {plan.expert_dp}" if moe else "")
+        + f"; GiB per GPU, budget {plan.budget / GiB:.1f}",
         _settings_line(plan.settings),
         "".ljust(width) + "".join(c.rjust(14) for c in cols),
     ]

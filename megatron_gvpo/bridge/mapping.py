@@ -1,4 +1,5 @@
-"""Hugging Face <-> Megatron-Core parameter names and layouts for llama/mistral/qwen2/qwen3/qwen3_moe.
+"""Hugging Face <-> Megatron-Core parameter names and layouts for llama/mistral/qwen2/qwen3 and
+the mixtures of experts qwen2_moe/qwen3_moe.
 
 Megatron names here are *global* (layer index over the whole model, not per pipeline stage;
 expert index over all experts, not per expert-parallel rank) and *full* (not split over TP). TP splitting and merging live in :mod:`megatron_gvpo.bridge.tp`.
@@ -30,6 +31,9 @@ _LAYER_RENAMES = {
     "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    # qwen2_moe's shared expert (megatron-core SharedExpertMLP) and its sigmoid gate, [1, hidden]
+    "mlp.shared_experts.linear_fc2.weight": "mlp.shared_expert.down_proj.weight",
+    "mlp.shared_experts.gate_weight": "mlp.shared_expert_gate.weight",
 }
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # Routed experts (megatron-core SequentialMLP) and HF's per-expert layout (transformers 5 saves
@@ -89,6 +93,11 @@ def hf_names(mcore_name: str, arch: HFArch) -> list[str]:
         return [pre + f"self_attn.{p}_proj.bias" for p in "qkv"]
     if suffix == "mlp.linear_fc1.weight":
         return [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"]
+    if suffix == "mlp.shared_experts.linear_fc1.weight":
+        return [
+            pre + "mlp.shared_expert.gate_proj.weight",
+            pre + "mlp.shared_expert.up_proj.weight",
+        ]
     if suffix == "mlp.router.weight":
         return [pre + "mlp.gate.weight"]
     e = _EXPERT_RE.match(suffix)
@@ -120,6 +129,12 @@ def mcore_names(arch: HFArch) -> list[str]:
                 names += [
                     pre + f"mlp.experts.local_experts.{e}.linear_fc1.weight",
                     pre + f"mlp.experts.local_experts.{e}.linear_fc2.weight",
+                ]
+            if arch.shared_expert_ffn_hidden_size:
+                names += [
+                    pre + "mlp.shared_experts.linear_fc1.weight",
+                    pre + "mlp.shared_experts.linear_fc2.weight",
+                    pre + "mlp.shared_experts.gate_weight",
                 ]
         else:
             names += [pre + "mlp.linear_fc1.weight", pre + "mlp.linear_fc2.weight"]

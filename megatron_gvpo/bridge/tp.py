@@ -44,7 +44,11 @@ def with_expert_index(name: str, expert: int) -> str:
 def _is_gated_fc1(name: str) -> bool:
     return (
         name.endswith("linear_fc1.weight")
-        and (name.endswith("mlp.linear_fc1.weight") or ".local_experts." in name)
+        and (
+            name.endswith("mlp.linear_fc1.weight")
+            or name.endswith("mlp.shared_experts.linear_fc1.weight")
+            or ".local_experts." in name
+        )
         or name.endswith("mlp.linear_fc1.bias")
     )
 
@@ -60,6 +64,9 @@ _PARTITION_DIMS = (
     ("mlp.linear_fc1.weight", 0),
     ("self_attention.linear_proj.weight", 1),
     ("mlp.linear_fc2.weight", 1),
+    # qwen2_moe's shared expert: a dense MLP over the TP group (its gate_weight is replicated)
+    ("mlp.shared_experts.linear_fc1.weight", 0),
+    ("mlp.shared_experts.linear_fc2.weight", 1),
 )
 # A routed expert's linears split like the dense MLP's, over the expert tensor-parallel group.
 _EXPERT_PARTITION_RE = re.compile(r"\.local_experts\.\d+\.linear_fc(1|2)\.weight$")

@@ -233,3 +233,11 @@ def pack_sequences(
         response_index=index,
         response_mask=mask,
     )
+
+
+def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Per-sample 1-D rows as one float32 ``[n, width]`` tensor, zero-padded on the right."""
+    out = torch.zeros(len(rows), width, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, : r.numel()] = r
+    return out

@@ -56,7 +56,8 @@ class WarmStartConfig:
     eval_samples: int = 4  # samples per eval prompt at temperature 1
     family: str = "llama"
     """llama, or qwen3_moe: the same size with every MLP a mixture of 4 experts, top-2 (a
-    model to measure routing replay on)."""
+    model to measure routing replay on), or qwen2_moe: those experts plus a shared expert behind
+    its sigmoid gate."""
 
 
 def _tiny_shape(tokenizer, hidden: int, layers: int) -> dict:
@@ -101,6 +102,28 @@ def tiny_moe_config(tokenizer, hidden: int, layers: int):
         norm_topk_prob=True,
         head_dim=hidden // 4,
     )
+
+
+def tiny_qwen2_moe_config(tokenizer, hidden: int, layers: int):
+    """The demo model's shape as a qwen2_moe: every layer routes each token to 2 of 4 experts of
+    width 2 x hidden and adds a shared expert of the same width scaled by its sigmoid gate
+    (q/k/v biases, top-k probabilities not renormalised: transformers' defaults)."""
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(
+        **_tiny_shape(tokenizer, hidden, layers),
+        moe_intermediate_size=2 * hidden,
+        shared_expert_intermediate_size=2 * hidden,
+        num_experts=4,
+        num_experts_per_tok=2,
+    )
+
+
+CONFIG_BUILDERS = {
+    "llama": tiny_llama_config,
+    "qwen3_moe": tiny_moe_config,
+    "qwen2_moe": tiny_qwen2_moe_config,
+}
 
 
 def teacher_rows(n: int, seed: int, worked_share: float) -> list[dict[str, str]]:
@@ -206,10 +229,9 @@ def train(cfg: WarmStartConfig, tokenizer, rows: list[dict] | None = None):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.seed)
-    if cfg.family not in ("llama", "qwen3_moe"):
-        raise ValueError(f"family {cfg.family!r}: use llama or qwen3_moe")
-    build = tiny_moe_config if cfg.family == "qwen3_moe" else tiny_llama_config
-    config = build(tokenizer, cfg.hidden, cfg.layers)
+    if cfg.family not in CONFIG_BUILDERS:
+        raise ValueError(f"family {cfg.family!r}: use {', '.join(CONFIG_BUILDERS)}")
+    config = CONFIG_BUILDERS[cfg.family](tokenizer, cfg.hidden, cfg.layers)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps))

@@ -8,6 +8,7 @@ turns them into a scalar. For forward-only passes the logprobs are broadcast to 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,10 @@ def forward_backward(
         raise ValueError("forward_backward needs calculate_per_token_loss=True (models/gpt.py)")
     true_vocab = getattr(unwrap(model), "true_vocab_size", None)
     it = iter(micro_batches)
+    scale = nullcontext()
+    if not forward_only and _has_router_loss(get_attr_wrapped_model(model, "config")):
+        step_tokens = _step_tokens(micro_batches)
+        scale = AuxLossScale(step_tokens)
 
     def step(data_iterator, model_chunk):
         mb = next(data_iterator)
@@ -106,10 +111,7 @@ def forward_backward(
             forward_only=forward_only,
         )
 
-    config = get_attr_wrapped_model(model, "config")
-    if forward_only or not _has_router_loss(config):
-        return run()
-    with AuxLossScale(_step_tokens(micro_batches)):
+    with scale:
         return run()
 
 
@@ -181,3 +183,104 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+# ---------------------------------------------------------------- per-sample values of a pass
+# Each sample lives in one micro-batch of one DP rank; a pass scatters this rank's samples into a
+# zero-filled flat vector (all samples' response tokens, ``offsets[i]:offsets[i + 1]`` sample i),
+# and a sum over DP gives every rank every sample.
+
+
+def response_logprobs(logprobs: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """Per-sample response-token logprobs ``[n, L]`` (0 where masked) from a packed row ``[1, T-1]``."""
+    index = mb.extra["response_index"].to(logprobs.device)
+    mask = mb.extra["response_mask"].to(logprobs.device)
+    picked = logprobs[0][index.flatten()].view_as(index)
+    return torch.where(mask, picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
+
+
+def sequence_logprobs(logprobs: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """Summed response-token logprobs ``[n]`` (token *sum*, as GVPO defines s)."""
+    return response_logprobs(logprobs, mb).sum(-1)
+
+
+def sequence_old_logprobs(mb: MicroBatch, key: str = "old_logprobs") -> torch.Tensor:
+    """s' ``[n]``: the micro-batch's per-token ``key`` rows summed over the tokens that
+    ``response_mask`` keeps (the model's own tokens)."""
+    rows = mb.extra[key]
+    mask = mb.extra["response_mask"].to(rows.device)
+    return torch.where(mask, rows, torch.zeros((), dtype=rows.dtype, device=rows.device)).sum(-1)
+
+
+def sum_over_dp(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum ``t`` over the data-parallel ranks (collectives run on ``device``); returned on CPU.
+
+    The exchange of per-sample values: each sample lives on one DP rank, the others hold zeros.
+    """
+    if parallel_state.get_data_parallel_world_size() == 1:
+        return t
+    t = t.to(device)
+    dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return t.cpu()
+
+
+def scatter_rows(flat: torch.Tensor, offsets: list[int], rows: torch.Tensor, mb: MicroBatch) -> None:
+    """Write a micro-batch's padded per-sample rows into their samples' spans of ``flat``."""
+    for row, i in zip(rows, mb.extra["sample_ids"].tolist(), strict=True):
+        flat[offsets[i] : offsets[i + 1]] = row[: offsets[i + 1] - offsets[i]]
+
+
+def gather_rows(
+    flat: torch.Tensor, offsets: list[int], model: torch.nn.Module, pp_broadcast: bool = False
+) -> list[torch.Tensor]:
+    """Per-sample rows from this rank's zero-filled flat vector, summed over DP (and taken from
+    the last PP stage with ``pp_broadcast``), identical on every rank."""
+    dev = next(model.parameters()).device
+    if pp_broadcast and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        flat = broadcast_from_last_stage(flat.to(dev)).cpu()
+    flat = sum_over_dp(flat, dev)
+    return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(offsets) - 1)]
+
+
+@torch.no_grad()
+def sample_token_logprobs(
+    model: torch.nn.Module,
+    micro_batches: list[MicroBatch],
+    offsets: list[int],
+    temperature: float = 1.0,
+) -> list[torch.Tensor]:
+    """Every sample's response-token logprobs under ``model``, on every rank: each DP rank scores
+    its micro-batches, and the sum over DP of the flat vector gives every rank every sample (so
+    later steps may place samples on other ranks)."""
+    flat = torch.zeros(offsets[-1], dtype=torch.float32)
+    for lp, mb in zip(
+        compute_logprobs(model, micro_batches, temperature), micro_batches, strict=True
+    ):
+        with native_torch():
+            scatter_rows(flat, offsets, response_logprobs(lp, mb).float().cpu(), mb)
+    return gather_rows(flat, offsets, model)
+
+
+@torch.no_grad()
+def step_log_ratio(
+    model: torch.nn.Module,
+    micro_batches: list[MicroBatch],
+    num_samples: int,
+    temperature: float,
+    baseline: str,
+) -> torch.Tensor:
+    """``s - s_base`` [N] float64 of the whole step at the current theta, identical on every
+    rank: ``s`` the summed response logprobs under ``model``, ``s_base`` those of each
+    micro-batch's ``extra[baseline]`` (``old_logprobs``: theta'; ``ref_logprobs``: the reference).
+
+    A forward-only pass over this rank's micro-batches gives its samples; a sum all-reduce over DP
+    of a zero-filled [N] vector (each sample lives on one DP rank) gives every rank all of them:
+    the detached exchange of GVPO's delta and of the preference margins (group ids are known
+    everywhere already).
+    """
+    out = torch.zeros(num_samples, dtype=torch.float64)
+    logprobs = compute_logprobs(model, micro_batches, temperature=temperature)
+    for lp, mb in zip(logprobs, micro_batches, strict=True):
+        base = sequence_old_logprobs(mb, baseline).double().cpu()
+        out[mb.extra["sample_ids"]] = sequence_logprobs(lp, mb).double().cpu() - base
+    return sum_over_dp(out, next(model.parameters()).device)

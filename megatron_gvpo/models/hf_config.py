@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
-MOE_MODEL_TYPES = ("qwen3_moe",)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+MOE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
 _REQUIRED = (
     "model_type",
     "hidden_size",
@@ -24,7 +24,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class HFArch:
-    """Architecture of a supported decoder-only HF model (llama, mistral, qwen2, qwen3, qwen3_moe).
+    """Architecture of a supported decoder-only HF model (llama, mistral, qwen2, qwen3, qwen2_moe,
+    qwen3_moe).
 
     ``ffn_hidden_size`` is the dense MLP's width; a mixture-of-experts model adds the expert
     fields below (``num_experts`` 0 means a dense model).
@@ -57,6 +58,10 @@ class HFArch:
     moe_layers: list[int] = field(default_factory=list)
     """Per layer, 1 when its MLP is a mixture of experts, 0 when dense (HF ``mlp_only_layers``
     and ``decoder_sparse_step``); empty for a dense model."""
+    shared_expert_ffn_hidden_size: int = 0
+    """Width of the shared expert every token of a routed layer also passes through, its output
+    scaled by sigmoid(``shared_expert_gate``) (qwen2_moe ``shared_expert_intermediate_size``);
+    0: none."""
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -107,7 +112,7 @@ def arch_from_dict(raw: dict, source: str = "config.json") -> HFArch:
         )
     if raw.get("mlp_bias"):
         raise ValueError(f"{source}: mlp_bias=true is not supported")
-    if model_type == "qwen2" and raw.get("use_sliding_window"):
+    if model_type in ("qwen2", "qwen2_moe") and raw.get("use_sliding_window"):
         raise ValueError(f"{source}: use_sliding_window=true is not supported")
 
     heads = int(raw["num_attention_heads"])
@@ -150,7 +155,7 @@ def arch_from_dict(raw: dict, source: str = "config.json") -> HFArch:
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        add_qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
+        add_qkv_bias=_qkv_bias(model_type, raw),
         qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
         max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
         torch_dtype=dtype,
@@ -159,11 +164,23 @@ def arch_from_dict(raw: dict, source: str = "config.json") -> HFArch:
     )
 
 
+def _qkv_bias(model_type: str | None, raw: dict) -> bool:
+    """Biases on q, k and v: always for qwen2; qwen2_moe's ``qkv_bias`` (transformers' default
+    True, ``Qwen2MoeAttention``); elsewhere ``attention_bias``."""
+    if model_type == "qwen2":
+        return True
+    if model_type == "qwen2_moe":
+        return bool(raw.get("qkv_bias", True))
+    return bool(raw.get("attention_bias", False))
+
+
 def _moe_fields(raw: dict, source: str) -> dict:
-    """The expert fields of a qwen3_moe config, checked (HF ``Qwen3MoeDecoderLayer`` decides a
-    layer is sparse when it is not in ``mlp_only_layers`` and (layer + 1) is a multiple of
+    """The expert fields of a qwen3_moe or qwen2_moe config, checked (HF's decoder layers decide
+    a layer is sparse when it is not in ``mlp_only_layers`` and (layer + 1) is a multiple of
     ``decoder_sparse_step``). Hub configs spell the expert count ``num_experts``; transformers 5
-    writes it as ``num_local_experts``."""
+    writes it as ``num_local_experts``. qwen2_moe adds a shared expert of width
+    ``shared_expert_intermediate_size`` behind a sigmoid gate in every routed layer
+    (``Qwen2MoeSparseMoeBlock``)."""
     raw = {**raw, "num_experts": raw.get("num_experts", raw.get("num_local_experts"))}
     missing = [
         k
@@ -184,7 +201,18 @@ def _moe_fields(raw: dict, source: str) -> dict:
     bad = sorted(i for i in dense if not 0 <= int(i) < layers)
     if bad:
         raise ValueError(f"{source}: mlp_only_layers {bad} are not layers of {layers}")
+    shared = 0
+    if raw.get("model_type") == "qwen2_moe":
+        if raw.get("shared_expert_intermediate_size") is None:
+            raise ValueError(f"{source}: missing required field(s) shared_expert_intermediate_size")
+        shared = int(raw["shared_expert_intermediate_size"])
+        if shared < 1:
+            raise ValueError(
+                f"{source}: shared_expert_intermediate_size={shared} must be >= 1 (a qwen2_moe "
+                "layer always has its shared expert)"
+            )
     return dict(
+        shared_expert_ffn_hidden_size=shared,
         num_experts=experts,
         moe_ffn_hidden_size=int(raw["moe_intermediate_size"]),
         moe_router_topk=topk,
@@ -208,6 +236,11 @@ def check_parallel_layout(
         if arch.moe_ffn_hidden_size % etp:
             problems.append(
                 f"moe_intermediate_size={arch.moe_ffn_hidden_size} is not divisible by etp={etp}"
+            )
+        if arch.shared_expert_ffn_hidden_size % tp:
+            problems.append(
+                f"shared_expert_intermediate_size={arch.shared_expert_ffn_hidden_size} is not "
+                f"divisible by tp={tp}"
             )
     if arch.num_attention_heads % tp:
         problems.append(

@@ -1,15 +1,21 @@
-"""Mixture-of-experts settings: how a routed-expert model (qwen3_moe) is built in megatron-core.
+"""Mixture-of-experts settings: how a routed-expert model (qwen3_moe, qwen2_moe) is built in
+megatron-core.
 
 The router and experts are megatron-core's own (``TopKRouter``, ``SequentialMLP``, its token
 dispatchers); this module only turns the HF architecture and ``model.moe.*`` into the
 ``TransformerConfig`` fields that make them compute what transformers computes:
 
-- routing: softmax over all experts then top-k (HF ``Qwen3MoeTopKRouter``). With
+- routing: softmax over all experts then top-k (HF ``Qwen3MoeTopKRouter``, and
+  ``Qwen2MoeTopKRouter``, the same computation). With
   ``norm_topk_prob`` the top-k probabilities are renormalised, which equals megatron's
   top-k-then-softmax (``moe_router_pre_softmax=False``); without it, megatron's
   ``moe_router_pre_softmax=True`` keeps the unnormalised top-k of the full softmax.
 - the router's GEMM and softmax in fp32 (``moe_router_dtype="fp32"``) whatever the model dtype;
-- dropless: no expert capacity, no token dropping, no padding.
+- dropless: no expert capacity, no token dropping, no padding;
+- qwen2_moe's shared expert: megatron-core's ``SharedExpertMLP`` (``moe_shared_expert_intermediate_size``)
+  with its sigmoid gate (``moe_shared_expert_gate``: output x sigmoid(x . w), as HF's
+  ``Qwen2MoeSparseMoeBlock`` scales the shared expert by ``sigmoid(shared_expert_gate(x))``),
+  added to the routed experts' output.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ class MoEConfig:
     """How tokens reach their experts' ranks: allgather, alltoall, or auto (alltoall with CUDA,
     allgather on CPU, where gloo's all-to-all with uneven splits is not available)."""
     routing_replay: str = "off"
-    """off, or old: the round's theta' pass records each token's top-k experts and every update
-    of the round routes the tokens the same way (``models/routing_replay.py``)."""
+    """off; old: the round's theta' pass records each token's top-k experts and every update
+    of the round routes the tokens the same way; rollout: the rollout engine reports the experts
+    it chose for every token it processed, and the theta' pass and every update route the tokens
+    as the engine did (``models/routing_replay.py``)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the ``model.moe`` key whose value is out of range."""
@@ -47,8 +55,10 @@ class MoEConfig:
                 f"model.moe.token_dispatcher={self.token_dispatcher!r}: use "
                 f"{', '.join(DISPATCHERS)}"
             )
-        if self.routing_replay not in ("off", "old"):
-            raise ValueError(f"model.moe.routing_replay={self.routing_replay!r}: use off or old")
+        if self.routing_replay not in ("off", "old", "rollout"):
+            raise ValueError(
+                f"model.moe.routing_replay={self.routing_replay!r}: use off, old or rollout"
+            )
         for key in ("aux_loss_coeff", "z_loss_coeff"):
             if getattr(self, key) < 0:
                 raise ValueError(f"model.moe.{key}={getattr(self, key)} must be >= 0")
@@ -85,6 +95,8 @@ def moe_transformer_config_kwargs(arch: HFArch, moe: MoEConfig, ep: int, etp: in
         moe_enable_routing_replay=moe.routing_replay != "off",
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
+        moe_shared_expert_intermediate_size=arch.shared_expert_ffn_hidden_size or None,
+        moe_shared_expert_gate=arch.shared_expert_ffn_hidden_size > 0,
     )
 
 

@@ -14,11 +14,21 @@ token rows to samples and back. Routes are kept per sample (``RolloutBatch.route
 layer of this pipeline stage, [tokens, top-k]) so any placement of the samples in micro-batches
 and DP ranks replays them. Under sequence parallelism (TP > 1) a router sees only its TP rank's
 slice of the packed row: the recorded slices are gathered over TP, and each rank replays its own.
+
+With ``model.moe.routing_replay=rollout`` the routes come from the rollout engine instead: it
+reports, per sample, the experts it chose for every token it processed (``Sample.routes``:
+[MoE layers, tokens, top-k], the prompt and every response token it fed back, so all but the
+last; see :func:`engine_routes`), and the round's theta' pass and every update replay them, so
+the trained logprobs route exactly as the sampling engine did. A token the engine reported no
+route for (a sample's last token, whose output feeds no trained logprob; observation tokens
+appended after a trajectory's last model turn) is routed by the current router
+(:data:`NO_ROUTE` in the targets); it is never counted in the flip share.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,13 +36,45 @@ from megatron.core import parallel_state
 
 from megatron_gvpo.models.moe import _routers
 
-ROUTING_REPLAY_MODES = ("off", "old")
+ROUTING_REPLAY_MODES = ("off", "old", "rollout")
+NO_ROUTE = -1
+"""A target row the replay leaves to the current router (the engine reported no route)."""
+
+
+def engine_routes(
+    routes: torch.Tensor, moe_layers: Sequence[int], length: int
+) -> dict[int, torch.Tensor]:
+    """A sample's engine routes as the replay keeps them.
+
+    ``routes``: [len(moe_layers), n, top-k] integer experts of the sample's first ``n`` tokens
+    (prompt, then response), as the engine reports them; ``moe_layers``: the model's MoE layers
+    (0-based decoder layer indices, in order); ``length``: the sample's tokens (prompt +
+    response). Returns decoder layer -> [length, top-k] long, rows past ``n`` :data:`NO_ROUTE`.
+    """
+    if routes.dim() != 3 or routes.shape[0] != len(moe_layers):
+        raise ValueError(
+            f"engine routes of shape {tuple(routes.shape)}: expected [{len(moe_layers)} MoE "
+            "layers, tokens, top-k]"
+        )
+    n = min(routes.shape[1], length)
+    out = {}
+    for j, layer in enumerate(moe_layers):
+        full = torch.full((length, routes.shape[2]), NO_ROUTE, dtype=torch.long)
+        full[:n] = routes[j, :n].long()
+        out[layer] = full
+    return out
 
 
 class RoutingReplay:
-    """Records routes per sample during a theta' pass and replays them during updates."""
+    """Records routes per sample during a theta' pass and replays them during updates.
 
-    def __init__(self, model: torch.nn.Module):
+    ``source``: where the replayed routes come from, ``old`` (recorded by the theta' pass) or
+    ``rollout`` (reported by the engine; the theta' pass replays them too)."""
+
+    def __init__(self, model: torch.nn.Module, source: str = "old"):
+        if source not in ("old", "rollout"):
+            raise ValueError(f"model.moe.routing_replay={source!r}: a replay needs old or rollout")
+        self.source = source
         self.routers = {r.layer_number - 1: r for r in _routers(model)}
         if any(r.router_replay is None for r in self.routers.values()):
             raise ValueError("routing replay needs a model built with moe_enable_routing_replay")
@@ -41,7 +83,10 @@ class RoutingReplay:
         self._real = torch.zeros(0, dtype=torch.bool)  # its rows that are tokens, not padding
         self._recorded: dict[int, dict[int, torch.Tensor]] = {}
         self.flips = torch.zeros(2, dtype=torch.float64)  # (tokens whose own top-k differ, tokens)
+        self._own: dict[int, torch.Tensor] = {}  # per layer: the current router's own top-k
+        self._free: dict[int, torch.Tensor] = {}  # per layer: rows with no target (NO_ROUTE)
         for router in self.routers.values():
+            router.register_forward_pre_hook(self._before_router)
             router.register_forward_hook(self._after_router)
 
     # ---- recording --------------------------------------------------------------------------
@@ -84,7 +129,9 @@ class RoutingReplay:
     # ---- per micro-batch --------------------------------------------------------------------
 
     def before_forward(self, mb) -> None:
-        """Called by the forward step with the micro-batch about to run."""
+        """Called by the forward step with the micro-batch about to run: under replay, each
+        router's targets from the micro-batch's samples' routes (padding rows: experts 0..k-1,
+        never counted; :data:`NO_ROUTE` rows: the router's own choice)."""
         self._mb = mb
         if self.mode != "replay":
             return
@@ -104,6 +151,23 @@ class RoutingReplay:
                 target[start:end] = sample[layer]
             router.router_replay.target_topk_idx = _local_rows(target)
 
+    def _before_router(self, router, args) -> None:
+        """Replay: the router's own top-k of its input (for the flip share), and the rows with
+        no target (:data:`NO_ROUTE`) given it."""
+        if self.mode != "replay":
+            return
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(
+                args[0].reshape(-1, args[0].shape[-1]).float(), router.weight.float()
+            )
+            own = logits.topk(router.topk, dim=-1).indices
+        replay = router.router_replay
+        target = replay.target_topk_idx.to(own.device)
+        free = (target < 0).any(-1)
+        replay.target_topk_idx = torch.where(free.unsqueeze(-1), own, target)  # no host sync
+        layer = router.layer_number - 1
+        self._own[layer], self._free[layer] = own.sort(-1).values.cpu(), free.cpu()
+
     def _after_router(self, router, args, output) -> None:
         if self.mode == "record":
             rows = _full_rows(router.router_replay.recorded_topk_idx.detach()).cpu()
@@ -111,15 +175,12 @@ class RoutingReplay:
             for (start, end), i in zip(_spans(self._mb), ids, strict=False):
                 self._recorded.setdefault(i, {})[router.layer_number - 1] = rows[start:end].clone()
         elif self.mode == "replay":
-            with torch.no_grad():
-                logits = torch.nn.functional.linear(
-                    args[0].reshape(-1, args[0].shape[-1]).float(), router.weight.float()
-                )
-                own = logits.topk(router.topk, dim=-1).indices.sort(-1).values.cpu()
+            layer = router.layer_number - 1
+            own, counted = self._own.pop(layer), self._real & ~self._free.pop(layer)
             used = router.router_replay.target_topk_idx.sort(-1).values.cpu()
-            changed = (own != used).any(-1) & self._real
+            changed = (own != used).any(-1) & counted
             self.flips += torch.tensor(
-                [float(changed.sum()), float(self._real.sum())], dtype=torch.float64
+                [float(changed.sum()), float(counted.sum())], dtype=torch.float64
             )
 
     @contextlib.contextmanager

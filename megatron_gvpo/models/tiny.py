@@ -47,11 +47,26 @@ TINY_FAMILIES = {
         mlp_only_layers=[0],
         rope_parameters=dict(rope_type="default", rope_theta=1e6),
     ),
+    # qwen3_moe's shape plus a shared expert (width 40) behind its sigmoid gate; q/k/v biases,
+    # no q/k norms, top-k probabilities not renormalised (transformers' defaults).
+    "qwen2_moe": dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        norm_topk_prob=False,
+        mlp_only_layers=[0],
+        rope_parameters=dict(rope_type="default", rope_theta=1e6),
+    ),
 }
 
 
 def tiny_hf_config(family: str, **overrides):
-    """A transformers config of ``family`` (llama, qwen2, qwen3, mistral, qwen3_moe) at tiny size."""
+    """A transformers config of ``family`` (llama, qwen2, qwen3, mistral, qwen3_moe, qwen2_moe) at
+    tiny size."""
     from transformers import AutoConfig
 
     if family not in TINY_FAMILIES:
@@ -74,9 +89,10 @@ def save_tiny_hf_model(
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith("mlp.gate.weight"):
+            elif name.endswith("mlp.gate.weight") or name.endswith("shared_expert_gate.weight"):
                 # HF initialises the router to zero: every expert ties. Spread the logits so the
-                # top-k choice is decided and a mis-mapped router or expert shows.
+                # top-k choice is decided and a mis-mapped router or expert shows (and the
+                # shared expert's gate moves away from a constant sigmoid of about 0.5).
                 p.normal_(0.0, 0.5)
     model.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)

@@ -12,7 +12,12 @@ A failing or hung reward scores 0 for its samples and is counted; it never stops
 from megatron_gvpo.rewards.base import RewardConfig, RewardInput, RewardStats
 from megatron_gvpo.rewards.format import THINK_ANSWER, FormatReward
 from megatron_gvpo.rewards.guard import RewardTimeout, call_guarded
-from megatron_gvpo.rewards.manager import Reward, RewardManager, RewardResult
+from megatron_gvpo.rewards.manager import (
+    Reward,
+    RewardManager,
+    RewardResult,
+    check_reward_configs,
+)
 from megatron_gvpo.rewards.math import MathReward, last_boxed, last_number
 from megatron_gvpo.rewards.registry import (
     bind_reward,
@@ -37,6 +42,7 @@ __all__ = [
     "RewardTimeout",
     "bind_reward",
     "call_guarded",
+    "check_reward_configs",
     "last_boxed",
     "last_number",
     "load_callable",

@@ -12,7 +12,8 @@ from typing import Any
 
 from megatron_gvpo.rewards.base import RewardConfig, RewardInput, RewardStats
 from megatron_gvpo.rewards.guard import RateLimitedLogger, RoundDeadline, call_guarded
-from megatron_gvpo.rewards.registry import bind_reward
+from megatron_gvpo.rewards.registry import bind_reward, registered_rewards
+from megatron_gvpo.rewards.user import is_spec, load_callable
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,23 @@ def _to_config(c: RewardConfig | Mapping[str, Any], i: int) -> RewardConfig:
     if "name" not in c:
         raise ValueError(f"rewards[{i}]: missing field 'name'")
     return RewardConfig(**c)
+
+
+def check_reward_configs(configs: Sequence[RewardConfig | Mapping[str, Any]]) -> None:
+    """Each entry's fields, and its function found (a ``module:function`` imported, not called):
+    the config check that runs before any model is built. Raises ValueError naming the entry."""
+    for i, c in enumerate(configs):
+        try:
+            cfg = _to_config(c, i)
+        except ValueError as e:
+            raise ValueError(f"reward.{e}") from None  # "rewards[i]: ..."
+        if is_spec(cfg.name):
+            load_callable(cfg.name, what=f"reward.rewards[{i}].name")
+        elif cfg.name not in registered_rewards():
+            raise ValueError(
+                f"reward.rewards[{i}].name={cfg.name!r}: no such reward; registered: "
+                f"{registered_rewards()}, or give a 'module:function' spec"
+            )
 
 
 class RewardManager:

@@ -66,6 +66,12 @@ class Sample:
     logprobs: list[float]
     finish_reason: FinishReason
     weight_version: int = -1
+    routes: torch.Tensor | None = None
+    """Mixture-of-experts models, when the engine was asked for them: the experts the engine
+    routed each token to, an integer tensor [MoE layers, tokens, top-k] over the prompt and then
+    the response, for every token the engine fed through the model (all but the last response
+    token, which is never fed back; multi-turn trajectories: the last turn's request). None when
+    not asked for."""
 
 
 def response_seed(seed: int | None, j: int) -> int | None:

@@ -8,6 +8,12 @@ on which other rows share its batch (up to float rounding of the padded forward)
 
 Logprobs follow SGLang: ``log_softmax(logits / temperature)`` of the chosen token, before top-k /
 top-p truncation. Greedy decoding (temperature 0) reports ``log_softmax(logits)`` (temperature 1).
+
+Mixture-of-experts routes (``return_routes``): forward hooks on transformers' router modules (the
+class its ``router_logits`` output recorder names, ``Qwen3MoeTopKRouter`` for qwen3_moe) take
+the top-k expert indices the router returned for every token the model processed, prefill and
+decode, so ``Sample.routes`` holds exactly the experts that produced the sampled logits; the
+last response token is never fed back, so it has none (as SGLang reports them).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
     finish: str | None = None
     cut: int | None = None  # where the matched stop string starts in the decoded text
+    routes: list[torch.Tensor] = field(default_factory=list)  # [MoE layers, n, k] per forward
 
 
 def _generator(seed: int | None) -> torch.Generator:
@@ -139,6 +146,7 @@ class LocalEngine(RolloutEngine):
         max_batch_size: int = 64,
         eos_token_ids: Sequence[int] | None = None,
         fp8_block: tuple[int, int] = DEFAULT_BLOCK,
+        return_routes: bool = False,
     ):
         from transformers import AutoModelForCausalLM
 
@@ -179,6 +187,35 @@ class LocalEngine(RolloutEngine):
         # transformers >= 5.24 names the KV-cache argument ``cache`` (``past_key_values`` warns).
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._captured: list[torch.Tensor] | None = None  # one forward's routes, per MoE layer
+        self.return_routes = return_routes
+        if return_routes:
+            self._hook_routers()
+
+    def _hook_routers(self) -> None:
+        """Forward hooks on the model's routers that keep each forward's top-k expert indices."""
+        recorder = getattr(self.model, "_can_record_outputs", {}).get("router_logits")
+        router_cls = getattr(recorder, "target_class", None)
+        routers = [m for m in self.model.modules() if router_cls and isinstance(m, router_cls)]
+        if not routers:
+            raise ValueError(
+                f"model.moe.routing_replay=rollout: {type(self.model).__name__} has no "
+                "mixture-of-experts routers to report routes from"
+            )
+        top_k = self.model.config.num_experts_per_tok
+
+        def keep(module, args, output) -> None:
+            if self._captured is None:
+                return
+            if isinstance(output, tuple) and len(output) >= 3:  # (logits, scores, indices)
+                indices = output[2]
+            else:  # logits only: transformers' choice, top-k of the softmax
+                logits = output[0] if isinstance(output, tuple) else output
+                indices = torch.softmax(logits.float(), -1).topk(top_k, dim=-1).indices
+            self._captured.append(indices.detach().to("cpu", torch.int32))
+
+        for router in routers:
+            router.register_forward_hook(keep)
 
     def _folder_tokenizer(self):
         """The folder's tokenizer through the one loader (``data.tokenizer``), or None."""
@@ -235,7 +272,10 @@ class LocalEngine(RolloutEngine):
         # The model fills this cache in place; only its keyword changed across transformers.
         cache = {self._cache_kwarg: DynamicCache(config=self.model.config)}
         uniforms = _Uniforms(rows, min(sampling.max_new_tokens, _UNIFORM_CHUNK))
+        fed = [len(r.prompt) for r in rows]  # real (unpadded) tokens each row feeds this forward
         for _ in range(sampling.max_new_tokens):
+            if self.return_routes:
+                self._captured = []
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -244,12 +284,25 @@ class LocalEngine(RolloutEngine):
                 logits_to_keep=1,
                 **cache,
             )
+            if self.return_routes:
+                self._keep_routes(rows, fed, ids.shape[1])
+            live = [r.finish is None for r in rows]
             tokens = self._step(out.logits[:, -1].float(), rows, sampling, uniforms)
             if all(r.finish is not None for r in rows):
                 return
+            fed = [int(x) for x in live]  # a row's next token is real if it was drawn now
             ids = tokens.unsqueeze(-1).to(self.device)
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
             pos = pos[:, -1:] + 1
+
+    def _keep_routes(self, rows: list[_Row], fed: list[int], width: int) -> None:
+        """Append each row's routes of this forward's real tokens (the last ``fed[b]`` of its
+        ``width`` positions: prompts are left-padded)."""
+        captured, self._captured = self._captured, None
+        per_layer = torch.stack(captured).view(len(captured), len(rows), width, -1)
+        for b, (r, n) in enumerate(zip(rows, fed, strict=True)):
+            if n:
+                r.routes.append(per_layer[:, b, width - n :])
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)
@@ -318,7 +371,15 @@ class LocalEngine(RolloutEngine):
             logprobs=r.logprobs,
             finish_reason=r.finish or "length",
             weight_version=self._version,
+            routes=self._routes_of(r) if self.return_routes else None,
         )
+
+    @staticmethod
+    def _routes_of(r: _Row) -> torch.Tensor:
+        """[MoE layers, tokens, k]: the prompt and every response token but the last (a row
+        that finished before others is fed once more in the batch; that route is dropped)."""
+        routes = torch.cat(r.routes, dim=1)
+        return routes[:, : len(r.prompt) + len(r.tokens) - 1].contiguous()
 
     # ---- weights ----------------------------------------------------------------------------
 

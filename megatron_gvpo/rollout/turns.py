@@ -34,6 +34,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from megatron_gvpo.rollout.base import (
     GenerateRequest,
     RolloutEngine,
@@ -177,6 +179,7 @@ class _Live:
     truncated: bool = False
     error: str | None = None
     env_s: float = 0.0
+    routes: torch.Tensor | None = None  # the last turn's engine routes (MoE routing replay)
 
 
 OnTrajectory = Callable[[int, int, Trajectory], None]
@@ -351,6 +354,10 @@ class TurnRunner:
         t.versions.append(sample.weight_version)
         t.finish = sample.finish_reason if len(ids) == len(sample.response_ids) else "length"
         t.turns += 1
+        if sample.routes is not None:
+            # the request's prompt was the whole trajectory so far, so its routes cover every
+            # earlier token too (prefilled again with the same weights); cut with the turn
+            t.routes = sample.routes[:, : len(t.prompt) + len(t.ids)]
 
     def _step(self, t: _Live) -> None:
         """Reward the turn; append the observation unless the trajectory ends here."""
@@ -395,6 +402,7 @@ class TurnRunner:
             truncated=t.truncated,
             env_error=t.error,
             env_seconds=t.env_s,
+            routes=t.routes,
         )
 
 

@@ -50,10 +50,14 @@ class Actor:
         self.router_stats = (
             RouterStats(model, self.arch.num_layers, self.arch.num_experts) if moe else None
         )
-        self.routing_replay = None  # model.moe.routing_replay=old: theta''s routes, replayed
-        if moe and cfg.model.moe.routing_replay == "old":
-            self.routing_replay = RoutingReplay(model)
+        # model.moe.routing_replay: old (theta''s routes) or rollout (the engine's), replayed
+        self.routing_replay = None
+        self.route_layers: list[int] | None = None  # rollout: the MoE layers the engine reports
+        if moe and cfg.model.moe.routing_replay in ("old", "rollout"):
+            self.routing_replay = RoutingReplay(model, cfg.model.moe.routing_replay)
             set_active_replay(self.routing_replay)
+            if cfg.model.moe.routing_replay == "rollout":
+                self.route_layers = [i for i, m in enumerate(self.arch.moe_layers) if m]
         self.optimizer, self.scheduler = build_optimizer(self.ddp, t, cfg.model)
         self.reference = build_reference(cfg, model_path)
         self.guard = StepGuard(t.max_consecutive_skips)

@@ -6,13 +6,19 @@ from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-from megatron_gvpo.data.batching import StepPlan, pack_sequences, plan_step
-from megatron_gvpo.models.forward import MicroBatch, broadcast_from_last_stage, compute_logprobs
+from megatron_gvpo.data.batching import StepPlan, pack_sequences, pad_rows, plan_step
+from megatron_gvpo.models.forward import (
+    MicroBatch,
+    gather_rows,
+    response_logprobs,
+    sample_token_logprobs,
+    scatter_rows,
+    step_log_ratio,
+)
 from megatron_gvpo.parallel.cpu_compat import native_torch
 
 # Per-sample token tensors (one 1-D tensor of response length per sample), padded per micro-batch.
@@ -47,8 +53,10 @@ class RolloutBatch:
     Packing ands it into ``response_mask``, so every loss, normaliser and token metric sees the
     model's tokens only."""
     routes: list[dict] | None = None
-    """Routing replay (MoE): per sample, this pipeline stage's MoE layer -> the top-k experts of
-    each of its tokens [tokens, k] under theta'; None when routes are not replayed."""
+    """Routing replay (MoE): per sample, MoE decoder layer -> the top-k experts of each of its
+    tokens [tokens, k]: recorded under theta' (``routing_replay=old``, this pipeline stage's
+    layers) or reported by the rollout engine (``rollout``, every MoE layer; ``NO_ROUTE`` rows
+    where it reported none); None when routes are not replayed."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -141,48 +149,8 @@ def build_micro_batches(batch: RolloutBatch, plan: StepPlan, pad_id: int = 0) ->
         for key in _TOKEN_KEYS:
             v = getattr(batch, key)
             if v is not None:
-                extra[key] = _pad_rows([v[i] for i in ids], width)
+                extra[key] = pad_rows([v[i] for i in ids], width)
         out.append(MicroBatch(packed.tokens, packed.position_ids, params, extra))
-    return out
-
-
-def response_logprobs(logprobs: Tensor, mb: MicroBatch) -> Tensor:
-    """Per-sample response-token logprobs ``[n, L]`` (0 where masked) from a packed row ``[1, T-1]``."""
-    index = mb.extra["response_index"].to(logprobs.device)
-    mask = mb.extra["response_mask"].to(logprobs.device)
-    picked = logprobs[0][index.flatten()].view_as(index)
-    return torch.where(mask, picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
-
-
-def sequence_logprobs(logprobs: Tensor, mb: MicroBatch) -> Tensor:
-    """Summed response-token logprobs ``[n]`` (token *sum*, as GVPO defines s)."""
-    return response_logprobs(logprobs, mb).sum(-1)
-
-
-def sequence_old_logprobs(mb: MicroBatch, key: str = "old_logprobs") -> Tensor:
-    """s' ``[n]``: the micro-batch's per-token ``key`` rows summed over the tokens that
-    ``response_mask`` keeps (the model's own tokens)."""
-    rows = mb.extra[key]
-    mask = mb.extra["response_mask"].to(rows.device)
-    return torch.where(mask, rows, torch.zeros((), dtype=rows.dtype, device=rows.device)).sum(-1)
-
-
-def sum_over_dp(t: Tensor, device: torch.device) -> Tensor:
-    """Sum ``t`` over the data-parallel ranks (collectives run on ``device``); returned on CPU.
-
-    The exchange of per-sample values: each sample lives on one DP rank, the others hold zeros.
-    """
-    if parallel_state.get_data_parallel_world_size() == 1:
-        return t
-    t = t.to(device)
-    dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
-    return t.cpu()
-
-
-def _pad_rows(rows: list[Tensor], width: int) -> Tensor:
-    out = torch.zeros(len(rows), width, dtype=torch.float32)
-    for i, r in enumerate(rows):
-        out[i, : r.numel()] = r
     return out
 
 
@@ -191,24 +159,6 @@ def _flat_offsets(batch: RolloutBatch) -> list[int]:
     for r in batch.response_ids:
         offsets.append(offsets[-1] + len(r))
     return offsets
-
-
-def _scatter_rows(flat: Tensor, offsets: list[int], rows: Tensor, mb: MicroBatch) -> None:
-    """Write a micro-batch's padded per-sample rows into their samples' spans of ``flat``."""
-    for row, i in zip(rows, mb.extra["sample_ids"].tolist(), strict=True):
-        flat[offsets[i] : offsets[i + 1]] = row[: offsets[i + 1] - offsets[i]]
-
-
-def _rows_to_samples(
-    flat: Tensor, offsets: list[int], model: torch.nn.Module, pp_broadcast: bool = False
-) -> list[Tensor]:
-    """Per-sample rows from this rank's zero-filled flat vector, summed over DP (and taken from
-    the last PP stage with ``pp_broadcast``), identical on every rank."""
-    dev = next(model.parameters()).device
-    if pp_broadcast and parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        flat = broadcast_from_last_stage(flat.to(dev)).cpu()
-    flat = sum_over_dp(flat, dev)
-    return [flat[offsets[i] : offsets[i + 1]].clone() for i in range(len(offsets) - 1)]
 
 
 class _OldLogprobsFromForward:
@@ -225,17 +175,18 @@ class _OldLogprobsFromForward:
     def __call__(self, logprobs: Tensor, entropy: Tensor | None, mb: MicroBatch):
         old = response_logprobs(logprobs.detach(), mb).float()
         mb.extra["old_logprobs"] = old
-        _scatter_rows(self.flat, self.offsets, old.cpu(), mb)
+        scatter_rows(self.flat, self.offsets, old.cpu(), mb)
         return self.loss_fn(logprobs, entropy, mb)
 
     def collect(self, model: torch.nn.Module) -> list[Tensor]:
         """Every sample's theta' logprobs on every rank (collective over DP and PP)."""
-        return _rows_to_samples(self.flat, self.offsets, model, pp_broadcast=True)
+        return gather_rows(self.flat, self.offsets, model, pp_broadcast=True)
 
 
 class ThetaPrime:
     """Where a round's theta' logprobs (s', the policy that sampled) come from: decided once per
-    run, the only place that writes ``batch.old_logprobs`` in RL training.
+    run, the only place that writes ``batch.old_logprobs`` in RL training. The reference's
+    logprobs, the round's other fixed baseline, come from the same pass over the batch.
 
     ``forward`` (``trainer.updates_per_round > 1``): a forward-only pass over the round's batch
     before its updates, since later updates move theta away from theta'.
@@ -250,24 +201,45 @@ class ThetaPrime:
         temperature: float,
         updates_per_round: int,
         routing_replay=None,
+        reference: torch.nn.Module | None = None,
     ):
         self.model, self.temperature = model, temperature
         self.mode = "forward" if updates_per_round > 1 else "first_update"
         self.routing_replay = routing_replay
+        self.reference = reference
+        self.engine_route_flips: float | None = None
+        """``routing_replay=rollout``, ``forward``: share of the engine's routes the theta'
+        router would have chosen otherwise (the last theta' pass; DP-local)."""
 
     def before_updates(self, batch: RolloutBatch, plan: StepPlan) -> None:
-        """``forward``: s' of every sample of the round, on every rank; with MoE routing
-        replay (``model.moe.routing_replay=old``) also the experts theta' routed each token to,
-        which every update of the round then replays (``batch.routes``)."""
-        if self.mode != "forward":
+        """The round's fixed logprobs, on every rank, from one packing of the batch: s' of every
+        sample in ``forward`` mode, and the reference's when there is one. With MoE routing
+        replay ``old`` the theta' pass also records the experts theta' routed each token to,
+        which every update of the round then replays (``batch.routes``); with ``rollout`` it
+        replays the engine's routes (already in ``batch.routes``), so s' routes as the sampling
+        engine did."""
+        if self.mode != "forward" and self.reference is None:
             return
+        offsets = _flat_offsets(batch)
+        micro_batches = build_micro_batches(batch, plan)
         replay = self.routing_replay
-        with replay.recording() if replay is not None else nullcontext():
-            batch.old_logprobs = response_token_logprobs(
-                self.model, batch, plan, self.temperature
+        if self.mode == "forward" and replay is not None and replay.source == "rollout":
+            with replay.replaying():  # the engine's routes (batch.routes)
+                batch.old_logprobs = sample_token_logprobs(
+                    self.model, micro_batches, offsets, self.temperature
+                )
+            self.engine_route_flips = replay.flip_fraction()
+        elif self.mode == "forward":
+            with replay.recording() if replay is not None else nullcontext():
+                batch.old_logprobs = sample_token_logprobs(
+                    self.model, micro_batches, offsets, self.temperature
+                )
+            if replay is not None:
+                batch.routes = replay.routes(len(batch))
+        if self.reference is not None:
+            batch.ref_logprobs = sample_token_logprobs(
+                self.reference, micro_batches, offsets, self.temperature
             )
-        if replay is not None:
-            batch.routes = replay.routes(len(batch))
 
     def update_loss(self, loss_fn, sub: RolloutBatch):
         """The loss to run an update of ``sub`` with (``first_update``: one that records s')."""
@@ -289,47 +261,10 @@ class ThetaPrime:
         )
 
 
-@torch.no_grad()
 def response_token_logprobs(
     model: torch.nn.Module, batch: RolloutBatch, plan: StepPlan, temperature: float = 1.0
 ) -> list[Tensor]:
-    """Per-sample response-token logprobs of ``batch`` under ``model``, on every rank.
-
-    Each DP rank scores its micro-batches; a sum all-reduce over DP of the zero-filled flat
-    vector of all response tokens then gives every rank every sample (so later steps may place
-    samples on other ranks).
-    """
-    micro_batches = build_micro_batches(batch, plan)
+    """Per-sample response-token logprobs of ``batch`` under ``model``, on every rank."""
     offsets = _flat_offsets(batch)
-    flat = torch.zeros(offsets[-1], dtype=torch.float32)
-    for lp, mb in zip(
-        compute_logprobs(model, micro_batches, temperature), micro_batches, strict=True
-    ):
-        with native_torch():
-            _scatter_rows(flat, offsets, response_logprobs(lp, mb).float().cpu(), mb)
-    return _rows_to_samples(flat, offsets, model)
-
-
-@torch.no_grad()
-def step_log_ratio(
-    model: torch.nn.Module,
-    micro_batches: list[MicroBatch],
-    num_samples: int,
-    temperature: float,
-    baseline: str,
-) -> Tensor:
-    """``s - s_base`` [N] float64 of the whole step at the current theta, identical on every
-    rank: ``s`` the summed response logprobs under ``model``, ``s_base`` those of each
-    micro-batch's ``extra[baseline]`` (``old_logprobs``: theta'; ``ref_logprobs``: the reference).
-
-    A forward-only pass over this rank's micro-batches gives its samples; a sum all-reduce over DP
-    of a zero-filled [N] vector (each sample lives on one DP rank) gives every rank all of them:
-    the detached exchange of GVPO's delta and of the preference margins (group ids are known
-    everywhere already).
-    """
-    out = torch.zeros(num_samples, dtype=torch.float64)
-    logprobs = compute_logprobs(model, micro_batches, temperature=temperature)
-    for lp, mb in zip(logprobs, micro_batches, strict=True):
-        base = sequence_old_logprobs(mb, baseline).double().cpu()
-        out[mb.extra["sample_ids"]] = sequence_logprobs(lp, mb).double().cpu() - base
-    return sum_over_dp(out, next(model.parameters()).device)
+    micro_batches = build_micro_batches(batch, plan)
+    return sample_token_logprobs(model, micro_batches, offsets, temperature)

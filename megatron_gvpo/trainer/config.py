@@ -525,6 +525,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"model.moe.routing_replay={m.moe.routing_replay!r} needs a mixture-of-experts "
             "model.path; the demo model is dense"
         )
+    if m.moe.routing_replay == "rollout":
+        _check_rollout_routes(r, t, objective.offline)
     if cfg.parallel.ep > 1 and m.path is None:
         raise ValueError(
             f"parallel.ep={cfg.parallel.ep} needs a mixture-of-experts model.path; "
@@ -537,6 +539,9 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                 f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in the "
                 f"model's context (max_position_embeddings={context} in model.path={m.path})"
             )
+    from megatron_gvpo.rewards import check_reward_configs
+
+    check_reward_configs(cfg.reward.rewards)
     if not cfg.reward.rewards and r.env is None:
         raise ValueError(
             "reward.rewards is empty: name at least one reward (only a rollout.env may be the "
@@ -653,6 +658,31 @@ def sglang_kwargs(r: RolloutSection, model_path: str, run_dir: str | None = None
         if kwargs["fp8"] and run_dir and not kwargs.get("fp8_dir"):
             kwargs["fp8_dir"] = str(Path(run_dir) / "fp8_model")
     return kwargs
+
+
+ROUTE_REPORTING_BACKENDS = ("local", "sglang")
+"""Engines that report each token's experts (``Sample.routes``): the embedded engine from
+transformers' routers, SGLang servers started with ``--enable-return-routed-experts``."""
+
+
+def _check_rollout_routes(r: RolloutSection, t, offline: bool) -> None:
+    """``model.moe.routing_replay=rollout`` needs rollouts whose engine reports routes, and
+    every trained sample fresh from the engine."""
+    if offline:
+        raise ValueError(
+            "model.moe.routing_replay=rollout replays the rollout engine's routes; preference "
+            "training has no rollouts (use old or off)"
+        )
+    if r.backend not in ROUTE_REPORTING_BACKENDS:
+        raise ValueError(
+            f"model.moe.routing_replay=rollout: rollout.backend={r.backend!r} reports no routes "
+            f"({', '.join(ROUTE_REPORTING_BACKENDS)} do)"
+        )
+    if t.replay_ratio > 0:
+        raise ValueError(
+            f"model.moe.routing_replay=rollout: trainer.replay_ratio={t.replay_ratio} replays "
+            "older groups, which carry no engine routes (use routing_replay=old)"
+        )
 
 
 def sglang_config(r: RolloutSection, model_path: str, run_dir: str | None = None):

@@ -16,6 +16,7 @@ import torch
 
 from megatron_gvpo.algorithms.grpo import nonconstant_group_mask
 from megatron_gvpo.data.prompts import Prompt
+from megatron_gvpo.models.routing_replay import engine_routes
 from megatron_gvpo.rewards import RewardInput, RewardManager, RewardResult
 from megatron_gvpo.rewards.guard import RoundDeadline
 from megatron_gvpo.rollout.base import GenerateRequest, RolloutEngine, Sample, SamplingParams
@@ -42,6 +43,9 @@ class PromptGroup:
     loss_masks: list[list[int]] = field(default_factory=list)
     """Per response, 1 on the model's tokens and 0 on observations (multi-turn trajectories;
     empty: every response token is the model's)."""
+    routes: list[torch.Tensor | None] = field(default_factory=list)
+    """Per response, the engine's experts per token [MoE layers, tokens, top-k] (``Sample.routes``,
+    for ``model.moe.routing_replay=rollout``; empty when the engine reported none)."""
 
     def select(self, keep: Sequence[int]) -> PromptGroup:
         """The group restricted to the responses at ``keep``."""
@@ -58,6 +62,7 @@ class PromptGroup:
             pick(self.reward_failed),
             pick(self.weight_versions),
             pick(self.loss_masks),
+            pick(self.routes),
         )
 
     def to_replay(self) -> tuple:
@@ -192,6 +197,7 @@ def rollout_and_score(
                 result.failed[offset : offset + n],
                 [s.weight_version for s in group],
                 [s.loss_mask for s in group] if turns is not None else [],
+                [s.routes for s in group] if any(s.routes is not None for s in group) else [],
             )
         )
         offset += n
@@ -297,8 +303,15 @@ def mix_replay(
     return fresh + replayed
 
 
-def to_batch(groups: Sequence[PromptGroup], domains: Sequence[str]) -> RolloutBatch:
-    """One row per response; group ids are the groups' positions, domains index ``domains``."""
+def to_batch(
+    groups: Sequence[PromptGroup],
+    domains: Sequence[str],
+    moe_layers: Sequence[int] | None = None,
+) -> RolloutBatch:
+    """One row per response; group ids are the groups' positions, domains index ``domains``.
+
+    ``moe_layers`` (``model.moe.routing_replay=rollout``: the model's MoE decoder layers) turns
+    the engine's routes into ``batch.routes``; a response without them is an error."""
     prompt_ids, response_ids, gids, rewards, doms = [], [], [], [], []
     engine = [torch.tensor(lp, dtype=torch.float32) for g in groups for lp in g.engine_logprobs]
     masks = [
@@ -322,7 +335,23 @@ def to_batch(groups: Sequence[PromptGroup], domains: Sequence[str]) -> RolloutBa
         domains=torch.tensor(doms, dtype=torch.long),
         rollout_logprobs=engine if _aligned(engine, response_ids) else None,
         loss_masks=_full_masks(masks, response_ids),
+        routes=None if moe_layers is None else _batch_routes(groups, moe_layers),
     )
+
+
+def _batch_routes(groups: Sequence[PromptGroup], moe_layers: Sequence[int]) -> list[dict]:
+    """Per response, decoder layer -> [tokens, top-k] of the engine's routes (replay targets)."""
+    out = []
+    for g in groups:
+        for j, resp in enumerate(g.responses):
+            routes = g.routes[j] if g.routes else None
+            if routes is None:
+                raise RuntimeError(
+                    "model.moe.routing_replay=rollout: the rollout engine reported no routes "
+                    "for a response"
+                )
+            out.append(engine_routes(routes, moe_layers, len(g.prompt_ids) + len(resp)))
+    return out
 
 
 def _full_masks(
@@ -342,13 +371,6 @@ def _aligned(engine: list[torch.Tensor], responses: list[list[int]]) -> bool:
     return len(engine) == len(responses) and all(
         e.numel() == len(r) for e, r in zip(engine, responses, strict=True)
     )
-
-
-def _model_tokens(mask: list[int] | None, n: int) -> torch.Tensor:
-    """Which of ``n`` response tokens are the model's (all without a mask)."""
-    if mask is None:
-        return torch.ones(n, dtype=torch.bool)
-    return torch.tensor(mask, dtype=torch.bool)
 
 
 def reward_metrics(groups: Sequence[PromptGroup]) -> dict[str, float]:
@@ -377,28 +399,46 @@ def reward_metrics(groups: Sequence[PromptGroup]) -> dict[str, float]:
     return metrics
 
 
-def logprob_mismatch(actor: list[torch.Tensor], groups: Sequence[PromptGroup]) -> dict:
-    """|engine logprob - actor theta' logprob| over the fresh samples' response tokens (the
-    batch's first rows; replayed groups carry no engine logprobs)."""
-    engine = [lp for g in groups for lp in g.engine_logprobs]
-    masks = [
-        g.loss_masks[j] if g.loss_masks else None
-        for g in groups
-        for j in range(len(g.engine_logprobs))
-    ]
-    kept = [(a, e, m) for a, e, m in zip(actor, engine, masks, strict=False) if len(e)]
-    if not kept:
-        return {}
-    # one subtraction over the concatenated samples (the same values as per sample)
-    d = (
-        torch.cat([torch.as_tensor(e, dtype=torch.float32) for _, e, _ in kept])
-        - torch.cat([a for a, _, _ in kept])
-    ).abs()
-    if any(m is not None for _, _, m in kept):
-        d = d[torch.cat([_model_tokens(m, len(e)) for _, e, m in kept])]
-    if not d.numel():
-        return {}
-    return {
-        "rollout/logprob_abs_diff/mean": d.mean().item(),
-        "rollout/logprob_abs_diff/max": d.max().item(),
-    }
+@dataclass(frozen=True)
+class BatchRules:
+    """What a round keeps of its groups, and how replayed groups join them (fixed for the run)."""
+
+    min_response_tokens: int
+    """``trainer.min_response_tokens``: shorter responses are dropped."""
+    dynamic_sampling: bool
+    """``trainer.dynamic_sampling``: groups whose rewards are all equal are dropped (DAPO)."""
+    drop_failed: bool
+    """``reward.on_error=drop``: responses whose reward failed are dropped."""
+    max_staleness: int
+    """``trainer.async_training.max_staleness``: responses of older weights are dropped."""
+    replay_ratio: float
+    """``trainer.replay_ratio``: replayed groups per fresh group."""
+    moe_layers: Sequence[int] | None = None
+    """``model.moe.routing_replay=rollout``: the MoE decoder layers whose engine routes the
+    batch carries (:func:`to_batch`)."""
+
+
+def assemble_batch(
+    groups: list[PromptGroup],
+    rules: BatchRules,
+    actor_version: int,
+    replay: ReplayBuffer,
+    rng: random.Random,
+    domains: Sequence[str],
+    metrics: dict,
+) -> tuple[RolloutBatch | None, list[PromptGroup]]:
+    """A round's batch from its groups, and the fresh groups in it: the filters, then the reward
+    metrics of what is left; None when no group with two responses is left (nothing joins the
+    replay buffer then), else the fresh groups followed by replayed ones. The actor is at
+    ``actor_version``; samples older than the staleness bound are dropped."""
+    groups = filter_groups(
+        groups, rules.min_response_tokens, rules.dynamic_sampling, rules.drop_failed, metrics
+    )
+    groups = drop_stale(groups, actor_version, rules.max_staleness, metrics)
+    metrics.update(reward_metrics(groups))
+    fresh = [g for g in groups if g.responses]
+    if not any(len(g.responses) >= 2 for g in fresh):
+        return None, fresh
+    batch = to_batch(mix_replay(fresh, replay, rules.replay_ratio, rng, metrics), domains,
+                     rules.moe_layers)  # fmt: skip
+    return batch, fresh

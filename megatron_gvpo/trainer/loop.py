@@ -25,27 +25,18 @@ from megatron_gvpo.parallel.launch import broadcast_object, is_rank0
 from megatron_gvpo.rollout.base import SamplingParams
 from megatron_gvpo.trainer.actor import Actor
 from megatron_gvpo.trainer.async_rollout import RoundSource
-from megatron_gvpo.trainer.batch import (
-    RolloutBatch,
-    ThetaPrime,
-    build_micro_batches,
-    response_token_logprobs,
-)
+from megatron_gvpo.trainer.batch import RolloutBatch, ThetaPrime, build_micro_batches
 from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.data import PromptSource, prompt_room
 from megatron_gvpo.trainer.evaluate import Evaluator
 from megatron_gvpo.trainer.groups import (
+    BatchRules,
     RolloutResult,
-    drop_stale,
-    filter_groups,
-    logprob_mismatch,
-    mix_replay,
+    assemble_batch,
     request_seed,
-    reward_metrics,
     rollout_and_score,
-    to_batch,
 )
-from megatron_gvpo.trainer.metrics import Metric, PhaseClock, combine_updates
+from megatron_gvpo.trainer.metrics import Metric, PhaseClock, combine_updates, logprob_mismatch
 from megatron_gvpo.trainer.objectives import StepInputs, build_objective
 from megatron_gvpo.trainer.replay import ReplayBuffer
 from megatron_gvpo.trainer.run import Run
@@ -83,12 +74,20 @@ class Trainer(Run):
         self.prompts.make_sampler(self.objective.domain_allocation())
         self.actor = Actor(cfg, self.model_path)
         self.theta_prime = ThetaPrime(
-            self.actor.ddp, self.actor.temperature, t.updates_per_round, self.actor.routing_replay
-        )
+            self.actor.ddp, self.actor.temperature, t.updates_per_round, self.actor.routing_replay,
+            self.actor.reference,
+        )  # fmt: skip
+        self.batch_rules = BatchRules(
+            t.min_response_tokens, t.dynamic_sampling, cfg.reward.on_error == "drop",
+            t.async_training.max_staleness, t.replay_ratio, self.actor.route_layers,
+        )  # fmt: skip
         self.replay = ReplayBuffer(t.replay_capacity)
         ahead = t.async_training.max_staleness
         self.engine = (
-            build_engine(r, self.model_path, cfg.model.trust_remote_code, t.run_dir, ahead > 0)
+            build_engine(
+                r, self.model_path, cfg.model.trust_remote_code, t.run_dir, ahead > 0,
+                routes=self.actor.route_layers is not None,
+            )
             if is_rank0()
             else None
         )
@@ -117,57 +116,35 @@ class Trainer(Run):
         if not self.rounds.ahead:
             clock.split("rollout", "reward", rollout.reward_seconds)  # count each second once
         metrics = dict(rollout.metrics)
-
-        drop_failed = self.cfg.reward.on_error == "drop"
-        groups = filter_groups(
-            rollout.groups, t.min_response_tokens, t.dynamic_sampling, drop_failed, metrics
-        )
-        # The actor is at version step - 1 (synced after each round); older samples are dropped.
-        groups = drop_stale(groups, self.step - 1, self.rounds.max_staleness, metrics)
-        metrics.update(reward_metrics(groups))
-        fresh = [g for g in groups if g.responses]
-        if not self._trainable(fresh, metrics):
-            return self._skipped_round(metrics, clock)
         rng = random.Random(request_seed(t.seed, self.step, -1))
-        batch = to_batch(
-            mix_replay(fresh, self.replay, t.replay_ratio, rng, metrics), self.prompts.domains
-        )
-        self.objective.prepare_round(batch)
-
-        with clock("logprob"):
-            self._old_and_ref_logprobs(batch)
-        with clock("train"):
-            metrics.update(self._updates(batch))
-        metrics.update(logprob_mismatch(batch.old_logprobs, fresh))  # theta' is known now
+        # The actor is at version step - 1 (synced after each round); older samples are dropped.
+        batch, fresh = assemble_batch(
+            rollout.groups, self.batch_rules, self.step - 1, self.replay, rng,
+            self.prompts.domains, metrics,
+        )  # fmt: skip
+        # Counted; too many rounds in a row with no group of two responses stop the run.
+        why = f"{metrics.get('filter/reward_failed', 0)} failed rewards, "
+        why += f"{metrics.get('filter/short_responses', 0)} short responses"
+        self.actor.guard.round_trainable(batch is not None, why)
+        metrics["train/skipped_rounds"] = int(batch is None)
+        if batch is not None:
+            self.objective.prepare_round(batch)
+            with clock("logprob"):
+                plan = self.actor.plan(batch, t.keep_groups_whole)
+                self.theta_prime.before_updates(batch, plan)
+            with clock("train"):
+                metrics.update(self._updates(batch))
+        else:  # nothing to train on: no update; the engine is still tagged with the step
+            metrics["train/skipped_steps"] = 0
+            metrics["lr"] = self.actor.lr
         with clock("rollout_wait"):
             self.rounds.wait_idle()  # new weights never land inside a generation
         with clock("sync"):
             metrics.update(self.weight_sync.sync(version=self.step))
         metrics.update(self.rounds.metrics())
-        metrics.update(clock.metrics(tokens=sum(batch.lengths)))
-        return metrics
-
-    def _trainable(self, fresh: list, metrics: dict) -> bool:
-        """Whether a group with two responses is left; counts the round if not (raises after
-        ``trainer.max_consecutive_skips`` in a row)."""
-        trainable = any(len(g.responses) >= 2 for g in fresh)
-        why = f"{metrics.get('filter/reward_failed', 0)} failed rewards, "
-        why += f"{metrics.get('filter/short_responses', 0)} short responses"
-        ok = self.actor.guard.round_trainable(trainable, why)
-        metrics["train/skipped_rounds"] = int(not ok)
-        return ok
-
-    def _skipped_round(self, metrics: dict, clock: PhaseClock) -> dict:
-        """A round with nothing to train on: no update; the engine is still tagged with the step
-        (samples keep their versions) and the round is logged."""
-        with clock("rollout_wait"):
-            self.rounds.wait_idle()
-        with clock("sync"):
-            metrics.update(self.weight_sync.sync(version=self.step))
-        metrics["train/skipped_steps"] = 0
-        metrics["lr"] = self.actor.lr
-        metrics.update(self.rounds.metrics())
-        metrics.update(clock.metrics(tokens=0))
+        if batch is not None:  # theta' is known now
+            metrics.update(logprob_mismatch(batch.old_logprobs, fresh))
+        metrics.update(clock.metrics(tokens=sum(batch.lengths) if batch is not None else 0))
         return metrics
 
     def _rollout(self, step: int, rows) -> RolloutResult:
@@ -204,15 +181,6 @@ class Trainer(Run):
                 metrics = self.evaluator.run(self.engine, self.rewards, version=self.step)
         return broadcast_object(metrics)
 
-    def _old_and_ref_logprobs(self, batch: RolloutBatch) -> None:
-        """theta' (the policy that sampled, when it needs its own pass) and, if the objective
-        needs it, the reference."""
-        a = self.actor
-        plan = self._plan(batch)
-        self.theta_prime.before_updates(batch, plan)
-        if a.reference is not None:
-            batch.ref_logprobs = response_token_logprobs(a.reference, batch, plan, a.temperature)
-
     def _updates(self, batch: RolloutBatch) -> dict:
         """``trainer.updates_per_round`` optimizer steps, each on whole groups of the batch
         (with routing replay, each routing every token as the round's theta' pass did)."""
@@ -221,13 +189,15 @@ class Trainer(Run):
         with self.actor.routing_replay.replaying() as replay:
             out = self._run_updates(batch)
         out["moe/routing_replay_flips"] = _dp_mean(replay.flip_fraction())
+        if self.theta_prime.engine_route_flips is not None:
+            out["moe/rollout_route_flips"] = _dp_mean(self.theta_prime.engine_route_flips)
         return out
 
     def _run_updates(self, batch: RolloutBatch) -> dict:
         t = self.cfg.trainer
         per_update = []
         for u, sub in enumerate(_split_by_groups(batch, t.updates_per_round)):
-            plan = self._plan(sub)
+            plan = self.actor.plan(sub, t.keep_groups_whole)
             mbs = build_micro_batches(sub, plan)
             ratio = self.theta_prime.step_log_ratio(sub, mbs, first=u == 0)
             loss_fn = self.theta_prime.update_loss(
@@ -246,9 +216,6 @@ class Trainer(Run):
         out["lr"] = self.actor.lr
         out.update(self.objective.metrics())
         return out
-
-    def _plan(self, batch: RolloutBatch):
-        return self.actor.plan(batch, self.cfg.trainer.keep_groups_whole)
 
     # ------------------------------------------------------------------- the run's hooks
 

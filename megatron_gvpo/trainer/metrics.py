@@ -15,6 +15,7 @@ rank. Nothing is dropped: a key is reported with whatever tag its producer gave 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -154,3 +155,37 @@ class PhaseClock:
         out["time/step"] = sum(self.seconds.values())
         out["throughput/tokens_per_s"] = tokens / max(out["time/step"], 1e-9)
         return out
+
+
+def logprob_mismatch(actor: list[torch.Tensor], groups: Sequence) -> dict:
+    """|engine logprob - actor theta' logprob| over the fresh samples' response tokens (the
+    batch's first rows; replayed groups carry no engine logprobs)."""
+    engine = [lp for g in groups for lp in g.engine_logprobs]
+    masks = [
+        g.loss_masks[j] if g.loss_masks else None
+        for g in groups
+        for j in range(len(g.engine_logprobs))
+    ]
+    kept = [(a, e, m) for a, e, m in zip(actor, engine, masks, strict=False) if len(e)]
+    if not kept:
+        return {}
+    # one subtraction over the concatenated samples (the same values as per sample)
+    d = (
+        torch.cat([torch.as_tensor(e, dtype=torch.float32) for _, e, _ in kept])
+        - torch.cat([a for a, _, _ in kept])
+    ).abs()
+    if any(m is not None for _, _, m in kept):
+        d = d[torch.cat([_model_tokens(m, len(e)) for _, e, m in kept])]
+    if not d.numel():
+        return {}
+    return {
+        "rollout/logprob_abs_diff/mean": d.mean().item(),
+        "rollout/logprob_abs_diff/max": d.max().item(),
+    }
+
+
+def _model_tokens(mask: list[int] | None, n: int) -> torch.Tensor:
+    """Which of ``n`` response tokens are the model's (all without a mask)."""
+    if mask is None:
+        return torch.ones(n, dtype=torch.bool)
+    return torch.tensor(mask, dtype=torch.bool)

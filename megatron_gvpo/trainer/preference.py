@@ -26,13 +26,12 @@ from megatron_gvpo.data.prompts import DataError
 from megatron_gvpo.data.sampler import build_sampler
 from megatron_gvpo.data.tokenizer import load_tokenizer
 from megatron_gvpo.demo.preference import write_preference_demo
-from megatron_gvpo.models.forward import forward_backward
+from megatron_gvpo.models.forward import forward_backward, step_log_ratio
 from megatron_gvpo.trainer.actor import Actor
 from megatron_gvpo.trainer.batch import (
     RolloutBatch,
     build_micro_batches,
     response_token_logprobs,
-    step_log_ratio,
 )
 from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.data import DataSection

@@ -10,10 +10,11 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_gvpo.bridge.loader import build_from_checkpoint, build_from_hf
+from megatron_gvpo.data.tokenizer import hf_dir
 from megatron_gvpo.demo import toy_addition_reward  # noqa: F401  (registers the demo reward)
 from megatron_gvpo.demo.model import demo_model_path
 from megatron_gvpo.models.gpt import ModelConfig
-from megatron_gvpo.models.hf_config import HFArch
+from megatron_gvpo.models.hf_config import HFArch, read_hf_config
 from megatron_gvpo.rewards import RewardManager
 from megatron_gvpo.rollout.base import RolloutEngine
 from megatron_gvpo.rollout.env import load_env
@@ -116,10 +117,12 @@ def build_turn_runner(r: RolloutSection, tokenizer) -> TurnRunner | None:
 
 
 def build_engine(r: RolloutSection, model_path: str, trust_remote_code: bool,
-                 run_dir: str | None = None, overlapped: bool = False) -> RolloutEngine:
+                 run_dir: str | None = None, overlapped: bool = False,
+                 routes: bool = False) -> RolloutEngine:
     """The rollout engine of ``rollout.backend``, loaded with the actor's starting weights;
     ``overlapped`` (async training) puts the embedded engine in its own process unless
-    ``rollout.local.process`` says otherwise."""
+    ``rollout.local.process`` says otherwise; ``routes`` (``model.moe.routing_replay=rollout``):
+    every sample carries the experts the engine routed its tokens to."""
     if r.backend == "local":
         kwargs = dict(
             model_path=model_path,
@@ -127,6 +130,7 @@ def build_engine(r: RolloutSection, model_path: str, trust_remote_code: bool,
             dtype=r.local.sampling_dtype,
             max_batch_size=r.local.max_batch_size,
             trust_remote_code=trust_remote_code,
+            return_routes=routes,
         )
         if r.local.process if r.local.process is not None else overlapped:
             from megatron_gvpo.rollout.process import ProcessEngine
@@ -135,6 +139,11 @@ def build_engine(r: RolloutSection, model_path: str, trust_remote_code: bool,
         from megatron_gvpo.rollout.local import LocalEngine
 
         return LocalEngine(**kwargs)
-    from megatron_gvpo.rollout.sglang import SGLangEngine
+    from megatron_gvpo.rollout.sglang import RouteLayout, SGLangEngine
 
-    return SGLangEngine(sglang_config(r, model_path, run_dir))
+    layout = None
+    if routes:
+        arch = read_hf_config(hf_dir(model_path) / "config.json")
+        moe = tuple(i for i, m in enumerate(arch.moe_layers) if m)
+        layout = RouteLayout(arch.num_layers, moe, arch.moe_router_topk)
+    return SGLangEngine(sglang_config(r, model_path, run_dir), routes=layout)

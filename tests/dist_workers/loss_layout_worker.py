@@ -23,7 +23,7 @@ from megatron_gvpo.algorithms.grpo import group_advantages
 from megatron_gvpo.algorithms.gvpo import num_counted_groups
 from megatron_gvpo.bridge.loader import build_from_hf
 from megatron_gvpo.bridge.weights import gather_hf_tensors
-from megatron_gvpo.models.forward import forward_backward
+from megatron_gvpo.models.forward import forward_backward, step_log_ratio
 from megatron_gvpo.models.gpt import ModelConfig
 from megatron_gvpo.parallel.ddp import wrap_with_ddp
 from megatron_gvpo.parallel.initialize import ParallelConfig, destroy, initialize
@@ -33,7 +33,6 @@ from megatron_gvpo.trainer.batch import (
     build_micro_batches,
     plan_for,
     response_token_logprobs,
-    step_log_ratio,
 )
 from megatron_gvpo.trainer.objectives import StepInputs, algorithm_config, build_objective
 from megatron_gvpo.trainer.objectives.gvpo import GVPOMicroBatchLoss

@@ -22,7 +22,7 @@ SGLang cannot run without CUDA: the client is checked against the released sourc
 from megatron_gvpo.rollout.sglang.client import SGLangError
 from megatron_gvpo.rollout.sglang.config import SGLangConfig, WeightSync
 from megatron_gvpo.rollout.sglang.engine import SGLangEngine
-from megatron_gvpo.rollout.sglang.generate import parse_generate_output
+from megatron_gvpo.rollout.sglang.generate import RouteLayout, parse_generate_output
 from megatron_gvpo.rollout.sglang.stages import StageSyncSpec, StageTurns, StageWeightSender
 from megatron_gvpo.rollout.sglang.tensor import (
     FlatTensorMeta,
@@ -34,6 +34,7 @@ from megatron_gvpo.rollout.sglang.tensor import (
 
 __all__ = [
     "FlatTensorMeta",
+    "RouteLayout",
     "SGLangConfig",
     "SGLangEngine",
     "SGLangError",

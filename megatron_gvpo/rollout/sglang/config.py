@@ -52,6 +52,9 @@ class SGLangConfig:
     enable_memory_saver: bool | None = None
     """``--enable-memory-saver`` for servers we start; None: on in the colocated (tensor) mode,
     where the trainer releases and resumes the servers' memory around every training phase."""
+    return_routed_experts: bool = False
+    """``--enable-return-routed-experts`` for servers we start (set by the trainer for
+    ``model.moe.routing_replay=rollout``; servers attached to must have been started with it)."""
     extra_args: list[str] = field(default_factory=list)
     """More ``sglang.launch_server`` flags, e.g. ``--enable-deterministic-inference``."""
     launch_command: list[str] = field(

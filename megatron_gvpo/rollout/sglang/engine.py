@@ -10,6 +10,7 @@ flush the prefix cache, continue, and check every server's live weight version.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -33,6 +34,7 @@ from megatron_gvpo.rollout.sglang.disk import load_from_disk, write_sync_folder
 from megatron_gvpo.rollout.sglang.distributed import sync_distributed
 from megatron_gvpo.rollout.sglang.generate import (
     Job,
+    RouteLayout,
     gather_jobs,
     make_jobs,
     parse_generate_output,
@@ -71,8 +73,12 @@ class SGLangEngine(RolloutEngine):
     retries, time-outs, connection and server errors, aborted samples, restarts and syncs.
     """
 
-    def __init__(self, config: SGLangConfig, serializer: Serializer | None = None):
+    def __init__(self, config: SGLangConfig, serializer: Serializer | None = None,
+                 routes: RouteLayout | None = None):
+        if routes is not None and not config.return_routed_experts:
+            config = dataclasses.replace(config, return_routed_experts=True)
         self.cfg = config
+        self._routes = routes  # every Sample carries its routed experts (MoE routing replay)
         self._serializer = serializer or sglang_flattened_bucket_serializer
         self._version = -1
         self._closed = False
@@ -117,7 +123,8 @@ class SGLangEngine(RolloutEngine):
         server); yields ``(request index, response index, sample)`` in completion order."""
         self._check_open()
         jobs = make_jobs(requests, sampling, no_stop_trim=self.cfg.no_stop_trim,
-                         skip_special_tokens=self.cfg.skip_special_tokens)
+                         skip_special_tokens=self.cfg.skip_special_tokens,
+                         routed_experts=self._routes is not None)
         for job, sample in stream_jobs(self._gen_pool, jobs, self._run_job):
             yield job.slot[0], job.slot[1], sample
 
@@ -129,7 +136,8 @@ class SGLangEngine(RolloutEngine):
         response order. A failed response, or cancelling the future, stops the others."""
         self._check_open()
         jobs = make_jobs([request], sampling, no_stop_trim=self.cfg.no_stop_trim,
-                         skip_special_tokens=self.cfg.skip_special_tokens)
+                         skip_special_tokens=self.cfg.skip_special_tokens,
+                         routed_experts=self._routes is not None)
         return gather_jobs(self._gen_pool, jobs, self._run_job)
 
     def _run_job(self, job: Job, cancel: threading.Event) -> Sample:
@@ -150,7 +158,7 @@ class SGLangEngine(RolloutEngine):
                 self._pool.recover(s, epoch, self._restore_weights)
                 failure: Exception = e
             else:
-                sample = parse_generate_output(out, job.prompt_ids, self._version)
+                sample = parse_generate_output(out, job.prompt_ids, self._version, self._routes)
                 if sample.finish_reason != "abort":
                     return sample
                 self._client.bump("aborted_samples")

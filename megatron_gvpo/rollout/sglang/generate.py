@@ -6,20 +6,69 @@ with 400). Each response is its own request (``n = 1``) with
 ``sampling_seed = response_seed(seed, j)``; SGLang honours ``sampling_seed`` only when the server
 runs ``--enable-deterministic-inference`` (``srt/sampling/sampling_batch_info.py`` builds the
 seed tensor only then), so seeded rollouts are reproducible only with that flag.
+
+Routed experts (mixture-of-experts routing replay): with ``return_routed_experts: true`` in the
+body (``srt/managers/io_struct.py:264``) a server started with ``--enable-return-routed-experts``
+(``srt/arg_groups/fields/exec_.py:158``) answers ``meta_info.routed_experts``: base64 of the
+int32 bytes of a [tokens, num_hidden_layers, top-k] array (``srt/state_capturer/base.py:38-42``
+buffers; ``srt/managers/detokenizer_manager.py:432-446`` encodes; ``srt/state_capturer/
+routed_experts.py:166-174`` decodes) covering tokens ``[routed_experts_start_len, seqlen - 1)``
+of prompt + output (``srt/managers/scheduler_components/batch_result_processor.py:136-160``,
+start 0 here: the whole prompt, then every output token but the last). Every decoder layer has a
+column (``routed_experts.py:73``: ``num_hidden_layers``); dense layers' columns are never written
+(zeros). A server started without the flag has no capturer (``routed_experts.py:50``) and simply
+leaves the key out, which :func:`parse_generate_output` reports as an error.
 """
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
+
 from megatron_gvpo.rollout.base import GenerateRequest, Sample, SamplingParams, response_seed
 from megatron_gvpo.rollout.sglang.client import SGLangError
 
 FINISH_TYPES = ("stop", "length", "abort")
+
+
+@dataclass(frozen=True)
+class RouteLayout:
+    """How to read a server's routed experts: the model's decoder layers, which of them are
+    mixture-of-experts layers (0-based, in order) and the experts per token."""
+
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    top_k: int
+
+
+def decode_routed_experts(value: Any, layout: RouteLayout, tokens: int) -> torch.Tensor:
+    """``meta_info.routed_experts`` as [MoE layers, rows, top-k] int32 (rows: the tokens the
+    server fed, at most ``tokens`` - 1 of the prompt + response's ``tokens`` are kept)."""
+    if not isinstance(value, str):
+        raise SGLangError(
+            "/generate answer lacks meta_info.routed_experts (model.moe.routing_replay=rollout): "
+            "start the SGLang server with --enable-return-routed-experts"
+        )
+    try:
+        flat = np.frombuffer(base64.b64decode(value.encode("utf-8"), validate=True), np.int32)
+    except (ValueError, TypeError) as e:
+        raise SGLangError(f"/generate: meta_info.routed_experts is not base64 int32 ({e})") from e
+    per_token = layout.num_layers * layout.top_k
+    if flat.size % per_token or flat.size // per_token > tokens:
+        raise SGLangError(
+            f"/generate: meta_info.routed_experts holds {flat.size} values, not a "
+            f"[tokens <= {tokens}, {layout.num_layers} layers, {layout.top_k}] array"
+        )
+    rows = torch.from_numpy(flat.copy()).view(-1, layout.num_layers, layout.top_k)
+    rows = rows[: max(tokens - 1, 0)]
+    return rows[:, list(layout.moe_layers)].permute(1, 0, 2).contiguous()
 
 
 @dataclass
@@ -32,8 +81,9 @@ class Job:
 
 
 def generate_payload(req: GenerateRequest, j: int, sp: SamplingParams, *, no_stop_trim: bool,
-                     skip_special_tokens: bool) -> dict:
-    """The ``/generate`` body of response ``j`` of ``req`` (logprobs of output tokens only)."""
+                     skip_special_tokens: bool, routed_experts: bool = False) -> dict:
+    """The ``/generate`` body of response ``j`` of ``req`` (logprobs of output tokens only;
+    ``routed_experts``: every token's experts too)."""
     params = {
         "max_new_tokens": sp.max_new_tokens,
         "temperature": sp.temperature,
@@ -48,12 +98,15 @@ def generate_payload(req: GenerateRequest, j: int, sp: SamplingParams, *, no_sto
     seed = response_seed(req.seed, j)
     if seed is not None:
         params["sampling_seed"] = seed
-    return {
+    body = {
         "input_ids": list(req.prompt_ids),
         "sampling_params": params,
         "return_logprob": True,
         "logprob_start_len": -1,
     }
+    if routed_experts:
+        body["return_routed_experts"] = True  # routed_experts_start_len 0: the whole sequence
+    return body
 
 
 def make_jobs(requests: Sequence[GenerateRequest], sampling: SamplingParams,
@@ -66,8 +119,10 @@ def make_jobs(requests: Sequence[GenerateRequest], sampling: SamplingParams,
     ]
 
 
-def parse_generate_output(out: Any, prompt_ids: list[int], fallback_version: int) -> Sample:
-    """One ``/generate`` answer (``text``, ``output_ids``, ``meta_info``) as a :class:`Sample`."""
+def parse_generate_output(out: Any, prompt_ids: list[int], fallback_version: int,
+                          routes: RouteLayout | None = None) -> Sample:
+    """One ``/generate`` answer (``text``, ``output_ids``, ``meta_info``) as a :class:`Sample`
+    (with ``routes``: its routed experts, which the answer must hold)."""
     if isinstance(out, list) and len(out) == 1:
         out = out[0]
     if not isinstance(out, dict) or not isinstance(out.get("meta_info"), dict):
@@ -94,6 +149,9 @@ def parse_generate_output(out: Any, prompt_ids: list[int], fallback_version: int
         logprobs=[float(p[0]) for p in pairs],
         finish_reason=kind,
         weight_version=_as_version(meta.get("weight_version"), fallback_version),
+        routes=None if routes is None else decode_routed_experts(
+            meta.get("routed_experts"), routes, len(prompt_ids) + len(ids)
+        ),
     )
 
 

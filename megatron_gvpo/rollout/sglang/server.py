@@ -54,6 +54,9 @@ def launch_command(cfg: SGLangConfig, model_path: str, s: Endpoint) -> list[str]
         # release/resume_memory_occupation free nothing without it
         # (srt/utils/torch_memory_saver_adapter.py: the no-op adapter when disabled)
         cmd.append("--enable-memory-saver")
+    if cfg.return_routed_experts:
+        # meta_info.routed_experts only with it (srt/state_capturer/routed_experts.py:50)
+        cmd.append("--enable-return-routed-experts")
     return cmd + list(cfg.extra_args)
 
 

@@ -197,7 +197,7 @@ def loss_metrics(loss: Tensor, mb: MicroBatch, entropy: Tensor | None = None) ->
         "num_samples": Metric(float(x["sample_ids"].numel()), "sum"),
     }
     if entropy is not None:
-        from megatron_gvpo.trainer.batch import response_logprobs
+        from megatron_gvpo.models.forward import response_logprobs
 
         mask = x["response_mask"].to(entropy.device)
         tokens = float(mask.sum())

@@ -20,8 +20,7 @@ from torch import Tensor
 
 from megatron_gvpo.algorithms.group_robust import domain_robust_gvpo_loss, domain_unit_counters
 from megatron_gvpo.algorithms.gvpo import GVPOGroupStats, gvpo_group_stats, gvpo_sample_losses
-from megatron_gvpo.models.forward import MicroBatch
-from megatron_gvpo.trainer.batch import sequence_logprobs, sequence_old_logprobs
+from megatron_gvpo.models.forward import MicroBatch, sequence_logprobs, sequence_old_logprobs
 from megatron_gvpo.trainer.objectives.base import (
     MicroBatchLoss,
     Objective,

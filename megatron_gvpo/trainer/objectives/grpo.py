@@ -28,8 +28,8 @@ from megatron_gvpo.algorithms.grpo import (
     overlong_penalty,
 )
 from megatron_gvpo.algorithms.kl import KL_ESTIMATORS
-from megatron_gvpo.models.forward import MicroBatch
-from megatron_gvpo.trainer.batch import RolloutBatch, response_logprobs
+from megatron_gvpo.models.forward import MicroBatch, response_logprobs
+from megatron_gvpo.trainer.batch import RolloutBatch
 from megatron_gvpo.trainer.metrics import Metric
 from megatron_gvpo.trainer.objectives.base import (
     MicroBatchLoss,

@@ -20,8 +20,7 @@ from megatron_gvpo.algorithms.gvpo import (
     gvpo_loss_terms,
     num_counted_groups,
 )
-from megatron_gvpo.models.forward import MicroBatch
-from megatron_gvpo.trainer.batch import sequence_logprobs, sequence_old_logprobs
+from megatron_gvpo.models.forward import MicroBatch, sequence_logprobs, sequence_old_logprobs
 from megatron_gvpo.trainer.metrics import Metric
 from megatron_gvpo.trainer.objectives.base import (
     MicroBatchLoss,

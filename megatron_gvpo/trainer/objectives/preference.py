@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from megatron_gvpo.algorithms.group_robust import dpo_pair_loss, ipo_pair_loss
-from megatron_gvpo.models.forward import MicroBatch
-from megatron_gvpo.trainer.batch import RolloutBatch, response_logprobs
+from megatron_gvpo.models.forward import MicroBatch, response_logprobs
+from megatron_gvpo.trainer.batch import RolloutBatch
 from megatron_gvpo.trainer.metrics import Metric
 from megatron_gvpo.trainer.objectives.base import (
     MicroBatchLoss,
