@@ -75,6 +75,46 @@ def test_pack_sequences_indexes_response_tokens():
         pack_sequences(prompts, responses, seq_len=8)
 
 
+
+def _pack_reference(prompts, responses, seq_len, pad_id, loss_masks):
+    """pack_sequences written out sample by sample."""
+    tokens = [pad_id] * seq_len
+    pos = [0] * seq_len
+    max_resp = max([len(r) for r in responses] + [1])
+    index = [[0] * max_resp for _ in prompts]
+    mask = [[False] * max_resp for _ in prompts]
+    cu, start = [0], 0
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        tokens[start : start + len(p) + len(r)] = p + r
+        pos[start : start + len(p) + len(r)] = range(len(p) + len(r))
+        for j in range(len(r)):
+            index[i][j] = start + len(p) - 1 + j
+            mask[i][j] = True if loss_masks is None else bool(loss_masks[i][j])
+        start += len(p) + len(r)
+        cu.append(start)
+    if start < seq_len:
+        pos[start:] = range(seq_len - start)
+        cu.append(seq_len)
+    return tokens, pos, cu, index, mask
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_pack_sequences_against_a_per_sample_reference(seed):
+    rng = random.Random(seed)
+    k = rng.randint(1, 12)
+    prompts = [[rng.randint(1, 99) for _ in range(rng.randint(1, 9))] for _ in range(k)]
+    responses = [[rng.randint(1, 99) for _ in range(rng.randint(0, 11))] for _ in range(k)]
+    masks = [[rng.randint(0, 1) for _ in r] for r in responses] if seed % 2 else None
+    fill = sum(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    seq_len = fill + rng.choice([0, 3, 17])
+    packed = pack_sequences(prompts, responses, seq_len, pad_id=seed % 5, loss_masks=masks)
+    tokens, pos, cu, index, mask = _pack_reference(prompts, responses, seq_len, seed % 5, masks)
+    assert packed.tokens[0].tolist() == tokens and packed.position_ids[0].tolist() == pos
+    assert packed.cu_seqlens.tolist() == cu and packed.cu_seqlens.dtype == torch.int32
+    assert packed.response_index.tolist() == index and packed.response_mask.tolist() == mask
+    assert packed.max_seqlen == max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
+
+
 @pytest.mark.parametrize(
     "kwargs,field",
     [

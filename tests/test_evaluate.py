@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,15 @@ def test_eval_console_line_and_fresh_start_truncation(tmp_path: Path, capsys):
     logger.close()
     out = capsys.readouterr().out.splitlines()
     assert out == [f"eval step 0: {line}", "step 1: reward 0.250 | loss 1"]
+    # TensorBoard holds every finite number of each step as a scalar (one event per step)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    numbers = {k for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    assert set(events.Tags()["scalars"]) == numbers | {"reward/mean", "loss"}
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0)]
+    assert [(e.step, e.value) for e in events.Scalars("reward/mean")] == [(1, 0.25)]
     # A fresh start (no checkpoint: resume step 0) drops every row, the step-0 eval row included;
     # a resume at step 1 keeps rows 0 and 1.
     MetricsLogger(tmp_path, enabled=True, resume_step=1).close()

@@ -123,3 +123,93 @@ def test_theta_prime_from_the_update_forward_equals_a_separate_pass(tiny_models,
     assert r["grad_rel_diff"] <= 1e-5, r
     assert r["grad_scale"] > 0, r
     assert r["control_grad_rel_diff"] > 1e-3, r
+
+
+_HEAP = """
+import ctypes, json, sys
+from megatron_gvpo.parallel.cpu_malloc import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "apply" else False
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = MallInfo2
+# a step's buffers: 24 MiB in 96 KiB blocks (heap blocks under either setting), then freed; the
+# pointer array exists first, so nothing else lands on the heap above the blocks
+blocks = (ctypes.c_void_p * 256)()
+for i in range(256):
+    blocks[i] = libc.malloc(96 * 1024)
+held = libc.mallinfo2().arena
+for i in reversed(range(256)):
+    libc.free(blocks[i])
+print(json.dumps({"applied": applied, "kept": libc.mallinfo2().arena / held}))
+"""
+
+
+def _heap(mode: str, **env) -> dict:
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    run_env.update(env)
+    out = subprocess.run(
+        [sys.executable, "-c", _HEAP, mode], env=run_env, capture_output=True, text=True,
+        check=True, timeout=120,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_cpu_malloc_keeps_freed_buffers_and_leaves_user_settings_alone():
+    """With the settings, memory a step frees stays in the heap for the next step; glibc's
+    defaults trim it off and the next step faults it in again (control). A user's MALLOC_*
+    variable or MEGATRON_GVPO_MALLOC=default leaves malloc as it is."""
+    base, tuned = _heap("none"), _heap("apply")
+    assert tuned["applied"] is True
+    assert tuned["kept"] > 0.9, tuned  # the freed 24 MiB stay in the heap for the next step
+    assert base["kept"] < 0.5, base  # control: glibc's defaults trim them off
+    assert _heap("apply", MEGATRON_GVPO_MALLOC="default")["applied"] is False
+    assert _heap("apply", MALLOC_TRIM_THRESHOLD_="131072")["applied"] is False
+
+
+@pytest.mark.parametrize("exact_mapping", [False, True])
+def test_packed_rope_from_positions_equals_megatrons_loop_bit_for_bit(exact_mapping):
+    """``models/rope.py`` against megatron-core's own per-sequence ``thd`` RoPE (one CP rank):
+    identical values and gradients, with a zero-length sequence among the segments; megatron's
+    exact-mapping case (a table row per packed token) too. Control: RoPE applied at the packed
+    positions (no restart per sequence) differs."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megatron_gvpo.models import rope
+
+    class OneRank:
+        def size(self):
+            return 1
+
+        def rank(self):
+            return 0
+
+    torch.manual_seed(0)
+    lengths = [5, 0, 9, 1, 17, 3]
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    rows = total if exact_mapping else 64
+    freqs = torch.outer(torch.arange(rows, dtype=torch.float32) * 0.7, inv)
+    freqs = torch.cat([freqs, freqs], dim=-1).view(rows, 1, 1, 16)
+    x = torch.randn(total, 4, 16, requires_grad=True)
+    y = x.detach().clone().requires_grad_(True)
+    ours = rope.apply_rotary_pos_emb_thd(x, cu, freqs, cp_group=OneRank())
+    theirs = rope._megatron_thd(y, cu, freqs, cp_group=OneRank())
+    assert torch.equal(ours, theirs)
+    g = torch.randn_like(ours)
+    ours.backward(g)
+    theirs.backward(g)
+    assert torch.equal(x.grad, y.grad)
+    if not exact_mapping:
+        packed = rope_utils._apply_rotary_pos_emb_bshd(x.detach().unsqueeze(1), freqs[:total])
+        assert (packed.squeeze(1) - theirs).abs().max() > 1e-2

@@ -92,6 +92,10 @@ def main() -> None:
     for name in ("lr", "epsilon", "max-grad-norm"):
         p.add_argument(f"--{name}", type=float, required=True)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument(
+        "--reward-file", help="a Python file with trl_toy_sum (bench_vs_trl's reward); default: "
+        "exact_match above"
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -107,9 +111,17 @@ def main() -> None:
         seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         epsilon=args.epsilon, max_grad_norm=args.max_grad_norm,
     )
+    reward = exact_match
+    if args.reward_file:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("bench_reward", args.reward_file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        reward = module.trl_toy_sum
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=exact_match,
+        reward_funcs=reward,
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,

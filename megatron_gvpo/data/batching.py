@@ -74,8 +74,10 @@ def plan_step(
 
     Groups go whole to the DP rank with the fewest tokens so far (largest first). On each rank,
     micro-batches are filled first-fit up to ``max_tokens_per_microbatch`` with whole groups, or
-    with single samples when a group does not fit or ``keep_groups_whole`` is False. Ranks with
-    fewer micro-batches get empty ones, so every rank runs the same number.
+    with single samples when a group does not fit or ``keep_groups_whole`` is False; when that
+    takes several micro-batches, the same first fit is redone under the smallest budget that keeps
+    their number, so they come out about equally full (every row is padded to the longest). Ranks
+    with fewer micro-batches get empty ones, so every rank runs the same number.
     """
     if len(lengths) != len(group_ids):
         raise ValueError(f"{len(lengths)} lengths but {len(group_ids)} group ids")
@@ -99,29 +101,56 @@ def plan_step(
 
     per_rank = []
     for glist in rank_groups:
-        bins: list[list[int]] = []
-        room: list[int] = []
+        units: list[list[int]] = []
         for g in glist:
-            size = sum(lengths[i] for i in g)
-            if keep_groups_whole and size <= max_tokens_per_microbatch:
-                units = [g]
+            if keep_groups_whole and sum(lengths[i] for i in g) <= max_tokens_per_microbatch:
+                units.append(g)
             else:
-                units = [[i] for i in g]
-            for unit in units:
-                need = sum(lengths[i] for i in unit)
-                b = next((k for k, free in enumerate(room) if free >= need), None)
-                if b is None:
-                    bins.append([])
-                    room.append(max_tokens_per_microbatch)
-                    b = len(bins) - 1
-                bins[b].extend(unit)
-                room[b] -= need
+                units.extend([i] for i in g)
+        bins = _first_fit(units, lengths, max_tokens_per_microbatch)
+        if len(bins) > 1:
+            bins = _balanced(units, lengths, len(bins), max_tokens_per_microbatch) or bins
         per_rank.append(bins)
     n_mb = max(1, max(len(b) for b in per_rank))
     for bins in per_rank:
         bins.extend([] for _ in range(n_mb - len(bins)))
     longest = max([sum(lengths[i] for i in b) for bins in per_rank for b in bins] + [1])
     return StepPlan(per_rank, _round_up(longest, pad_multiple), _groups_whole(per_rank, group_ids))
+
+
+def _first_fit(units: list[list[int]], lengths: list[int], budget: int) -> list[list[int]]:
+    """Units (a whole group, or one sample) into micro-batches of at most ``budget`` tokens,
+    each into the first micro-batch with room."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for unit in units:
+        need = sum(lengths[i] for i in unit)
+        b = next((k for k, free in enumerate(room) if free >= need), None)
+        if b is None:
+            bins.append([])
+            room.append(budget)
+            b = len(bins) - 1
+        bins[b].extend(unit)
+        room[b] -= need
+    return bins
+
+
+def _balanced(
+    units: list[list[int]], lengths: list[int], n: int, budget: int
+) -> list[list[int]] | None:
+    """The same first fit into ``n`` micro-batches with the smallest budget it finds (from the
+    even share up, in eighths of the remaining gap): every micro-batch is packed to the step's
+    longest, so filling the first to ``budget`` left the last mostly padding (measured at 32 x 8
+    on the demo: two rows of 4,096 tokens for 5,000 real ones, the padding attended as one long
+    sequence). None when no smaller budget keeps ``n``."""
+    total = sum(lengths[i] for u in units for i in u)
+    trial = max(-(-total // n), max(sum(lengths[i] for i in u) for u in units))
+    while trial < budget:
+        bins = _first_fit(units, lengths, trial)
+        if len(bins) <= n:
+            return bins
+        trial += max(1, (budget - trial) // 8)
+    return None
 
 
 def _groups_whole(per_rank: list[list[list[int]]], group_ids: list[int]) -> bool:
@@ -145,35 +174,53 @@ def pack_sequences(
 
     ``loss_masks[i]`` (one 0/1 per response token of sample ``i``; None: all 1) leaves the
     zero entries out of ``response_mask``."""
-    total = sum(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    lp = [len(p) for p in prompts]
+    lr = [len(r) for r in responses]
+    if len(lp) != len(lr):
+        raise ValueError(f"{len(lp)} prompts for {len(lr)} responses")
+    total = sum(lp) + sum(lr)
     if total > seq_len:
         raise ValueError(f"{total} tokens do not fit a packed row of {seq_len}")
+    for i, n in enumerate(lp):
+        if not n:
+            raise ValueError(f"sample {i} has an empty prompt; a response needs a prefix")
+    # Whole-row tensor ops (no per-sample torch calls): sample i's prompt + response at
+    # [starts[i], starts[i] + lp[i] + lr[i]), positions restarting at 0 in each sample.
+    lengths = torch.tensor([a + b for a, b in zip(lp, lr, strict=True)], dtype=torch.long)
+    ends = lengths.cumsum(0)
+    starts = ends - lengths
     tokens = torch.full((1, seq_len), pad_id, dtype=torch.long)
     pos = torch.zeros((1, seq_len), dtype=torch.long)
-    cu = [0]
-    max_resp = max([len(r) for r in responses] + [1])
-    index = torch.zeros((len(prompts), max_resp), dtype=torch.long)
-    mask = torch.zeros((len(prompts), max_resp), dtype=torch.bool)
-    start = 0
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        if not p:
-            raise ValueError(f"sample {i} has an empty prompt; a response needs a prefix")
-        n = len(p) + len(r)
-        tokens[0, start : start + n] = torch.tensor(p + r, dtype=torch.long)
-        pos[0, start : start + n] = torch.arange(n)
-        # Response token j sits at row position start+len(p)+j and is scored one step earlier.
-        index[i, : len(r)] = torch.arange(len(r)) + start + len(p) - 1
-        if loss_masks is None:
-            mask[i, : len(r)] = True
-        else:
-            m = torch.as_tensor(loss_masks[i], dtype=torch.bool)
-            if m.numel() != len(r):
+    tokens[0, :total] = torch.tensor(
+        [t for p, r in zip(prompts, responses, strict=True) for seq in (p, r) for t in seq],
+        dtype=torch.long,
+    )
+    pos[0, :total] = torch.arange(total) - torch.repeat_interleave(
+        starts, lengths, output_size=total
+    )
+    # Response token j sits at row position start+len(p)+j and is scored one step earlier.
+    max_resp = max([*lr, 1])
+    j = torch.arange(max_resp).unsqueeze(0)
+    resp_len = torch.tensor(lr, dtype=torch.long).unsqueeze(1)
+    valid = j < resp_len
+    first = (starts + torch.tensor(lp, dtype=torch.long) - 1).unsqueeze(1)
+    index = torch.where(valid, j + first, 0)
+    if loss_masks is None:
+        mask = valid
+    else:
+        parts = []
+        for i, m in enumerate(loss_masks):
+            m = torch.as_tensor(m, dtype=torch.bool)
+            if m.numel() != lr[i]:
                 raise ValueError(
-                    f"sample {i}: loss mask of {m.numel()} entries for {len(r)} response tokens"
+                    f"sample {i}: loss mask of {m.numel()} entries for {lr[i]} response tokens"
                 )
-            mask[i, : len(r)] = m
-        start += n
-        cu.append(start)
+            parts.append(m.reshape(-1))
+        mask = torch.zeros((len(lp), max_resp), dtype=torch.bool)
+        if parts:
+            mask[valid] = torch.cat(parts)
+    start = total
+    cu = [0, *ends.tolist()]
     if start < seq_len:
         pos[0, start:] = torch.arange(seq_len - start)
         cu.append(seq_len)

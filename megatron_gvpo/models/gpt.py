@@ -18,6 +18,7 @@ from megatron_gvpo.models.moe import (
     moe_transformer_config_kwargs,
     patch_router_gemm_without_te,
 )
+from megatron_gvpo.models.rope import install_packed_rope
 from megatron_gvpo.models.specs import layer_spec, te_available
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ def build_gpt_model(
     use_te = _resolve_impl(cfg.transformer_impl)
     if arch.is_moe:
         patch_router_gemm_without_te()
+    if not config.apply_rope_fusion:
+        install_packed_rope()  # packed RoPE from positions, not a loop per sequence
     vocab = cfg.padded_vocab_size or padded_vocab_size(
         arch.vocab_size, tp, cfg.make_vocab_size_divisible_by
     )

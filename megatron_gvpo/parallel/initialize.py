@@ -14,6 +14,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_gvpo.parallel.cpu_compat import enable_cpu_compat
+from megatron_gvpo.parallel.cpu_malloc import keep_freed_memory
 from megatron_gvpo.parallel.store import listening_store
 
 
@@ -84,6 +85,8 @@ def initialize(cfg: ParallelConfig) -> None:
 
 def _initialize(cfg: ParallelConfig) -> None:
     on_cpu = enable_cpu_compat()
+    if on_cpu:
+        keep_freed_memory()  # a CPU step reuses its buffers instead of faulting them in again
     if not dist.is_initialized():
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))

@@ -61,6 +61,34 @@ def _generator(seed: int | None) -> torch.Generator:
     return g
 
 
+class _Uniforms:
+    """The uniforms of a batch's rows, each from its own generator, drawn ``chunk`` per row at a
+    time: a row's stream is read in the same order as one draw per generated token, so the values
+    are the same (every live row takes one per decode step; rows only ever leave the batch)."""
+
+    def __init__(self, rows: list[_Row], chunk: int):
+        self.rows, self.chunk = rows, max(1, chunk)
+        self.buf = torch.empty(len(rows), self.chunk, dtype=torch.float64)
+        self.col = self.chunk  # the column of the next uniform; a full chunk draws first
+
+    def next(self, live: list[int]) -> torch.Tensor:
+        """One uniform for each row in ``live``, in that order."""
+        if self.col == self.chunk:
+            for b in live:
+                self.buf[b] = torch.rand(
+                    self.chunk, generator=self.rows[b].gen, dtype=torch.float64
+                )
+            self.col = 0
+        u = self.buf[live, self.col]
+        self.col += 1
+        return u
+
+
+# Uniforms drawn per row at a time: one call covers a short response, and a long max_new_tokens
+# does not draw (or hold) uniforms that a response ending early never uses.
+_UNIFORM_CHUNK = 64
+
+
 def check_model_dir(path: str | Path) -> Path:
     """The HF folder, after checking it exists and holds config.json and safetensors weights."""
     path = Path(path)
@@ -243,6 +271,7 @@ class LocalEngine(RolloutEngine):
         pos = (mask.cumsum(-1) - 1).clamp_(min=0)
         # The model fills this cache in place; only its keyword changed across transformers.
         cache = {self._cache_kwarg: DynamicCache(config=self.model.config)}
+        uniforms = _Uniforms(rows, min(sampling.max_new_tokens, _UNIFORM_CHUNK))
         fed = [len(r.prompt) for r in rows]  # real (unpadded) tokens each row feeds this forward
         for _ in range(sampling.max_new_tokens):
             if self.return_routes:
@@ -258,7 +287,7 @@ class LocalEngine(RolloutEngine):
             if self.return_routes:
                 self._keep_routes(rows, fed, ids.shape[1])
             live = [r.finish is None for r in rows]
-            tokens = self._step(out.logits[:, -1].float(), rows, sampling)
+            tokens = self._step(out.logits[:, -1].float(), rows, sampling, uniforms)
             if all(r.finish is not None for r in rows):
                 return
             fed = [int(x) for x in live]  # a row's next token is real if it was drawn now
@@ -277,15 +306,15 @@ class LocalEngine(RolloutEngine):
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros(len(prompts), width, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, width - len(p) :] = torch.tensor(p)
-            mask[b, width - len(p) :] = 1
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], dtype=torch.long)
+        mask = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long
+        )
         return ids.to(self.device), mask.to(self.device)
 
     def _step(
-        self, logits: torch.Tensor, rows: list[_Row], sampling: SamplingParams
+        self, logits: torch.Tensor, rows: list[_Row], sampling: SamplingParams,
+        uniforms: _Uniforms,
     ) -> torch.Tensor:
         """Choose each unfinished row's next token, record it and its logprob; return the tokens."""
         temp = sampling.temperature
@@ -299,9 +328,8 @@ class LocalEngine(RolloutEngine):
         if temp == 0:
             chosen = logits.argmax(-1)
         else:  # draw() for every live row at once: its own uniform, the same inverse-CDF lookup
-            u = [torch.rand((), generator=rows[b].gen, dtype=torch.float64).item() for b in live]
             cdf = probs[live].double().cumsum(-1)
-            x = cdf[:, -1:] * torch.tensor(u, dtype=torch.float64).unsqueeze(-1)
+            x = cdf[:, -1:] * uniforms.next(live).unsqueeze(-1)
             chosen = torch.zeros(len(rows), dtype=torch.long)
             chosen[live] = (
                 torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)

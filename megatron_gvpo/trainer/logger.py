@@ -72,15 +72,27 @@ class MetricsLogger:
         row = {"step": step, **{k: _plain(v) for k, v in sorted(metrics.items())}}
         with self.jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                self.writer.add_scalar(k, v, step)
+        self._scalars(step, row)
         parts = [fmt.format(row[k]) for k, fmt in SUMMARY_KEYS if isinstance(row.get(k), float)]
         if parts:
             print(f"step {step}: " + " | ".join(parts), flush=True)
         evals = eval_summary(row)
         if evals:
             print(f"eval step {step}: {evals}", flush=True)
+
+    def _scalars(self, step: int, row: dict[str, Any]) -> None:
+        """The step's finite numbers as TensorBoard scalars, in one event (one protobuf and one
+        record instead of one per metric; readers see the same scalars)."""
+        from torch.utils.tensorboard.summary import Summary, scalar
+
+        values = [
+            value
+            for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)
+            for value in scalar(k, float(v)).value
+        ]
+        if values:
+            self.writer._get_file_writer().add_summary(Summary(value=values), step)
 
     def plot(self, key: str = "reward/mean") -> Path | None:
         """Write ``<run_dir>/reward_curve.png`` from metrics.jsonl (all steps so far): the

@@ -166,14 +166,16 @@ def logprob_mismatch(actor: list[torch.Tensor], groups: Sequence) -> dict:
         for g in groups
         for j in range(len(g.engine_logprobs))
     ]
-    diffs = [
-        (torch.tensor(e, dtype=torch.float32) - a).abs()[_model_tokens(m, len(e))]
-        for a, e, m in zip(actor, engine, masks, strict=False)
-        if len(e)
-    ]
-    if not diffs:
+    kept = [(a, e, m) for a, e, m in zip(actor, engine, masks, strict=False) if len(e)]
+    if not kept:
         return {}
-    d = torch.cat(diffs)
+    # one subtraction over the concatenated samples (the same values as per sample)
+    d = (
+        torch.cat([torch.as_tensor(e, dtype=torch.float32) for _, e, _ in kept])
+        - torch.cat([a for a, _, _ in kept])
+    ).abs()
+    if any(m is not None for _, _, m in kept):
+        d = d[torch.cat([_model_tokens(m, len(e)) for _, e, m in kept])]
     if not d.numel():
         return {}
     return {
