@@ -519,7 +519,7 @@ def test_secrets_in_reward_kwargs_are_not_written(tiny_model, tmp_path):
     assert "Traceback" not in failed.stderr
     for secret in _SECRETS:
         assert secret.decode() not in failed.stdout + failed.stderr, secret
-    crashed = subprocess.run(  # a failure past the config checks (a reward that cannot load)
+    missing = subprocess.run(  # a reward that cannot load: a config error naming the entry
         _cmd(tiny_model, tmp_path / "run3", "trainer.max_steps=1",
              _KEYED.replace("fault_rewards:keyed", "fault_rewards:no_such_reward")),
         env={**_env(extra), "FAULT_TOKEN": "ENV-SECRET-789"},
@@ -528,10 +528,25 @@ def test_secrets_in_reward_kwargs_are_not_written(tiny_model, tmp_path):
         text=True,
         timeout=300,
     )  # fmt: skip
-    assert crashed.returncode == 1 and "no_such_reward" in crashed.stderr, crashed.stderr[-2000:]
+    assert missing.returncode == 2, missing.stderr[-2000:]
+    assert missing.stderr.startswith("error: reward.rewards[0].name") and "no_such_reward" in (
+        missing.stderr
+    )
+    assert "Traceback" not in missing.stderr
+    crashed = subprocess.run(  # a failure past the config checks (kwargs the function refuses)
+        _cmd(tiny_model, tmp_path / "run4", "trainer.max_steps=1",
+             _KEYED.replace("fault_rewards:keyed", "fault_rewards:huge")),
+        env={**_env(extra), "FAULT_TOKEN": "ENV-SECRET-789"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert crashed.returncode == 1 and "do not fit" in crashed.stderr, crashed.stderr[-2000:]
     assert "Error executing job" not in crashed.stderr  # Hydra's report, overrides and all
     for secret in _SECRETS:
-        assert secret.decode() not in crashed.stdout + crashed.stderr, secret
+        for proc in (missing, crashed):
+            assert secret.decode() not in proc.stdout + proc.stderr, secret
 
 
 _LOCK_HOLDER = """
