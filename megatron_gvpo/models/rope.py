@@ -38,25 +38,25 @@ def apply_rotary_pos_emb_thd(
     cu_seqlens: torch.Tensor,
     freqs: torch.Tensor,
     rotary_interleaved: bool = False,
-    multi_latent_attention: bool = False,
     mscale: float = 1.0,
     cp_group: torch.distributed.ProcessGroup = None,
+    **mla: bool | None,
 ) -> torch.Tensor:
-    """Drop-in for megatron-core's ``_apply_rotary_pos_emb_thd`` (same arguments, same result)."""
+    """Drop-in for megatron-core's ``_apply_rotary_pos_emb_thd`` (same arguments, same result).
+
+    ``mla``: the MLA interleaving flag under the installed release's name
+    (``multi_latent_attention`` in 0.16, ``mla_rotary_interleaved`` from 0.17), passed on as
+    given to megatron's functions, which take it under the same name."""
     per_token = None
     if cp_group is not None and cp_group.size() == 1:
         per_token = packed_freqs(cu_seqlens, freqs, t.size(0))
     if per_token is None:
         return _megatron_thd(
-            t, cu_seqlens, freqs, rotary_interleaved=rotary_interleaved,
-            multi_latent_attention=multi_latent_attention, mscale=mscale, cp_group=cp_group,
+            t, cu_seqlens, freqs, rotary_interleaved=rotary_interleaved, mscale=mscale,
+            cp_group=cp_group, **mla,
         )
     return rope_utils._apply_rotary_pos_emb_bshd(
-        t.unsqueeze(1),
-        per_token,
-        rotary_interleaved=rotary_interleaved,
-        multi_latent_attention=multi_latent_attention,
-        mscale=mscale,
+        t.unsqueeze(1), per_token, rotary_interleaved=rotary_interleaved, mscale=mscale, **mla
     ).squeeze(1)
 
 
