@@ -12,8 +12,7 @@ from typing import Any
 
 from megatron_gvpo.rewards.base import RewardConfig, RewardInput, RewardStats
 from megatron_gvpo.rewards.guard import RateLimitedLogger, RoundDeadline, call_guarded
-from megatron_gvpo.rewards.registry import bind_reward, registered_rewards
-from megatron_gvpo.rewards.user import is_spec, load_callable
+from megatron_gvpo.rewards.registry import bind_reward, reward_entry
 
 logger = logging.getLogger(__name__)
 
@@ -199,20 +198,15 @@ def _to_config(c: RewardConfig | Mapping[str, Any], i: int) -> RewardConfig:
 
 
 def check_reward_configs(configs: Sequence[RewardConfig | Mapping[str, Any]]) -> None:
-    """Each entry's fields, and its function found (a ``module:function`` imported, not called):
-    the config check that runs before any model is built. Raises ValueError naming the entry."""
+    """Each entry's fields, and its function found (a ``module:function`` imported, not called;
+    a registered name known): the config check that runs before any model is built. Raises
+    ValueError naming the entry."""
     for i, c in enumerate(configs):
         try:
             cfg = _to_config(c, i)
         except ValueError as e:
             raise ValueError(f"reward.{e}") from None  # "rewards[i]: ..."
-        if is_spec(cfg.name):
-            load_callable(cfg.name, what=f"reward.rewards[{i}].name")
-        elif cfg.name not in registered_rewards():
-            raise ValueError(
-                f"reward.rewards[{i}].name={cfg.name!r}: no such reward; registered: "
-                f"{registered_rewards()}, or give a 'module:function' spec"
-            )
+        reward_entry(cfg, where=f"reward.rewards[{i}].name")
 
 
 class RewardManager:

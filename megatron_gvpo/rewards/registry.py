@@ -60,22 +60,31 @@ def _check_kwargs(fn: Callable, kwargs: dict, positional: int, key: str) -> None
         raise ValueError(f"reward '{key}': 'kwargs' {sorted(kwargs)} do not fit {fn!r}: {e}") from e
 
 
+def reward_entry(cfg: RewardConfig, where: str | None = None) -> RewardEntry:
+    """The function ``cfg.name`` names: a ``module:function`` spec (imported, not called) or a
+    registered reward. Raises ValueError for a name that resolves to nothing (naming ``where``,
+    the setting, when given) and for a ``batched`` the registered reward fixes otherwise."""
+    if is_spec(cfg.name):
+        fn = load_callable(cfg.name, what=where or "reward spec")
+        return RewardEntry(fn=fn, batched=bool(cfg.batched))
+    if cfg.name not in _REGISTRY:
+        setting = where or "reward config 'name'"
+        raise ValueError(
+            f"{setting}: unknown reward {cfg.name!r}; registered: "
+            f"{registered_rewards()}, or give a 'module:function' spec"
+        )
+    entry = _REGISTRY[cfg.name]
+    if cfg.batched is not None and cfg.batched != entry.batched:
+        raise ValueError(
+            f"reward '{cfg.key}': 'batched' is fixed by the registered reward "
+            f"({entry.batched}); leave it unset"
+        )
+    return entry
+
+
 def bind_reward(cfg: RewardConfig) -> tuple[Callable, bool]:
     """Resolve ``cfg.name``, bind ``cfg.kwargs``; returns (scorer, batched). Bad configs raise."""
-    if is_spec(cfg.name):
-        entry = RewardEntry(fn=load_callable(cfg.name), batched=bool(cfg.batched))
-    else:
-        if cfg.name not in _REGISTRY:
-            raise ValueError(
-                f"reward config 'name': unknown reward {cfg.name!r}; registered: "
-                f"{registered_rewards()}, or give a 'module:function' spec"
-            )
-        entry = _REGISTRY[cfg.name]
-        if cfg.batched is not None and cfg.batched != entry.batched:
-            raise ValueError(
-                f"reward '{cfg.key}': 'batched' is fixed by the registered reward "
-                f"({entry.batched}); leave it unset"
-            )
+    entry = reward_entry(cfg)
     if entry.factory:
         _check_kwargs(entry.fn, cfg.kwargs, 0, cfg.key)
         try:
