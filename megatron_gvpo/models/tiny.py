@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -17,6 +18,19 @@ _COMMON = dict(
     max_position_embeddings=512,
     rms_norm_eps=1e-6,
 )
+# The MoE families' shared shape: two layers, the first dense (mlp_only_layers), the second with
+# 4 routed experts, top-2.
+_TINY_MOE = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=24,
+    mlp_only_layers=[0],
+    rope_parameters=dict(rope_type="default", rope_theta=1e6),
+)
+
 TINY_FAMILIES = {
     # Llama-3 rope scaling with a short original context, so the scaled band is exercised.
     "llama": dict(
@@ -34,33 +48,10 @@ TINY_FAMILIES = {
     ),
     "qwen3": dict(head_dim=32, rope_parameters=dict(rope_type="default", rope_theta=1e6)),
     "mistral": dict(sliding_window=None, rope_parameters=dict(rope_type="default", rope_theta=1e4)),
-    # Two layers, the first dense (mlp_only_layers), the second with 4 routed experts, top-2.
-    "qwen3_moe": dict(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=24,
-        norm_topk_prob=True,
-        mlp_only_layers=[0],
-        rope_parameters=dict(rope_type="default", rope_theta=1e6),
-    ),
-    # qwen3_moe's shape plus a shared expert (width 40) behind its sigmoid gate; q/k/v biases,
-    # no q/k norms, top-k probabilities not renormalised (transformers' defaults).
-    "qwen2_moe": dict(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=24,
-        shared_expert_intermediate_size=40,
-        norm_topk_prob=False,
-        mlp_only_layers=[0],
-        rope_parameters=dict(rope_type="default", rope_theta=1e6),
-    ),
+    "qwen3_moe": dict(_TINY_MOE, head_dim=16, norm_topk_prob=True),
+    # plus a shared expert (width 40) behind its sigmoid gate; q/k/v biases, no q/k norms, top-k
+    # probabilities not renormalised (transformers' defaults)
+    "qwen2_moe": dict(_TINY_MOE, shared_expert_intermediate_size=40, norm_topk_prob=False),
 }
 
 
@@ -71,7 +62,8 @@ def tiny_hf_config(family: str, **overrides):
 
     if family not in TINY_FAMILIES:
         raise ValueError(f"family {family!r}: choose one of {', '.join(TINY_FAMILIES)}")
-    kwargs = {**_COMMON, **TINY_FAMILIES[family], **overrides}
+    # a copy: the families share nested values (rope_parameters, mlp_only_layers)
+    kwargs = copy.deepcopy({**_COMMON, **TINY_FAMILIES[family], **overrides})
     return AutoConfig.for_model(family, **kwargs)
 
 
