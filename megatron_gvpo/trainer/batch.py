@@ -222,19 +222,20 @@ class ThetaPrime:
             return
         offsets = _flat_offsets(batch)
         micro_batches = build_micro_batches(batch, plan)
-        replay = self.routing_replay
-        if self.mode == "forward" and replay is not None and replay.source == "rollout":
-            with replay.replaying():  # the engine's routes (batch.routes)
+        if self.mode == "forward":
+            replay = self.routing_replay
+            engine_routes = replay is not None and replay.source == "rollout"
+            if replay is None:
+                routing = nullcontext()
+            else:  # replay the engine's routes (in batch.routes), or record theta''s
+                routing = replay.replaying() if engine_routes else replay.recording()
+            with routing:
                 batch.old_logprobs = sample_token_logprobs(
                     self.model, micro_batches, offsets, self.temperature
                 )
-            self.engine_route_flips = replay.flip_fraction()
-        elif self.mode == "forward":
-            with replay.recording() if replay is not None else nullcontext():
-                batch.old_logprobs = sample_token_logprobs(
-                    self.model, micro_batches, offsets, self.temperature
-                )
-            if replay is not None:
+            if engine_routes:
+                self.engine_route_flips = replay.flip_fraction()
+            elif replay is not None:
                 batch.routes = replay.routes(len(batch))
         if self.reference is not None:
             batch.ref_logprobs = sample_token_logprobs(

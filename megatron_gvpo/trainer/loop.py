@@ -127,6 +127,7 @@ class Trainer(Run):
         why += f"{metrics.get('filter/short_responses', 0)} short responses"
         self.actor.guard.round_trainable(batch is not None, why)
         metrics["train/skipped_rounds"] = int(batch is None)
+        tokens = 0
         if batch is not None:
             self.objective.prepare_round(batch)
             with clock("logprob"):
@@ -134,6 +135,8 @@ class Trainer(Run):
                 self.theta_prime.before_updates(batch, plan)
             with clock("train"):
                 metrics.update(self._updates(batch))
+            metrics.update(logprob_mismatch(batch.old_logprobs, fresh))  # theta' is known now
+            tokens = sum(batch.lengths)
         else:  # nothing to train on: no update; the engine is still tagged with the step
             metrics["train/skipped_steps"] = 0
             metrics["lr"] = self.actor.lr
@@ -142,9 +145,7 @@ class Trainer(Run):
         with clock("sync"):
             metrics.update(self.weight_sync.sync(version=self.step))
         metrics.update(self.rounds.metrics())
-        if batch is not None:  # theta' is known now
-            metrics.update(logprob_mismatch(batch.old_logprobs, fresh))
-        metrics.update(clock.metrics(tokens=sum(batch.lengths) if batch is not None else 0))
+        metrics.update(clock.metrics(tokens=tokens))
         return metrics
 
     def _rollout(self, step: int, rows) -> RolloutResult:
