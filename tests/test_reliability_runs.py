@@ -486,15 +486,19 @@ def test_secrets_in_reward_kwargs_are_not_written(tiny_model, tmp_path):
     URL (user information, a token query parameter): in no file of the run, not on the console,
     not in the report of a run that fails (Hydra's would print the overrides as given)."""
     extra = _reward_module(tmp_path, _REWARDS)
+
+    def run_with(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            _cmd(tiny_model, run_dir, "trainer.max_steps=1", *overrides),
+            env={**_env(extra), "FAULT_TOKEN": "ENV-SECRET-789"},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
     run = tmp_path / "run"
-    proc = subprocess.run(
-        _cmd(tiny_model, run, "trainer.max_steps=1", _KEYED),
-        env={**_env(extra), "FAULT_TOKEN": "ENV-SECRET-789"},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_with(run, _KEYED)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert metrics(run)[0]["reward_fn/fault_rewards:keyed/errors"] == 0  # the reward saw them all
     written = [p for p in run.rglob("*") if p.is_file()]
@@ -506,42 +510,23 @@ def test_secrets_in_reward_kwargs_are_not_written(tiny_model, tmp_path):
             assert secret not in data, (p, secret)
     for secret in _SECRETS:
         assert secret.decode() not in proc.stdout + proc.stderr, secret
-    failed = subprocess.run(  # a run that fails after Hydra composed the config
-        _cmd(tiny_model, tmp_path / "run2", "trainer.max_steps=1", "trainer.lr=-1", _KEYED),
-        env={**_env(extra), "FAULT_TOKEN": "ENV-SECRET-789"},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    failed = run_with(tmp_path / "run2", "trainer.lr=-1", _KEYED)  # fails after Hydra composed
     # a config error: one line naming the key, exit status 2, no traceback
     assert failed.returncode == 2 and "error: trainer.lr must be > 0" in failed.stderr
     assert "Traceback" not in failed.stderr
     for secret in _SECRETS:
         assert secret.decode() not in failed.stdout + failed.stderr, secret
-    missing = subprocess.run(  # a reward that cannot load: a config error naming the entry
-        _cmd(tiny_model, tmp_path / "run3", "trainer.max_steps=1",
-             _KEYED.replace("fault_rewards:keyed", "fault_rewards:no_such_reward")),
-        env={**_env(extra), "FAULT_TOKEN": "ENV-SECRET-789"},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )  # fmt: skip
+    # a reward that cannot load: a config error naming the entry
+    missing = run_with(
+        tmp_path / "run3", _KEYED.replace("fault_rewards:keyed", "fault_rewards:no_such_reward")
+    )
     assert missing.returncode == 2, missing.stderr[-2000:]
     assert missing.stderr.startswith("error: reward.rewards[0].name") and "no_such_reward" in (
         missing.stderr
     )
     assert "Traceback" not in missing.stderr
-    crashed = subprocess.run(  # a failure past the config checks (kwargs the function refuses)
-        _cmd(tiny_model, tmp_path / "run4", "trainer.max_steps=1",
-             _KEYED.replace("fault_rewards:keyed", "fault_rewards:huge")),
-        env={**_env(extra), "FAULT_TOKEN": "ENV-SECRET-789"},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )  # fmt: skip
+    # a failure past the config checks (kwargs the function refuses)
+    crashed = run_with(tmp_path / "run4", _KEYED.replace("fault_rewards:keyed", "fault_rewards:huge"))
     assert crashed.returncode == 1 and "do not fit" in crashed.stderr, crashed.stderr[-2000:]
     assert "Error executing job" not in crashed.stderr  # Hydra's report, overrides and all
     for secret in _SECRETS:
