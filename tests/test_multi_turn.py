@@ -785,7 +785,7 @@ def test_trajectory_routes_cover_every_token_the_engine_fed(tmp_path):
     from transformers import AutoModelForCausalLM
     from transformers.models.qwen3_moe import modeling_qwen3_moe as hf_moe
 
-    from megatron_gvpo.models.routing_replay import NO_ROUTE
+    from megatron_gvpo.models.routing_replay import NO_ROUTE, engine_layer_routes
     from megatron_gvpo.models.tiny import save_tiny_hf_model
     from megatron_gvpo.rollout.local import LocalEngine
     from megatron_gvpo.trainer.groups import PromptGroup, to_batch
@@ -826,10 +826,10 @@ def test_trajectory_routes_cover_every_token_the_engine_fed(tmp_path):
             cuts += t.routes.shape[1] == len(ids)
         group = PromptGroup([2, 4], [t.response_ids for t in trajs], [0.0] * 3,
                             routes=[t.routes for t in trajs])
-        batch = to_batch([group], ["default"], moe_layers=[1])  # layer 0 is dense
+        batch = to_batch([group], ["default"], engine_routes=True)
         for t, routes in zip(trajs, batch.routes, strict=True):
-            n = t.routes.shape[1]
-            assert sorted(routes) == [1]
-            assert routes[1].shape[0] == len(t.prompt_ids) + len(t.response_ids)
-            assert (routes[1][n:] == NO_ROUTE).all() and (routes[1][:n] >= 0).all()
+            n, length = t.routes.shape[1], len(t.prompt_ids) + len(t.response_ids)
+            layer = engine_layer_routes(routes, 0, length, 1)  # the one MoE layer (1; 0 is dense)
+            assert layer.shape[0] == length
+            assert (layer[n:] == NO_ROUTE).all() and (layer[:n] >= 0).all()
     assert cuts  # the small budget did cut a turn

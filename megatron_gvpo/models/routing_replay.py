@@ -18,7 +18,7 @@ slice of the packed row: the recorded slices are gathered over TP, and each rank
 With ``model.moe.routing_replay=rollout`` the routes come from the rollout engine instead: it
 reports, per sample, the experts it chose for every token it processed (``Sample.routes``:
 [MoE layers, tokens, top-k], the prompt and every response token it fed back, so all but the
-last; see :func:`engine_routes`), and the round's theta' pass and every update replay them, so
+last; see :meth:`RoutingReplay.before_forward`), and the round's theta' pass and every update replay them, so
 the trained logprobs route exactly as the sampling engine did. A token the engine reported no
 route for (a sample's last token, whose output feeds no trained logprob; observation tokens
 appended after a trajectory's last model turn) is routed by the current router
@@ -41,40 +41,39 @@ NO_ROUTE = -1
 """A target row the replay leaves to the current router (the engine reported no route)."""
 
 
-def engine_routes(
-    routes: torch.Tensor, moe_layers: Sequence[int], length: int
-) -> dict[int, torch.Tensor]:
-    """A sample's engine routes as the replay keeps them.
+def engine_layer_routes(routes: torch.Tensor, row: int, length: int, num_layers: int) -> torch.Tensor:
+    """One MoE layer's targets of a sample from the engine's report.
 
-    ``routes``: [len(moe_layers), n, top-k] integer experts of the sample's first ``n`` tokens
-    (prompt, then response), as the engine reports them; ``moe_layers``: the model's MoE layers
-    (0-based decoder layer indices, in order); ``length``: the sample's tokens (prompt +
-    response). Returns decoder layer -> [length, top-k] long, rows past ``n`` :data:`NO_ROUTE`.
+    ``routes``: [MoE layers, n, top-k] integer experts of the sample's first ``n`` tokens (prompt,
+    then response), as the engine reports them; ``row``: the layer's place among the model's MoE
+    layers; ``length``: the sample's tokens. Returns [length, top-k] long, rows past ``n``
+    :data:`NO_ROUTE`.
     """
-    if routes.dim() != 3 or routes.shape[0] != len(moe_layers):
+    if routes.dim() != 3 or routes.shape[0] != num_layers:
         raise ValueError(
-            f"engine routes of shape {tuple(routes.shape)}: expected [{len(moe_layers)} MoE "
+            f"engine routes of shape {tuple(routes.shape)}: expected [{num_layers} MoE "
             "layers, tokens, top-k]"
         )
     n = min(routes.shape[1], length)
-    out = {}
-    for j, layer in enumerate(moe_layers):
-        full = torch.full((length, routes.shape[2]), NO_ROUTE, dtype=torch.long)
-        full[:n] = routes[j, :n].long()
-        out[layer] = full
-    return out
+    full = torch.full((length, routes.shape[2]), NO_ROUTE, dtype=torch.long)
+    full[:n] = routes[row, :n].long()
+    return full
 
 
 class RoutingReplay:
     """Records routes per sample during a theta' pass and replays them during updates.
 
     ``source``: where the replayed routes come from, ``old`` (recorded by the theta' pass) or
-    ``rollout`` (reported by the engine; the theta' pass replays them too)."""
+    ``rollout`` (reported by the engine; the theta' pass replays them too). ``moe_layers``: the
+    model's MoE decoder layers in order (0-based), the rows of the engine's reports."""
 
-    def __init__(self, model: torch.nn.Module, source: str = "old"):
+    def __init__(
+        self, model: torch.nn.Module, source: str = "old", moe_layers: Sequence[int] = ()
+    ):
         if source not in ("old", "rollout"):
             raise ValueError(f"model.moe.routing_replay={source!r}: a replay needs old or rollout")
         self.source = source
+        self.moe_layers = list(moe_layers)
         self.routers = {r.layer_number - 1: r for r in _routers(model)}
         if any(r.router_replay is None for r in self.routers.values()):
             raise ValueError("routing replay needs a model built with moe_enable_routing_replay")
@@ -131,7 +130,9 @@ class RoutingReplay:
     def before_forward(self, mb) -> None:
         """Called by the forward step with the micro-batch about to run: under replay, each
         router's targets from the micro-batch's samples' routes (padding rows: experts 0..k-1,
-        never counted; :data:`NO_ROUTE` rows: the router's own choice)."""
+        never counted; :data:`NO_ROUTE` rows: the router's own choice). A sample's routes are
+        either recorded (layer -> [tokens, top-k]) or the engine's report ([MoE layers, tokens,
+        top-k] of its first tokens; the rest :data:`NO_ROUTE`)."""
         self._mb = mb
         if self.mode != "replay":
             return
@@ -148,6 +149,9 @@ class RoutingReplay:
             k = router.topk
             target = torch.arange(k, dtype=torch.long).expand(length, k).clone()  # padding
             for (start, end), sample in zip(spans, routes, strict=False):
+                if isinstance(sample, torch.Tensor):  # the engine's report
+                    row = self.moe_layers.index(layer)
+                    sample = {layer: engine_layer_routes(sample, row, end - start, len(self.moe_layers))}
                 target[start:end] = sample[layer]
             router.router_replay.target_topk_idx = _local_rows(target)
 

@@ -3,7 +3,8 @@
     Actor(cfg, model_path): parallel state, the model (DDP-wrapped), Megatron's optimizer and LR
     scheduler, the frozen reference when the loss needs one, the step guard; for MoE models the
     router statistics and routing replay
-    actor.plan(batch)            where each sample runs (whole groups to one DP rank, packed)
+    actor.plan(batch)            where each sample runs (whole groups to one DP rank, packed;
+                                 actor.packing: the run's layout)
     actor.step(mbs, loss_fn)     zero grads -> forward_backward -> guard -> optimizer step
 
 A driver (RL rounds in ``trainer/loop.py``, preference steps in ``trainer/preference.py``) owns
@@ -27,7 +28,7 @@ from megatron_gvpo.models.routing_replay import set_active as set_active_replay
 from megatron_gvpo.parallel.ddp import wrap_with_ddp
 from megatron_gvpo.parallel.initialize import initialize
 from megatron_gvpo.parallel.launch import is_rank0
-from megatron_gvpo.trainer.batch import RolloutBatch, plan_for
+from megatron_gvpo.trainer.batch import Packing, RolloutBatch, plan_for
 from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.guards import StepGuard
 from megatron_gvpo.trainer.metrics import Metric, reduce_metrics
@@ -41,8 +42,9 @@ class Actor:
         t = cfg.trainer
         self.model_path = model_path
         self.temperature = cfg.algorithm.temperature
-        self.max_tokens_per_microbatch = t.max_tokens_per_microbatch
-        self.pad_multiple = 16 if cfg.model.fp8.enabled else 8  # FP8 GEMMs want multiples of 16
+        self.packing = Packing(  # FP8 GEMMs want multiples of 16
+            t.max_tokens_per_microbatch, t.keep_groups_whole, 16 if cfg.model.fp8.enabled else 8
+        )
         initialize(cfg.parallel)
         model, self.arch = build_model(cfg.model, model_path)
         self.ddp = wrap_with_ddp(model, use_distributed_optimizer=t.use_distributed_optimizer)
@@ -54,10 +56,11 @@ class Actor:
         self.routing_replay = None
         self.route_layers: list[int] | None = None  # rollout: the MoE layers the engine reports
         if moe and cfg.model.moe.routing_replay in ("old", "rollout"):
-            self.routing_replay = RoutingReplay(model, cfg.model.moe.routing_replay)
+            layers = [i for i, m in enumerate(self.arch.moe_layers) if m]
+            self.routing_replay = RoutingReplay(model, cfg.model.moe.routing_replay, layers)
             set_active_replay(self.routing_replay)
             if cfg.model.moe.routing_replay == "rollout":
-                self.route_layers = [i for i, m in enumerate(self.arch.moe_layers) if m]
+                self.route_layers = layers
         self.optimizer, self.scheduler = build_optimizer(self.ddp, t, cfg.model)
         self.reference = build_reference(cfg, model_path)
         self.guard = StepGuard(t.max_consecutive_skips)
@@ -68,9 +71,8 @@ class Actor:
 
     def plan(self, batch: RolloutBatch, keep_groups_whole: bool = True) -> StepPlan:
         """The placement plan of ``batch``, the same on every rank."""
-        return plan_for(
-            batch, self.max_tokens_per_microbatch, keep_groups_whole, self.pad_multiple
-        )
+        p = self.packing
+        return plan_for(batch, p.max_tokens_per_microbatch, keep_groups_whole, p.pad_multiple)
 
     def step(
         self, micro_batches: list[MicroBatch], loss_fn: Callable, with_entropy: bool = False

@@ -52,11 +52,12 @@ class RolloutBatch:
     observation tokens of multi-turn trajectories (None: every response token is the model's).
     Packing ands it into ``response_mask``, so every loss, normaliser and token metric sees the
     model's tokens only."""
-    routes: list[dict] | None = None
-    """Routing replay (MoE): per sample, MoE decoder layer -> the top-k experts of each of its
-    tokens [tokens, k]: recorded under theta' (``routing_replay=old``, this pipeline stage's
-    layers) or reported by the rollout engine (``rollout``, every MoE layer; ``NO_ROUTE`` rows
-    where it reported none); None when routes are not replayed."""
+    routes: list[dict | Tensor] | None = None
+    """Routing replay (MoE): per sample, the top-k experts of each of its tokens: recorded under
+    theta' (``routing_replay=old``: MoE decoder layer -> [tokens, k], this pipeline stage's
+    layers) or as the rollout engine reported them (``rollout``: [MoE layers, tokens, k] of the
+    tokens it processed; ``RoutingReplay.before_forward`` reads both); None when routes are not
+    replayed."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -94,6 +95,18 @@ class RolloutBatch:
         return RolloutBatch(**kw)
 
 
+@dataclass(frozen=True)
+class Packing:
+    """How a batch is laid out in packed micro-batches (fixed for the run)."""
+
+    max_tokens_per_microbatch: int
+    """``trainer.max_tokens_per_microbatch``: the packed row's token budget."""
+    keep_groups_whole: bool = True
+    """``trainer.keep_groups_whole``: a group's samples share a micro-batch when they fit."""
+    pad_multiple: int = 8
+    """The packed length is a multiple of this (FP8 GEMMs in Transformer Engine need 16)."""
+
+
 def plan_for(
     batch: RolloutBatch,
     max_tokens_per_microbatch: int,
@@ -113,8 +126,16 @@ def plan_for(
 
 
 @native_torch()
-def build_micro_batches(batch: RolloutBatch, plan: StepPlan, pad_id: int = 0) -> list[MicroBatch]:
-    """This DP rank's packed micro-batches, each carrying its samples' tensors in ``extra``."""
+def pack(
+    batch: RolloutBatch, layout: Packing | StepPlan, pad_id: int = 0
+) -> tuple[StepPlan, list[MicroBatch]]:
+    """The batch's placement plan (``layout`` itself, or made by it) and this DP rank's packed
+    micro-batches, each carrying its samples' tensors in ``extra``."""
+    plan = layout
+    if isinstance(layout, Packing):
+        plan = plan_for(
+            batch, layout.max_tokens_per_microbatch, layout.keep_groups_whole, layout.pad_multiple
+        )
     rank = parallel_state.get_data_parallel_rank()
     out = []
     for ids in plan.micro_batches[rank]:
@@ -151,7 +172,12 @@ def build_micro_batches(batch: RolloutBatch, plan: StepPlan, pad_id: int = 0) ->
             if v is not None:
                 extra[key] = pad_rows([v[i] for i in ids], width)
         out.append(MicroBatch(packed.tokens, packed.position_ids, params, extra))
-    return out
+    return plan, out
+
+
+def build_micro_batches(batch: RolloutBatch, plan: StepPlan) -> list[MicroBatch]:
+    """This DP rank's packed micro-batches of ``plan``."""
+    return pack(batch, plan)[1]
 
 
 def _flat_offsets(batch: RolloutBatch) -> list[int]:
@@ -200,10 +226,11 @@ class ThetaPrime:
         model: torch.nn.Module,
         temperature: float,
         updates_per_round: int,
+        packing: Packing,
         routing_replay=None,
         reference: torch.nn.Module | None = None,
     ):
-        self.model, self.temperature = model, temperature
+        self.model, self.temperature, self.packing = model, temperature, packing
         self.mode = "forward" if updates_per_round > 1 else "first_update"
         self.routing_replay = routing_replay
         self.reference = reference
@@ -211,36 +238,33 @@ class ThetaPrime:
         """``routing_replay=rollout``, ``forward``: share of the engine's routes the theta'
         router would have chosen otherwise (the last theta' pass; DP-local)."""
 
-    def before_updates(self, batch: RolloutBatch, plan: StepPlan) -> None:
+    def before_updates(self, batch: RolloutBatch) -> None:
         """The round's fixed logprobs, on every rank, from one packing of the batch: s' of every
         sample in ``forward`` mode, and the reference's when there is one. With MoE routing
         replay ``old`` the theta' pass also records the experts theta' routed each token to,
         which every update of the round then replays (``batch.routes``); with ``rollout`` it
         replays the engine's routes (already in ``batch.routes``), so s' routes as the sampling
         engine did."""
-        if self.mode != "forward" and self.reference is None:
+        passes = {"old_logprobs": self.model} if self.mode == "forward" else {}
+        if self.reference is not None:
+            passes["ref_logprobs"] = self.reference
+        if not passes:
             return
         offsets = _flat_offsets(batch)
-        micro_batches = build_micro_batches(batch, plan)
-        if self.mode == "forward":
-            replay = self.routing_replay
-            engine_routes = replay is not None and replay.source == "rollout"
-            if replay is None:
-                routing = nullcontext()
-            else:  # replay the engine's routes (in batch.routes), or record theta''s
-                routing = replay.replaying() if engine_routes else replay.recording()
-            with routing:
-                batch.old_logprobs = sample_token_logprobs(
-                    self.model, micro_batches, offsets, self.temperature
-                )
-            if engine_routes:
-                self.engine_route_flips = replay.flip_fraction()
-            elif replay is not None:
-                batch.routes = replay.routes(len(batch))
-        if self.reference is not None:
-            batch.ref_logprobs = sample_token_logprobs(
-                self.reference, micro_batches, offsets, self.temperature
-            )
+        _, micro_batches = pack(batch, self.packing)
+        replay = self.routing_replay
+        engine_routes = replay is not None and replay.source == "rollout"
+        routing = nullcontext()
+        if replay is not None:  # replay the engine's routes (in batch.routes), or record theta''s
+            routing = replay.replaying() if engine_routes else replay.recording()
+        for key, model in passes.items():  # one pass per model over the same micro-batches
+            with routing if model is self.model else nullcontext():
+                logprobs = sample_token_logprobs(model, micro_batches, offsets, self.temperature)
+            setattr(batch, key, logprobs)
+        if "old_logprobs" in passes and engine_routes:
+            self.engine_route_flips = replay.flip_fraction()
+        elif "old_logprobs" in passes and replay is not None:
+            batch.routes = replay.routes(len(batch))
 
     def update_loss(self, loss_fn, sub: RolloutBatch):
         """The loss to run an update of ``sub`` with (``first_update``: one that records s')."""
@@ -267,5 +291,4 @@ def response_token_logprobs(
 ) -> list[Tensor]:
     """Per-sample response-token logprobs of ``batch`` under ``model``, on every rank."""
     offsets = _flat_offsets(batch)
-    micro_batches = build_micro_batches(batch, plan)
-    return sample_token_logprobs(model, micro_batches, offsets, temperature)
+    return sample_token_logprobs(model, build_micro_batches(batch, plan), offsets, temperature)

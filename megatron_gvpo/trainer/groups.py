@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_gvpo.algorithms.grpo import nonconstant_group_mask
 from megatron_gvpo.data.prompts import Prompt
-from megatron_gvpo.models.routing_replay import engine_routes
 from megatron_gvpo.rewards import RewardInput, RewardManager, RewardResult
 from megatron_gvpo.rewards.guard import RoundDeadline
 from megatron_gvpo.rollout.base import GenerateRequest, RolloutEngine, Sample, SamplingParams
@@ -250,16 +248,9 @@ def filter_groups(
     metrics["filter/reward_failed"] = failed
     if dynamic_sampling:
         before = len(kept)
-        kept = [g for g in kept if g.rewards and _nonconstant(g.rewards)]
+        kept = [g for g in kept if g.rewards and max(g.rewards) > min(g.rewards)]
         metrics["filter/constant_reward_groups"] = before - len(kept)
     return kept
-
-
-def _nonconstant(rewards: list[float]) -> bool:
-    """Whether a group's rewards are not all equal (``algorithms.grpo.nonconstant_group_mask``,
-    the specification of DAPO's dynamic sampling, on one group)."""
-    r = torch.tensor(rewards, dtype=torch.float64)
-    return bool(nonconstant_group_mask(r, torch.zeros(len(rewards), dtype=torch.long)).any())
 
 
 def drop_stale(
@@ -306,12 +297,12 @@ def mix_replay(
 def to_batch(
     groups: Sequence[PromptGroup],
     domains: Sequence[str],
-    moe_layers: Sequence[int] | None = None,
+    engine_routes: bool = False,
 ) -> RolloutBatch:
     """One row per response; group ids are the groups' positions, domains index ``domains``.
 
-    ``moe_layers`` (``model.moe.routing_replay=rollout``: the model's MoE decoder layers) turns
-    the engine's routes into ``batch.routes``; a response without them is an error."""
+    ``engine_routes`` (``model.moe.routing_replay=rollout``): the engine's routes become
+    ``batch.routes``; a response without them is an error."""
     prompt_ids, response_ids, gids, rewards, doms = [], [], [], [], []
     engine = [torch.tensor(lp, dtype=torch.float32) for g in groups for lp in g.engine_logprobs]
     masks = [
@@ -335,22 +326,17 @@ def to_batch(
         domains=torch.tensor(doms, dtype=torch.long),
         rollout_logprobs=engine if _aligned(engine, response_ids) else None,
         loss_masks=_full_masks(masks, response_ids),
-        routes=None if moe_layers is None else _batch_routes(groups, moe_layers),
+        routes=_batch_routes(groups) if engine_routes else None,
     )
 
 
-def _batch_routes(groups: Sequence[PromptGroup], moe_layers: Sequence[int]) -> list[dict]:
-    """Per response, decoder layer -> [tokens, top-k] of the engine's routes (replay targets)."""
-    out = []
-    for g in groups:
-        for j, resp in enumerate(g.responses):
-            routes = g.routes[j] if g.routes else None
-            if routes is None:
-                raise RuntimeError(
-                    "model.moe.routing_replay=rollout: the rollout engine reported no routes "
-                    "for a response"
-                )
-            out.append(engine_routes(routes, moe_layers, len(g.prompt_ids) + len(resp)))
+def _batch_routes(groups: Sequence[PromptGroup]) -> list[torch.Tensor]:
+    """Per response, the engine's [MoE layers, tokens, top-k] routes (replay targets)."""
+    out = [r for g in groups for r in (g.routes or [None] * len(g.responses))]
+    if any(r is None for r in out):
+        raise RuntimeError(
+            "model.moe.routing_replay=rollout: the rollout engine reported no routes for a response"
+        )
     return out
 
 
@@ -413,9 +399,9 @@ class BatchRules:
     """``trainer.async_training.max_staleness``: responses of older weights are dropped."""
     replay_ratio: float
     """``trainer.replay_ratio``: replayed groups per fresh group."""
-    moe_layers: Sequence[int] | None = None
-    """``model.moe.routing_replay=rollout``: the MoE decoder layers whose engine routes the
-    batch carries (:func:`to_batch`)."""
+    engine_routes: bool = False
+    """``model.moe.routing_replay=rollout``: the batch carries the engine's routes
+    (:func:`to_batch`)."""
 
 
 def assemble_batch(
@@ -440,5 +426,5 @@ def assemble_batch(
     if not any(len(g.responses) >= 2 for g in fresh):
         return None, fresh
     batch = to_batch(mix_replay(fresh, replay, rules.replay_ratio, rng, metrics), domains,
-                     rules.moe_layers)  # fmt: skip
+                     rules.engine_routes)  # fmt: skip
     return batch, fresh

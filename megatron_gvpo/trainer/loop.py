@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,7 @@ from megatron_gvpo.parallel.launch import broadcast_object, is_rank0
 from megatron_gvpo.rollout.base import SamplingParams
 from megatron_gvpo.trainer.actor import Actor
 from megatron_gvpo.trainer.async_rollout import RoundSource
-from megatron_gvpo.trainer.batch import RolloutBatch, ThetaPrime, build_micro_batches
+from megatron_gvpo.trainer.batch import RolloutBatch, ThetaPrime, pack
 from megatron_gvpo.trainer.config import RunConfig
 from megatron_gvpo.trainer.data import PromptSource, prompt_room
 from megatron_gvpo.trainer.evaluate import Evaluator
@@ -74,12 +75,12 @@ class Trainer(Run):
         self.prompts.make_sampler(self.objective.domain_allocation())
         self.actor = Actor(cfg, self.model_path)
         self.theta_prime = ThetaPrime(
-            self.actor.ddp, self.actor.temperature, t.updates_per_round, self.actor.routing_replay,
-            self.actor.reference,
+            self.actor.ddp, self.actor.temperature, t.updates_per_round, self.actor.packing,
+            self.actor.routing_replay, self.actor.reference,
         )  # fmt: skip
         self.batch_rules = BatchRules(
             t.min_response_tokens, t.dynamic_sampling, cfg.reward.on_error == "drop",
-            t.async_training.max_staleness, t.replay_ratio, self.actor.route_layers,
+            t.async_training.max_staleness, t.replay_ratio, self.actor.route_layers is not None,
         )  # fmt: skip
         self.replay = ReplayBuffer(t.replay_capacity)
         ahead = t.async_training.max_staleness
@@ -131,8 +132,7 @@ class Trainer(Run):
         if batch is not None:
             self.objective.prepare_round(batch)
             with clock("logprob"):
-                plan = self.actor.plan(batch, t.keep_groups_whole)
-                self.theta_prime.before_updates(batch, plan)
+                self.theta_prime.before_updates(batch)
             with clock("train"):
                 metrics.update(self._updates(batch))
             metrics.update(logprob_mismatch(batch.old_logprobs, fresh))  # theta' is known now
@@ -185,12 +185,12 @@ class Trainer(Run):
     def _updates(self, batch: RolloutBatch) -> dict:
         """``trainer.updates_per_round`` optimizer steps, each on whole groups of the batch
         (with routing replay, each routing every token as the round's theta' pass did)."""
-        if batch.routes is None:
-            return self._run_updates(batch)
-        with self.actor.routing_replay.replaying() as replay:
+        replay = self.actor.routing_replay if batch.routes is not None else None
+        with replay.replaying() if replay is not None else nullcontext():
             out = self._run_updates(batch)
-        out["moe/routing_replay_flips"] = _dp_mean(replay.flip_fraction())
-        if self.theta_prime.engine_route_flips is not None:
+        if replay is not None:
+            out["moe/routing_replay_flips"] = _dp_mean(replay.flip_fraction())
+        if replay is not None and self.theta_prime.engine_route_flips is not None:
             out["moe/rollout_route_flips"] = _dp_mean(self.theta_prime.engine_route_flips)
         return out
 
@@ -198,8 +198,7 @@ class Trainer(Run):
         t = self.cfg.trainer
         per_update = []
         for u, sub in enumerate(_split_by_groups(batch, t.updates_per_round)):
-            plan = self.actor.plan(sub, t.keep_groups_whole)
-            mbs = build_micro_batches(sub, plan)
+            plan, mbs = pack(sub, self.actor.packing)
             ratio = self.theta_prime.step_log_ratio(sub, mbs, first=u == 0)
             loss_fn = self.theta_prime.update_loss(
                 self.objective.step_loss(StepInputs(sub, plan, mbs, ratio)), sub

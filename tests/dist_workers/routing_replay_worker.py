@@ -26,11 +26,12 @@ from safetensors.torch import save_file
 from megatron_gvpo.bridge.loader import build_from_hf
 from megatron_gvpo.models.gpt import ModelConfig
 from megatron_gvpo.models.moe import MoEConfig
-from megatron_gvpo.models.routing_replay import RoutingReplay, engine_routes, set_active
+from megatron_gvpo.models.routing_replay import RoutingReplay, set_active
 from megatron_gvpo.parallel.ddp import wrap_with_ddp
 from megatron_gvpo.parallel.initialize import ParallelConfig, destroy, initialize
 from megatron_gvpo.parallel.launch import is_rank0
 from megatron_gvpo.trainer.batch import (
+    Packing,
     RolloutBatch,
     ThetaPrime,
     plan_for,
@@ -73,13 +74,12 @@ def rollout_part(ddp, replay: RoutingReplay, arch, path: str, out: dict, meta: d
         rewards=torch.zeros(n),
     )
     moe_layers = [i for i, m in enumerate(arch.moe_layers) if m]
-    batch.routes = [
-        engine_routes(engine[f"routes.{i}"], moe_layers, batch.lengths[i]) for i in range(n)
-    ]
+    batch.routes = [engine[f"routes.{i}"] for i in range(n)]  # as to_batch carries them
     small = plan_for(batch, 24, keep_groups_whole=False)
-    replay.source = "rollout"
-    theta_prime = ThetaPrime(ddp, 1.0, 2, replay)  # forward mode: a theta' pass
-    theta_prime.before_updates(batch, small)
+    replay.source, replay.moe_layers = "rollout", moe_layers
+    packing = Packing(24, keep_groups_whole=False)  # the layout of `small`
+    theta_prime = ThetaPrime(ddp, 1.0, 2, packing, replay)  # forward mode: a theta' pass
+    theta_prime.before_updates(batch)
     with replay.recording():
         free = response_token_logprobs(ddp, batch, small)
     free_routes = replay.routes(n)

@@ -23,6 +23,7 @@ from megatron_gvpo.parallel.ddp import wrap_with_ddp
 from megatron_gvpo.parallel.initialize import ParallelConfig, destroy, initialize
 from megatron_gvpo.parallel.launch import run_on_ranks
 from megatron_gvpo.trainer.batch import (
+    Packing,
     ThetaPrime,
     build_micro_batches,
     plan_for,
@@ -37,7 +38,7 @@ def grpo_grads(ddp, batch, plan, wrap: bool):
     objective = build_objective(algorithm_config(name="grpo", kl_beta=0.0))  # no reference
     objective.prepare_round(batch)
     loss = objective.step_loss(StepInputs(batch, plan, mbs, None))
-    theta_prime = ThetaPrime(ddp, 1.0, updates_per_round=1)  # theta' from the update itself
+    theta_prime = ThetaPrime(ddp, 1.0, 1, Packing(4096))  # theta' from the update itself
     if wrap:
         loss = theta_prime.update_loss(loss, batch)
     ddp.zero_grad_buffer()
