@@ -140,7 +140,7 @@ def test_reference_model_only_when_a_kl_term_needs_it():
     assert not algorithm_config(name="dapo").needs_reference
     assert algorithm_config(name="grpo", ref_model="init").needs_reference
     assert not algorithm_config(name="grpo", kl_beta=0.0).needs_reference
-    assert algorithm_config(name="dapo", eps_high=None).policy_loss_config().eps_high == 0.28
+    assert algorithm_config(name="dapo", eps_high=None).eps_high == 0.28
 
 
 def _check_domains(name: str, domain_key):
