@@ -127,6 +127,9 @@ def test_pack_sequences_against_a_per_sample_reference(seed):
         (dict(name="grpo"), "algorithm.kl_beta"),  # GRPO's KL (0.04) without a reference
         (dict(name="dapo", kl_beta=0.1), "algorithm.kl_beta"),
         (dict(kl_estimator="k9"), "algorithm.kl_estimator"),
+        (dict(name="grpo", kl_estimator="k9", ref_model="r"), "algorithm.kl_estimator"),
+        (dict(name="dapo", loss_agg_mode="token-sum"), "algorithm.loss_agg_mode"),
+        (dict(name="gspo", ratio_level="sentence"), "algorithm.ratio_level"),
         (dict(temperature=0.0), "algorithm.temperature"),
     ],
 )
