@@ -18,24 +18,24 @@ instead one length-normalised ratio per sequence, ``s_b = exp(mean_t (logp - old
 surrogate ``l_b = -min(s_b A_b, clip(s_b) A_b)`` (``[B]`` advantages), which stands for each of the
 sequence's tokens. ``loss_agg_mode`` (verl's names) aggregates (m = mask, S sequences):
 
-=========================  ==================================================  ==================
-``loss_agg_mode``          aggregation of the per-token loss ``l_bt``          normaliser argument
-=========================  ==================================================  ==================
-``seq-mean-token-mean``    ``(1/S) sum_b (sum_t m l_bt) / (sum_t m_bt)``       ``num_sequences``
-``seq-mean-token-sum-norm``  ``sum_{b,t} m l_bt / (S * max_response_len)``    ``num_sequences``
-``token-mean``             ``sum_{b,t} m l_bt / N_tok``                        ``num_tokens``
-=========================  ==================================================  ==================
+===========================  ================================================  ===================
+``loss_agg_mode``            aggregation of the per-token loss ``l_bt``        normaliser argument
+===========================  ================================================  ===================
+``seq-mean-token-mean``      ``(1/S) sum_b (sum_t m l_bt) / (sum_t m_bt)``     ``num_sequences``
+``seq-mean-token-sum-norm``  ``sum_{b,t} m l_bt / (S * max_response_len)``     ``num_sequences``
+``token-mean``               ``sum_{b,t} m l_bt / N_tok``                      ``num_tokens``
+===========================  ================================================  ===================
 
 The published algorithms are settings of these knobs (their configs below change only defaults):
 
-========  =========================  ===========  ==================  ===================
-loss      ``loss_agg_mode``          ratio level  ``norm_adv_by_std``  clip (low / high)
-========  =========================  ===========  ==================  ===================
-GRPO      seq-mean-token-mean        token        true                0.2 / 0.2, KL 0.04
-Dr.GRPO   seq-mean-token-sum-norm    token        false               0.2 / 0.2
-DAPO      token-mean                 token        true                0.2 / 0.28
-GSPO      seq-mean-token-mean        sequence     true                3e-4 / 4e-4
-========  =========================  ===========  ==================  ===================
+========  =======================  ===========  ===================  ==================
+loss      ``loss_agg_mode``        ratio level  ``norm_adv_by_std``  clip (low / high)
+========  =======================  ===========  ===================  ==================
+GRPO      seq-mean-token-mean      token        true                 0.2 / 0.2, KL 0.04
+Dr.GRPO   seq-mean-token-sum-norm  token        false                0.2 / 0.2
+DAPO      token-mean               token        true                 0.2 / 0.28
+GSPO      seq-mean-token-mean      sequence     true                 3e-4 / 4e-4
+========  =======================  ===========  ===================  ==================
 
 Split / distributed use: every loss is a plain sum over sequences or tokens divided by a
 normaliser. Pass the normaliser of the *whole step batch* (global number of sequences with at
@@ -66,7 +66,6 @@ r > 1 + eps_high`` or ``A < 0, r < 1 - eps_low``), ``ratio_mean``, ``ratio_min``
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -148,7 +147,7 @@ class PolicyLossConfig(AlgorithmConfig):
         if eps_low < 0 or eps_low >= 1:
             raise ValueError(f"algorithm.eps_low must be in [0, 1), got {self.eps_low!r}")
         if self.eps_high is None:
-            published = {f.name: f.default for f in dataclasses.fields(self)}["eps_high"]
+            published = self.__dataclass_fields__["eps_high"].default  # this algorithm's
             object.__setattr__(self, "eps_high", eps_low if published is None else published)
         eps_high = finite_number("algorithm.eps_high", self.eps_high)
         if eps_high < 0:
