@@ -211,7 +211,7 @@ def test_overlong_penalty_against_formula():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_loss_value_gradient_and_clip_fraction(kind, with_kl, seed):
     lp, old, ref, mask, adv = make_tokens(seed=seed, spread=0.4 if kind != "gspo" else 0.15)
-    cfg = _config(kind, with_kl, **({"max_len": 9} if kind == "dr_grpo" else {}))
+    cfg = _config(kind, with_kl, **({"max_response_len": 9} if kind == "dr_grpo" else {}))
     loss, diag = _call(kind, lp, old, adv, mask, cfg, ref if with_kl else None)
     (grad,) = torch.autograd.grad(loss, lp)
 
@@ -279,7 +279,7 @@ def test_gspo_sequence_ratio_diagnostics():
 @pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "dapo", "gspo"])
 def test_masked_garbage_is_ignored(kind):
     lp, old, ref, mask, adv = make_tokens(seed=6)
-    cfg = _config(kind, True, **({"max_len": 7} if kind == "dr_grpo" else {}))
+    cfg = _config(kind, True, **({"max_response_len": 7} if kind == "dr_grpo" else {}))
     clean, _ = _call(kind, lp, old, adv, mask, cfg, ref)
     (g_clean,) = torch.autograd.grad(clean, lp)
     dirty_lp = torch.where(mask, lp.detach(), torch.tensor(float("-inf"), dtype=torch.float64))
@@ -295,7 +295,7 @@ def test_masked_garbage_is_ignored(kind):
 @pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "dapo", "gspo"])
 def test_split_with_global_normaliser_equals_full_batch(kind):
     lp, old, ref, mask, adv = make_tokens(b=9, t=6, seed=8)
-    cfg = _config(kind, True, **({"max_len": 6} if kind == "dr_grpo" else {}))
+    cfg = _config(kind, True, **({"max_response_len": 6} if kind == "dr_grpo" else {}))
     full, _ = _call(kind, lp, old, adv, mask, cfg, ref)
     (g_full,) = torch.autograd.grad(full, lp)
     norm_kw = (
@@ -317,7 +317,7 @@ def test_split_with_global_normaliser_equals_full_batch(kind):
 def test_dr_grpo_default_max_len_is_width():
     lp, old, _, mask, adv = make_tokens(seed=2)
     a, _ = dr_grpo_loss(lp, old, adv, mask)
-    b, _ = dr_grpo_loss(lp, old, adv, mask, DrGRPOConfig(max_len=lp.shape[1]))
+    b, _ = dr_grpo_loss(lp, old, adv, mask, DrGRPOConfig(max_response_len=lp.shape[1]))
     assert a.item() == b.item()
 
 
@@ -349,8 +349,8 @@ def test_config_validation_and_defaults():
         GRPOConfig(kl_beta=-1.0)
     with pytest.raises(ValueError, match="kl_estimator"):
         GRPOConfig(kl_estimator="k9")
-    with pytest.raises(ValueError, match="max_len"):
-        DrGRPOConfig(max_len=0)
+    with pytest.raises(ValueError, match="max_response_len"):
+        DrGRPOConfig(max_response_len=0)
     lp, old, _, mask, adv = make_tokens(seed=0)
     for kind in LOSSES:
         with pytest.raises(ValueError, match="kl_beta") as err:

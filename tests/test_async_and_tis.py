@@ -72,7 +72,7 @@ def test_tis_loss_and_gradient_against_float64_formula(kind):
     fn, cfg_cls = {"grpo": (grpo_loss, GRPOConfig), "dapo": (dapo_loss, DAPOConfig),
                    "gspo": (gspo_loss, GSPOConfig)}[kind]
     clip = 1.1 if kind == "gspo" else 1.5  # sequence weights spread less than token ones
-    cfg = cfg_cls(kl_beta=0.0, tis_clip=clip, **({"eps_low": 0.2, "eps_high": 0.3}
+    cfg = cfg_cls(kl_beta=0.0, use_tis=True, tis_clip=clip, **({"eps_low": 0.2, "eps_high": 0.3}
                                                   if kind == "gspo" else {}))
     loss, diag = fn(lp, old, adv, mask, cfg, rollout_logprobs=engine)
     (grad,) = torch.autograd.grad(loss, lp)
@@ -96,7 +96,7 @@ def test_tis_loss_and_gradient_against_float64_formula(kind):
 def test_tis_needs_engine_logprobs_and_a_positive_clip():
     lp, old, _, mask, adv = _tokens(seed=1)
     with pytest.raises(ValueError, match="rollout_logprobs"):
-        grpo_loss(lp, old, adv, mask, GRPOConfig(kl_beta=0.0, tis_clip=2.0))
+        grpo_loss(lp, old, adv, mask, GRPOConfig(kl_beta=0.0, use_tis=True, tis_clip=2.0))
     with pytest.raises(ValueError, match="tis_clip"):
         GRPOConfig(tis_clip=0.0)
 
@@ -242,6 +242,6 @@ def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="algorithm.use_tis has no meaning for gvpo"):
         algorithm_config(name="gvpo", use_tis=True)
     grpo = algorithm_config(name="grpo", use_tis=True, tis_clip=3, kl_beta=0.0)
-    assert grpo.policy_loss_config().tis_clip == 3
+    assert grpo.use_tis and grpo.tis_clip == 3
     with pytest.raises(ValueError, match="algorithm.tis_clip"):
         algorithm_config(name="grpo", use_tis=True, tis_clip=0, kl_beta=0.0)

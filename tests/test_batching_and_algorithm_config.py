@@ -127,6 +127,9 @@ def test_pack_sequences_against_a_per_sample_reference(seed):
         (dict(name="grpo"), "algorithm.kl_beta"),  # GRPO's KL (0.04) without a reference
         (dict(name="dapo", kl_beta=0.1), "algorithm.kl_beta"),
         (dict(kl_estimator="k9"), "algorithm.kl_estimator"),
+        (dict(name="grpo", kl_estimator="k9", ref_model="r"), "algorithm.kl_estimator"),
+        (dict(name="dapo", loss_agg_mode="token-sum"), "algorithm.loss_agg_mode"),
+        (dict(name="gspo", ratio_level="sentence"), "algorithm.ratio_level"),
         (dict(temperature=0.0), "algorithm.temperature"),
     ],
 )
@@ -140,7 +143,7 @@ def test_reference_model_only_when_a_kl_term_needs_it():
     assert not algorithm_config(name="dapo").needs_reference
     assert algorithm_config(name="grpo", ref_model="init").needs_reference
     assert not algorithm_config(name="grpo", kl_beta=0.0).needs_reference
-    assert algorithm_config(name="dapo", eps_high=None).policy_loss_config().eps_high == 0.28
+    assert algorithm_config(name="dapo", eps_high=None).eps_high == 0.28
 
 
 def _check_domains(name: str, domain_key):

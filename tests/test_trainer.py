@@ -548,6 +548,7 @@ def test_sglang_backend_with_per_stage_sync_against_the_protocol_fake(demo_cache
         (["algorithm.beta=0"], "algorithm.beta"),
         (["algorithm=dapo", "algorithm.eps_high=0.1"], "algorithm.eps_high"),
         (["algorithm=grpo", "algorithm.ref_model=null"], "algorithm.kl_beta"),
+        (["algorithm=grpo", "algorithm.loss_agg_mode=seq-sum"], "algorithm.loss_agg_mode"),
         (["algorithm=gr_gvpo", "data.domain_key=null"], "data.domain_key"),
         (["parallel.tp=2"], "parallel.tp"),
         (["data=jsonl", "data.path=/nonexistent/prompts.jsonl"], "data.path"),

@@ -1,5 +1,7 @@
-"""Losses as pure tensor functions (torch only): GVPO, the GRPO family, Group-Robust PO, KL."""
+"""Losses as pure tensor functions (torch only): GVPO, the GRPO family, Group-Robust PO, KL;
+the GRPO family's config, which is also its ``algorithm.*`` schema."""
 
+from megatron_gvpo.algorithms.config import AlgorithmConfig
 from megatron_gvpo.algorithms.group_robust import (
     GroupRobustWeights,
     domain_estimates,
@@ -18,6 +20,7 @@ from megatron_gvpo.algorithms.grpo import (
     grpo_loss,
     gspo_loss,
     overlong_penalty,
+    policy_loss,
 )
 from megatron_gvpo.algorithms.gvpo import (
     GVPOGroupStats,
@@ -28,6 +31,7 @@ from megatron_gvpo.algorithms.gvpo import (
 from megatron_gvpo.algorithms.kl import kl_estimate, kl_k1, kl_k2, kl_k3
 
 __all__ = [
+    "AlgorithmConfig",
     "DAPOConfig",
     "DrGRPOConfig",
     "GRPOConfig",
@@ -50,5 +54,6 @@ __all__ = [
     "kl_k2",
     "kl_k3",
     "overlong_penalty",
+    "policy_loss",
     "unit_weights",
 ]

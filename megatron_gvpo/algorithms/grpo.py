@@ -1,52 +1,67 @@
-"""The GRPO family as pure tensor losses: GRPO, Dr.GRPO, DAPO, GSPO.
+"""The GRPO family as pure tensor losses: GRPO, Dr.GRPO, DAPO, GSPO, and their one config.
 
 (One module for the four: they share the clipped surrogate, the KL term and the normalisers below,
-and differ only in aggregation, so the table below is their whole specification.)
+and differ only in three knobs of :class:`PolicyLossConfig`, so the table below is their whole
+specification.)
 
 Token-level inputs are ``[B, T]`` tensors aligned on response tokens: ``logprobs`` (theta, with
 grad), ``old_logprobs`` (the sampling policy), optional ``ref_logprobs`` (frozen reference) and a
 ``response_mask`` (bool or 0/1) that is true on response tokens. Values at masked-out positions are
 ignored (they may be anything finite or not). ``advantages`` are per sequence ``[B]`` (broadcast
-over tokens) or per token ``[B, T]``; ``group_advantages`` builds them from rewards.
+over tokens) or per token ``[B, T]``; ``group_advantages`` builds them from rewards (divided by the
+group's std when ``norm_adv_by_std``).
 
 With ``r_t = exp(logp_t - old_t)`` and advantage ``A``, the clipped per-token surrogate loss is
-``-min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A)``, plus ``kl_beta * k(logp_t, ref_t)`` when
-``kl_beta > 0`` (``k`` from ``kl.py``, k3 by default). The families differ in aggregation:
+``l_bt = -min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A)``, plus ``kl_beta * k(logp_t, ref_t)``
+when ``kl_beta > 0`` (``k`` from ``kl.py``, k3 by default). ``ratio_level="sequence"`` (GSPO) uses
+instead one length-normalised ratio per sequence, ``s_b = exp(mean_t (logp - old))``, and one
+surrogate ``l_b = -min(s_b A_b, clip(s_b) A_b)`` (``[B]`` advantages), which stands for each of the
+sequence's tokens. ``loss_agg_mode`` (verl's names) aggregates (m = mask, S sequences):
 
-========  ==========================================================  =========================
-loss      aggregation of per-token loss ``l_bt`` (m = mask)           normaliser argument
-========  ==========================================================  =========================
-GRPO      ``(1/S) sum_b (sum_t m l_bt) / (sum_t m_bt)``                ``num_sequences`` = S
-Dr.GRPO   ``sum_{b,t} m l_bt / (S * max_len)``                         ``num_sequences`` = S
-DAPO      ``sum_{b,t} m l_bt / N_tok``                                 ``num_tokens`` = N_tok
-GSPO      ``(1/S) sum_b -min(s_b A_b, clip(s_b) A_b)``,                ``num_sequences`` = S
-          ``s_b = exp(mean_t (logp - old))`` (sequence-level ratio)
-========  ==========================================================  =========================
+===========================  ================================================  ===================
+``loss_agg_mode``            aggregation of the per-token loss ``l_bt``        normaliser argument
+===========================  ================================================  ===================
+``seq-mean-token-mean``      ``(1/S) sum_b (sum_t m l_bt) / (sum_t m_bt)``     ``num_sequences``
+``seq-mean-token-sum-norm``  ``sum_{b,t} m l_bt / (S * max_response_len)``     ``num_sequences``
+``token-mean``               ``sum_{b,t} m l_bt / N_tok``                      ``num_tokens``
+===========================  ================================================  ===================
 
-Split / distributed use: every loss is a plain sum over sequences (GRPO, Dr.GRPO, GSPO) or tokens
-(DAPO) divided by a normaliser. Pass the normaliser of the *whole step batch* (global number of
-sequences with at least one response token, or global number of response tokens, over all
-micro-batches and DP ranks); then the sum of the per-micro-batch losses over micro-batches and ranks
-equals the loss of the full batch, value and gradient. Left as ``None`` the normaliser is the local
-one (sequences with at least one response token, or response tokens, of this call), which is the
-full-batch loss when the call sees the whole batch. For Dr.GRPO set ``max_len`` (the generation
-length limit) explicitly in split use: its default is this call's ``T``, which may differ between
-micro-batches.
+The published algorithms are settings of these knobs (their configs below change only defaults):
 
-Truncated importance sampling (TIS, off by default): when the sampling engine's own logprobs
-``rollout_logprobs`` are given and ``config.tis_clip`` is set, each token's surrogate loss is
-multiplied by the detached weight ``w_t = min(exp(old_t - rollout_t), tis_clip)``: the ratio of
-theta' (the actor's recomputed logprob of the sampled token) to the engine's, truncated above, as
-slime's ``--use-tis``/``--tis-clip`` and verl's token-level rollout IS do. GSPO uses the
-sequence-level weight ``min(exp(mean_t (old - rollout)), tis_clip)``, matching its ratio. The
-KL term is not weighted. Diagnostics ``tis_mean``, ``tis_max`` and ``tis_clip_fraction`` (share of
-weights cut at ``tis_clip``) are added.
+========  =======================  ===========  ===================  ==================
+loss      ``loss_agg_mode``        ratio level  ``norm_adv_by_std``  clip (low / high)
+========  =======================  ===========  ===================  ==================
+GRPO      seq-mean-token-mean      token        true                 0.2 / 0.2, KL 0.04
+Dr.GRPO   seq-mean-token-sum-norm  token        false                0.2 / 0.2
+DAPO      token-mean               token        true                 0.2 / 0.28
+GSPO      seq-mean-token-mean      sequence     true                 3e-4 / 4e-4
+========  =======================  ===========  ===================  ==================
 
-Diagnostics (detached 0-dim tensors, over this call's response tokens, or sequences for GSPO):
-``pg_loss`` and ``kl_loss`` (the two parts of ``loss``), ``clip_fraction`` (share of tokens whose
-surrogate takes the clipped branch, i.e. whose gradient is cut: ``A > 0, r > 1 + eps_high`` or
-``A < 0, r < 1 - eps_low``), ``ratio_mean``, ``ratio_min``, ``ratio_max``, ``kl_mean`` (mean
-per-token KL estimate, when ``ref_logprobs`` is given), ``num_tokens``, ``num_sequences``.
+Split / distributed use: every loss is a plain sum over sequences or tokens divided by a
+normaliser. Pass the normaliser of the *whole step batch* (global number of sequences with at
+least one response token, or global number of response tokens, over all micro-batches and DP
+ranks); then the sum of the per-micro-batch losses over micro-batches and ranks equals the loss of
+the full batch, value and gradient. Left as ``None`` the normaliser is the local one (sequences
+with at least one response token, or response tokens, of this call), which is the full-batch loss
+when the call sees the whole batch. With ``seq-mean-token-sum-norm`` set ``max_response_len`` (the
+generation length limit) in split use: left as ``None`` it is this call's ``T``, which may differ
+between micro-batches.
+
+Truncated importance sampling (TIS, off by default): with ``use_tis`` and the sampling engine's
+own logprobs ``rollout_logprobs``, each token's surrogate loss is multiplied by the detached
+weight ``w_t = min(exp(old_t - rollout_t), tis_clip)``: the ratio of theta' (the actor's
+recomputed logprob of the sampled token) to the engine's, truncated above, as slime's
+``--use-tis``/``--tis-clip`` and verl's token-level rollout IS do. A sequence-level ratio uses the
+sequence-level weight ``min(exp(mean_t (old - rollout)), tis_clip)``, matching it. The KL term is
+not weighted. Diagnostics ``tis_mean``, ``tis_max`` and ``tis_clip_fraction`` (share of weights
+cut at ``tis_clip``) are added.
+
+Diagnostics (detached 0-dim tensors, over this call's response tokens, or sequences for a
+sequence-level ratio): ``pg_loss`` and ``kl_loss`` (the two parts of ``loss``), ``clip_fraction``
+(share of tokens whose surrogate takes the clipped branch, i.e. whose gradient is cut: ``A > 0,
+r > 1 + eps_high`` or ``A < 0, r < 1 - eps_low``), ``ratio_mean``, ``ratio_min``, ``ratio_max``,
+``kl_mean`` (mean per-token KL estimate, when ``ref_logprobs`` is given), ``num_tokens``,
+``num_sequences``.
 """
 
 from __future__ import annotations
@@ -58,9 +73,12 @@ import torch
 from torch import Tensor
 
 from megatron_gvpo.algorithms._groups import check_group_ids, group_index, group_sum
+from megatron_gvpo.algorithms.config import AlgorithmConfig, finite_number, one_of
 from megatron_gvpo.algorithms.kl import KL_ESTIMATORS, kl_estimate
 
 __all__ = [
+    "LOSS_AGG_MODES",
+    "RATIO_LEVELS",
     "DAPOConfig",
     "DrGRPOConfig",
     "GRPOConfig",
@@ -73,109 +91,159 @@ __all__ = [
     "gspo_loss",
     "nonconstant_group_mask",
     "overlong_penalty",
+    "policy_loss",
 ]
+
+LOSS_AGG_MODES = ("seq-mean-token-mean", "seq-mean-token-sum-norm", "token-mean")
+RATIO_LEVELS = ("token", "sequence")
 
 
 # --------------------------------------------------------------------------------------- configs
 
 
-def _finite_number(name: str, value: object) -> float:
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return v
-
-
 @dataclass(frozen=True)
-class PolicyLossConfig:
-    """Clipping and KL settings shared by the family.
-
-    Attributes:
-        eps_low: lower clip, ratio >= 1 - eps_low; in [0, 1).
-        eps_high: upper clip, ratio <= 1 + eps_high; >= eps_low. ``None``: equal to ``eps_low``.
-        kl_beta: weight of the KL-to-reference term (0 disables it; > 0 needs ``ref_logprobs``).
-        kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (see ``kl.py``).
-        tis_clip: truncation C of the rollout importance weight (``None``: no TIS); > 0.
-    """
+class PolicyLossConfig(AlgorithmConfig):
+    """``algorithm.*`` of the clipped-ratio family: what :func:`policy_loss` computes, and the
+    Hydra schema of ``algorithm=grpo|dr_grpo|dapo|gspo`` (their configs below set defaults)."""
 
     eps_low: float = 0.2
+    """Lower clip range: ratio >= 1 - eps_low; in [0, 1)."""
     eps_high: float | None = None
+    """Upper clip range: ratio <= 1 + eps_high (DAPO's clip-higher: 0.28); >= eps_low. None: the
+    algorithm's published value (GRPO, Dr.GRPO: equal to eps_low)."""
     kl_beta: float = 0.0
+    """Weight of the KL term to the frozen reference (GRPO: 0.04; 0 builds no reference; > 0 needs
+    ``ref_logprobs`` in the loss)."""
     kl_estimator: str = "k3"
-    tis_clip: float | None = None
+    """k1, k2 or k3 (Schulman's estimators, ``kl.py``; k3 as in DeepSeekMath)."""
+    ref_model: str | None = None
+    """The reference the trainer builds: ``actor_init`` (the actor's starting weights), an HF
+    folder or a converted checkpoint. Needed in a run when kl_beta > 0."""
+    loss_agg_mode: str = "seq-mean-token-mean"
+    """seq-mean-token-mean (GRPO: per-sequence token mean, then the mean over sequences),
+    seq-mean-token-sum-norm (Dr.GRPO: token sum over S * max_response_len) or token-mean (DAPO:
+    mean over the step's response tokens)."""
+    ratio_level: str = "token"
+    """token: one importance ratio per token; sequence (GSPO): one length-normalised ratio per
+    sequence, exp(mean_t (logp - old)), clipped as a whole."""
+    norm_adv_by_std: bool = True
+    """Advantages (R - mean) / std of the group; false (Dr.GRPO): R - mean."""
+    max_response_len: int | None = None
+    """The generation limit (``rollout.max_new_tokens``): the constant normaliser of
+    seq-mean-token-sum-norm (None: each call's T) and the overlong limit."""
+    overlong_buffer_len: int = 0
+    """DAPO's soft overlong punishment: responses longer than max_response_len - this lose up to
+    1 reward, linearly (0: off)."""
+    use_tis: bool = False
+    """Truncated importance sampling against the engine's logprobs (slime's ``--use-tis``): each
+    token's policy-gradient term is weighted by min(pi_theta'(y) / pi_engine(y), tis_clip),
+    detached. Corrects engine/trainer mismatch and stale (async) samples; GVPO needs none."""
+    tis_clip: float = 2.0
+    """The truncation C of the TIS weight (slime's ``--tis-clip``, verl's rollout_is_threshold)."""
 
     def __post_init__(self) -> None:
-        eps_low = _finite_number("eps_low", self.eps_low)
+        super().__post_init__()
+        eps_low = finite_number("algorithm.eps_low", self.eps_low)
         if eps_low < 0 or eps_low >= 1:
-            raise ValueError(f"eps_low must be in [0, 1), got {self.eps_low!r}")
+            raise ValueError(f"algorithm.eps_low must be in [0, 1), got {self.eps_low!r}")
         if self.eps_high is None:
-            object.__setattr__(self, "eps_high", eps_low)
-        eps_high = _finite_number("eps_high", self.eps_high)
+            published = self.__dataclass_fields__["eps_high"].default  # this algorithm's
+            object.__setattr__(self, "eps_high", eps_low if published is None else published)
+        eps_high = finite_number("algorithm.eps_high", self.eps_high)
         if eps_high < 0:
-            raise ValueError(f"eps_high must be >= 0, got {self.eps_high!r}")
+            raise ValueError(f"algorithm.eps_high must be >= 0, got {self.eps_high!r}")
         if eps_high < eps_low:
-            raise ValueError(f"eps_high ({eps_high}) must be >= eps_low ({eps_low})")
-        kl_beta = _finite_number("kl_beta", self.kl_beta)
-        if kl_beta < 0:
-            raise ValueError(f"kl_beta must be >= 0, got {self.kl_beta!r}")
-        if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(
-                f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}"
+                f"algorithm.eps_high ({eps_high}) must be >= algorithm.eps_low ({eps_low})"
             )
-        if self.tis_clip is not None:
-            tis_clip = _finite_number("tis_clip", self.tis_clip)
-            if tis_clip <= 0:
-                raise ValueError(f"tis_clip must be > 0, got {self.tis_clip!r}")
-            object.__setattr__(self, "tis_clip", tis_clip)
-        object.__setattr__(self, "eps_low", eps_low)
-        object.__setattr__(self, "eps_high", eps_high)
-        object.__setattr__(self, "kl_beta", kl_beta)
+        kl_beta = finite_number("algorithm.kl_beta", self.kl_beta)
+        if kl_beta < 0:
+            raise ValueError(f"algorithm.kl_beta must be >= 0, got {self.kl_beta!r}")
+        one_of("algorithm.kl_estimator", self.kl_estimator, tuple(sorted(KL_ESTIMATORS)))
+        one_of("algorithm.loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
+        one_of("algorithm.ratio_level", self.ratio_level, RATIO_LEVELS)
+        for key in ("norm_adv_by_std", "use_tis"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"algorithm.{key} must be true or false, got {getattr(self, key)!r}")
+        n = self.max_response_len
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"algorithm.max_response_len must be a positive int or null, got {n!r}")
+        buf = self.overlong_buffer_len
+        if isinstance(buf, bool) or not isinstance(buf, int) or buf < 0:
+            raise ValueError(f"algorithm.overlong_buffer_len must be an int >= 0, got {buf!r}")
+        if buf and (n is None or buf > n):
+            raise ValueError(
+                f"algorithm.overlong_buffer_len={buf} must lie in "
+                f"(0, algorithm.max_response_len={n}]"
+            )
+        tis_clip = finite_number("algorithm.tis_clip", self.tis_clip)
+        if tis_clip <= 0:
+            raise ValueError(f"algorithm.tis_clip must be > 0, got {self.tis_clip!r}")
+        for key, value in (("eps_low", eps_low), ("eps_high", eps_high), ("kl_beta", kl_beta),
+                           ("tis_clip", tis_clip)):
+            object.__setattr__(self, key, value)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_beta > 0
+
+    @property
+    def reference_path(self) -> str | None:
+        return self.ref_model if self.needs_reference else None
+
+    def check_run(self) -> None:
+        if self.needs_reference and not self.ref_model:
+            raise ValueError(
+                f"algorithm.kl_beta={self.kl_beta} needs a reference model: set "
+                "algorithm.ref_model (for example to the initial policy) or algorithm.kl_beta=0"
+            )
 
 
 @dataclass(frozen=True)
 class GRPOConfig(PolicyLossConfig):
-    """GRPO (DeepSeekMath): symmetric clip 0.2, k3 KL to the reference with beta 0.04."""
+    """GRPO (DeepSeekMath): symmetric clip 0.2, (R - mean) / std advantages, per-sequence token
+    mean, k3 KL to the reference with beta 0.04.
 
-    eps_low: float = 0.2
-    eps_high: float | None = None
+    Against TRL's ``GRPOTrainer`` (1.16) with ``loss_type="grpo"``: the same update (sample std
+    with Bessel's correction, clip, aggregation, Adam, gradient-norm clipping), except that TRL
+    divides by ``std + 1e-4`` where we (and verl) use ``std + 1e-6``, and TRL's defaults differ:
+    no KL (``beta=0``), ``loss_type="dapo"``, and a linear decay of the learning rate to 0
+    (transformers' ``lr_scheduler_type``; ours is constant). See docs/benchmarks.md."""
+
+    name: str = "grpo"
     kl_beta: float = 0.04
 
 
 @dataclass(frozen=True)
 class DrGRPOConfig(PolicyLossConfig):
-    """Dr.GRPO: no KL by default; ``max_len`` is the constant length normaliser (the generation
-    limit). ``None``: the ``T`` of the tensors given to each call."""
+    """Dr.GRPO: no std division, the constant length normaliser ``max_response_len`` (the
+    generation limit; None: the ``T`` of the tensors given to each call), no KL."""
 
-    kl_beta: float = 0.0
-    max_len: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.max_len is not None and (
-            isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or self.max_len < 1
-        ):
-            raise ValueError(f"max_len must be a positive int or None, got {self.max_len!r}")
+    name: str = "dr_grpo"
+    loss_agg_mode: str = "seq-mean-token-sum-norm"
+    norm_adv_by_std: bool = False
 
 
 @dataclass(frozen=True)
 class DAPOConfig(PolicyLossConfig):
-    """DAPO: clip-higher (0.2 / 0.28), no KL."""
+    """DAPO: clip-higher (0.2 / 0.28), token-level mean, no KL; with the trainer, dynamic
+    sampling (``trainer.dynamic_sampling=true``) and the soft overlong punishment
+    (``overlong_buffer_len``)."""
 
-    eps_low: float = 0.2
+    name: str = "dapo"
     eps_high: float | None = 0.28
-    kl_beta: float = 0.0
+    loss_agg_mode: str = "token-mean"
 
 
 @dataclass(frozen=True)
 class GSPOConfig(PolicyLossConfig):
-    """GSPO: sequence-level ratio; the paper's clip ranges are 3e-4 / 4e-4; no KL."""
+    """GSPO: sequence-level, length-normalised ratio; the paper's clip ranges 3e-4 / 4e-4; no
+    KL."""
 
+    name: str = "gspo"
     eps_low: float = 3e-4
     eps_high: float | None = 4e-4
-    kl_beta: float = 0.0
+    ratio_level: str = "sequence"
 
 
 # ----------------------------------------------------------------------------- rewards helpers
@@ -194,7 +262,7 @@ def group_advantages(
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D, got shape {tuple(rewards.shape)}")
     ids = check_group_ids(group_ids, rewards.numel())
-    eps = _finite_number("eps", eps)
+    eps = finite_number("eps", eps)
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps!r}")
     dtype = torch.promote_types(rewards.dtype, torch.float32)
@@ -253,6 +321,7 @@ def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int) -> Tensor:
     return torch.where(length > max_len, torch.full_like(length, -1.0), out)
 
 
+# ------------------------------------------------------------------------------------ internals
 # ------------------------------------------------------------------------------------ internals
 
 
@@ -327,12 +396,10 @@ def _tis_log_weights(
     old_logprobs: Tensor, rollout_logprobs: Tensor | None, mask: Tensor, config: PolicyLossConfig
 ) -> Tensor | None:
     """Per-token ``old - rollout`` (0 where masked), or None when TIS is off."""
-    if config.tis_clip is None:
+    if not config.use_tis:
         return None
     if rollout_logprobs is None:
-        raise ValueError(
-            f"tis_clip={config.tis_clip} needs rollout_logprobs (the engine's logprobs); got None"
-        )
+        raise ValueError("use_tis needs rollout_logprobs (the engine's logprobs); got None")
     if rollout_logprobs.shape != mask.shape:
         raise ValueError(
             f"rollout_logprobs has shape {tuple(rollout_logprobs.shape)}, expected "
@@ -370,7 +437,7 @@ def _token_level(
     rollout_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, dict[str, Tensor]]:
     """Per-token ``(pg, kl or None, mask, ratio, clipped, tis diagnostics)``; pg and kl hold 0
-    where masked; pg carries the TIS weight when ``config.tis_clip`` is set."""
+    where masked; pg carries the TIS weight when ``config.use_tis``."""
     mask, lp, log_ratio, adv, ref = _prepare(
         logprobs, old_logprobs, advantages, response_mask, ref_logprobs, config
     )
@@ -389,6 +456,74 @@ def _token_level(
     if ref is not None:
         kl = torch.where(mask, kl_estimate(lp, ref, config.kl_estimator), zero)
     return pg, kl, mask, ratio, clipped & mask, tis_diag
+
+
+def _sequence_level(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    ref_logprobs: Tensor | None,
+    config: PolicyLossConfig,
+    rollout_logprobs: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """GSPO's ``(pg [B], kl [B, T] or None, mask, ratio [B], clipped [B], tis diagnostics)``:
+    one clipped surrogate per sequence (0 for sequences without response tokens), on the ratio
+    ``exp(mean_t (logp - old))``; pg carries the sequence-level TIS weight when ``use_tis``."""
+    mask, lp, log_ratio, adv, ref = _prepare(
+        logprobs,
+        old_logprobs,
+        advantages,
+        response_mask,
+        ref_logprobs,
+        config,
+        token_advantages_ok=False,
+    )
+    dtype = log_ratio.dtype
+    lengths = mask.sum(dim=1).clamp(min=1).to(dtype)
+    valid = mask.any(dim=1)
+    seq_ratio = torch.exp(log_ratio.sum(dim=1) / lengths)
+    pg, clipped = _clipped_surrogate(seq_ratio, adv, config.eps_low, config.eps_high)
+    tis: dict[str, Tensor] = {}
+    log_w = _tis_log_weights(old_logprobs, rollout_logprobs, mask, config)
+    if log_w is not None:  # sequence level, length-normalised like the ratio
+        w, tis = _tis_weights(log_w.sum(dim=1) / lengths, valid, config.tis_clip)
+        pg = pg * w.to(pg.dtype)
+    zero = torch.zeros((), dtype=dtype, device=pg.device)
+    pg = torch.where(valid, pg, zero)
+    kl = None
+    if ref is not None:
+        kl = torch.where(mask, kl_estimate(lp, ref, config.kl_estimator), zero)
+    return pg, kl, mask, seq_ratio, clipped & valid, tis
+
+
+def _aggregate(
+    pg: Tensor,
+    kl: Tensor | None,
+    mask: Tensor,
+    config: PolicyLossConfig,
+    num_sequences: float | int | None,
+    num_tokens: float | int | None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(pg_sum, kl_sum, norm)`` of ``config.loss_agg_mode`` (the table above). ``pg`` is
+    per token ``[B, T]``, or per sequence ``[B]`` (a sequence-level ratio: the value of each of
+    the sequence's tokens); ``kl`` is per token."""
+    mode = config.loss_agg_mode
+    dtype = pg.dtype
+    lengths = mask.sum(dim=1).clamp(min=1).to(dtype)
+    if mode == "token-mean":
+        norm = _normalizer("num_tokens", num_tokens, mask.sum().to(dtype))
+    else:
+        norm = _normalizer("num_sequences", num_sequences, mask.any(dim=1).sum().to(dtype))
+        if mode == "seq-mean-token-sum-norm":
+            norm = norm * float(config.max_response_len or mask.shape[1])
+
+    def total(x: Tensor) -> Tensor:
+        if mode == "seq-mean-token-mean":
+            return x.sum() if x.dim() == 1 else (x.sum(dim=1) / lengths).sum()
+        return (x * lengths).sum() if x.dim() == 1 else x.sum()
+
+    return total(pg), None if kl is None else total(kl), norm
 
 
 def _ratio_diag(ratio: Tensor, clipped: Tensor, valid: Tensor) -> dict[str, Tensor]:
@@ -433,12 +568,55 @@ def _finish(
 # --------------------------------------------------------------------------------------- losses
 
 
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    config: PolicyLossConfig,
+    *,
+    ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
+    num_sequences: float | int | None = None,
+    num_tokens: float | int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The family's loss and diagnostics, as ``config``'s knobs say: the ratio level
+    (``ratio_level``), the aggregation (``loss_agg_mode``), clip, KL and TIS. Of the two
+    normalisers, the one the aggregation uses is read (``num_tokens`` for token-mean,
+    ``num_sequences`` otherwise; None: this call's)."""
+    level = _sequence_level if config.ratio_level == "sequence" else _token_level
+    pg, kl, mask, ratio, clipped, tis = level(
+        logprobs, old_logprobs, advantages, response_mask, ref_logprobs, config, rollout_logprobs
+    )
+    pg_sum, kl_sum, norm = _aggregate(pg, kl, mask, config, num_sequences, num_tokens)
+    valid = mask if ratio.dim() == 2 else mask.any(dim=1)
+    diag = {**_ratio_diag(ratio, clipped, valid), **tis}
+    return _finish(pg_sum, kl_sum, norm, config, diag, kl, mask)
+
+
+def _published(
+    config: PolicyLossConfig | None, default: type[PolicyLossConfig], loss: str
+) -> PolicyLossConfig:
+    """``config`` (default: ``default()``), refused when its aggregation or ratio level is not
+    the published loss's: :func:`policy_loss` computes any other combination."""
+    if config is None:
+        return default()
+    want = default()
+    for key in ("loss_agg_mode", "ratio_level"):
+        if getattr(config, key) != getattr(want, key):
+            raise ValueError(
+                f"{loss} has {key}={getattr(want, key)!r}, the config {getattr(config, key)!r}; "
+                "use policy_loss for other combinations"
+            )
+    return config
+
+
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
-    config: GRPOConfig | PolicyLossConfig | None = None,
+    config: PolicyLossConfig | None = None,
     ref_logprobs: Tensor | None = None,
     *,
     num_sequences: float | int | None = None,
@@ -447,16 +625,16 @@ def grpo_loss(
     """GRPO (DeepSeekMath): per-sequence token mean of the clipped surrogate (+ KL), then the sum
     over sequences divided by ``num_sequences`` (default: this call's sequences with >= 1 response
     token). ``config`` defaults to ``GRPOConfig()`` (kl_beta 0.04: needs ``ref_logprobs``)."""
-    config = GRPOConfig() if config is None else config
-    pg, kl, mask, ratio, clipped, tis = _token_level(
-        logprobs, old_logprobs, advantages, response_mask, ref_logprobs, config, rollout_logprobs
+    return policy_loss(
+        logprobs,
+        old_logprobs,
+        advantages,
+        response_mask,
+        _published(config, GRPOConfig, "grpo_loss"),
+        ref_logprobs=ref_logprobs,
+        rollout_logprobs=rollout_logprobs,
+        num_sequences=num_sequences,
     )
-    lengths = mask.sum(dim=1).clamp(min=1).to(pg.dtype)
-    pg_sum = (pg.sum(dim=1) / lengths).sum()
-    kl_sum = None if kl is None else (kl.sum(dim=1) / lengths).sum()
-    norm = _normalizer("num_sequences", num_sequences, mask.any(dim=1).sum().to(pg.dtype))
-    diag = {**_ratio_diag(ratio, clipped, mask), **tis}
-    return _finish(pg_sum, kl_sum, norm, config, diag, kl, mask)
 
 
 def dr_grpo_loss(
@@ -464,24 +642,25 @@ def dr_grpo_loss(
     old_logprobs: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
-    config: DrGRPOConfig | None = None,
+    config: PolicyLossConfig | None = None,
     ref_logprobs: Tensor | None = None,
     *,
     num_sequences: float | int | None = None,
     rollout_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Dr.GRPO: no length normalisation: sum of all token losses divided by the constant
-    ``num_sequences * max_len`` (``config.max_len``, default this call's ``T``). Use it with
+    ``num_sequences * max_response_len`` (default this call's ``T``). Use it with
     ``group_advantages(..., normalize_std=False)``."""
-    config = DrGRPOConfig() if config is None else config
-    pg, kl, mask, ratio, clipped, tis = _token_level(
-        logprobs, old_logprobs, advantages, response_mask, ref_logprobs, config, rollout_logprobs
+    return policy_loss(
+        logprobs,
+        old_logprobs,
+        advantages,
+        response_mask,
+        _published(config, DrGRPOConfig, "dr_grpo_loss"),
+        ref_logprobs=ref_logprobs,
+        rollout_logprobs=rollout_logprobs,
+        num_sequences=num_sequences,
     )
-    max_len = getattr(config, "max_len", None) or logprobs.shape[1]
-    n_seq = _normalizer("num_sequences", num_sequences, mask.any(dim=1).sum().to(pg.dtype))
-    norm = n_seq * float(max_len)
-    diag = {**_ratio_diag(ratio, clipped, mask), **tis}
-    return _finish(pg.sum(), None if kl is None else kl.sum(), norm, config, diag, kl, mask)
 
 
 def dapo_loss(
@@ -489,7 +668,7 @@ def dapo_loss(
     old_logprobs: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
-    config: DAPOConfig | None = None,
+    config: PolicyLossConfig | None = None,
     ref_logprobs: Tensor | None = None,
     *,
     num_tokens: float | int | None = None,
@@ -499,13 +678,16 @@ def dapo_loss(
     sum of token losses divided by ``num_tokens`` (default: this call's response tokens).
     Dynamic sampling (``nonconstant_group_mask``) and the overlong reward term
     (``overlong_penalty``) are applied by the caller before the advantages."""
-    config = DAPOConfig() if config is None else config
-    pg, kl, mask, ratio, clipped, tis = _token_level(
-        logprobs, old_logprobs, advantages, response_mask, ref_logprobs, config, rollout_logprobs
+    return policy_loss(
+        logprobs,
+        old_logprobs,
+        advantages,
+        response_mask,
+        _published(config, DAPOConfig, "dapo_loss"),
+        ref_logprobs=ref_logprobs,
+        rollout_logprobs=rollout_logprobs,
+        num_tokens=num_tokens,
     )
-    norm = _normalizer("num_tokens", num_tokens, mask.sum().to(pg.dtype))
-    diag = {**_ratio_diag(ratio, clipped, mask), **tis}
-    return _finish(pg.sum(), None if kl is None else kl.sum(), norm, config, diag, kl, mask)
 
 
 def gspo_loss(
@@ -513,7 +695,7 @@ def gspo_loss(
     old_logprobs: Tensor,
     advantages: Tensor,
     response_mask: Tensor,
-    config: GSPOConfig | None = None,
+    config: PolicyLossConfig | None = None,
     ref_logprobs: Tensor | None = None,
     *,
     num_sequences: float | int | None = None,
@@ -524,33 +706,13 @@ def gspo_loss(
     ``[B]``; loss ``sum_b -min(s_b A_b, clip(s_b) A_b) / num_sequences``. An optional KL term is
     the per-sequence token mean of the estimator, aggregated like the surrogate. Diagnostics
     (ratio, clip fraction) are over sequences."""
-    config = GSPOConfig() if config is None else config
-    mask, lp, log_ratio, adv, ref = _prepare(
+    return policy_loss(
         logprobs,
         old_logprobs,
         advantages,
         response_mask,
-        ref_logprobs,
-        config,
-        token_advantages_ok=False,
+        _published(config, GSPOConfig, "gspo_loss"),
+        ref_logprobs=ref_logprobs,
+        rollout_logprobs=rollout_logprobs,
+        num_sequences=num_sequences,
     )
-    dtype = log_ratio.dtype
-    lengths = mask.sum(dim=1).clamp(min=1).to(dtype)
-    valid = mask.any(dim=1)
-    seq_ratio = torch.exp(log_ratio.sum(dim=1) / lengths)
-    pg, clipped = _clipped_surrogate(seq_ratio, adv, config.eps_low, config.eps_high)
-    tis: dict[str, Tensor] = {}
-    log_w = _tis_log_weights(old_logprobs, rollout_logprobs, mask, config)
-    if log_w is not None:  # sequence level, length-normalised like GSPO's ratio
-        w, tis = _tis_weights(log_w.sum(dim=1) / lengths, valid, config.tis_clip)
-        pg = pg * w.to(pg.dtype)
-    zero = torch.zeros((), dtype=dtype, device=pg.device)
-    pg_sum = torch.where(valid, pg, zero).sum()
-    kl = None
-    kl_sum = None
-    if ref is not None:
-        kl = torch.where(mask, kl_estimate(lp, ref, config.kl_estimator), zero)
-        kl_sum = (kl.sum(dim=1) / lengths).sum()
-    norm = _normalizer("num_sequences", num_sequences, valid.sum().to(dtype))
-    diag = {**_ratio_diag(seq_ratio, clipped & valid, valid), **tis}
-    return _finish(pg_sum, kl_sum, norm, config, diag, kl, mask)

@@ -1,8 +1,8 @@
 """What a training objective is to the loop, and the registry that maps ``algorithm.name`` to it.
 
 An objective owns everything the loop would otherwise switch on by name: its ``algorithm.*``
-config (a dataclass, registered as the Hydra schema ``<name>_schema`` of the ``algorithm`` group),
-whether it needs a frozen reference, how a round's samples get advantages, its per-step
+config (a frozen dataclass, registered as the Hydra schema ``<name>_schema`` of the ``algorithm``
+group), whether it needs a frozen reference, how a round's samples get advantages, its per-step
 preparation (step-wide statistics, alpha updates) and its micro-batch loss for Megatron, whose
 tagged metrics (``trainer.metrics``) reach the logs as they are.
 
@@ -13,7 +13,7 @@ step's whole batch, whatever the TP/PP/DP layout and micro-batching (``tests/tes
 A new objective is one module in this package (found by ``load_builtin_objectives``) plus one
 YAML in ``configs/algorithm/``::
 
-    @dataclass
+    @dataclass(frozen=True)
     class MyConfig(ObjectiveConfig):
         name: str = "mine"
         alpha: float = 0.5
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 import pkgutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,34 +35,16 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from megatron_gvpo.algorithms.config import AlgorithmConfig
 from megatron_gvpo.data.batching import StepPlan
 from megatron_gvpo.models.forward import MicroBatch, MicroBatchLoss
 from megatron_gvpo.trainer.batch import RolloutBatch
 from megatron_gvpo.trainer.metrics import Metric
 
-
-@dataclass
-class ObjectiveConfig:
-    """``algorithm.*`` fields every objective has."""
-
-    name: str = ""
-    """The registered objective (``algorithm=<name>`` selects its YAML)."""
-    temperature: float = 1.0
-    """Logprobs of the temperature-scaled policy, as the engine samples (``rollout.temperature``)."""
-
-    def __post_init__(self) -> None:
-        if not positive(self.temperature):
-            raise ValueError(f"algorithm.temperature must be > 0, got {self.temperature!r}")
-
-    @property
-    def needs_reference(self) -> bool:
-        """Whether a frozen reference model must be built."""
-        return False
-
-    @property
-    def reference_path(self) -> str | None:
-        """The reference's weights (``actor_init``: the actor's starting weights)."""
-        return None
+ObjectiveConfig = AlgorithmConfig
+"""The base of every objective's ``algorithm.*`` dataclass (frozen): ``name``, ``temperature``,
+``needs_reference``, ``reference_path`` and ``check_run``; it lives with the pure losses
+(``algorithms/config.py``) so that a loss family's config can be both (``algorithms/grpo.py``)."""
 
 
 @dataclass
@@ -143,8 +124,13 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
         raise ValueError(f"objective {name!r} is already registered ({OBJECTIVES[name]})")
     OBJECTIVES[name] = cls
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(group="algorithm", name=f"{name}_schema", node=cls.Config)
+    # A frozen dataclass makes a read-only node, which the YAML and the command line could not
+    # set; the frozen config itself is built from the composed values (``algorithm_config``).
+    schema = OmegaConf.structured(cls.Config)
+    OmegaConf.set_readonly(schema, None)
+    ConfigStore.instance().store(group="algorithm", name=f"{name}_schema", node=schema)
     return cls
 
 
@@ -172,21 +158,14 @@ def algorithm_config(**raw: Any) -> ObjectiveConfig:
             f"algorithm.{unknown[0]} has no meaning for {name} "
             f"(its keys: {', '.join(sorted(known))})"
         )
-    return cls(**{**raw, "name": name})
+    config = cls(**{**raw, "name": name})
+    config.check_run()
+    return config
 
 
 def build_objective(config: ObjectiveConfig, domains: Sequence[str] = ("default",)) -> Objective:
     """The registered objective of ``config.name``."""
     return load_builtin_objectives()[config.name](config, domains)
-
-
-def positive(x: object) -> bool:
-    """A finite number > 0 (config checks)."""
-    try:
-        v = float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
-    return math.isfinite(v) and v > 0
 
 
 def loss_metrics(loss: Tensor, mb: MicroBatch, entropy: Tensor | None = None) -> dict:

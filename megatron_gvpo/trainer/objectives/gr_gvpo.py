@@ -32,7 +32,7 @@ from megatron_gvpo.trainer.objectives.gvpo import GVPOConfig
 from megatron_gvpo.trainer.objectives.robust import DomainRobust, RobustFields
 
 
-@dataclass
+@dataclass(frozen=True)
 class GRGVPOConfig(RobustFields, GVPOConfig):
     """``algorithm.*`` of domain-robust GVPO (needs ``data.domain_key``)."""
 

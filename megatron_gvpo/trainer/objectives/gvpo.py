@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megatron_gvpo.algorithms.config import positive
 from megatron_gvpo.algorithms.gvpo import (
     GVPOGroupStats,
     gvpo_group_stats,
@@ -28,12 +29,11 @@ from megatron_gvpo.trainer.objectives.base import (
     ObjectiveConfig,
     StepInputs,
     loss_metrics,
-    positive,
     register_objective,
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class GVPOConfig(ObjectiveConfig):
     """``algorithm.*`` of GVPO (arXiv 2504.19599): no clip, no reference model."""
 

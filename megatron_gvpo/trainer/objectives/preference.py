@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from megatron_gvpo.algorithms.config import positive
 from megatron_gvpo.algorithms.group_robust import dpo_pair_loss, ipo_pair_loss
 from megatron_gvpo.models.forward import MicroBatch, response_logprobs
 from megatron_gvpo.trainer.batch import RolloutBatch
@@ -39,7 +40,6 @@ from megatron_gvpo.trainer.objectives.base import (
     ObjectiveConfig,
     StepInputs,
     loss_metrics,
-    positive,
     register_objective,
 )
 from megatron_gvpo.trainer.objectives.robust import DomainRobust, RobustFields
@@ -47,7 +47,7 @@ from megatron_gvpo.trainer.objectives.robust import DomainRobust, RobustFields
 PairLoss = Callable[[Tensor, float], Tensor]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DPOConfig(ObjectiveConfig):
     """``algorithm.*`` of DPO (Rafailov et al. 2023) on (chosen, rejected) pairs."""
 
@@ -74,14 +74,14 @@ class DPOConfig(ObjectiveConfig):
         return self.ref_model
 
 
-@dataclass
+@dataclass(frozen=True)
 class IPOConfig(DPOConfig):
     """``algorithm.*`` of IPO (Azar et al. 2023): squared loss around the margin 1/(2 beta)."""
 
     name: str = "ipo"
 
 
-@dataclass
+@dataclass(frozen=True)
 class GRDPOConfig(RobustFields, DPOConfig):
     """``algorithm.*`` of GR-DPO: DPO with Group-Robust weights alpha over ``data.domain_key``."""
 
@@ -92,7 +92,7 @@ class GRDPOConfig(RobustFields, DPOConfig):
         self.check_robust()
 
 
-@dataclass
+@dataclass(frozen=True)
 class GRIPOConfig(GRDPOConfig):
     """``algorithm.*`` of GR-IPO: IPO with Group-Robust weights."""
 

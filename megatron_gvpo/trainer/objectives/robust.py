@@ -29,7 +29,7 @@ DEFAULT_ROBUST_ETA = 1.0
 ALLOCATIONS = ("alpha", "equal")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RobustFields:
     """``algorithm.*`` fields of the group-robust objectives (alpha over ``data.domain_key``)."""
 
