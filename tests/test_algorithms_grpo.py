@@ -18,7 +18,6 @@ from megatron_gvpo.algorithms.grpo import (
     group_advantages,
     grpo_loss,
     gspo_loss,
-    nonconstant_group_mask,
     overlong_penalty,
 )
 from megatron_gvpo.algorithms.kl import kl_estimate, kl_k1, kl_k2, kl_k3
@@ -172,12 +171,6 @@ def test_group_advantages_against_loops():
     assert group_advantages(torch.ones(4), torch.tensor([1, 1, 2, 2])).abs().max() == 0
     with pytest.raises(ValueError, match="eps"):
         group_advantages(r, ids, eps=-1.0)
-
-
-def test_nonconstant_group_mask():
-    ids = torch.tensor([3, 3, 9, 9, 9, -1])
-    r = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 2.0])
-    assert nonconstant_group_mask(r, ids).tolist() == [False, False, True, True, True, False]
 
 
 def test_overlong_penalty_against_formula():

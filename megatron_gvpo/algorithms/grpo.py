@@ -89,7 +89,6 @@ __all__ = [
     "group_advantages",
     "grpo_loss",
     "gspo_loss",
-    "nonconstant_group_mask",
     "overlong_penalty",
     "policy_loss",
 ]
@@ -278,22 +277,6 @@ def group_advantages(
     std = var.sqrt()[inverse]
     adv = centered / (std + eps)
     return torch.where(counts[inverse] >= 2, adv, torch.zeros_like(adv))
-
-
-@torch.no_grad()
-def nonconstant_group_mask(rewards: Tensor, group_ids: Tensor) -> Tensor:
-    """DAPO dynamic sampling: bool ``[N]``, true for samples whose group's rewards are not all
-    equal (groups with zero reward variance give GRPO/DAPO no gradient and are filtered out)."""
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D, got shape {tuple(rewards.shape)}")
-    ids = check_group_ids(group_ids, rewards.numel())
-    _, inverse, counts = group_index(ids.to(rewards.device))
-    g = counts.numel()
-    gmax = torch.full((g,), -math.inf, dtype=rewards.dtype, device=rewards.device)
-    gmin = torch.full((g,), math.inf, dtype=rewards.dtype, device=rewards.device)
-    gmax = gmax.scatter_reduce(0, inverse, rewards, reduce="amax")
-    gmin = gmin.scatter_reduce(0, inverse, rewards, reduce="amin")
-    return (gmax > gmin)[inverse]
 
 
 @torch.no_grad()
@@ -676,8 +659,9 @@ def dapo_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DAPO: clip-higher surrogate, token-level mean over all response tokens of the batch:
     sum of token losses divided by ``num_tokens`` (default: this call's response tokens).
-    Dynamic sampling (``nonconstant_group_mask``) and the overlong reward term
-    (``overlong_penalty``) are applied by the caller before the advantages."""
+    Dynamic sampling (groups whose rewards are all equal dropped, ``trainer.dynamic_sampling``)
+    and the overlong reward term (``overlong_penalty``) are applied by the caller before the
+    advantages."""
     return policy_loss(
         logprobs,
         old_logprobs,

@@ -28,6 +28,7 @@ import torch
 from megatron_gvpo.bridge.fp8 import DEFAULT_BLOCK, FP8_DTYPE, SCALE_SUFFIX, dequantize_blockwise
 from megatron_gvpo.bridge.mapping import unfuse_experts
 from megatron_gvpo.data.tokenizer import CHECKPOINT_META, hf_dir, load_tokenizer
+from megatron_gvpo.parallel.cpu_compat import native_torch
 from megatron_gvpo.rollout.base import (
     GenerateRequest,
     NamedTensors,
@@ -233,6 +234,7 @@ class LocalEngine(RolloutEngine):
 
     # ---- generation -------------------------------------------------------------------------
 
+    @native_torch()  # the decode loop makes no CUDA assumption: no CPU compat mode around it
     def generate(
         self, requests: Sequence[GenerateRequest], sampling: SamplingParams
     ) -> list[list[Sample]]:

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_gvpo.bridge.export import ExportConfig
-from megatron_gvpo.parallel.cpu_compat import native_torch
 from megatron_gvpo.parallel.initialize import device
 from megatron_gvpo.parallel.launch import broadcast_object, is_rank0
 from megatron_gvpo.rollout.base import SamplingParams
@@ -160,11 +159,10 @@ class Trainer(Run):
             stop=list(r.stop),
         )
         seeds = [request_seed(seed, step, i) for i in range(len(rows))]
-        with native_torch():  # the embedded engine's decode loop makes no CUDA assumption
-            return rollout_and_score(
-                self.engine, self.rewards, rows, sampling, r.n_samples_per_prompt, seeds,
-                round_timeout_s=self.cfg.reward.round_timeout_s, turns=self.turns,
-            )
+        return rollout_and_score(
+            self.engine, self.rewards, rows, sampling, r.n_samples_per_prompt, seeds,
+            round_timeout_s=self.cfg.reward.round_timeout_s, turns=self.turns,
+        )  # fmt: skip
 
     @property
     def has_eval(self) -> bool:
@@ -178,8 +176,7 @@ class Trainer(Run):
         self.rounds.wait_idle()  # nothing in flight: the engine holds version self.step only
         metrics = None
         if self.evaluator is not None:
-            with native_torch():
-                metrics = self.evaluator.run(self.engine, self.rewards, version=self.step)
+            metrics = self.evaluator.run(self.engine, self.rewards, version=self.step)
         return broadcast_object(metrics)
 
     def _updates(self, batch: RolloutBatch) -> dict:
