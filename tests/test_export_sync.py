@@ -302,6 +302,32 @@ def test_sampling_frequencies_follow_the_truncated_distribution(engine, hf_model
     assert bool(((counts - n * p).abs() <= 4.5 * sigma).all()), (counts, n * p)
 
 
+def test_each_prompt_is_prefilled_once_and_its_samples_decode_from_copies(models, hf_model):
+    """The first forward of a batch holds each distinct prompt once (a batch boundary may cut a
+    request's samples: both parts prefill it); every sample's logprobs are still those of an
+    independent no-cache forward of its own sequence."""
+    small = LocalEngine(models["a"], max_batch_size=5)  # 8 samples: batches of 5 and 3
+    widths, original = [], small.model.forward
+
+    def spy(*args, **kwargs):
+        widths.append(tuple(kwargs["input_ids"].shape))
+        return original(*args, **kwargs)
+
+    small.model.forward = spy
+    sp = SamplingParams(max_new_tokens=4, temperature=1.0)
+    reqs = [GenerateRequest([5, 17, 42, 9], n=3, seed=1), GenerateRequest([100, 3], n=5, seed=2)]
+    out = small.generate(reqs, sp)
+    # rows sorted by prompt length: [100, 3] x5, then [5, 17, 42, 9] x3, in batches of 5 and 3
+    prefills = [w for w in widths if w[1] > 1]
+    assert prefills == [(1, 2), (1, 4)]
+    assert [w[0] for w in widths if w[1] == 1] and all(w[0] in (5, 3) for w in widths if w[1] == 1)
+    for req, group in zip(reqs, out, strict=True):
+        assert len(group) == req.n and len({tuple(s.response_ids) for s in group}) > 1
+        for s in group:
+            want = _ref_logprobs(hf_model, req.prompt_ids, s.response_ids, 1.0)
+            assert torch.allclose(torch.tensor(s.logprobs).double(), want, atol=1e-5)
+
+
 def _by_seed(requests, out) -> dict:
     return {
         (req.seed, j): (s.response_ids, s.logprobs)

@@ -266,16 +266,22 @@ class LocalEngine(RolloutEngine):
 
     @torch.no_grad()
     def _generate_batch(self, rows: list[_Row], sampling: SamplingParams) -> None:
-        """Decode ``rows`` together with one KV cache until each stops or hits max_new_tokens."""
+        """Decode ``rows`` together with one KV cache until each stops or hits max_new_tokens.
+
+        Each distinct prompt is prefilled once (a request's samples are adjacent rows) and its
+        cache rows, logits and routes are then repeated for each of its samples."""
         from transformers import DynamicCache
 
-        ids, mask = self._left_pad([r.prompt for r in rows])
+        first = [b for b, r in enumerate(rows) if b == 0 or r.prompt != rows[b - 1].prompt]
+        counts = torch.tensor(first + [len(rows)]).diff()  # samples per distinct prompt
+        expand = torch.arange(len(first)).repeat_interleave(counts)  # each row's prefilled row
+        ids, mask = self._left_pad([rows[b].prompt for b in first])
         pos = (mask.cumsum(-1) - 1).clamp_(min=0)
         # The model fills this cache in place; only its keyword changed across transformers.
         cache = {self._cache_kwarg: DynamicCache(config=self.model.config)}
         uniforms = _Uniforms(rows, min(sampling.max_new_tokens, _UNIFORM_CHUNK))
         fed = [len(r.prompt) for r in rows]  # real (unpadded) tokens each row feeds this forward
-        for _ in range(sampling.max_new_tokens):
+        for step in range(sampling.max_new_tokens):
             if self.return_routes:
                 self._captured = []
             out = self.model(
@@ -286,10 +292,15 @@ class LocalEngine(RolloutEngine):
                 logits_to_keep=1,
                 **cache,
             )
+            logits = out.logits[:, -1].float()
+            prefill = step == 0 and len(first) < len(rows)
+            if prefill:  # one cache row per sample from here on
+                cache[self._cache_kwarg].reorder_cache(expand.to(self.device))
+                logits, mask, pos = logits[expand], mask[expand], pos[expand]
             if self.return_routes:
-                self._keep_routes(rows, fed, ids.shape[1])
+                self._keep_routes(rows, fed, ids.shape[1], expand if prefill else None)
             live = [r.finish is None for r in rows]
-            tokens = self._step(out.logits[:, -1].float(), rows, sampling, uniforms)
+            tokens = self._step(logits, rows, sampling, uniforms)
             if all(r.finish is not None for r in rows):
                 return
             fed = [int(x) for x in live]  # a row's next token is real if it was drawn now
@@ -297,11 +308,16 @@ class LocalEngine(RolloutEngine):
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
             pos = pos[:, -1:] + 1
 
-    def _keep_routes(self, rows: list[_Row], fed: list[int], width: int) -> None:
+    def _keep_routes(
+        self, rows: list[_Row], fed: list[int], width: int, expand: torch.Tensor | None = None
+    ) -> None:
         """Append each row's routes of this forward's real tokens (the last ``fed[b]`` of its
-        ``width`` positions: prompts are left-padded)."""
+        ``width`` positions: prompts are left-padded); ``expand``: the forward's row of each
+        sample (a prefill of distinct prompts)."""
         captured, self._captured = self._captured, None
-        per_layer = torch.stack(captured).view(len(captured), len(rows), width, -1)
+        per_layer = torch.stack(captured).view(len(captured), -1, width, captured[0].shape[-1])
+        if expand is not None:
+            per_layer = per_layer[:, expand]
         for b, (r, n) in enumerate(zip(rows, fed, strict=True)):
             if n:
                 r.routes.append(per_layer[:, b, width - n :])
