@@ -166,6 +166,21 @@ def test_bad_values_fail_in_config_validation_naming_the_key(sections, message):
     assert message in str(e.value)
 
 
+def test_the_data_schema_follows_the_objective():
+    """RL data has no preference pairs' keys; preference objectives get them (defaults); pairs'
+    keys on an RL run are refused, naming them."""
+    from megatron_gvpo.trainer.config import sections_from_dict
+    from megatron_gvpo.trainer.data import PreferenceDataSection
+
+    rl = sections_from_dict(_raw()).data
+    assert not isinstance(rl, PreferenceDataSection) and not hasattr(rl, "chosen_key")
+    pairs = sections_from_dict(_raw(algorithm={"name": "dpo"}, data={"builtin": None})).data
+    assert isinstance(pairs, PreferenceDataSection)
+    assert (pairs.chosen_key, pairs.rejected_key) == ("chosen", "rejected")
+    with pytest.raises(ValueError, match=r"data.chosen_key and data.rejected_key are preference"):
+        run_config_from_dict(_raw(data={"chosen_key": "better"}))
+
+
 def test_gpt2_is_named_unsupported_before_any_model(tmp_path):
     d = tmp_path / "gpt2"
     d.mkdir()

@@ -25,7 +25,11 @@ from megatron_gvpo.models.fp8 import FP8Config
 from megatron_gvpo.models.gpt import PRECISIONS
 from megatron_gvpo.models.moe import MoEConfig
 from megatron_gvpo.parallel.initialize import ParallelConfig, validate_layout
-from megatron_gvpo.trainer.data import DataSection
+from megatron_gvpo.trainer.data import (
+    DataSection,
+    PreferenceDataSection,
+    preference_only_fields,
+)
 from megatron_gvpo.trainer.evaluate import EvalSection, eval_set_config
 from megatron_gvpo.trainer.objectives import (
     ObjectiveConfig,
@@ -267,6 +271,7 @@ class RunConfig:
     rollout: RolloutSection
     reward: RewardSection
     data: DataSection
+    """A ``PreferenceDataSection`` for preference objectives."""
     trainer: TrainerSection
     eval: EvalSection = field(default_factory=EvalSection)
 
@@ -280,6 +285,8 @@ _SECTION_TYPES = {
     "trainer": TrainerSection,
     "eval": EvalSection,
 }
+"""Each section's schema, ``<group>_schema`` in Hydra (``data`` also has
+``preference_data_schema``, see :func:`data_section_type`)."""
 
 
 def register_configs() -> None:
@@ -289,6 +296,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for group, cls in _SECTION_TYPES.items():
         cs.store(group=group, name=f"{group}_schema", node=cls)
+    cs.store(group="data", name="preference_data_schema", node=PreferenceDataSection)
     load_builtin_objectives()
 
 
@@ -338,13 +346,25 @@ def _check_types(cls: type, raw: dict, prefix: str) -> None:
             raw[name] = float(value)
 
 
+def data_section_type(raw: dict | None, offline: bool) -> type[DataSection]:
+    """``data.*``'s schema: preference pairs' (``data.chosen_key``, ...) for an offline objective,
+    or where the data config has their keys (``data=preference`` composed for an RL objective:
+    :func:`validate` names that mismatch); else the RL one, which has no such keys."""
+    if offline or set(raw or {}) & preference_only_fields():
+        return PreferenceDataSection
+    return DataSection
+
+
 def sections_from_dict(raw: dict) -> RunConfig:
     """The config's dataclasses from a plain dict; unknown keys fail, values are not checked."""
     unknown = sorted(set(raw) - set(_SECTION_TYPES) - {"algorithm", "hydra"})
     if unknown:
         raise ValueError(f"unknown config group {unknown[0]!r}")
-    sections = {k: _section(cls, raw.get(k), k) for k, cls in _SECTION_TYPES.items()}
-    return RunConfig(algorithm=algorithm_config(**(raw.get("algorithm") or {})), **sections)
+    algorithm = algorithm_config(**(raw.get("algorithm") or {}))
+    offline = load_builtin_objectives()[algorithm.name].offline
+    types = {**_SECTION_TYPES, "data": data_section_type(raw.get("data"), offline)}
+    sections = {k: _section(cls, raw.get(k), k) for k, cls in types.items()}
+    return RunConfig(algorithm=algorithm, **sections)
 
 
 def run_config_from_dict(raw: dict) -> RunConfig:
@@ -555,7 +575,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if not objective.offline and cfg.data.builtin == "preference_demo":
         raise ValueError(
             f"data.builtin=preference_demo holds preference pairs: algorithm.name={a.name} "
-            "needs prompts (use algorithm=dpo, ipo, gr_dpo or gr_ipo)"
+            f"needs prompts (use algorithm={_offline_names()})"
+        )
+    if not objective.offline and isinstance(cfg.data, PreferenceDataSection):
+        raise ValueError(
+            "data.chosen_key and data.rejected_key are preference pairs' keys (data=preference): "
+            f"algorithm.name={a.name} trains on prompts (use data=jsonl, or "
+            f"algorithm={_offline_names()})"
         )
     if t.eval_interval < 0:
         raise ValueError(f"trainer.eval_interval must be >= 0, got {t.eval_interval}")
@@ -578,7 +604,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"algorithm.name={a.name} needs a domain label per prompt: set data.domain_key "
             "to the field that holds it"
         )
-    cfg.data.check_files()
+    cfg.data.check()
+
+
+def _offline_names() -> str:
+    """The preference objectives, for messages: ``dpo, ipo, gr_dpo or gr_ipo``."""
+    names = [n for n, o in load_builtin_objectives().items() if o.offline]
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def _check_exists(path: Path, key: str) -> None:
