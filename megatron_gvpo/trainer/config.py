@@ -37,6 +37,7 @@ from megatron_gvpo.trainer.data import (
 )
 from megatron_gvpo.trainer.evaluate import EvalSection, eval_set_config
 from megatron_gvpo.trainer.objectives import (
+    Objective,
     ObjectiveConfig,
     algorithm_config,
     load_builtin_objectives,
@@ -595,7 +596,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _check_data_fits_run(cfg, objective)
 
 
-def _check_loop_fits_algorithm(cfg: RunConfig, objective: Any) -> None:
+def _check_loop_fits_algorithm(cfg: RunConfig, objective: type[Objective]) -> None:
     """``trainer.*`` against the algorithm: replay, whole groups per update, group size."""
     t, r, name = cfg.trainer, cfg.rollout, cfg.algorithm.name
     if t.replay_ratio > 0 and not objective.supports_replay:
@@ -627,7 +628,7 @@ def _check_loop_fits_algorithm(cfg: RunConfig, objective: Any) -> None:
         )
 
 
-def _check_rollout_fits_run(cfg: RunConfig, objective: Any) -> None:
+def _check_rollout_fits_run(cfg: RunConfig, objective: type[Objective]) -> None:
     """``rollout.*`` against the algorithm, async training and the rewards."""
     r, t = cfg.rollout, cfg.trainer
     if r.env is not None and objective.offline:
@@ -646,7 +647,7 @@ def _check_rollout_fits_run(cfg: RunConfig, objective: Any) -> None:
         )
 
 
-def _check_model_fits_run(cfg: RunConfig, objective: Any) -> None:
+def _check_model_fits_run(cfg: RunConfig, objective: type[Objective]) -> None:
     """``model.*`` against the layout, the rollouts and routing replay."""
     m, r, p = cfg.model, cfg.rollout, cfg.parallel
     if m.moe.routing_replay == "rollout":
@@ -665,7 +666,7 @@ def _check_model_fits_run(cfg: RunConfig, objective: Any) -> None:
         )
 
 
-def _check_data_fits_run(cfg: RunConfig, objective: Any) -> None:
+def _check_data_fits_run(cfg: RunConfig, objective: type[Objective]) -> None:
     """``data.*`` against the algorithm (prompts or pairs, domain labels), the eval settings
     and ``trainer.save_best``."""
     d, name, offline = cfg.data, cfg.algorithm.name, objective.offline
