@@ -128,6 +128,11 @@ def _unknown_key_hint(cause: Exception, key: str) -> str:
     import difflib
 
     near = _near_keys(getattr(cause, "object_type", None), key)
+    if not near and key.startswith("data."):
+        from megatron_gvpo.trainer.data import preference_only_fields
+
+        if key.removeprefix("data.") in preference_only_fields():
+            return " (a preference pair's key: it comes with data=preference or data=preference_demo)"
     parent = getattr(cause, "parent_node", None)
     if not near and hasattr(parent, "keys"):  # a free-form dict such as rollout.sglang
         names = [str(k) for k in parent.keys()]

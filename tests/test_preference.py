@@ -24,6 +24,7 @@ from megatron_gvpo.data.sampler import DomainBalancedSampler, DomainProportionSa
 from megatron_gvpo.demo.task import build_char_tokenizer
 from megatron_gvpo.models.forward import MicroBatch
 from megatron_gvpo.trainer.batch import RolloutBatch
+from megatron_gvpo.trainer.data import PreferenceDataSection
 from megatron_gvpo.trainer.objectives import StepInputs, algorithm_config, build_objective
 
 # ------------------------------------------------------------------------------------ loading
@@ -95,9 +96,9 @@ def test_chat_pairs_take_the_template_suffix_as_response(tmp_path):
 
 def test_old_domain_key_and_sampling_names_are_refused_naming_the_new_ones():
     with pytest.raises(ValueError, match="data.group_key='grp' was renamed data.domain_key"):
-        PreferenceDataConfig(path="x", group_key="grp")
+        PreferenceDataSection(path="x", group_key="grp")
     with pytest.raises(ValueError, match="data.sampling=proportional"):
-        PreferenceDataConfig(path="x", sampling="group")
+        PreferenceDataSection(path="x", sampling="group")
 
 
 def test_balanced_sampler_gives_each_domain_its_share_of_every_batch_and_resumes():

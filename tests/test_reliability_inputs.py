@@ -166,6 +166,133 @@ def test_bad_values_fail_in_config_validation_naming_the_key(sections, message):
     assert message in str(e.value)
 
 
+# Each case: a section's own field, refused by the section itself when it is built (no other
+# section is read), naming the full key.
+_SECTION_CASES = [
+    ("trainer", {"max_steps": 0}, "trainer.max_steps must be > 0"),
+    ("trainer", {"prompts_per_step": 0}, "trainer.prompts_per_step must be > 0"),
+    ("trainer", {"updates_per_round": 0}, "trainer.updates_per_round must be > 0"),
+    ("trainer", {"lr": 0.0}, "trainer.lr must be > 0"),
+    ("trainer", {"max_tokens_per_microbatch": 0}, "trainer.max_tokens_per_microbatch must be > 0"),
+    ("trainer", {"save_interval": 0}, "trainer.save_interval must be > 0"),
+    ("trainer", {"keep_last": 0}, "trainer.keep_last must be > 0"),
+    ("trainer", {"replay_capacity": 0}, "trainer.replay_capacity must be > 0"),
+    ("trainer", {"min_lr": float("nan")}, "trainer.min_lr must be a finite number"),
+    ("trainer", {"adam_beta1": float("inf")}, "trainer.adam_beta1 must be a finite number"),
+    ("trainer", {"adam_beta2": float("nan")}, "trainer.adam_beta2 must be a finite number"),
+    ("trainer", {"replay_ratio": float("inf")}, "trainer.replay_ratio must be a finite number"),
+    ("trainer", {"clip_grad": -1.0}, "trainer.clip_grad must be >= 0"),
+    ("trainer", {"lr": 1e-4, "min_lr": 1e-3}, "trainer.min_lr=0.001 must lie in [0, trainer.lr"),
+    ("trainer", {"min_lr": -1e-5}, "trainer.min_lr=-1e-05 must lie in [0"),
+    ("trainer", {"lr_decay_style": "step"}, "trainer.lr_decay_style='step'"),
+    ("trainer", {"lr_warmup_steps": -1}, "trainer.lr_warmup_steps must be >= 0"),
+    ("trainer", {"replay_ratio": -0.5}, "trainer.replay_ratio must be >= 0"),
+    ("trainer", {"max_consecutive_skips": 0}, "trainer.max_consecutive_skips must be >= 1"),
+    ("trainer", {"stop_grace_s": -1.0}, "trainer.stop_grace_s must be >= 0"),
+    ("trainer", {"eval_interval": -1}, "trainer.eval_interval must be >= 0"),
+    ("trainer", {"save_best_mode": "best"}, "trainer.save_best_mode='best'"),
+    ("trainer", {"save_best": "loss"}, "trainer.save_best='loss': name an eval metric"),
+    ("reward", {"on_error": "skip"}, "reward.on_error='skip'"),
+    ("reward", {"round_timeout_s": 0}, "reward.round_timeout_s must be a finite number > 0"),
+    ("reward", {"round_timeout_s": float("nan")}, "reward.round_timeout_s must be a finite"),
+    ("rollout", {"backend": "vllm"}, "rollout.backend='vllm': local or sglang"),
+    ("rollout", {"n_samples_per_prompt": 0}, "rollout.n_samples_per_prompt must be > 0"),
+    ("rollout", {"max_new_tokens": 0}, "rollout.max_new_tokens must be > 0"),
+    ("rollout", {"bucket_mb": 0}, "rollout.bucket_mb must be > 0"),
+    ("rollout", {"temperature": -1.0}, "rollout.temperature must be >= 0"),
+    ("rollout", {"top_p": 0.0}, "rollout.top_p must be in (0, 1]"),
+    ("rollout", {"top_k": -2}, "rollout.top_k must be -1 (off) or >= 1"),
+    ("rollout", {"max_turns": 3}, "rollout.max_turns=3 sets multi-turn rollouts"),
+    ("rollout", {"turn_stop": ["</x>"]}, "rollout.turn_stop=['</x>'] sets multi-turn"),
+    ("rollout", {"env": "m:E", "max_total_tokens": -1}, "rollout.max_total_tokens must be >= 0"),
+    ("rollout", {"backend": "sglang", "local": {"device": "cuda"}}, "rollout.local.* set the"),
+    ("rollout", {"local": {"device": "gpu"}}, "rollout.local.device='gpu': cpu, cuda or cuda:N"),
+    ("rollout", {"local": {"max_batch_size": 0}}, "rollout.local.max_batch_size must be >= 1"),
+    ("model", {"precision": "fp64"}, "model.precision='fp64'"),
+    ("model", {"transformer_impl": "apex"}, "model.transformer_impl='apex'"),
+    ("model", {"moe": {"token_dispatcher": "x"}}, "model.moe.token_dispatcher='x'"),
+    ("model", {"moe": {"routing_replay": "old"}}, "model.moe.routing_replay='old' needs a mixture"),
+    ("data", {"sampling": "stratified"}, "data.sampling='stratified' is not one of"),
+    ("data", {"sampling": "group"}, "data.sampling=group was renamed data.sampling=proportional"),
+    ("data", {"group_key": "g"}, "data.group_key='g' was renamed data.domain_key"),
+    ("data", {"builtin": "x"}, "data.builtin='x' is not one of"),
+    ("data", {"builtin_eval_size": -1}, "data.builtin_eval_size must be >= 0"),
+    ("data", {"seed": -1}, "data.seed must be >= 0"),
+    ("data", {"eval_sets": {"a/b": "x.jsonl"}}, "data.eval_sets: 'a/b' is not a valid set name"),
+]
+
+
+@pytest.mark.parametrize(("section", "fields", "message"), _SECTION_CASES)
+def test_each_section_refuses_its_own_bad_values_when_built(section, fields, message):
+    """The section's own check, not a later pass over the whole config: building the one section
+    from its dict raises, naming the key (the same line the CLI prints)."""
+    from megatron_gvpo.trainer.config import _SECTION_TYPES, _section
+
+    with pytest.raises(ValueError) as e:
+        _section(_SECTION_TYPES[section], fields, section)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError) as whole:  # and so does the whole config
+        run_config_from_dict(_raw(**{section: fields}))
+    assert message in str(whole.value)
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        (
+            {"algorithm": {"name": "grpo", "kl_beta": 0.0}, "trainer": {"replay_ratio": 0.5}},
+            "trainer.replay_ratio=0.5 reuses old groups",
+        ),
+        (
+            {"trainer": {"prompts_per_step": 3, "updates_per_round": 2}},
+            "trainer.prompts_per_step=3 must be a multiple of trainer.updates_per_round=2",
+        ),
+        (
+            {"algorithm": {"name": "dpo"}},
+            "algorithm.name=dpo trains on preference pairs, not prompts",
+        ),
+        (
+            {"data": {"builtin": "preference_demo"}},
+            "data.builtin=preference_demo holds preference pairs: algorithm.name=gvpo needs "
+            "prompts (use algorithm=dpo, ipo, gr_dpo or gr_ipo)",
+        ),
+        (
+            {"data": {"chosen_key": "better"}},
+            "data.chosen_key and data.rejected_key are preference pairs' keys (data=preference): "
+            "algorithm.name=gvpo trains on prompts",
+        ),
+        (
+            {"algorithm": {"name": "gr_gvpo"}, "data": {"domain_key": ""}},
+            "algorithm.name=gr_gvpo needs a domain label per prompt",
+        ),
+        (
+            {"rollout": {"backend": "sglang"}, "trainer": {"async_training": {"max_staleness": 1}}},
+            "rollout.sglang.weight_sync=tensor is the colocated mode",
+        ),
+    ],
+)
+def test_checks_that_span_sections_name_both_sides(sections, message):
+    """Each section alone is valid here; only the combination is refused (by ``validate``)."""
+    from megatron_gvpo.trainer.config import sections_from_dict, validate
+
+    cfg = sections_from_dict(_raw(**sections))  # every section builds
+    with pytest.raises(ValueError) as e:
+        validate(cfg, world_size=1)
+    assert message in str(e.value)
+
+
+def test_the_data_schema_follows_the_objective():
+    """RL data has no preference pairs' keys; preference objectives get them (defaults)."""
+    from megatron_gvpo.trainer.config import sections_from_dict
+    from megatron_gvpo.trainer.data import PreferenceDataSection
+
+    rl = sections_from_dict(_raw()).data
+    assert not isinstance(rl, PreferenceDataSection) and not hasattr(rl, "chosen_key")
+    pairs = sections_from_dict(_raw(algorithm={"name": "dpo"}, data={"builtin": None})).data
+    assert isinstance(pairs, PreferenceDataSection)
+    assert (pairs.chosen_key, pairs.rejected_key) == ("chosen", "rejected")
+
+
 def test_gpt2_is_named_unsupported_before_any_model(tmp_path):
     d = tmp_path / "gpt2"
     d.mkdir()

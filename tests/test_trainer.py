@@ -567,6 +567,11 @@ def test_sglang_backend_with_per_stage_sync_against_the_protocol_fake(demo_cache
         (["eval.n_samples=4"], "eval.n_samples"),  # greedy samples would all be equal
         (["data.builtin_eval_size=0", "trainer.save_best=eval/accuracy"], "trainer.save_best"),
         (["+data.eval_sets={hard: /nonexistent/hard.jsonl}"], "data.eval_sets.hard"),
+        (["data.chosen_key=better"], "data.chosen_key: no such key"),  # RL data has no pairs
+        (["rollout.local.device=gpu"], "rollout.local.device='gpu'"),  # a nested section's own
+        (["trainer.lr_decay_style=step"], "trainer.lr_decay_style"),
+        (["reward.round_timeout_s=0"], "reward.round_timeout_s"),
+        (["algorithm=dapo", "trainer.replay_ratio=0.5"], "trainer.replay_ratio=0.5"),
     ],
 )
 def test_bad_config_fails_before_any_model_is_built(tmp_path, overrides, key):

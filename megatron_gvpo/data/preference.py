@@ -34,43 +34,17 @@ from megatron_gvpo.data.prompts import (
 
 logger = logging.getLogger(__name__)
 
-SAMPLINGS = ("auto", "uniform", "proportional", "balanced")
 DEFAULT_DOMAIN = "default"
 
 
 @dataclass
 class PreferenceDataConfig(DataConfig):
-    """``data.*`` fields of preference pairs, beside the prompt loader's."""
+    """The pair loader's fields, beside the prompt loader's: where a row keeps its two responses."""
 
     chosen_key: str = "chosen"
     """The preferred response: text, or a list of chat turns."""
     rejected_key: str = "rejected"
     """The dispreferred response: text, or a list of chat turns."""
-    group_key: Any = None
-    """Renamed ``data.domain_key`` (the pair's domain label); setting it is an error."""
-    eval_path: Any = None
-    """Held-out rows in data.path's format (pairs for preference training, prompts for RL),
-    evaluated as trainer.eval_interval and trainer.eval_at_start say; None: none."""
-    sampling: str = "auto"
-    """How training rows are drawn into steps. uniform: shuffled epochs over the rows, each once
-    per epoch; proportional: the Group-Robust paper's draw, a domain d with probability N_d/N,
-    then a row of d uniformly, with replacement; balanced: every step holds equal numbers of
-    rows of each domain (as equal as the batch size allows), each domain's rows in shuffled
-    epochs of their own; auto: balanced for group-robust objectives with
-    ``algorithm.robust_estimator=balanced``, else uniform."""
-
-    def __post_init__(self) -> None:
-        if self.group_key is not None:
-            raise ValueError(
-                f"data.group_key={self.group_key!r} was renamed data.domain_key "
-                "(the label group-robust weights are kept over)"
-            )
-        if self.sampling == "group":
-            raise ValueError("data.sampling=group was renamed data.sampling=proportional")
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(
-                f"data.sampling={self.sampling!r} is not one of {', '.join(SAMPLINGS)}"
-            )
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ from typing import Any
 
 import numpy as np
 
+SAMPLINGS = ("auto", "uniform", "proportional", "balanced")
+"""``data.sampling``'s values: the modes :func:`build_sampler` builds."""
+
 
 class PromptSampler:
     """Hands out batches of prompt indices in ``range(num_prompts)``."""

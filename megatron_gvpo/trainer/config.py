@@ -4,8 +4,12 @@ that run before any model is built.
 Defaults live here, once. Each YAML in ``configs/<group>/`` starts from its group's schema
 (``defaults: [<group>_schema]``; an algorithm's from ``<name>_schema``, registered by its
 objective) and overrides only what differs, so Hydra rejects unknown keys and values of the wrong
-type, naming the key. ``run_config_from_dict`` then builds the dataclasses and checks values and
-combinations; every error names the Hydra key, one command-line override away from the fix.
+type, naming the key. ``run_config_from_dict`` then builds the dataclasses and checks them in
+three tiers, all before any model is built: each section checks its own fields as it is built
+(``__post_init__``), then the checks of its own that read files, import code or probe hardware
+(``check()``); ``validate`` holds only the checks that span sections (the algorithm against the
+loop, data and rollouts; rollouts against the model; the layout against the world size). Every
+error is one line naming the Hydra key, one command-line override away from the fix.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import errno
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,13 +30,20 @@ from megatron_gvpo.models.fp8 import FP8Config
 from megatron_gvpo.models.gpt import PRECISIONS
 from megatron_gvpo.models.moe import MoEConfig
 from megatron_gvpo.parallel.initialize import ParallelConfig, validate_layout
-from megatron_gvpo.trainer.data import DataSection
+from megatron_gvpo.trainer.data import (
+    DataSection,
+    PreferenceDataSection,
+    preference_only_fields,
+)
 from megatron_gvpo.trainer.evaluate import EvalSection, eval_set_config
 from megatron_gvpo.trainer.objectives import (
+    Objective,
     ObjectiveConfig,
     algorithm_config,
     load_builtin_objectives,
 )
+
+TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
 
 
 @dataclass
@@ -60,9 +72,30 @@ class ModelSection:
             self.fp8 = FP8Config.from_dict(self.fp8, prefix="model.fp8")
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"model.precision={self.precision!r}: {', '.join(PRECISIONS)}")
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ValueError(
+                f"model.transformer_impl={self.transformer_impl!r}: auto, transformer_engine or "
+                "local"
+            )
+        self.moe.validate()
+        if self.moe.routing_replay != "off" and self.path is None:
+            raise ValueError(
+                f"model.moe.routing_replay={self.moe.routing_replay!r} needs a mixture-of-experts "
+                "model.path; the demo model is dense"
+            )
+
+    def check(self) -> None:
+        """The checks that touch files or hardware: FP8 needs Transformer Engine on an FP8 GPU
+        (checked before any model is built), and ``model.path`` exists."""
+        self.fp8.validate(self.precision, self.transformer_impl)
+        if self.path is not None:
+            _check_exists(Path(self.path), "model.path")
 
 
 LOCAL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOCAL_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 
 
 @dataclass
@@ -83,6 +116,12 @@ class LocalEngineSection:
     inference engines have); ``rollout/logprob_abs_diff/*`` measures the gap."""
 
     def __post_init__(self) -> None:
+        if not LOCAL_DEVICE.fullmatch(self.device):
+            raise ValueError(f"rollout.local.device={self.device!r}: cpu, cuda or cuda:N")
+        if self.max_batch_size < 1:
+            raise ValueError(
+                f"rollout.local.max_batch_size must be >= 1, got {self.max_batch_size}"
+            )
         if self.sampling_dtype not in LOCAL_DTYPES:
             raise ValueError(
                 f"rollout.local.sampling_dtype={self.sampling_dtype!r}: {', '.join(LOCAL_DTYPES)}"
@@ -142,6 +181,68 @@ class RolloutSection:
     def __post_init__(self) -> None:
         if isinstance(self.local, dict):  # from Hydra: the rollout.local sub-tree
             self.local = _section(LocalEngineSection, self.local, "rollout.local")
+        if self.backend not in ("local", "sglang"):
+            raise ValueError(f"rollout.backend={self.backend!r}: local or sglang")
+        if self.backend == "sglang" and self.local != LocalEngineSection():
+            raise ValueError(
+                "rollout.local.* set the embedded engine's options: rollout.backend=local"
+            )
+        _positive(
+            "rollout",
+            n_samples_per_prompt=self.n_samples_per_prompt,
+            max_new_tokens=self.max_new_tokens,
+            bucket_mb=self.bucket_mb,
+        )
+        if self.temperature < 0:
+            raise ValueError(f"rollout.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"rollout.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        self._check_turn_keys()
+
+    def _check_turn_keys(self) -> None:
+        """The multi-turn keys mean something only with ``rollout.env``."""
+        if self.env is not None:
+            if self.max_total_tokens < 0:
+                raise ValueError(
+                    f"rollout.max_total_tokens must be >= 0, got {self.max_total_tokens}"
+                )
+            return
+        for key, value, default in (
+            ("max_turns", self.max_turns, 1),
+            ("max_total_tokens", self.max_total_tokens, 0),
+            ("turn_stop", list(self.turn_stop), []),
+            ("env_observation_role", self.env_observation_role, None),
+            ("env_timeout_s", self.env_timeout_s, None),
+        ):
+            if value != default:
+                raise ValueError(
+                    f"rollout.{key}={value!r} sets multi-turn rollouts: it needs rollout.env"
+                )
+
+    def check(self) -> None:
+        """The checks that import code: the ``rollout.env`` class imports and has reset/step,
+        the turn loop takes the multi-turn settings, and ``rollout.sglang`` is a valid
+        ``SGLangConfig`` (errors name ``rollout.sglang.<key>``)."""
+        if self.env is not None:
+            from megatron_gvpo.rollout.env import load_env
+            from megatron_gvpo.rollout.turns import OBSERVATION_ROLES
+
+            load_env(self.env)
+            role = self.env_observation_role
+            if role is not None and role not in OBSERVATION_ROLES:
+                raise ValueError(
+                    f"rollout.env_observation_role={role!r}: {', '.join(OBSERVATION_ROLES)} or null"
+                )
+            turn_settings(self)  # the remaining ranges
+        if self.backend == "sglang":
+            sglang_config(self, SGLANG_MODEL_PLACEHOLDER)
+
+
+SGLANG_MODEL_PLACEHOLDER = "<model.path>"
+"""What ``rollout.sglang`` is checked with before the model's path is resolved (the demo model is
+built later); only its presence matters to the check."""
 
 
 @dataclass
@@ -159,6 +260,25 @@ class RewardSection:
     starts) and samples still unscored fail as ``on_error`` says, counted in
     ``reward_fn/round_deadline_missed``. None: no round deadline (each remote request still has
     its own ``request_timeout_s``)."""
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("drop", "zero"):
+            raise ValueError(f"reward.on_error={self.on_error!r}: drop or zero")
+        rt = self.round_timeout_s
+        if rt is not None and (
+            isinstance(rt, bool) or not isinstance(rt, (int, float))
+            or not math.isfinite(rt) or rt <= 0
+        ):  # fmt: skip
+            raise ValueError(
+                f"reward.round_timeout_s must be a finite number > 0 or null, got {rt!r}"
+            )
+
+    def check(self) -> None:
+        """Each ``reward.rewards`` entry names a registered reward or an importable function,
+        with arguments it takes."""
+        from megatron_gvpo.rewards import check_reward_configs
+
+        check_reward_configs(self.rewards)
 
 
 @dataclass
@@ -257,6 +377,66 @@ class TrainerSection:
             self.async_training = _section(
                 AsyncTrainingSection, self.async_training, "trainer.async_training"
             )
+        self._check_optimizer()
+        self._check_loop()
+
+    def _check_optimizer(self) -> None:
+        """The optimizer and its schedule: positive, finite, the decay's floor below lr."""
+        _positive("trainer", lr=self.lr)
+        _finite(
+            "trainer",
+            lr=self.lr,
+            min_lr=self.min_lr,
+            weight_decay=self.weight_decay,
+            clip_grad=self.clip_grad,
+            adam_beta1=self.adam_beta1,
+            adam_beta2=self.adam_beta2,
+            replay_ratio=self.replay_ratio,
+        )
+        if self.clip_grad < 0:
+            raise ValueError(
+                f"trainer.clip_grad must be >= 0 (0: no clipping), got {self.clip_grad}"
+            )
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(
+                f"trainer.min_lr={self.min_lr} must lie in [0, trainer.lr={self.lr}] "
+                "(the decay's floor)"
+            )
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"trainer.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+            raise ValueError(
+                f"trainer.lr_decay_style={self.lr_decay_style!r}: constant, linear or cosine"
+            )
+
+    def _check_loop(self) -> None:
+        """The loop, replay, guards, checkpoints and evaluation schedule."""
+        _positive(
+            "trainer",
+            max_steps=self.max_steps,
+            prompts_per_step=self.prompts_per_step,
+            updates_per_round=self.updates_per_round,
+            max_tokens_per_microbatch=self.max_tokens_per_microbatch,
+            save_interval=self.save_interval,
+            keep_last=self.keep_last,
+            replay_capacity=self.replay_capacity,
+        )
+        if self.replay_ratio < 0:
+            raise ValueError(f"trainer.replay_ratio must be >= 0, got {self.replay_ratio}")
+        if self.max_consecutive_skips < 1:
+            raise ValueError(
+                f"trainer.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}"
+            )
+        if self.stop_grace_s < 0:
+            raise ValueError(f"trainer.stop_grace_s must be >= 0, got {self.stop_grace_s}")
+        if self.eval_interval < 0:
+            raise ValueError(f"trainer.eval_interval must be >= 0, got {self.eval_interval}")
+        if self.save_best_mode not in ("max", "min"):
+            raise ValueError(f"trainer.save_best_mode={self.save_best_mode!r}: max or min")
+        if self.save_best is not None and not self.save_best.startswith("eval/"):
+            raise ValueError(
+                f"trainer.save_best={self.save_best!r}: name an eval metric, e.g. eval/accuracy"
+            )
 
 
 @dataclass
@@ -267,6 +447,7 @@ class RunConfig:
     rollout: RolloutSection
     reward: RewardSection
     data: DataSection
+    """A ``PreferenceDataSection`` for preference objectives."""
     trainer: TrainerSection
     eval: EvalSection = field(default_factory=EvalSection)
 
@@ -280,6 +461,8 @@ _SECTION_TYPES = {
     "trainer": TrainerSection,
     "eval": EvalSection,
 }
+"""Each section's schema, ``<group>_schema`` in Hydra (``data`` also has
+``preference_data_schema``, see :func:`data_section_type`)."""
 
 
 def register_configs() -> None:
@@ -289,6 +472,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for group, cls in _SECTION_TYPES.items():
         cs.store(group=group, name=f"{group}_schema", node=cls)
+    cs.store(group="data", name="preference_data_schema", node=PreferenceDataSection)
     load_builtin_objectives()
 
 
@@ -338,18 +522,37 @@ def _check_types(cls: type, raw: dict, prefix: str) -> None:
             raw[name] = float(value)
 
 
-def sections_from_dict(raw: dict) -> RunConfig:
-    """The config's dataclasses from a plain dict; unknown keys fail, values are not checked."""
+def data_section_type(raw: dict | None, offline: bool) -> type[DataSection]:
+    """``data.*``'s schema: preference pairs' (``data.chosen_key``, ...) for an offline objective,
+    or where the data config has their keys (``data=preference`` composed for an RL objective:
+    :func:`validate` names that mismatch); else the RL one, which has no such keys."""
+    if offline or set(raw or {}) & preference_only_fields():
+        return PreferenceDataSection
+    return DataSection
+
+
+def sections_from_dict(raw: dict, check: bool = False) -> RunConfig:
+    """The config's dataclasses from a plain dict. Unknown keys fail, and each section checks
+    its own values as it is built; ``check``: also each section's ``check()`` (files, imports,
+    hardware; off for tools that only read the config). Checks that span sections are
+    :func:`validate`'s."""
     unknown = sorted(set(raw) - set(_SECTION_TYPES) - {"algorithm", "hydra"})
     if unknown:
         raise ValueError(f"unknown config group {unknown[0]!r}")
-    sections = {k: _section(cls, raw.get(k), k) for k, cls in _SECTION_TYPES.items()}
-    return RunConfig(algorithm=algorithm_config(**(raw.get("algorithm") or {})), **sections)
+    algorithm = algorithm_config(**(raw.get("algorithm") or {}))
+    offline = load_builtin_objectives()[algorithm.name].offline
+    schemas = {**_SECTION_TYPES, "data": data_section_type(raw.get("data"), offline)}
+    sections = {k: _section(cls, raw.get(k), k) for k, cls in schemas.items()}
+    if check:
+        for section in sections.values():
+            if hasattr(section, "check"):
+                section.check()
+    return RunConfig(algorithm=algorithm, **sections)
 
 
 def run_config_from_dict(raw: dict) -> RunConfig:
     """Build and check the whole config from a plain dict (``OmegaConf.to_container``)."""
-    cfg = sections_from_dict(raw)
+    cfg = sections_from_dict(raw, check=True)
     validate(cfg)
     return cfg
 
@@ -367,38 +570,6 @@ def _positive(prefix: str, **values: float) -> None:
             raise ValueError(f"{prefix}.{k} must be > 0, got {v!r}")
 
 
-def validate_multi_turn(r: RolloutSection, offline: bool) -> None:
-    """``rollout.env`` and its settings: the class imports and has reset/step (one-line errors
-    naming the key)."""
-    if r.env is None:
-        for key, value, default in (
-            ("max_turns", r.max_turns, 1),
-            ("max_total_tokens", r.max_total_tokens, 0),
-            ("turn_stop", list(r.turn_stop), []),
-            ("env_observation_role", r.env_observation_role, None),
-            ("env_timeout_s", r.env_timeout_s, None),
-        ):
-            if value != default:
-                raise ValueError(
-                    f"rollout.{key}={value!r} sets multi-turn rollouts: it needs rollout.env"
-                )
-        return
-    if offline:
-        raise ValueError("rollout.env rolls out trajectories: a preference objective has none")
-    from megatron_gvpo.rollout.env import load_env
-    from megatron_gvpo.rollout.turns import OBSERVATION_ROLES
-
-    load_env(r.env)
-    if r.env_observation_role is not None and r.env_observation_role not in OBSERVATION_ROLES:
-        raise ValueError(
-            f"rollout.env_observation_role={r.env_observation_role!r}: "
-            f"{', '.join(OBSERVATION_ROLES)} or null"
-        )
-    if r.max_total_tokens < 0:
-        raise ValueError(f"rollout.max_total_tokens must be >= 0, got {r.max_total_tokens}")
-    turn_settings(r)  # the remaining ranges
-
-
 def turn_settings(r: RolloutSection):
     """``rollout.*`` as the turn loop's ``TurnSettings`` (``rollout/turns.py``)."""
     from megatron_gvpo.rollout.turns import TurnSettings
@@ -413,71 +584,34 @@ def turn_settings(r: RolloutSection):
 
 
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Cheap checks that need no model: layout, files, numbers, combinations."""
+    """The checks that span sections (each section checked its own fields when it was built):
+    the layout against the world size, the algorithm against the loop, rollouts, model and
+    data; all before any model is built."""
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     validate_layout(cfg.parallel, world_size)
-    t, r, m, a = cfg.trainer, cfg.rollout, cfg.model, cfg.algorithm
-    objective = load_builtin_objectives()[a.name]
-    _positive(
-        "trainer",
-        max_steps=t.max_steps,
-        prompts_per_step=t.prompts_per_step,
-        updates_per_round=t.updates_per_round,
-        lr=t.lr,
-        max_tokens_per_microbatch=t.max_tokens_per_microbatch,
-        save_interval=t.save_interval,
-        keep_last=t.keep_last,
-        replay_capacity=t.replay_capacity,
-    )
-    _finite(
-        "trainer",
-        lr=t.lr,
-        min_lr=t.min_lr,
-        weight_decay=t.weight_decay,
-        clip_grad=t.clip_grad,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        replay_ratio=t.replay_ratio,
-    )
-    if t.clip_grad < 0:
-        raise ValueError(f"trainer.clip_grad must be >= 0 (0: no clipping), got {t.clip_grad}")
-    if t.max_consecutive_skips < 1:
-        raise ValueError(
-            f"trainer.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}"
-        )
-    if t.stop_grace_s < 0:
-        raise ValueError(f"trainer.stop_grace_s must be >= 0, got {t.stop_grace_s}")
-    if cfg.reward.on_error not in ("drop", "zero"):
-        raise ValueError(f"reward.on_error={cfg.reward.on_error!r}: drop or zero")
-    rt = cfg.reward.round_timeout_s
-    if rt is not None and (isinstance(rt, bool) or not isinstance(rt, (int, float))
-                           or not math.isfinite(rt) or rt <= 0):
-        raise ValueError(f"reward.round_timeout_s must be a finite number > 0 or null, got {rt!r}")
-    if not 0 <= t.min_lr <= t.lr:
-        raise ValueError(
-            f"trainer.min_lr={t.min_lr} must lie in [0, trainer.lr={t.lr}] (the decay's floor)"
-        )
-    if t.replay_ratio < 0:
-        raise ValueError(f"trainer.replay_ratio must be >= 0, got {t.replay_ratio}")
+    objective = load_builtin_objectives()[cfg.algorithm.name]
+    _check_loop_fits_algorithm(cfg, objective)
+    _check_rollout_fits_run(cfg, objective)
+    _check_model_fits_run(cfg, objective)
+    _check_data_fits_run(cfg, objective)
+
+
+def _check_loop_fits_algorithm(cfg: RunConfig, objective: type[Objective]) -> None:
+    """``trainer.*`` against the algorithm: replay, whole groups per update, group size."""
+    t, r, name = cfg.trainer, cfg.rollout, cfg.algorithm.name
     if t.replay_ratio > 0 and not objective.supports_replay:
         raise ValueError(
             f"trainer.replay_ratio={t.replay_ratio} reuses old groups, which only GVPO supports "
-            f"without importance weights (algorithm.name={a.name})"
+            f"without importance weights (algorithm.name={name})"
         )
-    if t.lr_decay_style not in ("constant", "linear", "cosine"):
-        raise ValueError(f"trainer.lr_decay_style={t.lr_decay_style!r}: constant, linear or cosine")
-    if t.prompts_per_step % t.updates_per_round and not objective.offline:
+    if objective.offline:
+        return  # preference steps: no groups, no rollouts
+    if t.prompts_per_step % t.updates_per_round:
         raise ValueError(
             f"trainer.prompts_per_step={t.prompts_per_step} must be a multiple of "
             f"trainer.updates_per_round={t.updates_per_round} (each update takes whole groups)"
         )
-    if r.backend not in ("local", "sglang"):
-        raise ValueError(f"rollout.backend={r.backend!r}: local or sglang")
-    _positive(
-        "rollout", n_samples_per_prompt=r.n_samples_per_prompt, max_new_tokens=r.max_new_tokens
-    )
-    validate_multi_turn(r, objective.offline)
-    if t.max_tokens_per_microbatch <= r.response_room and not objective.offline:
+    if t.max_tokens_per_microbatch <= r.response_room:
         what = (
             f"rollout.max_new_tokens={r.max_new_tokens}"
             if r.env is None
@@ -487,98 +621,89 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"trainer.max_tokens_per_microbatch={t.max_tokens_per_microbatch} cannot hold one "
             f"sample: a prompt token plus {what} tokens need {r.response_room + 1} or more"
         )
-    if r.n_samples_per_prompt < 2 and not objective.offline:
+    if r.n_samples_per_prompt < 2:
         raise ValueError(
-            f"rollout.n_samples_per_prompt={r.n_samples_per_prompt}: {a.name} learns from "
+            f"rollout.n_samples_per_prompt={r.n_samples_per_prompt}: {name} learns from "
             "differences within a prompt's group of responses; use 2 or more"
         )
-    if r.temperature < 0:
-        raise ValueError(f"rollout.temperature must be >= 0, got {r.temperature}")
-    if not 0 < r.top_p <= 1:
-        raise ValueError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
-    if r.top_k == 0 or r.top_k < -1:
-        raise ValueError(f"rollout.top_k must be -1 (off) or >= 1, got {r.top_k}")
-    if r.backend == "sglang":
-        sg = sglang_config(r, m.path or "<the demo model>", t.run_dir)  # typed and checked now
-        if t.async_training.max_staleness > 0 and sg.weight_sync == "tensor":
+
+
+def _check_rollout_fits_run(cfg: RunConfig, objective: type[Objective]) -> None:
+    """``rollout.*`` against the algorithm, async training and the rewards."""
+    r, t = cfg.rollout, cfg.trainer
+    if r.env is not None and objective.offline:
+        raise ValueError("rollout.env rolls out trajectories: a preference objective has none")
+    if r.backend == "sglang" and t.async_training.max_staleness > 0:
+        if sglang_config(r, SGLANG_MODEL_PLACEHOLDER).weight_sync == "tensor":
             raise ValueError(
                 "trainer.async_training.max_staleness > 0 needs an engine that does not share the "
                 "trainer's accelerators: rollout.sglang.weight_sync=tensor is the colocated mode "
                 "(use distributed or disk)"
             )
-        if r.local != LocalEngineSection():
-            raise ValueError(
-                "rollout.local.* set the embedded engine's options: rollout.backend=local"
-            )
-    if m.precision not in PRECISIONS:
-        raise ValueError(f"model.precision={m.precision!r}: {', '.join(PRECISIONS)}")
-    if m.transformer_impl not in ("auto", "transformer_engine", "local"):
-        raise ValueError(
-            f"model.transformer_impl={m.transformer_impl!r}: auto, transformer_engine or local"
-        )
-    m.fp8.validate(m.precision, m.transformer_impl)  # hardware checks too: fail before any model
-    m.moe.validate()
-    if m.path is not None:
-        _check_exists(Path(m.path), "model.path")
-    if m.moe.routing_replay != "off" and m.path is None:
-        raise ValueError(
-            f"model.moe.routing_replay={m.moe.routing_replay!r} needs a mixture-of-experts "
-            "model.path; the demo model is dense"
-        )
-    if m.moe.routing_replay == "rollout":
-        _check_rollout_routes(r, t, objective.offline)
-    if cfg.parallel.ep > 1 and m.path is None:
-        raise ValueError(
-            f"parallel.ep={cfg.parallel.ep} needs a mixture-of-experts model.path; "
-            "the demo model is dense"
-        )
-    if m.path is not None:
-        context = _check_model_type(Path(m.path), cfg.parallel, m.moe)
-        if r.max_new_tokens >= context and not objective.offline:
-            raise ValueError(
-                f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in the "
-                f"model's context (max_position_embeddings={context} in model.path={m.path})"
-            )
-    from megatron_gvpo.rewards import check_reward_configs
-
-    check_reward_configs(cfg.reward.rewards)
     if not cfg.reward.rewards and r.env is None:
         raise ValueError(
             "reward.rewards is empty: name at least one reward (only a rollout.env may be the "
             "sole source of rewards)"
         )
-    if objective.offline and cfg.data.builtin == "toy_addition":
+
+
+def _check_model_fits_run(cfg: RunConfig, objective: type[Objective]) -> None:
+    """``model.*`` against the layout, the rollouts and routing replay."""
+    m, r, p = cfg.model, cfg.rollout, cfg.parallel
+    if m.moe.routing_replay == "rollout":
+        _check_rollout_routes(r, cfg.trainer, objective.offline)
+    if p.ep > 1 and m.path is None:
         raise ValueError(
-            f"algorithm.name={a.name} trains on preference pairs, not prompts: use "
+            f"parallel.ep={p.ep} needs a mixture-of-experts model.path; the demo model is dense"
+        )
+    if m.path is None:
+        return
+    context = _check_model_type(Path(m.path), p, m.moe)
+    if r.max_new_tokens >= context and not objective.offline:
+        raise ValueError(
+            f"rollout.max_new_tokens={r.max_new_tokens} leaves no room for a prompt in the "
+            f"model's context (max_position_embeddings={context} in model.path={m.path})"
+        )
+
+
+def _check_data_fits_run(cfg: RunConfig, objective: type[Objective]) -> None:
+    """``data.*`` against the algorithm (prompts or pairs, domain labels), the eval settings
+    and ``trainer.save_best``."""
+    d, name, offline = cfg.data, cfg.algorithm.name, objective.offline
+    if offline and d.builtin == "toy_addition":
+        raise ValueError(
+            f"algorithm.name={name} trains on preference pairs, not prompts: use "
             "data=preference data.path=<pairs.jsonl> or data=preference_demo"
         )
-    if not objective.offline and cfg.data.builtin == "preference_demo":
+    if not offline and d.builtin == "preference_demo":
         raise ValueError(
-            f"data.builtin=preference_demo holds preference pairs: algorithm.name={a.name} "
-            "needs prompts (use algorithm=dpo, ipo, gr_dpo or gr_ipo)"
+            f"data.builtin=preference_demo holds preference pairs: algorithm.name={name} "
+            f"needs prompts (use algorithm={_offline_names()})"
         )
-    if t.eval_interval < 0:
-        raise ValueError(f"trainer.eval_interval must be >= 0, got {t.eval_interval}")
-    for name, spec in (cfg.data.eval_sets or {}).items():
-        eval_set_config(cfg.eval, name, spec)  # each set's own eval.* settings, typed now
-    if t.save_best_mode not in ("max", "min"):
-        raise ValueError(f"trainer.save_best_mode={t.save_best_mode!r}: max or min")
-    if t.save_best is not None:
-        if not t.save_best.startswith("eval/"):
-            raise ValueError(
-                f"trainer.save_best={t.save_best!r}: name an eval metric, e.g. eval/accuracy"
-            )
-        if not cfg.data.has_eval():
-            raise ValueError(
-                f"trainer.save_best={t.save_best!r} needs an eval set: set data.eval_path "
-                "or data.eval_sets"
-            )
-    if objective.needs_domains and not cfg.data.domain_key:
+    if not offline and isinstance(d, PreferenceDataSection):
         raise ValueError(
-            f"algorithm.name={a.name} needs a domain label per prompt: set data.domain_key "
+            "data.chosen_key and data.rejected_key are preference pairs' keys (data=preference): "
+            f"algorithm.name={name} trains on prompts (use data=jsonl, or "
+            f"algorithm={_offline_names()})"
+        )
+    for set_name, spec in (d.eval_sets or {}).items():
+        eval_set_config(cfg.eval, set_name, spec)  # each set's own eval.* settings, typed now
+    if cfg.trainer.save_best is not None and not d.has_eval():
+        raise ValueError(
+            f"trainer.save_best={cfg.trainer.save_best!r} needs an eval set: set data.eval_path "
+            "or data.eval_sets"
+        )
+    if objective.needs_domains and not d.domain_key:
+        raise ValueError(
+            f"algorithm.name={name} needs a domain label per prompt: set data.domain_key "
             "to the field that holds it"
         )
-    cfg.data.check_files()
+
+
+def _offline_names() -> str:
+    """The preference objectives, for messages: ``dpo, ipo, gr_dpo or gr_ipo``."""
+    names = [n for n, o in load_builtin_objectives().items() if o.offline]
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def _check_exists(path: Path, key: str) -> None:

@@ -11,13 +11,19 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from megatron_gvpo.data.preference import PreferenceDataConfig
-from megatron_gvpo.data.prompts import Prompt, PromptDataset, load_prompts, resolve_files
-from megatron_gvpo.data.sampler import build_sampler
+from megatron_gvpo.data.prompts import (
+    DataConfig,
+    Prompt,
+    PromptDataset,
+    load_prompts,
+    resolve_files,
+)
+from megatron_gvpo.data.sampler import SAMPLINGS, build_sampler
 from megatron_gvpo.data.tokenizer import hf_dir, load_tokenizer
 from megatron_gvpo.demo.task import generate_toy_dataset, is_heldout, toy_prompt, write_jsonl
 
@@ -25,9 +31,22 @@ BUILTINS = ("toy_addition", "preference_demo")
 
 
 @dataclass
-class DataSection(PreferenceDataConfig):
-    """``data.*``: the prompt and pair loaders' fields plus the built-in task switch."""
+class DataSection(DataConfig):
+    """``data.*`` of RL runs (the Hydra schema ``data_schema``): the prompt loader's fields, the
+    eval sets, how rows are drawn into steps and the built-in task switch."""
 
+    group_key: Any = None
+    """Renamed ``data.domain_key`` (the row's domain label); setting it is an error."""
+    eval_path: Any = None
+    """Held-out rows in data.path's format (pairs for preference training, prompts for RL),
+    evaluated as trainer.eval_interval and trainer.eval_at_start say; None: none."""
+    sampling: str = "auto"
+    """How training rows are drawn into steps. uniform: shuffled epochs over the rows, each once
+    per epoch; proportional: the Group-Robust paper's draw, a domain d with probability N_d/N,
+    then a row of d uniformly, with replacement; balanced: every step holds equal numbers of
+    rows of each domain (as equal as the batch size allows), each domain's rows in shuffled
+    epochs of their own; auto: balanced for group-robust objectives with
+    ``algorithm.robust_estimator=balanced``, else uniform."""
     builtin: str | None = None  # toy_addition or preference_demo: generated (data.path ignored)
     builtin_size: int = 2000  # rows of the built-in task
     builtin_eval_size: int = 500
@@ -38,7 +57,17 @@ class DataSection(PreferenceDataConfig):
     ``eval/<name>/``; ``data.eval_path`` is the unnamed one, reported under ``eval/``."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        if self.group_key is not None:
+            raise ValueError(
+                f"data.group_key={self.group_key!r} was renamed data.domain_key "
+                "(the label group-robust weights are kept over)"
+            )
+        if self.sampling == "group":
+            raise ValueError("data.sampling=group was renamed data.sampling=proportional")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(
+                f"data.sampling={self.sampling!r} is not one of {', '.join(SAMPLINGS)}"
+            )
         if self.builtin is not None and self.builtin not in BUILTINS:
             raise ValueError(f"data.builtin={self.builtin!r} is not one of {', '.join(BUILTINS)}")
         for name in self.eval_sets or {}:
@@ -46,8 +75,10 @@ class DataSection(PreferenceDataConfig):
                 raise ValueError(f"data.eval_sets: {name!r} is not a valid set name (no '/')")
         if self.builtin_eval_size < 0:
             raise ValueError(f"data.builtin_eval_size must be >= 0, got {self.builtin_eval_size}")
+        if self.seed < 0:
+            raise ValueError(f"data.seed must be >= 0, got {self.seed}")
 
-    def check_files(self) -> None:
+    def check(self) -> None:
         """A missing data file fails here, before any model is built."""
         if self.builtin is None:
             resolve_files(self.path)
@@ -63,6 +94,19 @@ class DataSection(PreferenceDataConfig):
             self.builtin == "toy_addition" and self.builtin_eval_size > 0
         )
         return builtin or self.eval_path is not None or bool(self.eval_sets)
+
+
+@dataclass
+class PreferenceDataSection(DataSection, PreferenceDataConfig):
+    """``data.*`` of preference runs (the Hydra schema ``preference_data_schema``): the RL
+    section's fields plus where a pair keeps its two responses (``data.chosen_key``,
+    ``data.rejected_key``), which RL runs do not accept."""
+
+
+def preference_only_fields() -> set[str]:
+    """``data.*`` keys that only preference runs have."""
+    names = {f.name for f in fields(PreferenceDataSection)}
+    return names - {f.name for f in fields(DataSection)}
 
 
 def toy_eval_rows(n: int, seed: int) -> list[dict]:

@@ -34,7 +34,7 @@ from megatron_gvpo.trainer.batch import (
     response_token_logprobs,
 )
 from megatron_gvpo.trainer.config import RunConfig
-from megatron_gvpo.trainer.data import DataSection
+from megatron_gvpo.trainer.data import PreferenceDataSection
 from megatron_gvpo.trainer.metrics import PhaseClock, reduce_metrics
 from megatron_gvpo.trainer.objectives import StepInputs, build_objective
 from megatron_gvpo.trainer.objectives.preference import step_margins
@@ -48,7 +48,7 @@ class PairSource:
 
     def __init__(
         self,
-        cfg: DataSection,
+        cfg: PreferenceDataSection,
         model_path: str,
         run_dir: Path,
         batch_size: int,
