@@ -571,6 +571,8 @@ def test_sglang_backend_with_per_stage_sync_against_the_protocol_fake(demo_cache
         (["rollout.local.device=gpu"], "rollout.local.device='gpu'"),  # a nested section's own
         (["trainer.lr_decay_style=step"], "trainer.lr_decay_style"),
         (["reward.round_timeout_s=0"], "reward.round_timeout_s"),
+        # no FP8-capable Transformer Engine on a CPU box: the hardware check is a config error
+        (["model.fp8.enabled=true", "model.precision=bf16"], "model.fp8.enabled=true needs"),
         (["algorithm=dapo", "trainer.replay_ratio=0.5"], "trainer.replay_ratio=0.5"),
     ],
 )

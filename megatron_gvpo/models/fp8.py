@@ -107,26 +107,26 @@ class FP8Config:
             )
         cuda, capability, te_version, te_error = probe()
         if not cuda:
-            raise RuntimeError(
+            raise ValueError(
                 f"{PREFIX}.enabled=true needs Transformer Engine on a CUDA GPU with FP8 "
                 "(compute capability >= 8.9), and no CUDA device is visible; "
                 f"set {PREFIX}.enabled=false"
             )
         if te_version is None:
-            raise RuntimeError(
+            raise ValueError(
                 f"{PREFIX}.enabled=true needs Transformer Engine: transformer_engine.pytorch does "
                 f"not import ({te_error}); install the 'gpu' extra"
             )
         lowest, top_major, gpus = _CAPABILITY[self.recipe]
         if capability < lowest or (top_major is not None and capability[0] > top_major):
-            raise RuntimeError(
+            raise ValueError(
                 f"{PREFIX}.recipe={self.recipe} needs compute capability "
                 f"{'.'.join(map(str, lowest))}+ ({gpus}); this GPU is "
                 f"{'.'.join(map(str, capability))}"
             )
         need = _MIN_TE[self.recipe]
         if te_version < need:
-            raise RuntimeError(
+            raise ValueError(
                 f"{PREFIX}.recipe={self.recipe} needs Transformer Engine >= "
                 f"{'.'.join(map(str, need))}; found {'.'.join(map(str, te_version))}"
             )
