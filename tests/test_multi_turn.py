@@ -826,10 +826,13 @@ def test_trajectory_routes_cover_every_token_the_engine_fed(tmp_path):
             cuts += t.routes.shape[1] == len(ids)
         group = PromptGroup([2, 4], [t.response_ids for t in trajs], [0.0] * 3,
                             routes=[t.routes for t in trajs])
-        batch = to_batch([group], ["default"], engine_routes=True)
+        batch = to_batch([group], ["default"], moe_layers=1)  # layer 1 (layer 0 is dense)
         for t, routes in zip(trajs, batch.routes, strict=True):
             n, length = t.routes.shape[1], len(t.prompt_ids) + len(t.response_ids)
-            layer = engine_layer_routes(routes, 0, length, 1)  # the one MoE layer (1; 0 is dense)
+            layer = engine_layer_routes(routes, 0, torch.empty(length, routes.shape[2], dtype=torch.long))
             assert layer.shape[0] == length
             assert (layer[n:] == NO_ROUTE).all() and (layer[:n] >= 0).all()
+        # a report with another number of MoE layers fails on every rank, before any forward
+        with pytest.raises(ValueError, match=r"expected \[2 MoE layers"):
+            to_batch([group], ["default"], moe_layers=2)
     assert cuts  # the small budget did cut a turn

@@ -68,8 +68,7 @@ def forward_backward(
     it = iter(micro_batches)
     scale = nullcontext()  # the router losses' step-wide normaliser, when a backward adds them
     if not forward_only and _has_router_loss(get_attr_wrapped_model(model, "config")):
-        step_tokens = _step_tokens(micro_batches)
-        scale = AuxLossScale(step_tokens)
+        scale = AuxLossScale(_step_tokens(micro_batches))
 
     def step(data_iterator, model_chunk):
         mb = next(data_iterator)

@@ -10,16 +10,17 @@ routing *probabilities* still come from the current router, so the router keeps 
 
 megatron-core's routers carry the switch (``moe_enable_routing_replay``: a ``RouterReplay`` per
 router that records the top-k indices or replays given ones); this module maps those per-pass
-token rows to samples and back. Routes are kept per sample (``RolloutBatch.routes``: per MoE
-layer of this pipeline stage, [tokens, top-k]) so any placement of the samples in micro-batches
-and DP ranks replays them. Under sequence parallelism (TP > 1) a router sees only its TP rank's
+token rows to samples and back. Routes are kept per sample (``RolloutBatch.routes``; recorded:
+per MoE layer of this pipeline stage, [tokens, top-k]) so any placement of the samples in
+micro-batches and DP ranks replays them. Under sequence parallelism (TP > 1) a router sees only its TP rank's
 slice of the packed row: the recorded slices are gathered over TP, and each rank replays its own.
 
 With ``model.moe.routing_replay=rollout`` the routes come from the rollout engine instead: it
 reports, per sample, the experts it chose for every token it processed (``Sample.routes``:
 [MoE layers, tokens, top-k], the prompt and every response token it fed back, so all but the
-last; see :meth:`RoutingReplay.before_forward`), and the round's theta' pass and every update replay them, so
-the trained logprobs route exactly as the sampling engine did. A token the engine reported no
+last; kept per sample as reported and read by :meth:`RoutingReplay.before_forward`), and the
+round's theta' pass and every update replay them, so the trained logprobs route exactly as the
+sampling engine did. A token the engine reported no
 route for (a sample's last token, whose output feeds no trained logprob; observation tokens
 appended after a trajectory's last model turn) is routed by the current router
 (:data:`NO_ROUTE` in the targets); it is never counted in the flip share.
@@ -41,23 +42,29 @@ NO_ROUTE = -1
 """A target row the replay leaves to the current router (the engine reported no route)."""
 
 
-def engine_layer_routes(routes: torch.Tensor, row: int, length: int, num_layers: int) -> torch.Tensor:
-    """One MoE layer's targets of a sample from the engine's report.
+def engine_layer_routes(routes: torch.Tensor, row: int, out: torch.Tensor) -> torch.Tensor:
+    """Write one MoE layer's router targets of a sample from the engine's report into ``out``.
 
     ``routes``: [MoE layers, n, top-k] integer experts of the sample's first ``n`` tokens (prompt,
     then response), as the engine reports them; ``row``: the layer's place among the model's MoE
-    layers; ``length``: the sample's tokens. Returns [length, top-k] long, rows past ``n``
-    :data:`NO_ROUTE`.
+    layers; ``out``: the sample's [tokens, top-k] long targets. Rows past ``n`` get
+    :data:`NO_ROUTE`. Returns ``out``.
     """
-    if routes.dim() != 3 or routes.shape[0] != num_layers:
-        raise ValueError(
-            f"engine routes of shape {tuple(routes.shape)}: expected [{num_layers} MoE "
-            "layers, tokens, top-k]"
-        )
-    n = min(routes.shape[1], length)
-    full = torch.full((length, routes.shape[2]), NO_ROUTE, dtype=torch.long)
-    full[:n] = routes[row, :n].long()
-    return full
+    n = min(routes.shape[1], out.shape[0])
+    out[:n] = routes[row, :n]
+    out[n:] = NO_ROUTE
+    return out
+
+
+def check_engine_routes(routes: Sequence[torch.Tensor], num_moe_layers: int) -> None:
+    """Refuse engine reports that are not [``num_moe_layers``, tokens, top-k] (on every rank,
+    before any forward, so that no rank waits in a collective for one that failed)."""
+    for i, r in enumerate(routes):
+        if r.dim() != 3 or r.shape[0] != num_moe_layers:
+            raise ValueError(
+                f"model.moe.routing_replay=rollout: the engine's routes of sample {i} have shape "
+                f"{tuple(r.shape)}, expected [{num_moe_layers} MoE layers, tokens, top-k]"
+            )
 
 
 class RoutingReplay:
@@ -67,9 +74,7 @@ class RoutingReplay:
     ``rollout`` (reported by the engine; the theta' pass replays them too). ``moe_layers``: the
     model's MoE decoder layers in order (0-based), the rows of the engine's reports."""
 
-    def __init__(
-        self, model: torch.nn.Module, source: str = "old", moe_layers: Sequence[int] = ()
-    ):
+    def __init__(self, model: torch.nn.Module, source: str = "old", moe_layers: Sequence[int] = ()):
         if source not in ("old", "rollout"):
             raise ValueError(f"model.moe.routing_replay={source!r}: a replay needs old or rollout")
         self.source = source
@@ -77,6 +82,11 @@ class RoutingReplay:
         self.routers = {r.layer_number - 1: r for r in _routers(model)}
         if any(r.router_replay is None for r in self.routers.values()):
             raise ValueError("routing replay needs a model built with moe_enable_routing_replay")
+        if source == "rollout" and not set(self.routers) <= set(self.moe_layers):
+            raise ValueError(
+                f"routing replay from the engine: routers of layers {sorted(self.routers)} are not "
+                f"all among the model's MoE layers {self.moe_layers}"
+            )
         self.mode: str | None = None
         self._mb = None  # the micro-batch whose forward runs now (its sample ids and spans)
         self._real = torch.zeros(0, dtype=torch.bool)  # its rows that are tokens, not padding
@@ -145,14 +155,15 @@ class RoutingReplay:
         for start, end in spans:
             real[start:end] = True
         self._real = _local_rows(real)  # padding rows take arbitrary experts, never counted
+        engine_row = {layer: i for i, layer in enumerate(self.moe_layers)}  # rows of a report
         for layer, router in self.routers.items():
             k = router.topk
             target = torch.arange(k, dtype=torch.long).expand(length, k).clone()  # padding
             for (start, end), sample in zip(spans, routes, strict=False):
-                if isinstance(sample, torch.Tensor):  # the engine's report
-                    row = self.moe_layers.index(layer)
-                    sample = {layer: engine_layer_routes(sample, row, end - start, len(self.moe_layers))}
-                target[start:end] = sample[layer]
+                if isinstance(sample, torch.Tensor):  # the engine's report, every MoE layer
+                    engine_layer_routes(sample, engine_row[layer], target[start:end])
+                else:
+                    target[start:end] = sample[layer]
             router.router_replay.target_topk_idx = _local_rows(target)
 
     def _before_router(self, router, args) -> None:

@@ -3,8 +3,9 @@
     Actor(cfg, model_path): parallel state, the model (DDP-wrapped), Megatron's optimizer and LR
     scheduler, the frozen reference when the loss needs one, the step guard; for MoE models the
     router statistics and routing replay
-    actor.plan(batch)            where each sample runs (whole groups to one DP rank, packed;
-                                 actor.packing: the run's layout)
+    actor.plan(batch)            where each sample runs (whole groups to one DP rank, packed)
+    actor.packing                the run's layout (trainer.max_tokens_per_microbatch,
+                                 trainer.keep_groups_whole), for trainer.batch.pack
     actor.step(mbs, loss_fn)     zero grads -> forward_backward -> guard -> optimizer step
 
 A driver (RL rounds in ``trainer/loop.py``, preference steps in ``trainer/preference.py``) owns

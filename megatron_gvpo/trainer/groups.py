@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_gvpo.data.prompts import Prompt
+from megatron_gvpo.models.routing_replay import check_engine_routes
+from megatron_gvpo.parallel.cpu_compat import native_torch
 from megatron_gvpo.rewards import RewardInput, RewardManager, RewardResult
 from megatron_gvpo.rewards.guard import RoundDeadline
 from megatron_gvpo.rollout.base import GenerateRequest, RolloutEngine, Sample, SamplingParams
@@ -101,6 +103,7 @@ def env_row(prompt: Prompt) -> dict:
             "domain": prompt.domain}
 
 
+@native_torch()  # the round's sampling, scoring and grouping make no CUDA assumption
 def rollout_and_score(
     engine: RolloutEngine,
     rewards: RewardManager | None,
@@ -297,12 +300,13 @@ def mix_replay(
 def to_batch(
     groups: Sequence[PromptGroup],
     domains: Sequence[str],
-    engine_routes: bool = False,
+    moe_layers: int = 0,
 ) -> RolloutBatch:
     """One row per response; group ids are the groups' positions, domains index ``domains``.
 
-    ``engine_routes`` (``model.moe.routing_replay=rollout``): the engine's routes become
-    ``batch.routes``; a response without them is an error."""
+    ``moe_layers`` (``model.moe.routing_replay=rollout``: the model's number of MoE layers): the
+    engine's routes become ``batch.routes``, as reported; a response without them, or with
+    another number of layers, is an error (on every rank, before any forward)."""
     prompt_ids, response_ids, gids, rewards, doms = [], [], [], [], []
     engine = [torch.tensor(lp, dtype=torch.float32) for g in groups for lp in g.engine_logprobs]
     masks = [
@@ -326,17 +330,18 @@ def to_batch(
         domains=torch.tensor(doms, dtype=torch.long),
         rollout_logprobs=engine if _aligned(engine, response_ids) else None,
         loss_masks=_full_masks(masks, response_ids),
-        routes=_batch_routes(groups) if engine_routes else None,
+        routes=_batch_routes(groups, moe_layers) if moe_layers else None,
     )
 
 
-def _batch_routes(groups: Sequence[PromptGroup]) -> list[torch.Tensor]:
+def _batch_routes(groups: Sequence[PromptGroup], moe_layers: int) -> list[torch.Tensor]:
     """Per response, the engine's [MoE layers, tokens, top-k] routes (replay targets)."""
     out = [r for g in groups for r in (g.routes or [None] * len(g.responses))]
     if any(r is None for r in out):
         raise RuntimeError(
             "model.moe.routing_replay=rollout: the rollout engine reported no routes for a response"
         )
+    check_engine_routes(out, moe_layers)
     return out
 
 
@@ -399,9 +404,9 @@ class BatchRules:
     """``trainer.async_training.max_staleness``: responses of older weights are dropped."""
     replay_ratio: float
     """``trainer.replay_ratio``: replayed groups per fresh group."""
-    engine_routes: bool = False
-    """``model.moe.routing_replay=rollout``: the batch carries the engine's routes
-    (:func:`to_batch`)."""
+    moe_layers: int = 0
+    """``model.moe.routing_replay=rollout``: the model's number of MoE layers, whose routes the
+    engine reports and the batch carries (:func:`to_batch`); 0: no routes."""
 
 
 def assemble_batch(
@@ -426,5 +431,5 @@ def assemble_batch(
     if not any(len(g.responses) >= 2 for g in fresh):
         return None, fresh
     batch = to_batch(mix_replay(fresh, replay, rules.replay_ratio, rng, metrics), domains,
-                     rules.engine_routes)  # fmt: skip
+                     rules.moe_layers)  # fmt: skip
     return batch, fresh

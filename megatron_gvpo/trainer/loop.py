@@ -79,7 +79,7 @@ class Trainer(Run):
         )  # fmt: skip
         self.batch_rules = BatchRules(
             t.min_response_tokens, t.dynamic_sampling, cfg.reward.on_error == "drop",
-            t.async_training.max_staleness, t.replay_ratio, self.actor.route_layers is not None,
+            t.async_training.max_staleness, t.replay_ratio, len(self.actor.route_layers or ()),
         )  # fmt: skip
         self.replay = ReplayBuffer(t.replay_capacity)
         ahead = t.async_training.max_staleness
@@ -181,7 +181,8 @@ class Trainer(Run):
 
     def _updates(self, batch: RolloutBatch) -> dict:
         """``trainer.updates_per_round`` optimizer steps, each on whole groups of the batch
-        (with routing replay, each routing every token as the round's theta' pass did)."""
+        (with routing replay, each routing every token by ``batch.routes``: as the round's theta'
+        pass did, or as the rollout engine did)."""
         replay = self.actor.routing_replay if batch.routes is not None else None
         with replay.replaying() if replay is not None else nullcontext():
             out = self._run_updates(batch)
