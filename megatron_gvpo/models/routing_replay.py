@@ -12,18 +12,19 @@ megatron-core's routers carry the switch (``moe_enable_routing_replay``: a ``Rou
 router that records the top-k indices or replays given ones); this module maps those per-pass
 token rows to samples and back. Routes are kept per sample (``RolloutBatch.routes``; recorded:
 per MoE layer of this pipeline stage, [tokens, top-k]) so any placement of the samples in
-micro-batches and DP ranks replays them. Under sequence parallelism (TP > 1) a router sees only its TP rank's
-slice of the packed row: the recorded slices are gathered over TP, and each rank replays its own.
+micro-batches and DP ranks replays them. Under sequence parallelism (TP > 1) a router sees only
+its TP rank's slice of the packed row: the recorded slices are gathered over TP, and each rank
+replays its own.
 
 With ``model.moe.routing_replay=rollout`` the routes come from the rollout engine instead: it
 reports, per sample, the experts it chose for every token it processed (``Sample.routes``:
 [MoE layers, tokens, top-k], the prompt and every response token it fed back, so all but the
 last; kept per sample as reported and read by :meth:`RoutingReplay.before_forward`), and the
 round's theta' pass and every update replay them, so the trained logprobs route exactly as the
-sampling engine did. A token the engine reported no
-route for (a sample's last token, whose output feeds no trained logprob; observation tokens
-appended after a trajectory's last model turn) is routed by the current router
-(:data:`NO_ROUTE` in the targets); it is never counted in the flip share.
+sampling engine did. A token the engine reported no route for (a sample's last token, whose
+output feeds no trained logprob; observation tokens appended after a trajectory's last model
+turn) is routed by the current router (:data:`NO_ROUTE` in the targets); it is never counted in
+the flip share.
 """
 
 from __future__ import annotations

@@ -245,26 +245,28 @@ class ThetaPrime:
         which every update of the round then replays (``batch.routes``); with ``rollout`` it
         replays the engine's routes (already in ``batch.routes``), so s' routes as the sampling
         engine did."""
-        passes = {"old_logprobs": self.model} if self.mode == "forward" else {}
-        if self.reference is not None:
-            passes["ref_logprobs"] = self.reference
-        if not passes:
+        if self.mode != "forward" and self.reference is None:
             return
         offsets = _flat_offsets(batch)
         _, micro_batches = pack(batch, self.packing)
-        replay = self.routing_replay
-        engine_routes = replay is not None and replay.source == "rollout"
-        routing = nullcontext()
-        if replay is not None:  # replay the engine's routes (in batch.routes), or record theta''s
-            routing = replay.replaying() if engine_routes else replay.recording()
-        for key, model in passes.items():  # one pass per model over the same micro-batches
-            with routing if model is self.model else nullcontext():
-                logprobs = sample_token_logprobs(model, micro_batches, offsets, self.temperature)
-            setattr(batch, key, logprobs)
-        if "old_logprobs" in passes and engine_routes:
-            self.engine_route_flips = replay.flip_fraction()
-        elif "old_logprobs" in passes and replay is not None:
-            batch.routes = replay.routes(len(batch))
+        if self.mode == "forward":
+            replay = self.routing_replay
+            engine_routes = replay is not None and replay.source == "rollout"
+            routing = nullcontext()
+            if replay is not None:  # replay the engine's routes (in batch.routes), or record
+                routing = replay.replaying() if engine_routes else replay.recording()
+            with routing:
+                batch.old_logprobs = sample_token_logprobs(
+                    self.model, micro_batches, offsets, self.temperature
+                )
+            if engine_routes:
+                self.engine_route_flips = replay.flip_fraction()
+            elif replay is not None:
+                batch.routes = replay.routes(len(batch))
+        if self.reference is not None:  # the same micro-batches
+            batch.ref_logprobs = sample_token_logprobs(
+                self.reference, micro_batches, offsets, self.temperature
+            )
 
     def update_loss(self, loss_fn, sub: RolloutBatch):
         """The loss to run an update of ``sub`` with (``first_update``: one that records s')."""

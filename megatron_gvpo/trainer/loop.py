@@ -188,8 +188,8 @@ class Trainer(Run):
             out = self._run_updates(batch)
         if replay is not None:
             out["moe/routing_replay_flips"] = _dp_mean(replay.flip_fraction())
-        if replay is not None and self.theta_prime.engine_route_flips is not None:
-            out["moe/rollout_route_flips"] = _dp_mean(self.theta_prime.engine_route_flips)
+            if self.theta_prime.engine_route_flips is not None:
+                out["moe/rollout_route_flips"] = _dp_mean(self.theta_prime.engine_route_flips)
         return out
 
     def _run_updates(self, batch: RolloutBatch) -> dict:
