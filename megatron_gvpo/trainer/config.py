@@ -193,8 +193,7 @@ class RolloutSection:
             max_new_tokens=self.max_new_tokens,
             bucket_mb=self.bucket_mb,
         )
-        if self.temperature < 0:
-            raise ValueError(f"rollout.temperature must be >= 0, got {self.temperature}")
+        _nonnegative("rollout", temperature=self.temperature)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0 or self.top_k < -1:
@@ -204,10 +203,7 @@ class RolloutSection:
     def _check_turn_keys(self) -> None:
         """The multi-turn keys mean something only with ``rollout.env``."""
         if self.env is not None:
-            if self.max_total_tokens < 0:
-                raise ValueError(
-                    f"rollout.max_total_tokens must be >= 0, got {self.max_total_tokens}"
-                )
+            _nonnegative("rollout", max_total_tokens=self.max_total_tokens)
             return
         for key, value, default in (
             ("max_turns", self.max_turns, 1),
@@ -299,10 +295,7 @@ class AsyncTrainingSection:
             raise ValueError(
                 f"trainer.async_training.max_staleness must be an int, got {self.max_staleness!r}"
             )
-        if self.max_staleness < 0:
-            raise ValueError(
-                f"trainer.async_training.max_staleness must be >= 0, got {self.max_staleness}"
-            )
+        _nonnegative("trainer.async_training", max_staleness=self.max_staleness)
 
 
 @dataclass
@@ -402,8 +395,7 @@ class TrainerSection:
                 f"trainer.min_lr={self.min_lr} must lie in [0, trainer.lr={self.lr}] "
                 "(the decay's floor)"
             )
-        if self.lr_warmup_steps < 0:
-            raise ValueError(f"trainer.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        _nonnegative("trainer", lr_warmup_steps=self.lr_warmup_steps)
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
             raise ValueError(
                 f"trainer.lr_decay_style={self.lr_decay_style!r}: constant, linear or cosine"
@@ -421,16 +413,16 @@ class TrainerSection:
             keep_last=self.keep_last,
             replay_capacity=self.replay_capacity,
         )
-        if self.replay_ratio < 0:
-            raise ValueError(f"trainer.replay_ratio must be >= 0, got {self.replay_ratio}")
+        _nonnegative(
+            "trainer",
+            replay_ratio=self.replay_ratio,
+            stop_grace_s=self.stop_grace_s,
+            eval_interval=self.eval_interval,
+        )
         if self.max_consecutive_skips < 1:
             raise ValueError(
                 f"trainer.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}"
             )
-        if self.stop_grace_s < 0:
-            raise ValueError(f"trainer.stop_grace_s must be >= 0, got {self.stop_grace_s}")
-        if self.eval_interval < 0:
-            raise ValueError(f"trainer.eval_interval must be >= 0, got {self.eval_interval}")
         if self.save_best_mode not in ("max", "min"):
             raise ValueError(f"trainer.save_best_mode={self.save_best_mode!r}: max or min")
         if self.save_best is not None and not self.save_best.startswith("eval/"):
@@ -568,6 +560,12 @@ def _positive(prefix: str, **values: float) -> None:
     for k, v in values.items():
         if v is None or not v > 0:  # nan too
             raise ValueError(f"{prefix}.{k} must be > 0, got {v!r}")
+
+
+def _nonnegative(prefix: str, **values: float) -> None:
+    for k, v in values.items():
+        if v < 0:
+            raise ValueError(f"{prefix}.{k} must be >= 0, got {v}")
 
 
 def turn_settings(r: RolloutSection):
